@@ -1,0 +1,1 @@
+"""moemesh client SDK: needs only grpcio and protobuf."""

@@ -1,0 +1,1 @@
+"""moemesh services: gateway, prefill, decode and expert-pool workers."""
