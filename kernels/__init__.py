@@ -5,5 +5,7 @@ imports triton but touches no GPU.
 """
 
 from moemesh.kernels.fp8_quant import weight_dequant, weight_quant
+from moemesh.kernels.mla_decode import mla_decode
+from moemesh.kernels.paged_kv import pack_kv, store_kv, unpack_kv
 
-__all__ = ["weight_dequant", "weight_quant"]
+__all__ = ["weight_dequant", "weight_quant", "mla_decode", "pack_kv", "store_kv", "unpack_kv"]

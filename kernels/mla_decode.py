@@ -1,0 +1,355 @@
+"""Absorbed MLA decode over the paged latent KV cache (split-K flash-decoding).
+
+Every query head attends in the latent space: keys are the cached rows `[latent | k_pe]` (kv_lora_rank +
+rope_dim values), values are their first kv_lora_rank values (the latent). One new token per sequence.
+
+* `mla_decode(q, kv_cache, page_table, seq_lens, softmax_scale, kv_lora_rank=512) -> (out, lse)`
+  - `q [B, H, kv_lora_rank + rope_dim]` (absorbed q_nope | roped q_pe), bf16/fp16/fp32
+  - `kv_cache [num_pages, page_size, kv_lora_rank + rope_dim]` bf16/fp16/fp32, or the FP8 layout of
+    `paged_kv.fp8_row_bytes` (float8_e4m3fn bytes: e4m3 latent | fp32 scale per 128 | bf16 k_pe)
+  - `page_table int32 [B, max_pages]`: token p of sequence b sits in page `page_table[b, p // page_size]`,
+    row `p % page_size`; entries past a sequence's pages are never read.
+  - `seq_lens int32 [B]`: KV length of each sequence (0 gives out = 0, lse = -inf).
+  - returns `out [B, H, kv_lora_rank]` in q's dtype and `lse fp32 [B, H]`: natural log of the softmax
+    denominator `sum_j exp(softmax_scale * q.k_j)`.
+
+Kernel: stage 1 gives each (sequence, block of heads, split of the context) program a contiguous token range
+and writes a partial output and log2-sum-exp; stage 2 merges the splits. The split count is chosen from the
+page table's width (no host sync), so CUDA graphs can capture it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from moemesh.kernels.dispatch import interpreting, use_triton
+from moemesh.kernels.paged_kv import fp8_dequant_rows, fp8_group_size, fp8_row_bytes
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _load_kv_tile(
+    kv_ptr,
+    row,  # int64 [BLOCK_N]: element (or byte) offset of each token's row
+    mask_n,
+    offs_d,
+    offs_r,
+    kv_lora_rank,
+    rope_dim,
+    FP8: tl.constexpr,
+    GROUP: tl.constexpr,
+    COMPUTE_FP32: tl.constexpr,
+):
+    """Loads k_nope [BLOCK_N, BLOCK_D] and k_pe [BLOCK_N, BLOCK_R] of one block of tokens."""
+    mask_d = offs_d < kv_lora_rank
+    mask_r = offs_r < rope_dim
+    if FP8:
+        # Row bytes: e4m3 latent [kv_lora_rank] | fp32 scales [kv_lora_rank / GROUP] | bf16 k_pe [rope_dim].
+        k8 = tl.load(kv_ptr + row[:, None] + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0)
+        k8 = k8.to(tl.float8e4nv, bitcast=True)
+        num_groups = kv_lora_rank // GROUP
+        scale_ptr = (kv_ptr + row[:, None] + kv_lora_rank + 4 * (offs_d[None, :] // GROUP)).to(
+            tl.pointer_type(tl.float32)
+        )
+        scale = tl.load(scale_ptr, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        pe_ptr = (kv_ptr + row[:, None] + kv_lora_rank + 4 * num_groups + 2 * offs_r[None, :]).to(
+            tl.pointer_type(tl.bfloat16)
+        )
+        k_pe = tl.load(pe_ptr, mask=mask_n[:, None] & mask_r[None, :], other=0.0)
+        k_nope = (k8.to(tl.float32) * scale).to(tl.bfloat16)
+    else:
+        k_nope = tl.load(
+            kv_ptr + row[:, None] + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0
+        )
+        k_pe = tl.load(
+            kv_ptr + row[:, None] + kv_lora_rank + offs_r[None, :],
+            mask=mask_n[:, None] & mask_r[None, :],
+            other=0,
+        )
+    if COMPUTE_FP32:
+        k_nope = k_nope.to(tl.float32)
+        k_pe = k_pe.to(tl.float32)
+    return k_nope, k_pe
+
+
+@triton.jit
+def _mla_decode_split_kernel(
+    q_ptr,
+    kv_ptr,
+    page_table_ptr,
+    seq_lens_ptr,
+    part_out_ptr,  # fp32 [B, H, num_splits, BLOCK_D]
+    part_lse_ptr,  # fp32 [B, H, num_splits], log2 domain
+    scale_log2,  # softmax_scale * log2(e)
+    num_heads,
+    kv_lora_rank,
+    rope_dim,
+    page_size,
+    split_len,
+    num_splits,
+    stride_qb,
+    stride_qh,
+    stride_kv_page,
+    stride_kv_row,
+    stride_pt,
+    BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    FP8: tl.constexpr,
+    GROUP: tl.constexpr,
+    COMPUTE_FP32: tl.constexpr,
+):
+    b = tl.program_id(0)
+    hb = tl.program_id(1)
+    s = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + b)
+    start = s * split_len
+    end = tl.minimum(start + split_len, seq_len)
+
+    offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_h = offs_h < num_heads
+    q_row = q_ptr + b.to(tl.int64) * stride_qb + offs_h[:, None] * stride_qh
+    q_nope = tl.load(
+        q_row + offs_d[None, :], mask=mask_h[:, None] & (offs_d[None, :] < kv_lora_rank), other=0.0
+    )
+    q_pe = tl.load(
+        q_row + kv_lora_rank + offs_r[None, :], mask=mask_h[:, None] & (offs_r[None, :] < rope_dim), other=0.0
+    )
+    if COMPUTE_FP32:
+        q_nope = q_nope.to(tl.float32)
+        q_pe = q_pe.to(tl.float32)
+    elif FP8:
+        q_nope = q_nope.to(tl.bfloat16)
+        q_pe = q_pe.to(tl.bfloat16)
+    else:
+        q_nope = q_nope.to(kv_ptr.dtype.element_ty)
+        q_pe = q_pe.to(kv_ptr.dtype.element_ty)
+
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    pt_row = page_table_ptr + b.to(tl.int64) * stride_pt
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
+        page = tl.load(pt_row + offs_n // page_size, mask=mask_n, other=0)
+        row = page.to(tl.int64) * stride_kv_page + (offs_n % page_size) * stride_kv_row
+        k_nope, k_pe = _load_kv_tile(
+            kv_ptr, row, mask_n, offs_d, offs_r, kv_lora_rank, rope_dim, FP8, GROUP, COMPUTE_FP32
+        )
+        qk = tl.dot(q_nope, tl.trans(k_nope))
+        qk += tl.dot(q_pe, tl.trans(k_pe))
+        qk = tl.where(mask_n[None, :], qk * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(k_nope.dtype), k_nope)
+        m_i = m_new
+
+    has = l_i > 0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+    part_row = (b.to(tl.int64) * num_heads + offs_h) * num_splits + s  # [BLOCK_H]
+    tl.store(part_out_ptr + part_row[:, None] * BLOCK_D + offs_d[None, :], out, mask=mask_h[:, None])
+    tl.store(part_lse_ptr + part_row, lse, mask=mask_h)
+
+
+@triton.jit
+def _mla_decode_merge_kernel(
+    part_out_ptr,
+    part_lse_ptr,
+    out_ptr,
+    lse_ptr,
+    num_heads,
+    num_splits,
+    kv_lora_rank,
+    stride_ob,
+    stride_oh,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    part_row = (b.to(tl.int64) * num_heads + h) * num_splits
+    offs_s = tl.arange(0, BLOCK_S)
+    lse_s = tl.load(part_lse_ptr + part_row + offs_s, mask=offs_s < num_splits, other=float("-inf"))
+    m = tl.max(lse_s, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse_s - m_safe)
+    total = tl.sum(w, 0)
+    offs_d = tl.arange(0, BLOCK_D)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for s in range(0, num_splits):
+        ls = tl.load(part_lse_ptr + part_row + s)
+        ws = tl.exp2(ls - m_safe)
+        acc += ws * tl.load(part_out_ptr + (part_row + s) * BLOCK_D + offs_d)
+    out = acc / tl.where(total > 0, total, 1.0)
+    o_ptr = out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d
+    tl.store(o_ptr, out.to(out_ptr.dtype.element_ty), mask=offs_d < kv_lora_rank)
+    total_safe = tl.where(total > 0, total, 1.0)
+    lse = tl.where(total > 0, (m_safe + tl.log2(total_safe)) * 0.6931471805599453, float("-inf"))
+    tl.store(lse_ptr + b * num_heads + h, lse)
+
+
+def _validate(q, kv_cache, page_table, seq_lens, kv_lora_rank) -> tuple[int, bool]:
+    """Checks shapes and dtypes; returns (rope_dim, fp8)."""
+    if q.dim() != 3:
+        raise ValueError(f"q must be [batch, num_heads, kv_lora_rank + rope_dim], got shape {tuple(q.shape)}")
+    batch, _, q_dim = q.shape
+    rope_dim = q_dim - kv_lora_rank
+    if rope_dim <= 0:
+        raise ValueError(f"q has last dim {q_dim}, must exceed kv_lora_rank={kv_lora_rank}")
+    if q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"q dtype {q.dtype} not supported (bf16, fp16, fp32)")
+    if q.stride(-1) != 1:
+        raise ValueError(f"q must be contiguous in its last dim, got strides {q.stride()}")
+    fp8 = kv_cache.dtype == torch.float8_e4m3fn
+    want = fp8_row_bytes(kv_lora_rank, rope_dim) if fp8 else q_dim
+    if kv_cache.dim() != 3 or kv_cache.shape[-1] != want:
+        raise ValueError(
+            f"kv_cache must be [num_pages, page_size, {want}] for kv_lora_rank={kv_lora_rank}, "
+            f"rope_dim={rope_dim}{' (fp8 layout)' if fp8 else ''}, got shape {tuple(kv_cache.shape)}"
+        )
+    if not fp8 and kv_cache.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"kv_cache dtype {kv_cache.dtype} not supported (bf16, fp16, fp32, float8_e4m3fn)")
+    if kv_cache.stride(-1) != 1 or kv_cache.stride(1) != kv_cache.shape[-1]:
+        raise ValueError(f"kv_cache pages must be contiguous, got strides {kv_cache.stride()}")
+    if page_table.dim() != 2 or page_table.shape[0] != batch or page_table.dtype != torch.int32:
+        raise ValueError(
+            f"page_table must be int32 [{batch}, max_pages], got {page_table.dtype} {tuple(page_table.shape)}"
+        )
+    if tuple(seq_lens.shape) != (batch,) or seq_lens.dtype != torch.int32:
+        raise ValueError(f"seq_lens must be int32 [{batch}], got {seq_lens.dtype} {tuple(seq_lens.shape)}")
+    for name, t in (("kv_cache", kv_cache), ("page_table", page_table), ("seq_lens", seq_lens)):
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}, q on {q.device}")
+    return rope_dim, fp8
+
+
+def reference(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    softmax_scale: float,
+    kv_lora_rank: int = 512,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain torch, one sequence at a time, in fp32: gather the sequence's rows, softmax, weighted latents."""
+    rope_dim, fp8 = _validate(q, kv_cache, page_table, seq_lens, kv_lora_rank)
+    batch, num_heads, _ = q.shape
+    page_size = kv_cache.shape[1]
+    out = q.new_zeros(batch, num_heads, kv_lora_rank, dtype=torch.float32)
+    lse = torch.full((batch, num_heads), float("-inf"), dtype=torch.float32, device=q.device)
+    for b in range(batch):
+        n = int(seq_lens[b])
+        if n == 0:
+            continue
+        pages = page_table[b, : -(-n // page_size)].long()
+        rows = kv_cache[pages].reshape(-1, kv_cache.shape[-1])[:n]
+        kv = (
+            fp8_dequant_rows(rows, kv_lora_rank, rope_dim) if fp8 else rows.float()
+        )  # [n, kv_lora_rank + rope]
+        scores = softmax_scale * (q[b].float() @ kv.T)  # [H, n]
+        lse[b] = torch.logsumexp(scores, dim=-1)
+        out[b] = torch.softmax(scores, dim=-1) @ kv[:, :kv_lora_rank]
+    return out.to(q.dtype), lse
+
+
+def _num_splits(batch: int, num_head_blocks: int, max_ctx: int, block_n: int, device: torch.device) -> int:
+    """Enough splits that about two waves of programs cover the GPU, each split at least a few blocks long."""
+    num_sms = 4
+    if device.type == "cuda":
+        num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = max(1, -(-2 * num_sms // (batch * num_head_blocks)))
+    max_useful = max(1, -(-max_ctx // (4 * block_n)))
+    return min(want, max_useful, 64)
+
+
+def mla_decode(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    softmax_scale: float,
+    kv_lora_rank: int = 512,
+    num_splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absorbed MLA decode attention; see the module docstring for shapes. `num_splits` overrides the split-K
+    heuristic (benchmarks and tests)."""
+    if not use_triton(q):
+        return reference(q, kv_cache, page_table, seq_lens, softmax_scale, kv_lora_rank)
+    rope_dim, fp8 = _validate(q, kv_cache, page_table, seq_lens, kv_lora_rank)
+    batch, num_heads, _ = q.shape
+    num_pages, page_size, _ = kv_cache.shape
+    compute_fp32 = interpreting() or (kv_cache.dtype == torch.float32)
+    block_d = max(16, triton.next_power_of_2(kv_lora_rank))
+    block_r = max(16, triton.next_power_of_2(rope_dim))
+    block_h = min(64, max(16, triton.next_power_of_2(num_heads)))
+    big = block_d >= 256
+    block_n = 32 if big else 16
+    num_head_blocks = triton.cdiv(num_heads, block_h)
+    max_ctx = page_table.shape[1] * page_size
+    if num_splits is None:
+        num_splits = _num_splits(batch, num_head_blocks, max_ctx, block_n, q.device)
+    split_len = triton.cdiv(triton.cdiv(max(max_ctx, 1), num_splits), block_n) * block_n
+    group = fp8_group_size(kv_lora_rank) if fp8 else 1
+
+    part_out = torch.empty(batch, num_heads, num_splits, block_d, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    kv = kv_cache.view(torch.uint8) if fp8 else kv_cache
+    _mla_decode_split_kernel[(batch, num_head_blocks, num_splits)](
+        q,
+        kv,
+        page_table,
+        seq_lens,
+        part_out,
+        part_lse,
+        softmax_scale * LOG2E,
+        num_heads,
+        kv_lora_rank,
+        rope_dim,
+        page_size,
+        split_len,
+        num_splits,
+        q.stride(0),
+        q.stride(1),
+        kv.stride(0),
+        kv.stride(1),
+        page_table.stride(0),
+        BLOCK_H=block_h,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        BLOCK_R=block_r,
+        FP8=fp8,
+        GROUP=group,
+        COMPUTE_FP32=compute_fp32,
+        num_warps=8 if big else 4,
+        num_stages=1 if fp8 else 2,
+    )
+    out = torch.empty(batch, num_heads, kv_lora_rank, dtype=q.dtype, device=q.device)
+    lse = torch.empty(batch, num_heads, dtype=torch.float32, device=q.device)
+    _mla_decode_merge_kernel[(batch, num_heads)](
+        part_out,
+        part_lse,
+        out,
+        lse,
+        num_heads,
+        num_splits,
+        kv_lora_rank,
+        out.stride(0),
+        out.stride(1),
+        BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
+        BLOCK_D=block_d,
+        num_warps=4,
+    )
+    return out, lse
+
+
+__all__ = ["mla_decode", "reference"]
