@@ -1,0 +1,139 @@
+"""Multi-head latent attention (MLA) over the paged latent cache.
+
+Per token and layer the cache keeps `kv_lora_rank + qk_rope_head_dim` values (576 in V3): the RMS-normed KV
+latent and the roped shared key. Prefill expands the latent into per-head K/V (`kv_b_proj`) and attends
+causally, a cached prefix included. Decode absorbs `kv_b_proj` into the query and the output and attends in the
+latent space, reading only the cache:
+
+    q_latent[h] = q_nope[h] @ W_UK[h]          scores = q_latent . latent + q_pe . k_pe
+    out[h]      = (softmax(scores) @ latent) @ W_UV[h]^T
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moemesh.model.batch import ForwardBatch
+from moemesh.model.config import ModelConfig
+from moemesh.model.layers import RMSNorm
+from moemesh.model.rope import RotaryEmbedding, softmax_scale
+
+
+def gather_latent(kv_cache: torch.Tensor, pages: torch.Tensor, length: int) -> torch.Tensor:
+    """The first `length` cache rows of one sequence: [length, kv_cache_dim]."""
+    page_size = kv_cache.shape[1]
+    num_pages = -(-length // page_size)
+    return kv_cache[pages[:num_pages].long()].reshape(-1, kv_cache.shape[-1])[:length]
+
+
+def mla_decode_torch(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    kv_lora_rank: int,
+) -> torch.Tensor:
+    """Absorbed decode attention in plain torch. q [B, H, kv_cache_dim] -> out [B, H, kv_lora_rank] (fp32)."""
+    out = q.new_empty(q.shape[0], q.shape[1], kv_lora_rank, dtype=torch.float32)
+    for b, length in enumerate(seq_lens.tolist()):
+        kv = gather_latent(kv_cache, page_table[b], length).float()  # [L, kv_cache_dim]
+        scores = (q[b].float() @ kv.T) * scale  # [H, L]
+        out[b] = scores.softmax(-1) @ kv[:, :kv_lora_rank]
+    return out
+
+
+class MLAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config
+        self.num_heads = c.num_attention_heads
+        self.kv_lora_rank = c.kv_lora_rank
+        self.qk_nope_head_dim, self.qk_rope_head_dim = c.qk_nope_head_dim, c.qk_rope_head_dim
+        self.v_head_dim = c.v_head_dim
+        self.q_lora_rank = c.q_lora_rank
+        qk_dim = self.num_heads * c.qk_head_dim
+        if c.q_lora_rank is None:
+            self.q_proj = nn.Linear(c.hidden_size, qk_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=c.attention_bias)
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.rms_norm_eps)
+            self.q_b_proj = nn.Linear(c.q_lora_rank, qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, c.kv_cache_dim, bias=c.attention_bias)
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(
+            c.kv_lora_rank, self.num_heads * (c.qk_nope_head_dim + c.v_head_dim), bias=False
+        )
+        self.o_proj = nn.Linear(self.num_heads * c.v_head_dim, c.hidden_size, bias=c.attention_bias)
+        self.scale = softmax_scale(c)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        batch: ForwardBatch,
+        kv_cache: torch.Tensor,
+        rotary: RotaryEmbedding,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """x [T, hidden] -> [T, hidden]; writes the new tokens' latent KV into `kv_cache` [pages, page_size, 576]."""
+        num_tokens = x.shape[0]
+        q = (
+            self.q_proj(x)
+            if self.q_lora_rank is None
+            else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        )
+        q = q.view(num_tokens, self.num_heads, -1)  # [T, H, nope + rope]
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        kv = self.kv_a_proj_with_mqa(x)  # [T, kv_lora_rank + rope]
+        latent, k_pe = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        latent = self.kv_a_layernorm(latent)
+        cos, sin = cos_sin
+        q_pe = rotary.apply(q_pe, cos, sin)
+        k_pe = rotary.apply(k_pe, cos, sin)
+        self._store(kv_cache, batch.slot_mapping, torch.cat([latent, k_pe], dim=-1))
+        if batch.is_decode:
+            out = self._decode(q_nope, q_pe, batch, kv_cache)
+        else:
+            out = self._prefill(torch.cat([q_nope, q_pe], dim=-1), batch, kv_cache)
+        return self.o_proj(out.reshape(num_tokens, -1))
+
+    @staticmethod
+    def _store(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, rows: torch.Tensor) -> None:
+        flat = kv_cache.view(-1, kv_cache.shape[-1])
+        keep = slot_mapping >= 0
+        flat[slot_mapping[keep]] = rows[keep].to(kv_cache.dtype)
+
+    def _kv_b_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK [H, nope, kv_lora_rank] and W_UV [H, v, kv_lora_rank] out of kv_b_proj."""
+        w = self.kv_b_proj.weight.view(
+            self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank
+        )
+        return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]
+
+    def _decode(self, q_nope, q_pe, batch: ForwardBatch, kv_cache: torch.Tensor) -> torch.Tensor:
+        w_uk, w_uv = self._kv_b_weights()
+        q_latent = torch.einsum("bhd,hdc->bhc", q_nope, w_uk)  # [B, H, kv_lora_rank]
+        q_full = torch.cat([q_latent, q_pe], dim=-1)  # [B, H, 576]
+        out_latent = mla_decode_torch(
+            q_full, kv_cache, batch.page_table, batch.seq_lens, self.scale, self.kv_lora_rank
+        ).to(q_nope.dtype)
+        return torch.einsum("bhc,hdc->bhd", out_latent, w_uv)  # [B, H, v]
+
+    def _prefill(self, q: torch.Tensor, batch: ForwardBatch, kv_cache: torch.Tensor) -> torch.Tensor:
+        out = q.new_empty(q.shape[0], self.num_heads, self.v_head_dim)
+        for b, length in enumerate(batch.seq_lens.tolist()):
+            start, end = batch.query_start[b], batch.query_start[b + 1]
+            if start == end:
+                continue
+            rows = gather_latent(kv_cache, batch.page_table[b], length).to(q.dtype)  # [L, 576]
+            latent, k_pe = rows.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+            kv = self.kv_b_proj(latent).view(length, self.num_heads, -1)
+            k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+            k = torch.cat([k_nope, k_pe[:, None, :].expand(-1, self.num_heads, -1)], dim=-1)  # [L, H, 192]
+            scores = torch.einsum("qhd,khd->hqk", q[start:end], k).float() * self.scale
+            q_pos = torch.arange(length - (end - start), length, device=q.device)
+            causal = torch.arange(length, device=q.device)[None, :] > q_pos[:, None]  # [q, L]
+            probs = scores.masked_fill(causal, float("-inf")).softmax(-1).to(v.dtype)
+            out[start:end] = torch.einsum("hqk,khd->qhd", probs, v)
+        return out

@@ -1,0 +1,141 @@
+"""Mixture of experts: the router, the routed experts (behind the `ExpertBackend` boundary) and shared experts.
+
+Routing, per token:
+* V3 (`scoring_func="sigmoid"`): s = sigmoid(logits); the correction bias is added for *selection only*; a
+  group's score is the sum of its two best biased scores; the `topk_group` best groups stay; top-k within them;
+  weights are the unbiased s of the chosen experts, normalized if `norm_topk_prob`, times
+  `routed_scaling_factor`.
+* V2 (`scoring_func="softmax"`): s = softmax(logits); `greedy` takes the top-k, `group_limited_greedy` first
+  keeps the `topk_group` groups with the best single score; weights are normalized if `norm_topk_prob`, else
+  scaled by `routed_scaling_factor` (DeepSeek's reference).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moemesh.model.config import ModelConfig
+from moemesh.model.layers import MLP
+
+
+def route(
+    logits: torch.Tensor, config: ModelConfig, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits fp32 [T, E] -> (weights fp32 [T, k], expert ids int64 [T, k])."""
+    num_tokens, num_experts = logits.shape
+    groups, k = config.num_groups, config.num_experts_per_tok
+    if config.scoring_func == "sigmoid":
+        scores = logits.sigmoid()
+        choice = scores + bias if bias is not None else scores
+        if groups > 1:
+            group_scores = choice.view(num_tokens, groups, -1).topk(2, dim=-1).values.sum(-1)
+            choice = _mask_groups(choice, group_scores, config.group_topk, float("-inf"))
+        ids = choice.topk(k, dim=-1, sorted=False).indices
+        weights = scores.gather(1, ids)
+        if config.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return weights * config.routed_scaling_factor, ids
+    scores = logits.softmax(dim=-1, dtype=torch.float32)
+    if config.topk_method == "group_limited_greedy" and groups > 1:
+        group_scores = scores.view(num_tokens, groups, -1).amax(dim=-1)
+        scores = _mask_groups(scores, group_scores, config.group_topk, 0.0)
+    weights, ids = scores.topk(k, dim=-1, sorted=False)
+    if k > 1 and config.norm_topk_prob:
+        return weights / (weights.sum(-1, keepdim=True) + 1e-20), ids
+    return weights * config.routed_scaling_factor, ids
+
+
+def _mask_groups(scores: torch.Tensor, group_scores: torch.Tensor, keep: int, fill: float) -> torch.Tensor:
+    num_tokens, groups = group_scores.shape
+    top = group_scores.topk(keep, dim=-1, sorted=False).indices
+    mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, top, True)
+    mask = mask[:, :, None].expand(-1, -1, scores.shape[1] // groups).reshape(num_tokens, -1)
+    return scores.masked_fill(~mask, fill)
+
+
+class ExpertBackend(Protocol):
+    """Where routed experts run: in this process (`LocalExperts`) or in the expert pool (transport side)."""
+
+    def __call__(
+        self, layer_idx: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """hidden [T, D], topk_ids int64 [T, k], topk_weights fp32 [T, k] -> sum_k w * expert_k(hidden) [T, D]."""
+        ...
+
+
+class LocalExperts(nn.Module):
+    """All routed experts of one layer, stacked: w13 [E, 2 * I, D] (gate rows then up rows), w2 [E, D, I]."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.intermediate_size = intermediate_size
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+    def __call__(self, layer_idx, hidden, topk_ids, topk_weights):  # noqa: D102 — see ExpertBackend
+        return self.forward(hidden, topk_ids, topk_weights)
+
+    def forward(
+        self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+    ) -> torch.Tensor:
+        out = torch.zeros_like(hidden)
+        flat_ids = topk_ids.flatten()
+        order = flat_ids.argsort(stable=True)
+        counts = torch.bincount(flat_ids, minlength=self.w13.shape[0]).tolist()
+        token_of = order // topk_ids.shape[1]
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            rows = order[start : start + count]
+            tokens = token_of[start : start + count]
+            start += count
+            gate, up = F.linear(hidden[tokens], self.w13[expert]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.w2[expert])
+            y = y * topk_weights.flatten()[rows, None]
+            out.index_add_(0, tokens, y.to(out.dtype))
+        return out
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.gate = Router(config)
+        self.experts = LocalExperts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
+        self.expert_backend: ExpertBackend = self.experts
+        self.shared_experts = (
+            MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+            if config.n_shared_experts
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.gate(x)
+        out = self.expert_backend(self.layer_idx, x, ids, weights)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out
+
+
+class Router(nn.Module):
+    """weight [E, D] (kept in fp32) and, for V3, e_score_correction_bias [E]."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
+        if config.scoring_func == "sigmoid":
+            self.e_score_correction_bias = nn.Parameter(torch.zeros(config.n_routed_experts))
+        else:
+            self.e_score_correction_bias = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = F.linear(x.float(), self.weight.float())
+        bias = None if self.e_score_correction_bias is None else self.e_score_correction_bias.float()
+        return route(logits, self.config, bias)

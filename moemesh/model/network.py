@@ -1,0 +1,66 @@
+"""The DeepSeek-V2/V3 network, top to bottom. Parameter names follow the Hugging Face checkpoints
+(`model.layers.N.self_attn.kv_b_proj.weight`), except that routed experts are stacked per layer."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moemesh.model.attention import MLAttention
+from moemesh.model.batch import ForwardBatch
+from moemesh.model.config import ModelConfig
+from moemesh.model.layers import MLP, RMSNorm
+from moemesh.model.moe import MoE
+from moemesh.model.rope import RotaryEmbedding
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = MLAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = (
+            MoE(config, layer_idx)
+            if config.is_moe_layer(layer_idx)
+            else MLP(config.hidden_size, config.intermediate_size)
+        )
+
+    def forward(self, x, batch, kv_cache, rotary, cos_sin):
+        x = x + self.self_attn(self.input_layernorm(x), batch, kv_cache, rotary, cos_sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class DeepseekForCausalLM(nn.Module):
+    """forward(batch, kv_caches) -> fp32 logits of the rows `batch.logits_rows` (all rows when None)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(config)
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, kv_caches: list[torch.Tensor]) -> torch.Tensor:
+        """kv_caches: one tensor per layer, [num_pages, page_size, kv_lora_rank + qk_rope_head_dim]."""
+        if len(kv_caches) != len(self.model.layers):
+            raise ValueError(f"got {len(kv_caches)} KV caches for {len(self.model.layers)} layers")
+        x = self.model.embed_tokens(batch.input_ids)
+        cos_sin = self.rotary.cos_sin(batch.positions)
+        for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
+            x = layer(x, batch, kv_cache, self.rotary, cos_sin)
+        if batch.logits_rows is not None:
+            x = x[batch.logits_rows]
+        return self.lm_head(self.model.norm(x)).float()
+
+    def moe_layers(self):
+        return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoE)]
