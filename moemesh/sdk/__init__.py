@@ -1,1 +1,37 @@
-"""moemesh client SDK: needs only grpcio and protobuf."""
+"""moemesh client SDK: needs only grpcio and protobuf (no torch).
+
+from moemesh.sdk import Client
+for chunk in Client("localhost:50051").generate(prompt="Hello", max_tokens=16):
+    print(chunk.text, end="")
+"""
+
+from moemesh.sdk.client import Client, Stream
+from moemesh.sdk.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    InvalidRequest,
+    MoemeshError,
+    Overloaded,
+    ServerError,
+    Unauthenticated,
+    Unavailable,
+)
+from moemesh.sdk.messages import Chunk, Completion, Sampling, TokenLogprob, Usage
+
+__all__ = [
+    "Client",
+    "Stream",
+    "Chunk",
+    "Completion",
+    "Sampling",
+    "TokenLogprob",
+    "Usage",
+    "MoemeshError",
+    "InvalidRequest",
+    "Overloaded",
+    "DeadlineExceeded",
+    "Unavailable",
+    "Unauthenticated",
+    "Cancelled",
+    "ServerError",
+]

@@ -1,0 +1,178 @@
+"""The synchronous client: `Client(target).generate(...)` streams, `Client(target).complete(...)` waits.
+
+from moemesh.sdk import Client
+with Client("localhost:50051") as client:
+    for chunk in client.generate(prompt="The old man", max_tokens=32, temperature=0):
+        print(chunk.text, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+
+from moemesh._proto.v1 import gateway_pb2, gateway_pb2_grpc
+from moemesh.sdk.errors import error_from_rpc
+from moemesh.sdk.messages import (
+    FINISH_REASONS,
+    Chunk,
+    Completion,
+    Sampling,
+    Usage,
+    check_prompt,
+    logprobs_from_proto,
+)
+
+_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+
+
+class Stream(Iterator[Chunk]):
+    """An in-flight Generate call. Iterate it for chunks; `cancel()` (or dropping it, or leaving a `with`
+    block) cancels the request on the server. After cancel() iteration simply ends."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+        self._cancelled = False
+        self._finished = False
+        self._lock = threading.Lock()
+        self.request_id = ""
+
+    def __iter__(self) -> Stream:
+        return self
+
+    def __next__(self) -> Chunk:
+        if self._finished:
+            raise StopIteration
+        try:
+            msg = next(self._call)
+        except StopIteration:
+            self._finished = True
+            raise
+        except grpc.RpcError as err:
+            self._finished = True
+            if self._cancelled and err.code() is grpc.StatusCode.CANCELLED:
+                raise StopIteration from None
+            raise error_from_rpc(err) from None
+        if msg.request_id:
+            self.request_id = msg.request_id
+        finish = FINISH_REASONS.get(msg.finish_reason)
+        if finish is not None:
+            self._finished = True
+        usage = None
+        if msg.HasField("usage"):
+            u = msg.usage
+            usage = Usage(u.prompt_tokens, u.completion_tokens, u.cached_prompt_tokens)
+        return Chunk(list(msg.token_ids), msg.text, finish, logprobs_from_proto(msg.logprobs), usage)
+
+    def cancel(self) -> None:
+        with self._lock:
+            if self._finished or self._cancelled:
+                return
+            self._cancelled = True
+        self._call.cancel()
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.cancel()
+
+    def __del__(self) -> None:
+        # Leaving an unfinished stream behind cancels it, so the server frees what it holds.
+        if not getattr(self, "_finished", True):
+            self.cancel()
+
+
+class Client:
+    """A connection to a moemesh gateway. Thread-safe; close() (or `with`) releases the channel.
+
+    timeout_s bounds each call (a gRPC deadline that every hop of the mesh honours); api_key is sent as
+    `authorization: Bearer <key>`.
+    """
+
+    def __init__(self, target: str, *, timeout_s: float | None = None, api_key: str | None = None) -> None:
+        self.target = target
+        self.timeout_s = timeout_s
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self._channel = grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
+
+    def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        token_ids: list[int] | None = None,
+        model: str = "",
+        request_id: str = "",
+        timeout_s: float | None = None,
+        **sampling: Any,
+    ) -> Stream:
+        """Starts a generation and returns its chunk stream.
+
+        sampling: the keywords of `Sampling` — max_tokens, temperature, top_k, top_p, min_p,
+        repetition_penalty, frequency_penalty, presence_penalty, seed, stop, stop_token_ids, logprobs,
+        ignore_eos. Bad values raise InvalidRequest here, before anything is sent.
+        """
+        request = self._request(prompt, token_ids, model, request_id, sampling)
+        call = self._stub.Generate(request, timeout=self._timeout(timeout_s), metadata=self._metadata)
+        return Stream(call)
+
+    def complete(self, prompt: str | None = None, **kwargs: Any) -> Completion:
+        """generate() run to the end: the whole token list and text."""
+        token_ids: list[int] = []
+        texts: list[str] = []
+        logprobs: list = []
+        finish, usage = None, None
+        stream = self.generate(prompt, **kwargs)
+        for chunk in stream:
+            token_ids += chunk.token_ids
+            texts.append(chunk.text)
+            logprobs += chunk.logprobs or []
+            finish, usage = chunk.finish_reason or finish, chunk.usage or usage
+        return Completion(
+            token_ids, "".join(texts), finish or "stop", logprobs or None, usage, stream.request_id
+        )
+
+    def tokenize(self, text: str, *, model: str = "", add_special_tokens: bool = False) -> list[int]:
+        request = gateway_pb2.TokenizeRequest(model=model, text=text, add_special_tokens=add_special_tokens)
+        return list(self._unary(self._stub.Tokenize, request).token_ids)
+
+    def list_models(self) -> list[str]:
+        return [m.id for m in self._unary(self._stub.ListModels, gateway_pb2.ListModelsRequest()).models]
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _timeout(self, timeout_s: float | None) -> float | None:
+        return self.timeout_s if timeout_s is None else timeout_s
+
+    def _unary(self, method: Any, request: Any) -> Any:
+        try:
+            return method(request, timeout=self.timeout_s, metadata=self._metadata)
+        except grpc.RpcError as err:
+            raise error_from_rpc(err) from None
+
+    @staticmethod
+    def _request(
+        prompt, token_ids, model, request_id, sampling: dict[str, Any]
+    ) -> gateway_pb2.GenerateRequest:
+        check_prompt(prompt, token_ids)
+        try:
+            params = Sampling(**sampling)
+        except TypeError as err:  # an unknown keyword
+            raise TypeError(f"generate() got an unexpected sampling option: {err}") from None
+        request = gateway_pb2.GenerateRequest(model=model, request_id=request_id, sampling=params.to_proto())
+        if prompt is not None:
+            request.text = prompt
+        else:
+            request.token_ids.ids.extend(token_ids)
+        return request

@@ -1,0 +1,51 @@
+"""gRPC client plumbing: channels with moemesh's options, and the health probe the supervisor and the
+registry use."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from moemesh.transport.server import MAX_MESSAGE_BYTES
+
+CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+)
+
+
+def insecure_channel(target: str) -> grpc.Channel:
+    return grpc.insecure_channel(target, options=list(CHANNEL_OPTIONS))
+
+
+def aio_channel(target: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(target, options=list(CHANNEL_OPTIONS))
+
+
+def health_status(channel: grpc.Channel, service: str = "", timeout_s: float = 1.0) -> str:
+    """One of SERVING, NOT_SERVING, SERVICE_UNKNOWN, or UNREACHABLE (no answer within timeout_s)."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    try:
+        reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
+    except grpc.RpcError as err:
+        if err.code() is grpc.StatusCode.NOT_FOUND:
+            return "SERVICE_UNKNOWN"
+        return "UNREACHABLE"
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+def wait_until_serving(target: str, timeout_s: float, service: str = "", poll_s: float = 0.05) -> bool:
+    """Polls target's health until SERVING; False when timeout_s passes first."""
+    deadline = time.monotonic() + timeout_s
+    with insecure_channel(target) as channel:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            if health_status(channel, service, timeout_s=min(1.0, remaining)) == "SERVING":
+                return True
+            time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))

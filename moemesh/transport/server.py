@@ -1,0 +1,108 @@
+"""gRPC server plumbing every moemesh role shares: one grpc.aio server with the standard health and
+reflection services, a bound port, and a graceful stop.
+
+Lifecycle:  `server = MeshServer(ServerOptions(...))` -> `server.add(add_fn, servicer, SERVICE_NAME)` ...
+-> `await server.start()` (binds; health says NOT_SERVING) -> `await server.set_serving()` once the role is
+ready (model loaded, registered) -> ... -> `await server.stop()` (health says NOT_SERVING, in-flight calls get
+`grace_s` to finish, then the rest are cancelled).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 64 << 20  # token-id prompts and the gRPC expert fallback; KV pages go over UCX
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    host: str = "127.0.0.1"
+    port: int = 0  # 0 = any free port; MeshServer.port tells which after start()
+    grace_s: float = 5.0
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    extra_options: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port={self.port} must be in [0, 65535]")
+        if self.grace_s < 0:
+            raise ValueError(f"grace_s={self.grace_s} must be >= 0")
+
+    def channel_options(self) -> list[tuple[str, Any]]:
+        return [
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            # Without this two servers can bind the same port and split its traffic (gRPC's Linux default).
+            ("grpc.so_reuseport", 0),
+            *self.extra_options,
+        ]
+
+
+class MeshServer:
+    """A grpc.aio server with health (overall "" plus each added service) and reflection."""
+
+    def __init__(self, options: ServerOptions | None = None) -> None:
+        self.options = options or ServerOptions()
+        self._server = grpc.aio.server(options=self.options.channel_options())
+        self._health = health_aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        self._service_names: list[str] = []
+        self._port: int | None = None
+
+    def add(self, add_to_server: Callable[[Any, grpc.aio.Server], None], servicer: Any, name: str) -> None:
+        """`add(gateway_pb2_grpc.add_GatewayServicer_to_server, servicer, "moemesh.v1.Gateway")`."""
+        if self._port is not None:
+            raise RuntimeError(f"cannot add service {name} after start()")
+        add_to_server(servicer, self._server)
+        self._service_names.append(name)
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError("the server has no port before start()")
+        return self._port
+
+    @property
+    def address(self) -> str:
+        return f"{self.options.host}:{self.port}"
+
+    async def start(self) -> int:
+        """Binds and starts serving RPCs; health stays NOT_SERVING until set_serving(). Returns the port."""
+        names = [*self._service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
+        reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], self._server)
+        port = self._server.add_insecure_port(f"{self.options.host}:{self.options.port}")
+        if port == 0:
+            raise OSError(f"could not bind {self.options.host}:{self.options.port}")
+        self._port = port
+        await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._server.start()
+        log.info("grpc server listening on %s (%s)", self.address, ", ".join(self._service_names) or "health")
+        return port
+
+    async def set_serving(self, serving: bool = True) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        await self._set_all(status)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Health goes NOT_SERVING at once; in-flight calls get grace_s, then are cancelled."""
+        await self._health.enter_graceful_shutdown()
+        await self._server.stop(self.options.grace_s if grace_s is None else grace_s)
+
+    async def wait_for_termination(self) -> None:
+        await self._server.wait_for_termination()
+
+    async def _set_all(self, status: int) -> None:
+        for name in ("", *self._service_names):
+            await self._health.set(name, status)
