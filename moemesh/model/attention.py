@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moemesh.kernels import mla_decode, store_kv
 from moemesh.model.batch import ForwardBatch
 from moemesh.model.config import ModelConfig
 from moemesh.model.layers import RMSNorm
@@ -25,23 +26,6 @@ def gather_latent(kv_cache: torch.Tensor, pages: torch.Tensor, length: int) -> t
     page_size = kv_cache.shape[1]
     num_pages = -(-length // page_size)
     return kv_cache[pages[:num_pages].long()].reshape(-1, kv_cache.shape[-1])[:length]
-
-
-def mla_decode_torch(
-    q: torch.Tensor,
-    kv_cache: torch.Tensor,
-    page_table: torch.Tensor,
-    seq_lens: torch.Tensor,
-    scale: float,
-    kv_lora_rank: int,
-) -> torch.Tensor:
-    """Absorbed decode attention in plain torch. q [B, H, kv_cache_dim] -> out [B, H, kv_lora_rank] (fp32)."""
-    out = q.new_empty(q.shape[0], q.shape[1], kv_lora_rank, dtype=torch.float32)
-    for b, length in enumerate(seq_lens.tolist()):
-        kv = gather_latent(kv_cache, page_table[b], length).float()  # [L, kv_cache_dim]
-        scores = (q[b].float() @ kv.T) * scale  # [H, L]
-        out[b] = scores.softmax(-1) @ kv[:, :kv_lora_rank]
-    return out
 
 
 class MLAttention(nn.Module):
@@ -91,18 +75,12 @@ class MLAttention(nn.Module):
         cos, sin = cos_sin
         q_pe = rotary.apply(q_pe, cos, sin)
         k_pe = rotary.apply(k_pe, cos, sin)
-        self._store(kv_cache, batch.slot_mapping, torch.cat([latent, k_pe], dim=-1))
+        store_kv(kv_cache, latent, k_pe, batch.slot_mapping)
         if batch.is_decode:
             out = self._decode(q_nope, q_pe, batch, kv_cache)
         else:
             out = self._prefill(torch.cat([q_nope, q_pe], dim=-1), batch, kv_cache)
         return self.o_proj(out.reshape(num_tokens, -1))
-
-    @staticmethod
-    def _store(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, rows: torch.Tensor) -> None:
-        flat = kv_cache.view(-1, kv_cache.shape[-1])
-        keep = slot_mapping >= 0
-        flat[slot_mapping[keep]] = rows[keep].to(kv_cache.dtype)
 
     def _kv_b_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK [H, nope, kv_lora_rank] and W_UV [H, v, kv_lora_rank] out of kv_b_proj."""
@@ -115,9 +93,9 @@ class MLAttention(nn.Module):
         w_uk, w_uv = self._kv_b_weights()
         q_latent = torch.einsum("bhd,hdc->bhc", q_nope, w_uk)  # [B, H, kv_lora_rank]
         q_full = torch.cat([q_latent, q_pe], dim=-1)  # [B, H, 576]
-        out_latent = mla_decode_torch(
+        out_latent, _ = mla_decode(
             q_full, kv_cache, batch.page_table, batch.seq_lens, self.scale, self.kv_lora_rank
-        ).to(q_nope.dtype)
+        )
         return torch.einsum("bhc,hdc->bhd", out_latent, w_uv)  # [B, H, v]
 
     def _prefill(self, q: torch.Tensor, batch: ForwardBatch, kv_cache: torch.Tensor) -> torch.Tensor:
