@@ -8,8 +8,10 @@ FP8 layout (dtype float8_e4m3fn, used as raw bytes): each row holds `fp8_row_byt
 bytes — the e4m3 latent, then one fp32 scale per `fp8_group_size(kv_lora_rank)` latent values (128 at V3
 shapes), then k_pe in bf16 (656 bytes per token at V3 shapes). `latent ≈ e4m3 * scale` groupwise.
 
-* `store_kv(kv_cache, latent, k_pe, slot_mapping)`: in place; `latent [T, kv_lora_rank]`, `k_pe [T,
-  rope_dim]` (any float dtype, last dim contiguous), `slot_mapping int64 [T]`, −1 skips the token.
+* `store_kv(kv_cache, latent, k_pe, slot_mapping, rope=None)`: in place; `latent [T, kv_lora_rank]`, `k_pe [T,
+  rope_dim]` (any float dtype, last dim contiguous), `slot_mapping int64 [T]`, −1 skips the token. With
+  `rope=RopeTables(positions, cos_cache, sin_cache)` it first rotates k_pe (as `rope.rope` does), writes the
+  rotated k_pe back into `k_pe` (every token, skipped ones too) and stores it: one pass instead of two.
 * `pack_kv(kv_cache, page_ids) -> buffer`: the listed pages, in order, into one contiguous buffer. kv_cache
   is one layer `[P, S, D]` (buffer `[n, S, D]`), all layers as one tensor `[L, P, S, D]` or a list of L layers
   (buffer `[L, n, S, D]`).
@@ -22,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 from moemesh.kernels.dispatch import use_triton
+from moemesh.kernels.rope import RopeTables, check_tables, rotate_pairs
+from moemesh.kernels.rope import reference as rope_reference
 
 FP8_E4M3_MAX = 448.0
 
@@ -78,10 +82,15 @@ def _store_kv_kernel(
     stride_slot,  # elements (bytes for FP8) between consecutive slots
     stride_latent,
     stride_pe,
+    pos_ptr,
+    cos_ptr,
+    sin_ptr,
+    stride_rope_cache,
     BLOCK_D: tl.constexpr,
     BLOCK_R: tl.constexpr,
     FP8: tl.constexpr,
     GROUP: tl.constexpr,
+    ROPE: tl.constexpr,
 ):
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t)
@@ -92,7 +101,22 @@ def _store_kv_kernel(
     mask_d = (offs_d < kv_lora_rank) & valid
     mask_r = (offs_r < rope_dim) & valid
     x = tl.load(latent_ptr + t.to(tl.int64) * stride_latent + offs_d, mask=mask_d, other=0.0)
-    pe = tl.load(k_pe_ptr + t.to(tl.int64) * stride_pe + offs_r, mask=mask_r, other=0.0)
+    pe_row = k_pe_ptr + t.to(tl.int64) * stride_pe
+    if ROPE:
+        # rotate pairs (2i, 2i+1) in fp32, write them back to k_pe, then re-interleave for the cache store
+        offs_i = tl.arange(0, BLOCK_R // 2)
+        mask_i = offs_i < rope_dim // 2
+        xe = tl.load(pe_row + 2 * offs_i, mask=mask_i, other=0.0).to(tl.float32)
+        xo = tl.load(pe_row + 2 * offs_i + 1, mask=mask_i, other=0.0).to(tl.float32)
+        pos = tl.load(pos_ptr + t)
+        ye, yo = rotate_pairs(xe, xo, cos_ptr, sin_ptr, pos, offs_i, mask_i, stride_rope_cache)
+        ye = ye.to(k_pe_ptr.dtype.element_ty)
+        yo = yo.to(k_pe_ptr.dtype.element_ty)
+        tl.store(pe_row + 2 * offs_i, ye, mask=mask_i)
+        tl.store(pe_row + 2 * offs_i + 1, yo, mask=mask_i)
+        pe = tl.reshape(tl.join(ye, yo), [BLOCK_R])
+    else:
+        pe = tl.load(pe_row + offs_r, mask=mask_r, other=0.0)
     if FP8:
         num_groups: tl.constexpr = BLOCK_D // GROUP
         xf = x.to(tl.float32)
@@ -114,7 +138,7 @@ def _store_kv_kernel(
         tl.store(dst + kv_lora_rank + offs_r, pe.to(kv_ptr.dtype.element_ty), mask=mask_r)
 
 
-def _check_store(kv_cache, latent, k_pe, slot_mapping) -> bool:
+def _check_store(kv_cache, latent, k_pe, slot_mapping, rope) -> bool:
     if latent.dim() != 2 or k_pe.dim() != 2 or latent.shape[0] != k_pe.shape[0]:
         raise ValueError(
             f"latent must be [T, kv_lora_rank] and k_pe [T, rope_dim], got {tuple(latent.shape)} and "
@@ -140,11 +164,17 @@ def _check_store(kv_cache, latent, k_pe, slot_mapping) -> bool:
     for name, t in (("latent", latent), ("k_pe", k_pe), ("slot_mapping", slot_mapping)):
         if t.device != kv_cache.device:
             raise ValueError(f"{name} is on {t.device}, kv_cache on {kv_cache.device}")
+    if rope is not None:
+        if rope_dim % 2:
+            raise ValueError(f"rope needs an even rope_dim, got k_pe of shape {tuple(k_pe.shape)}")
+        check_tables(rope, num_tokens, rope_dim, kv_cache.device)
     return fp8
 
 
-def store_kv_reference(kv_cache, latent, k_pe, slot_mapping) -> None:
-    fp8 = _check_store(kv_cache, latent, k_pe, slot_mapping)
+def store_kv_reference(kv_cache, latent, k_pe, slot_mapping, rope: RopeTables | None = None) -> None:
+    fp8 = _check_store(kv_cache, latent, k_pe, slot_mapping, rope)
+    if rope is not None:
+        k_pe.copy_(rope_reference(k_pe, rope.positions, rope.cos_cache, rope.sin_cache))
     flat = kv_cache.view(-1, kv_cache.shape[-1])
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
@@ -155,12 +185,17 @@ def store_kv_reference(kv_cache, latent, k_pe, slot_mapping) -> None:
 
 
 def store_kv(
-    kv_cache: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor, slot_mapping: torch.Tensor
+    kv_cache: torch.Tensor,
+    latent: torch.Tensor,
+    k_pe: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    rope: RopeTables | None = None,
 ) -> None:
-    """Writes token t's `latent[t] | k_pe[t]` into slot `slot_mapping[t]` of `kv_cache` (−1 skips)."""
+    """Writes token t's `latent[t] | k_pe[t]` into slot `slot_mapping[t]` of `kv_cache` (−1 skips); with `rope`,
+    rotates k_pe in place first (see module doc)."""
     if not use_triton(kv_cache):
-        return store_kv_reference(kv_cache, latent, k_pe, slot_mapping)
-    fp8 = _check_store(kv_cache, latent, k_pe, slot_mapping)
+        return store_kv_reference(kv_cache, latent, k_pe, slot_mapping, rope)
+    fp8 = _check_store(kv_cache, latent, k_pe, slot_mapping, rope)
     num_tokens, kv_lora_rank = latent.shape
     rope_dim = k_pe.shape[1]
     if num_tokens == 0:
@@ -176,10 +211,15 @@ def store_kv(
         kv.stride(1),
         latent.stride(0),
         k_pe.stride(0),
+        rope.positions if rope is not None else slot_mapping,
+        rope.cos_cache if rope is not None else latent,
+        rope.sin_cache if rope is not None else latent,
+        rope.cos_cache.stride(0) if rope is not None else 0,
         BLOCK_D=triton.next_power_of_2(kv_lora_rank),
-        BLOCK_R=triton.next_power_of_2(rope_dim),
+        BLOCK_R=max(2, triton.next_power_of_2(rope_dim)),
         FP8=fp8,
         GROUP=fp8_group_size(kv_lora_rank) if fp8 else 1,
+        ROPE=rope is not None,
         num_warps=4,
     )
     return None
