@@ -10,4 +10,15 @@ from moemesh.kernels.paged_kv import pack_kv, store_kv, unpack_kv
 from moemesh.kernels.rms_norm import add_rms_norm, rms_norm
 from moemesh.kernels.rope import RopeTables, rope
 
-__all__ = ["weight_dequant", "weight_quant", "mla_decode", "pack_kv", "store_kv", "unpack_kv", "add_rms_norm", "rms_norm", "RopeTables", "rope"]
+__all__ = [
+    "weight_dequant",
+    "weight_quant",
+    "mla_decode",
+    "pack_kv",
+    "store_kv",
+    "unpack_kv",
+    "add_rms_norm",
+    "rms_norm",
+    "RopeTables",
+    "rope",
+]
