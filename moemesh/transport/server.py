@@ -106,3 +106,35 @@ class MeshServer:
     async def _set_all(self, status: int) -> None:
         for name in ("", *self._service_names):
             await self._health.set(name, status)
+
+
+async def serve_until_signalled(server: MeshServer, signals: tuple[int, ...] | None = None) -> int:
+    """Marks `server` SERVING, blocks until SIGINT or SIGTERM (or the server terminates), then stops it
+    gracefully. Returns the signal number that stopped it, or 0. The caller has already started it."""
+    import asyncio
+    import signal
+
+    wanted = (signal.SIGINT, signal.SIGTERM) if signals is None else signals
+    loop = asyncio.get_running_loop()
+    received = asyncio.Event()
+    which: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        which.append(signum)
+        received.set()
+
+    for signum in wanted:
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        await server.set_serving()
+        stop_wait = asyncio.ensure_future(received.wait())
+        term_wait = asyncio.ensure_future(server.wait_for_termination())
+        await asyncio.wait({stop_wait, term_wait}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (stop_wait, term_wait):
+            task.cancel()
+        log.info("stopping grpc server on %s (signal %s)", server.address, which[0] if which else "none")
+        await server.stop()
+    finally:
+        for signum in wanted:
+            loop.remove_signal_handler(signum)
+    return which[0] if which else 0

@@ -1,0 +1,120 @@
+"""`moemesh up | serve <role> | generate | ...`: the command line. A composition root: it parses flags and
+hands them to the module that does the work.
+
+Each subcommand adds its own subparser through a `_add_<name>(subparsers)` function listed in SUBCOMMANDS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+import sys
+from collections.abc import Callable
+
+SERVE_ROLES = ("gateway", "prefill", "decode", "colocated", "expert", "health")
+
+
+# --- up ---------------------------------------------------------------------------------------------------
+
+
+def _add_up(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("up", help="start the whole mesh as child processes; Ctrl-C stops it")
+    p.add_argument("--model", default="demo", help="checkpoint directory, or 'demo' (default)")
+    p.add_argument("--topology", default="pd", choices=("colocated", "pd", "pd-experts"))
+    p.add_argument("--prefill", type=int, default=1, metavar="N", help="prefill workers (pd topologies)")
+    p.add_argument("--decode", type=int, default=1, metavar="N", help="decode (or colocated) workers")
+    p.add_argument("--experts", type=int, default=1, metavar="N", help="expert-pool workers (pd-experts)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50051, help="the gateway's gRPC port")
+    p.add_argument("--http-port", type=int, default=8000, help="OpenAI-compatible HTTP, /metrics, /traces")
+    p.add_argument("--startup-timeout", type=float, default=300.0, metavar="S")
+    p.set_defaults(func=_cmd_up)
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from moemesh.supervisor import Supervisor, UpOptions, plan_children
+
+    try:
+        options = UpOptions(
+            model=args.model, topology=args.topology, num_prefill=args.prefill, num_decode=args.decode,
+            num_expert=args.experts, device=args.device, host=args.host, port=args.port,
+            http_port=args.http_port,
+        )  # fmt: skip
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    supervisor = Supervisor(plan_children(options), startup_timeout_s=args.startup_timeout)
+    ready = f"ready on {options.host}:{options.port} (http on {options.host}:{options.http_port})"
+    return supervisor.run(ready)
+
+
+# --- serve ------------------------------------------------------------------------------------------------
+
+
+def _add_serve(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("serve", help="run one role in this process (what `up` and the Helm chart run)")
+    p.add_argument("role", choices=SERVE_ROLES, help="'health' serves only gRPC health (tests, probes)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--model", default="demo")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
+    p.add_argument("--registry", default="", metavar="HOST:PORT", help="the gateway workers register with")
+    p.add_argument("--worker-id", default="")
+    p.add_argument("--http-port", type=int, default=0, help="gateway only")
+    p.add_argument("--topology", default="pd", help="gateway only")
+    p.add_argument("--parent-pid", type=int, default=0, help="exit when this process dies (set by `up`)")
+    p.add_argument("--log-level", default="INFO")
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.parent_pid:
+        from moemesh.supervisor import die_with_parent
+
+        die_with_parent(args.parent_pid)
+    if args.role == "health":
+        return asyncio.run(_serve_health_only(args.host, args.port))
+    try:
+        role_main = importlib.import_module(f"moemesh.services.{args.role}.main")
+    except ModuleNotFoundError as err:
+        if not (err.name or "").startswith("moemesh.services"):
+            raise
+        print(f"error: role {args.role!r} is not built yet (moemesh.services.{args.role})", file=sys.stderr)
+        return 2
+    return int(role_main.main(args) or 0)
+
+
+async def _serve_health_only(host: str, port: int) -> int:
+    from moemesh.transport.server import MeshServer, ServerOptions, serve_until_signalled
+
+    server = MeshServer(ServerOptions(host=host, port=port, grace_s=1.0))
+    await server.start()
+    await serve_until_signalled(server)
+    return 0
+
+
+# --- main -------------------------------------------------------------------------------------------------
+
+# `generate` (streams text from a running mesh or an in-process LLM) adds its `_add_generate` here.
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_up, _add_serve]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moemesh", description="serve DeepSeek-V3-family MoE models")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for add in SUBCOMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,289 @@
+"""Process supervision for `moemesh up`: every role runs as its own child process
+(`python -m moemesh.cli serve <role> ...`), the parent waits until all are healthy, prints
+`ready on HOST:PORT`, and stops them all on SIGINT / SIGTERM / SIGHUP — leaving no orphans.
+
+How no child outlives the parent:
+* each child is the leader of its own process group, so a terminal's Ctrl-C reaches the parent only, and the
+  parent stops children in order (front first) by signalling each group (the child and anything it spawned);
+* a child given `--parent-pid` asks the kernel for SIGTERM when its parent dies (Linux PR_SET_PDEATHSIG) and
+  also polls its parent id, so even a SIGKILLed parent leaves nothing running;
+* stop() sends SIGTERM, waits `stop_grace_s`, then SIGKILLs the group, and reaps every child.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TextIO
+
+from moemesh.transport.channels import wait_until_serving
+
+log = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class ChildSpec:
+    """One role process. `serve_args` follow `python -m moemesh.cli serve`; `port` is its gRPC port."""
+
+    name: str  # "gateway", "prefill-0", ...
+    serve_args: tuple[str, ...]
+    port: int
+    host: str = "127.0.0.1"
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass
+class Child:
+    spec: ChildSpec
+    process: subprocess.Popen
+    log_lines: list[str] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+class StartupError(RuntimeError):
+    """A child exited or did not become healthy in time; the message names it and shows its last output."""
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """`count` distinct ports that were free a moment ago (all held at once while choosing, so distinct)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind((host, 0))
+            sockets.append(sock)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def die_with_parent(parent_pid: int, poll_s: float = 0.5) -> None:
+    """Called early in a child: SIGTERM to ourselves when `parent_pid` is gone. Uses PR_SET_PDEATHSIG where
+    the kernel has it, plus a daemon thread that polls the parent id (covers the race where the parent died
+    before we got here, and non-Linux systems)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_s)
+        log.warning("parent %d is gone; stopping", parent_pid)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    if os.getppid() != parent_pid:
+        os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+class Supervisor:
+    """Starts, health-checks and stops a set of role processes.
+
+    Lifecycle: start() -> wait_ready() -> (serve) -> stop(). run() does all of it and blocks until a signal
+    or an unexpected child exit. stop() is idempotent and always reaps every child.
+    """
+
+    def __init__(
+        self,
+        specs: Sequence[ChildSpec],
+        *,
+        startup_timeout_s: float = 300.0,
+        stop_grace_s: float = 10.0,
+        python: str = sys.executable,
+        out: TextIO | None = None,
+    ) -> None:
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"child names must be distinct, got {names}")
+        self.specs = list(specs)
+        self.startup_timeout_s = startup_timeout_s
+        self.stop_grace_s = stop_grace_s
+        self.python = python
+        self.out = out or sys.stdout
+        self.children: list[Child] = []
+        self._stop = threading.Event()
+        self._stop_signal: int | None = None
+
+    def start(self) -> None:
+        for spec in self.specs:
+            argv = [
+                self.python,
+                "-m",
+                "moemesh.cli",
+                "serve",
+                *spec.serve_args,
+                "--parent-pid",
+                str(os.getpid()),
+            ]
+            process = subprocess.Popen(
+                argv,
+                process_group=0,  # its own group: Ctrl-C on the terminal reaches the parent only
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                bufsize=1,
+            )
+            child = Child(spec, process)
+            self.children.append(child)
+            threading.Thread(target=self._pump, args=(child,), name=f"log-{spec.name}", daemon=True).start()
+            print(f"started {spec.name} pid={process.pid} on {spec.address}", file=self.out, flush=True)
+
+    def wait_ready(self) -> None:
+        """Blocks until every child's health says SERVING; StartupError when one exits or time runs out."""
+        deadline = time.monotonic() + self.startup_timeout_s
+        for child in self.children:
+            while not self._stop.is_set():
+                self._raise_if_exited(child)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise StartupError(
+                        f"{child.spec.name} not healthy after {self.startup_timeout_s} s" + _tail(child)
+                    )
+                if wait_until_serving(child.spec.address, timeout_s=min(1.0, remaining)):
+                    break
+
+    def stop(self) -> None:
+        """SIGTERM each child's process group (front first), wait stop_grace_s, SIGKILL what is left, reap."""
+        for child in self.children:
+            _signal_group(child.process, signal.SIGTERM)
+        deadline = time.monotonic() + self.stop_grace_s
+        for child in self.children:
+            try:
+                child.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s (pid %d) ignored SIGTERM for %s s; killing it", child.spec.name, child.pid,
+                            self.stop_grace_s)  # fmt: skip
+        for child in self.children:
+            _signal_group(child.process, signal.SIGKILL)  # also whatever the child left in its group
+            child.process.wait()
+
+    def run(self, ready_message: str) -> int:
+        """start + wait_ready, print `ready_message`, serve until SIGINT/SIGTERM/SIGHUP or a child exits,
+        then stop all. Returns 0 after a signal, 1 when a child failed. Call from the main thread."""
+        handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        previous = {s: signal.signal(s, self._on_signal) for s in handled}
+        try:
+            self.start()
+            self.wait_ready()
+            if self._stop.is_set():
+                return 0
+            print(ready_message, file=self.out, flush=True)
+            return self._watch()
+        except StartupError as err:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            return 1
+        finally:
+            self.stop()
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _watch(self) -> int:
+        while not self._stop.wait(0.2):
+            for child in self.children:
+                code = child.process.poll()
+                if code is not None:
+                    print(f"error: {child.spec.name} (pid {child.pid}) exited with {code}" + _tail(child),
+                          file=sys.stderr, flush=True)  # fmt: skip
+                    return 1
+        print(f"stopping ({signal.Signals(self._stop_signal).name})", file=self.out, flush=True)
+        return 0
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self._stop_signal = signum
+        self._stop.set()
+
+    def _raise_if_exited(self, child: Child) -> None:
+        code = child.process.poll()
+        if code is not None:
+            raise StartupError(
+                f"{child.spec.name} (pid {child.pid}) exited with {code} while starting" + _tail(child)
+            )
+
+    def _pump(self, child: Child) -> None:
+        """Copies a child's output, prefixed by its name, and keeps the last lines for error messages."""
+        assert child.process.stdout is not None
+        for line in child.process.stdout:
+            child.log_lines = [*child.log_lines[-19:], line.rstrip()]
+            print(f"[{child.spec.name}] {line.rstrip()}", file=sys.stderr, flush=True)
+
+
+def _signal_group(process: subprocess.Popen, signum: int) -> None:
+    if process.returncode is not None and signum == signal.SIGTERM:
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signum)
+
+
+def _tail(child: Child) -> str:
+    return ("; last output:\n  " + "\n  ".join(child.log_lines[-10:])) if child.log_lines else ""
+
+
+TOPOLOGIES = ("colocated", "pd", "pd-experts")
+
+
+@dataclass(frozen=True)
+class UpOptions:
+    """What `moemesh up` starts: the gateway on `port`, then the workers of `topology` on free ports."""
+
+    model: str = "demo"
+    topology: str = "pd"
+    num_prefill: int = 1
+    num_decode: int = 1
+    num_expert: int = 1
+    device: str = "cpu"
+    host: str = "127.0.0.1"
+    port: int = 50051
+    http_port: int = 8000
+
+    def __post_init__(self) -> None:
+        if self.topology not in TOPOLOGIES:
+            raise ValueError(f"topology={self.topology!r} must be one of {', '.join(TOPOLOGIES)}")
+        for name in ("num_prefill", "num_decode", "num_expert"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.device not in ("cpu", "cuda", "auto"):
+            raise ValueError(f"device={self.device!r} must be 'cpu', 'cuda' or 'auto'")
+
+
+def plan_children(options: UpOptions) -> list[ChildSpec]:
+    """The role processes of one mesh, gateway first (so stop() closes the front door first)."""
+    o = options
+    gateway = f"{o.host}:{o.port}"
+    roles: list[tuple[str, str]] = []  # (role, name)
+    if o.topology == "colocated":
+        roles += [("colocated", f"colocated-{i}") for i in range(o.num_decode)]
+    else:
+        roles += [("prefill", f"prefill-{i}") for i in range(o.num_prefill)]
+        roles += [("decode", f"decode-{i}") for i in range(o.num_decode)]
+    if o.topology == "pd-experts":
+        roles += [("expert", f"expert-{i}") for i in range(o.num_expert)]
+    ports = free_ports(len(roles), o.host)
+    common = ("--host", o.host, "--model", o.model, "--device", o.device)
+    gateway_args = ("gateway", *common, "--port", str(o.port), "--http-port", str(o.http_port),
+                    "--topology", o.topology)  # fmt: skip
+    specs = [ChildSpec("gateway", gateway_args, o.port, o.host)]
+    for (role, name), port in zip(roles, ports, strict=True):
+        args = (role, *common, "--port", str(port), "--registry", gateway, "--worker-id", name)
+        specs.append(ChildSpec(name, args, port, o.host))
+    return specs
