@@ -130,10 +130,10 @@ async def serve_until_signalled(server: MeshServer, signals: tuple[int, ...] | N
         stop_wait = asyncio.ensure_future(received.wait())
         term_wait = asyncio.ensure_future(server.wait_for_termination())
         await asyncio.wait({stop_wait, term_wait}, return_when=asyncio.FIRST_COMPLETED)
-        for task in (stop_wait, term_wait):
-            task.cancel()
+        stop_wait.cancel()
         log.info("stopping grpc server on %s (signal %s)", server.address, which[0] if which else "none")
-        await server.stop()
+        await server.stop()  # cancelling wait_for_termination first would cancel this shutdown too
+        await term_wait
     finally:
         for signum in wanted:
             loop.remove_signal_handler(signum)

@@ -1,0 +1,191 @@
+"""`moemesh up`'s supervisor with trivial health-only children: it reports ready only when every child is
+SERVING, and however the parent goes (SIGTERM, a terminal's Ctrl-C, SIGKILL, a failed child), no child
+process is left."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from moemesh.supervisor import UpOptions, free_ports, plan_children
+
+ROOT = Path(__file__).resolve().parents[2]
+DRIVER = """
+import sys
+from moemesh.supervisor import ChildSpec, Supervisor, free_ports
+bad = sys.argv[1] == "bad"
+ports = free_ports(3)
+specs = [ChildSpec(f"h{i}", ("health", "--port", str(p)), p) for i, p in enumerate(ports)]
+if bad:
+    specs[2] = ChildSpec("h2", ("health", "--port", "not-a-port"), ports[2])
+sys.exit(Supervisor(specs, startup_timeout_s=60, stop_grace_s=5).run(f"ready on 127.0.0.1:{ports[0]}"))
+"""
+
+
+class Mesh:
+    """The driver process plus what it printed: child pids and ports."""
+
+    def __init__(self, mode: str = "good") -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", DRIVER, mode],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            process_group=0,  # like a shell job: its own group, which a terminal's Ctrl-C signals
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.children: dict[str, tuple[int, int]] = {}  # name -> (pid, port)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.put(line.rstrip())
+        self.lines.put("<eof>")
+
+    def wait_for(self, pattern: str, timeout_s: float = 60) -> str:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            started = re.match(r"started (\S+) pid=(\d+) on [\d.]+:(\d+)", line)
+            if started:
+                self.children[started[1]] = (int(started[2]), int(started[3]))
+            if re.search(pattern, line) or line == "<eof>":
+                return line
+
+    def child_pids(self) -> list[int]:
+        return [pid for pid, _ in self.children.values()]
+
+    def cleanup(self) -> None:
+        for pid in [self.process.pid, *self.child_pids()]:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        self.process.wait(10)
+
+
+def alive(pid: int) -> bool:
+    """True while pid runs (a zombie awaiting its reaper counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+def all_gone(pids: list[int], timeout_s: float = 10) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not any(alive(pid) for pid in pids):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+@pytest.fixture
+def mesh():
+    meshes: list[Mesh] = []
+
+    def start(mode: str = "good") -> Mesh:
+        meshes.append(Mesh(mode))
+        return meshes[-1]
+
+    yield start
+    for m in meshes:
+        m.cleanup()
+
+
+def _ready(m: Mesh) -> list[int]:
+    line = m.wait_for(r"^ready on ")
+    assert line.startswith("ready on 127.0.0.1:"), line
+    pids = m.child_pids()
+    assert len(pids) == 3 and all(alive(pid) for pid in pids)
+    return pids
+
+
+def _health_of(port: int) -> str:
+    from moemesh.transport.channels import health_status, insecure_channel
+
+    with insecure_channel(f"127.0.0.1:{port}") as channel:
+        return health_status(channel, timeout_s=2)
+
+
+def test_ready_only_when_every_child_serves_then_sigterm_to_the_parent_stops_all(mesh):
+    m = mesh()
+    pids = _ready(m)
+    assert [_health_of(port) for _, port in m.children.values()] == ["SERVING"] * 3
+    os.kill(m.process.pid, signal.SIGTERM)  # the parent alone
+    assert m.process.wait(15) == 0
+    assert all_gone(pids), [pid for pid in pids if alive(pid)]
+    assert all(port_free(port) for _, port in m.children.values())
+
+
+def test_terminal_ctrl_c_reaches_the_parent_and_it_stops_every_child(mesh):
+    m = mesh()
+    pids = _ready(m)
+    os.killpg(m.process.pid, signal.SIGINT)  # what a terminal does: SIGINT to the foreground group
+    assert m.process.wait(15) == 0
+    assert all_gone(pids)
+
+
+def test_children_exit_when_the_parent_is_killed_outright(mesh):
+    m = mesh()
+    pids = _ready(m)
+    os.kill(m.process.pid, signal.SIGKILL)  # no handler runs: the children must notice by themselves
+    m.process.wait(5)
+    assert all_gone(pids, timeout_s=10), [pid for pid in pids if alive(pid)]
+
+
+def test_a_child_that_dies_takes_the_mesh_down(mesh):
+    m = mesh()
+    pids = _ready(m)
+    os.kill(pids[1], signal.SIGKILL)
+    assert m.process.wait(15) == 1
+    assert all_gone(pids)
+
+
+def test_a_child_that_fails_to_start_is_reported_and_nothing_is_left(mesh):
+    m = mesh("bad")
+    m.wait_for(r"<eof>")
+    assert m.process.wait(15) == 1
+    assert len(m.children) == 3
+    assert all_gone(m.child_pids())
+
+
+def test_free_ports_are_distinct_and_bindable():
+    ports = free_ports(8)
+    assert len(set(ports)) == 8
+    assert all(port_free(p) for p in ports)
+
+
+def test_plan_children_puts_the_gateway_first_and_points_workers_at_it():
+    specs = plan_children(UpOptions(topology="pd", num_prefill=2, num_decode=1, port=50123))
+    assert [s.name for s in specs] == ["gateway", "prefill-0", "prefill-1", "decode-0"]
+    assert specs[0].port == 50123 and specs[0].serve_args[0] == "gateway"
+    for spec in specs[1:]:
+        args = list(spec.serve_args)
+        assert args[args.index("--registry") + 1] == "127.0.0.1:50123"
+        assert args[args.index("--port") + 1] == str(spec.port)
+    assert len({s.port for s in specs}) == 4
+    colocated = plan_children(UpOptions(topology="colocated", num_decode=2, port=50124))
+    assert [s.serve_args[0] for s in colocated] == ["gateway", "colocated", "colocated"]
+    with pytest.raises(ValueError, match="topology='ring' must be one of"):
+        UpOptions(topology="ring")
