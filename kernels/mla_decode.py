@@ -20,6 +20,8 @@ page table's width (no host sync), so CUDA graphs can capture it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -81,8 +83,8 @@ def _mla_decode_split_kernel(
     kv_ptr,
     page_table_ptr,
     seq_lens_ptr,
-    part_out_ptr,  # fp32 [B, H, num_splits, BLOCK_D]
-    part_lse_ptr,  # fp32 [B, H, num_splits], log2 domain
+    part_out_ptr,  # fp32 [B, H, num_splits, BLOCK_D]; with SINGLE: out [B, H, kv_lora_rank] in q's dtype
+    part_lse_ptr,  # fp32 [B, H, num_splits], log2 domain; with SINGLE: lse [B, H], natural log
     scale_log2,  # softmax_scale * log2(e)
     num_heads,
     kv_lora_rank,
@@ -102,6 +104,7 @@ def _mla_decode_split_kernel(
     FP8: tl.constexpr,
     GROUP: tl.constexpr,
     COMPUTE_FP32: tl.constexpr,
+    SINGLE: tl.constexpr,
 ):
     b = tl.program_id(0)
     hb = tl.program_id(1)
@@ -156,9 +159,16 @@ def _mla_decode_split_kernel(
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-    part_row = (b.to(tl.int64) * num_heads + offs_h) * num_splits + s  # [BLOCK_H]
-    tl.store(part_out_ptr + part_row[:, None] * BLOCK_D + offs_d[None, :], out, mask=mask_h[:, None])
-    tl.store(part_lse_ptr + part_row, lse, mask=mask_h)
+    if SINGLE:
+        row = b.to(tl.int64) * num_heads + offs_h
+        mask = mask_h[:, None] & (offs_d[None, :] < kv_lora_rank)
+        o_ptr = part_out_ptr + row[:, None] * kv_lora_rank + offs_d[None, :]
+        tl.store(o_ptr, out.to(part_out_ptr.dtype.element_ty), mask=mask)
+        tl.store(part_lse_ptr + row, lse * 0.6931471805599453, mask=mask_h)
+    else:
+        part_row = (b.to(tl.int64) * num_heads + offs_h) * num_splits + s  # [BLOCK_H]
+        tl.store(part_out_ptr + part_row[:, None] * BLOCK_D + offs_d[None, :], out, mask=mask_h[:, None])
+        tl.store(part_lse_ptr + part_row, lse, mask=mask_h)
 
 
 @triton.jit
@@ -262,12 +272,31 @@ def reference(
     return out.to(q.dtype), lse
 
 
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Launch shape of the split kernel: heads and tokens per program, warps, pipeline depth, context splits
+    (None: enough for about one wave of programs)."""
+
+    block_h: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    num_splits: int | None = None
+
+
+def default_config(num_heads: int, kv_lora_rank: int, fp8: bool) -> DecodeConfig:
+    block_h = min(64, max(16, triton.next_power_of_2(num_heads)))
+    if kv_lora_rank >= 256:
+        return DecodeConfig(block_h=block_h, block_n=32, num_warps=8, num_stages=1 if fp8 else 2)
+    return DecodeConfig(block_h=block_h, block_n=16, num_warps=4, num_stages=2)
+
+
 def _num_splits(batch: int, num_head_blocks: int, max_ctx: int, block_n: int, device: torch.device) -> int:
-    """Enough splits that about two waves of programs cover the GPU, each split at least a few blocks long."""
+    """Enough splits that about one wave of programs covers the GPU, each split at least a few blocks long."""
     num_sms = 4
     if device.type == "cuda":
         num_sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = max(1, -(-2 * num_sms // (batch * num_head_blocks)))
+    want = max(1, -(-num_sms // (batch * num_head_blocks)))
     max_useful = max(1, -(-max_ctx // (4 * block_n)))
     return min(want, max_useful, 64)
 
@@ -280,29 +309,31 @@ def mla_decode(
     softmax_scale: float,
     kv_lora_rank: int = 512,
     num_splits: int | None = None,
+    config: DecodeConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Absorbed MLA decode attention; see the module docstring for shapes. `num_splits` overrides the split-K
-    heuristic (benchmarks and tests)."""
+    """Absorbed MLA decode attention; see the module docstring for shapes. `num_splits` and `config`
+    override the launch heuristics (tests and benchmarks)."""
     if not use_triton(q):
         return reference(q, kv_cache, page_table, seq_lens, softmax_scale, kv_lora_rank)
     rope_dim, fp8 = _validate(q, kv_cache, page_table, seq_lens, kv_lora_rank)
     batch, num_heads, _ = q.shape
-    num_pages, page_size, _ = kv_cache.shape
-    compute_fp32 = interpreting() or (kv_cache.dtype == torch.float32)
+    page_size = kv_cache.shape[1]
+    cfg = config or default_config(num_heads, kv_lora_rank, fp8)
     block_d = max(16, triton.next_power_of_2(kv_lora_rank))
-    block_r = max(16, triton.next_power_of_2(rope_dim))
-    block_h = min(64, max(16, triton.next_power_of_2(num_heads)))
-    big = block_d >= 256
-    block_n = 32 if big else 16
-    num_head_blocks = triton.cdiv(num_heads, block_h)
+    num_head_blocks = triton.cdiv(num_heads, cfg.block_h)
     max_ctx = page_table.shape[1] * page_size
-    if num_splits is None:
-        num_splits = _num_splits(batch, num_head_blocks, max_ctx, block_n, q.device)
-    split_len = triton.cdiv(triton.cdiv(max(max_ctx, 1), num_splits), block_n) * block_n
-    group = fp8_group_size(kv_lora_rank) if fp8 else 1
-
-    part_out = torch.empty(batch, num_heads, num_splits, block_d, dtype=torch.float32, device=q.device)
-    part_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    num_splits = (
+        num_splits or cfg.num_splits or _num_splits(batch, num_head_blocks, max_ctx, cfg.block_n, q.device)
+    )
+    split_len = triton.cdiv(triton.cdiv(max(max_ctx, 1), num_splits), cfg.block_n) * cfg.block_n
+    out = torch.empty(batch, num_heads, kv_lora_rank, dtype=q.dtype, device=q.device)
+    lse = torch.empty(batch, num_heads, dtype=torch.float32, device=q.device)
+    single = num_splits == 1
+    if single:
+        part_out, part_lse = out, lse
+    else:
+        part_out = torch.empty(batch, num_heads, num_splits, block_d, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
     kv = kv_cache.view(torch.uint8) if fp8 else kv_cache
     _mla_decode_split_kernel[(batch, num_head_blocks, num_splits)](
         q,
@@ -323,18 +354,19 @@ def mla_decode(
         kv.stride(0),
         kv.stride(1),
         page_table.stride(0),
-        BLOCK_H=block_h,
-        BLOCK_N=block_n,
+        BLOCK_H=cfg.block_h,
+        BLOCK_N=cfg.block_n,
         BLOCK_D=block_d,
-        BLOCK_R=block_r,
+        BLOCK_R=max(16, triton.next_power_of_2(rope_dim)),
         FP8=fp8,
-        GROUP=group,
-        COMPUTE_FP32=compute_fp32,
-        num_warps=8 if big else 4,
-        num_stages=1 if fp8 else 2,
+        GROUP=fp8_group_size(kv_lora_rank) if fp8 else 1,
+        COMPUTE_FP32=interpreting() or kv_cache.dtype == torch.float32,
+        SINGLE=single,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
-    out = torch.empty(batch, num_heads, kv_lora_rank, dtype=q.dtype, device=q.device)
-    lse = torch.empty(batch, num_heads, dtype=torch.float32, device=q.device)
+    if single:
+        return out, lse
     _mla_decode_merge_kernel[(batch, num_heads)](
         part_out,
         part_lse,
@@ -352,4 +384,4 @@ def mla_decode(
     return out, lse
 
 
-__all__ = ["mla_decode", "reference"]
+__all__ = ["DecodeConfig", "mla_decode", "reference"]
