@@ -97,10 +97,62 @@ async def _serve_health_only(host: str, port: int) -> int:
     return 0
 
 
+# --- generate ---------------------------------------------------------------------------------------------
+
+
+def _add_generate(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("generate", help="generate text: from a running mesh (--target) or in-process")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--target", metavar="HOST:PORT", help="a running gateway (stream through the SDK)")
+    where.add_argument("--model", metavar="DIR", help="run in this process on a checkpoint dir or 'demo'")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("prompt")
+    p.set_defaults(func=_cmd_generate)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    sampling = dict(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    if args.target:
+        from moemesh.sdk import Client, InvalidRequest
+
+        try:
+            with Client(args.target) as client:
+                print(args.prompt, end="", flush=True)
+                for chunk in client.generate(prompt=args.prompt, **sampling):
+                    print(chunk.text, end="", flush=True)
+            print()
+        except InvalidRequest as err:
+            print(f"\nerror: {err}", file=sys.stderr)
+            return 2
+        return 0
+    from moemesh import LLM, SamplingParams
+
+    try:
+        params = SamplingParams(**sampling)
+        llm = LLM(args.model or "demo", device=args.device, progress=sys.stderr.isatty())
+        completion = llm.generate([args.prompt], params)[0]
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(args.prompt + completion.text)
+    print(f"[{len(completion.token_ids)} tokens, finish_reason={completion.finish_reason}]", file=sys.stderr)
+    return 0
+
+
 # --- main -------------------------------------------------------------------------------------------------
 
-# `generate` (streams text from a running mesh or an in-process LLM) adds its `_add_generate` here.
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_up, _add_serve]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_up, _add_serve, _add_generate]
 
 
 def build_parser() -> argparse.ArgumentParser:

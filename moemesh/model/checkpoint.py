@@ -28,6 +28,9 @@ INDEX_FILE = "model.safetensors.index.json"
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _IGNORED = re.compile(r"rotary_emb\.inv_freq$")
+_FP8_PROJ = re.compile(
+    r"\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj|gate_proj|up_proj|down_proj)\.weight$"
+)
 FP8_DTYPES = (torch.float8_e4m3fn,)
 
 
@@ -104,7 +107,7 @@ def load_model(
     if config.tie_word_embeddings and "lm_head.weight" not in loaded:
         model.lm_head.weight = model.model.embed_tokens.weight
         loaded.add("lm_head.weight")
-    missing = [n for n in params if n not in loaded and not n.endswith("e_score_correction_bias")]
+    missing = [n for n in _required(params) if n not in loaded]
     if missing:
         raise CheckpointError(
             f"{model_dir}: {len(missing)} tensors missing from the checkpoint, e.g. {missing[:5]}"
@@ -113,6 +116,19 @@ def load_model(
         if name.endswith("e_score_correction_bias") and name not in loaded:
             params[name].data.zero_()
     return model.eval()
+
+
+def _required(params: dict[str, torch.nn.Parameter]) -> list[str]:
+    """What a complete checkpoint provides: every parameter, each stacked expert's projections one by one."""
+    required = []
+    for name, param in params.items():
+        if name.endswith(".experts.w13"):
+            required += [f"{name}[{e}].{p}" for e in range(param.shape[0]) for p in ("gate_proj", "up_proj")]
+        elif name.endswith(".experts.w2"):
+            required += [f"{name}[{e}].down_proj" for e in range(param.shape[0])]
+        elif not name.endswith("e_score_correction_bias"):  # V2-era checkpoints have none: zeros
+            required.append(name)
+    return required
 
 
 def _dequant(name, tensor, files, f, file, device, dtype) -> torch.Tensor:
@@ -147,7 +163,7 @@ def _assign(name: str, tensor: torch.Tensor, params: dict[str, torch.nn.Paramete
         if rows is not None:
             target = target[rows]
         _copy(name, target, tensor, file)
-        return {target_name}  # counted once per layer; shapes are checked per expert
+        return {f"{target_name}[{expert}].{proj}"}
     if name not in params:
         raise CheckpointError(f"{file.name}: unexpected tensor {name} for this config")
     _copy(name, params[name].data, tensor, file)
@@ -168,7 +184,7 @@ def _copy(name: str, target: torch.Tensor, tensor: torch.Tensor, file: Path) -> 
 def _is_fp8_weight(name: str) -> bool:
     """DeepSeek's FP8 checkpoints quantize every projection inside the layers; embeddings, the LM head, norms
     and the router stay in BF16."""
-    return name.startswith("model.layers.") and name.endswith("_proj.weight") and ".mlp.gate." not in name
+    return name.startswith("model.layers.") and _FP8_PROJ.search(name) is not None
 
 
 def hf_tensors(model: DeepseekForCausalLM) -> Iterator[tuple[str, torch.Tensor]]:

@@ -108,12 +108,17 @@ class MoE(nn.Module):
         self.layer_idx = layer_idx
         self.gate = Router(config)
         self.experts = LocalExperts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
-        self.expert_backend: ExpertBackend = self.experts
+        self.set_expert_backend(self.experts)
         self.shared_experts = (
             MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
             if config.n_shared_experts
             else None
         )
+
+    def set_expert_backend(self, backend: ExpertBackend) -> None:
+        """Routes this layer's experts elsewhere (the expert pool); a plain attribute, not a submodule, so the
+        state dict keeps only the local weights."""
+        object.__setattr__(self, "expert_backend", backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.gate(x)
