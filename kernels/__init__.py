@@ -5,6 +5,7 @@ imports triton but touches no GPU.
 """
 
 from moemesh.kernels.fp8_quant import weight_dequant, weight_quant
+from moemesh.kernels.sample import SampleResult, SamplingTensors, sample, token_counts
 from moemesh.kernels.mla_decode import mla_decode
 from moemesh.kernels.paged_kv import pack_kv, store_kv, unpack_kv
 from moemesh.kernels.rms_norm import add_rms_norm, rms_norm
