@@ -5,11 +5,11 @@ imports triton but touches no GPU.
 """
 
 from moemesh.kernels.fp8_quant import weight_dequant, weight_quant
-from moemesh.kernels.sample import SampleResult, SamplingTensors, sample, token_counts
 from moemesh.kernels.mla_decode import mla_decode
 from moemesh.kernels.paged_kv import pack_kv, store_kv, unpack_kv
 from moemesh.kernels.rms_norm import add_rms_norm, rms_norm
 from moemesh.kernels.rope import RopeTables, rope
+from moemesh.kernels.sample import SampleResult, SamplingTensors, sample, token_counts
 
 __all__ = [
     "weight_dequant",
@@ -22,4 +22,8 @@ __all__ = [
     "rms_norm",
     "RopeTables",
     "rope",
+    "SampleResult",
+    "SamplingTensors",
+    "sample",
+    "token_counts",
 ]
