@@ -4,7 +4,7 @@ CUDA tensors take the Triton kernel, CPU tensors the torch reference (see `dispa
 imports triton but touches no GPU.
 """
 
-from moemesh.kernels.fp8_quant import weight_dequant, weight_quant
+from moemesh.kernels.fp8_quant import act_quant, weight_dequant, weight_quant
 from moemesh.kernels.mla_decode import mla_decode
 from moemesh.kernels.paged_kv import pack_kv, store_kv, unpack_kv
 from moemesh.kernels.rms_norm import add_rms_norm, rms_norm
@@ -12,6 +12,7 @@ from moemesh.kernels.rope import RopeTables, rope
 from moemesh.kernels.sample import SampleResult, SamplingTensors, sample, token_counts
 
 __all__ = [
+    "act_quant",
     "weight_dequant",
     "weight_quant",
     "mla_decode",

@@ -23,7 +23,9 @@ TOLERANCES: dict[torch.dtype, Tolerance] = {
 }
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None, name: str = "out"):
+def assert_close(
+    actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None, name: str = "out"
+):
     """Compare a kernel's output with its reference: no NaN/inf, shapes equal, abs/rel and cosine within the
     tolerance of `dtype` (default: `actual.dtype`)."""
     tol = TOLERANCES[dtype or actual.dtype]
@@ -40,3 +42,25 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     if a.numel() > 1 and e.norm() > 0:
         cos = torch.nn.functional.cosine_similarity(a.flatten(), e.flatten(), dim=0).item()
         assert cos >= tol.min_cosine, f"{name}: cosine {cos:.6f} < {tol.min_cosine}"
+
+
+# The interpreter's fp32 -> fp8 cast drops the carry when rounding up to a power of two (DESIGN §6: 124.3 becomes
+# 64, not 128), and rounds some other values (subnormals, near-ties) one step off: 2-3 % of quantized Gaussian
+# values, more on data with a wide range. On a GPU a quantizer must match its reference bit for bit; under the
+# interpreter every differing value must be that dropped carry or one e4m3 step (12.5 %, or 2^-8 in subnormals).
+INTERPRETER_FP8_OFF_FRACTION = 0.15
+
+
+def assert_fp8_equal(actual: torch.Tensor, expected: torch.Tensor, interpreted: bool, name: str = "fp8"):
+    """Quantized values equal their reference exactly; under the interpreter, up to the dropped carry."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a, e = actual.detach().cpu().float(), expected.detach().cpu().float()
+    differ = a != e
+    if not interpreted:
+        assert not differ.any(), f"{name}: {differ.sum().item()} of {a.numel()} values differ"
+        return
+    one_step = (a - e).abs() <= 0.125 * e.abs() + 2.0**-8
+    wrong = differ & (a * 2 != e) & ~one_step
+    assert not wrong.any(), f"{name}: {a[wrong][:4].tolist()} != {e[wrong][:4].tolist()}"
+    off = differ.float().mean().item() if a.numel() else 0.0
+    assert off <= INTERPRETER_FP8_OFF_FRACTION, f"{name}: {off:.2%} of {a.numel()} values differ"
