@@ -70,9 +70,14 @@ class IncompatiblePeer(MeshError):
 
 
 class LeaseRefused(MeshError):
-    """A KV write named a lease that is unknown, expired, or of another generation."""
+    """A KV write named a lease that is unknown, expired, released or of another generation (or did not fit
+    it). `reason` is the receiver's `kv.RefusalReason` when known."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+    def __init__(self, message: str, reason: int | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class NotFound(MeshError, LookupError):
