@@ -82,25 +82,35 @@ def bench_decode(batches, contexts, copy_gbs, with_torch=True):
     return rows
 
 
-SWEEP = [
-    DecodeConfig(64, 32, 8, 2),
-    DecodeConfig(64, 32, 8, 3),
-    DecodeConfig(64, 64, 8, 1),
-    DecodeConfig(64, 64, 8, 2),
-    DecodeConfig(64, 16, 4, 3),
-    DecodeConfig(64, 32, 4, 2),
-    DecodeConfig(32, 32, 4, 2),
-    DecodeConfig(32, 64, 4, 2),
-    DecodeConfig(16, 64, 4, 2),
-]
+SWEEP = {
+    False: [  # BF16 cache: TMA kernel, and the pointer kernel for comparison
+        DecodeConfig(64, 64, 8, 2),
+        DecodeConfig(64, 64, 8, 3),
+        DecodeConfig(64, 32, 8, 2),
+        DecodeConfig(64, 32, 8, 4),
+        DecodeConfig(64, 64, 16, 2),
+        DecodeConfig(64, 32, 16, 3),
+        DecodeConfig(64, 64, 4, 2),
+        DecodeConfig(32, 64, 4, 2),
+        DecodeConfig(64, 64, 8, 2, tma=False),
+    ],
+    True: [  # FP8 cache: pointer kernel with in-register dequant
+        DecodeConfig(64, 32, 8, 1),
+        DecodeConfig(64, 32, 8, 2),
+        DecodeConfig(64, 64, 8, 1),
+        DecodeConfig(64, 16, 8, 2),
+        DecodeConfig(64, 32, 16, 2),
+        DecodeConfig(32, 32, 4, 2),
+    ],
+}
 
 
 def sweep_decode(shapes, copy_gbs):
     rows, gen = [], torch.Generator(device="cuda").manual_seed(1)
     for batch, ctx, fp8 in shapes:
         args = decode_inputs(batch, ctx, fp8, gen)
-        for cfg in SWEEP:
-            for splits in (None, 2) if batch >= 64 else (None,):
+        for cfg in SWEEP[fp8]:
+            for splits in (None,):
                 try:
                     ms = median_ms(
                         lambda a=args, c=cfg, s=splits: mla_decode(*a, SCALE, RANK, num_splits=s, config=c)
@@ -114,7 +124,8 @@ def sweep_decode(shapes, copy_gbs):
                         "batch": batch,
                         "ctx": ctx,
                         "fp8": fp8,
-                        "cfg": f"h{cfg.block_h}n{cfg.block_n}w{cfg.num_warps}s{cfg.num_stages}",
+                        "cfg": f"h{cfg.block_h}n{cfg.block_n}w{cfg.num_warps}s{cfg.num_stages}"
+                        + ("" if cfg.tma else "-ptr"),
                         "splits": splits,
                         "us": 1e3 * ms,
                         "pct_copy": 100 * gbs / copy_gbs,

@@ -51,17 +51,29 @@ def _load_kv_tile(
     if FP8:
         # Row bytes: e4m3 latent [kv_lora_rank] | fp32 scales [kv_lora_rank / GROUP] | bf16 k_pe [rope_dim].
         k8 = tl.load(kv_ptr + row[:, None] + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0)
-        k8 = k8.to(tl.float8e4nv, bitcast=True)
+        k8 = k8.to(tl.float8e4nv, bitcast=True).to(tl.float32)
         num_groups = kv_lora_rank // GROUP
-        scale_ptr = (kv_ptr + row[:, None] + kv_lora_rank + 4 * (offs_d[None, :] // GROUP)).to(
-            tl.pointer_type(tl.float32)
-        )
-        scale = tl.load(scale_ptr, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        BLOCK_N: tl.constexpr = k8.shape[0]
+        BLOCK_D: tl.constexpr = k8.shape[1]
+        if BLOCK_D % GROUP == 0:
+            # whole groups: one fp32 scale per (token, group), broadcast over the group by a reshape
+            NG: tl.constexpr = BLOCK_D // GROUP
+            offs_g = tl.arange(0, NG)
+            scale_ptr = (kv_ptr + row[:, None] + kv_lora_rank + 4 * offs_g[None, :]).to(
+                tl.pointer_type(tl.float32)
+            )
+            scale = tl.load(scale_ptr, mask=mask_n[:, None] & (offs_g[None, :] < num_groups), other=0.0)
+            k_nope = tl.reshape(tl.reshape(k8, [BLOCK_N, NG, GROUP]) * scale[:, :, None], [BLOCK_N, BLOCK_D])
+        else:
+            scale_ptr = (kv_ptr + row[:, None] + kv_lora_rank + 4 * (offs_d[None, :] // GROUP)).to(
+                tl.pointer_type(tl.float32)
+            )
+            k_nope = k8 * tl.load(scale_ptr, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        k_nope = k_nope.to(tl.bfloat16)
         pe_ptr = (kv_ptr + row[:, None] + kv_lora_rank + 4 * num_groups + 2 * offs_r[None, :]).to(
             tl.pointer_type(tl.bfloat16)
         )
         k_pe = tl.load(pe_ptr, mask=mask_n[:, None] & mask_r[None, :], other=0.0)
-        k_nope = (k8.to(tl.float32) * scale).to(tl.bfloat16)
     else:
         k_nope = tl.load(
             kv_ptr + row[:, None] + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0
@@ -168,6 +180,117 @@ def _mla_decode_split_kernel(
     else:
         part_row = (b.to(tl.int64) * num_heads + offs_h) * num_splits + s  # [BLOCK_H]
         tl.store(part_out_ptr + part_row[:, None] * BLOCK_D + offs_d[None, :], out, mask=mask_h[:, None])
+        tl.store(part_lse_ptr + part_row, lse, mask=mask_h)
+
+
+@triton.jit
+def _tma_tile(
+    q0, q1, q_pe, nope_desc, pe_desc, row0, n0, end, m_i, l_i, acc0, acc1, scale_log2,
+    D_HALF: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """One page-aligned tile of BLOCK_N tokens (rows row0.. of the flattened cache): online-softmax update."""
+    k0 = nope_desc.load([row0, 0])  # [BLOCK_N, D_HALF]
+    k1 = nope_desc.load([row0, D_HALF])
+    k_pe = pe_desc.load([row0, 2 * D_HALF])  # [BLOCK_N, BLOCK_R]
+    mask_n = (n0 + tl.arange(0, BLOCK_N)) < end
+    if MASKED:  # rows past the sequence may hold anything (NaN): zero them so 0 * row stays 0
+        k0 = tl.where(mask_n[:, None], k0, 0.0)
+        k1 = tl.where(mask_n[:, None], k1, 0.0)
+        k_pe = tl.where(mask_n[:, None], k_pe, 0.0)
+    qk = tl.dot(q0, tl.trans(k0))
+    qk = tl.dot(q1, tl.trans(k1), qk)
+    qk = tl.dot(q_pe, tl.trans(k_pe), qk) * scale_log2
+    if MASKED:
+        qk = tl.where(mask_n[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    p = p.to(k0.dtype)
+    acc0 = tl.dot(p, k0, acc0 * alpha[:, None])
+    acc1 = tl.dot(p, k1, acc1 * alpha[:, None])
+    return m_new, l_i, acc0, acc1
+
+
+@triton.jit
+def _mla_decode_tma_kernel(
+    q_ptr,
+    nope_desc,  # TMA descriptor over the cache as [num_pages * page_size, kv_lora_rank + rope_dim], block [N, D/2]
+    pe_desc,  # the same tensor, block [BLOCK_N, rope_dim]
+    page_table_ptr,
+    seq_lens_ptr,
+    part_out_ptr,
+    part_lse_ptr,
+    scale_log2,
+    num_heads,
+    page_size,
+    split_len,
+    num_splits,
+    stride_qb,
+    stride_qh,
+    stride_pt,
+    BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    D_HALF: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    SINGLE: tl.constexpr,
+):
+    """The split kernel for the V3-style layout (kv_lora_rank = 2 * D_HALF, rope_dim = BLOCK_R, BLOCK_N divides
+    page_size): K/V tiles arrive by TMA, the latent in two halves so each accumulator half is [BLOCK_H, D_HALF]."""
+    b = tl.program_id(0)
+    hb = tl.program_id(1)
+    s = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + b)
+    start = s * split_len
+    end = tl.minimum(start + split_len, seq_len)
+    end_full = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
+
+    offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask_h = offs_h < num_heads
+    offs_d = tl.arange(0, D_HALF)
+    q_row = q_ptr + b.to(tl.int64) * stride_qb + offs_h[:, None] * stride_qh
+    kv_dtype = nope_desc.dtype
+    q0 = tl.load(q_row + offs_d[None, :], mask=mask_h[:, None], other=0.0).to(kv_dtype)
+    q1 = tl.load(q_row + D_HALF + offs_d[None, :], mask=mask_h[:, None], other=0.0).to(kv_dtype)
+    q_pe = tl.load(q_row + 2 * D_HALF + tl.arange(0, BLOCK_R)[None, :], mask=mask_h[:, None], other=0.0)
+    q_pe = q_pe.to(kv_dtype)
+
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc0 = tl.zeros([BLOCK_H, D_HALF], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_H, D_HALF], dtype=tl.float32)
+    pt_row = page_table_ptr + b.to(tl.int64) * stride_pt
+    for n0 in range(start, end_full, BLOCK_N):
+        page = tl.load(pt_row + n0 // page_size)
+        row0 = page * page_size + n0 % page_size
+        m_i, l_i, acc0, acc1 = _tma_tile(
+            q0, q1, q_pe, nope_desc, pe_desc, row0, n0, end, m_i, l_i, acc0, acc1, scale_log2,
+            D_HALF, BLOCK_N, False,
+        )  # fmt: skip
+    if end_full < end:
+        page = tl.load(pt_row + end_full // page_size)
+        row0 = page * page_size + end_full % page_size
+        m_i, l_i, acc0, acc1 = _tma_tile(
+            q0, q1, q_pe, nope_desc, pe_desc, row0, end_full, end, m_i, l_i, acc0, acc1, scale_log2,
+            D_HALF, BLOCK_N, True,
+        )  # fmt: skip
+
+    has = l_i > 0
+    inv_l = 1.0 / tl.where(has, l_i, 1.0)
+    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+    if SINGLE:
+        row = b.to(tl.int64) * num_heads + offs_h
+        o_ptr = part_out_ptr + row[:, None] * (2 * D_HALF) + offs_d[None, :]
+        tl.store(o_ptr, (acc0 * inv_l[:, None]).to(part_out_ptr.dtype.element_ty), mask=mask_h[:, None])
+        tl.store(
+            o_ptr + D_HALF, (acc1 * inv_l[:, None]).to(part_out_ptr.dtype.element_ty), mask=mask_h[:, None]
+        )
+        tl.store(part_lse_ptr + row, lse * 0.6931471805599453, mask=mask_h)
+    else:
+        part_row = (b.to(tl.int64) * num_heads + offs_h) * num_splits + s
+        o_ptr = part_out_ptr + part_row[:, None] * (2 * D_HALF) + offs_d[None, :]
+        tl.store(o_ptr, acc0 * inv_l[:, None], mask=mask_h[:, None])
+        tl.store(o_ptr + D_HALF, acc1 * inv_l[:, None], mask=mask_h[:, None])
         tl.store(part_lse_ptr + part_row, lse, mask=mask_h)
 
 
@@ -282,13 +405,34 @@ class DecodeConfig:
     num_warps: int
     num_stages: int
     num_splits: int | None = None
+    tma: bool = True  # page-aligned TMA tiles where the layout allows (Hopper, BF16/FP16 cache)
 
 
 def default_config(num_heads: int, kv_lora_rank: int, fp8: bool) -> DecodeConfig:
     block_h = min(64, max(16, triton.next_power_of_2(num_heads)))
     if kv_lora_rank >= 256:
-        return DecodeConfig(block_h=block_h, block_n=32, num_warps=8, num_stages=1 if fp8 else 2)
+        return DecodeConfig(block_h=block_h, block_n=64, num_warps=8, num_stages=1 if fp8 else 2)
     return DecodeConfig(block_h=block_h, block_n=16, num_warps=4, num_stages=2)
+
+
+def _tma_block_n(q, kv_cache, kv_lora_rank: int, rope_dim: int, cfg: DecodeConfig) -> int:
+    """BLOCK_N for the TMA kernel, or 0 where it does not apply."""
+    page_size = kv_cache.shape[1]
+    half = kv_lora_rank // 2
+    ok = (
+        cfg.tma
+        and q.is_cuda
+        and kv_cache.dtype in (torch.bfloat16, torch.float16)
+        and torch.cuda.get_device_capability(q.device)[0] >= 9
+        and kv_lora_rank % 2 == 0
+        and 16 <= half <= 256
+        and triton.next_power_of_2(half) == half
+        and 16 <= rope_dim <= 256
+        and triton.next_power_of_2(rope_dim) == rope_dim
+        and page_size >= 16
+        and triton.next_power_of_2(page_size) == page_size
+    )
+    return min(cfg.block_n, page_size) if ok else 0
 
 
 def _num_splits(batch: int, num_head_blocks: int, max_ctx: int, block_n: int, device: torch.device) -> int:
@@ -334,8 +478,54 @@ def mla_decode(
     else:
         part_out = torch.empty(batch, num_heads, num_splits, block_d, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    tma_block_n = _tma_block_n(q, kv_cache, kv_lora_rank, rope_dim, cfg)
+    if tma_block_n:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        kv2d = kv_cache.view(-1, kv_cache.shape[-1])  # [num_pages * page_size, kv_lora_rank + rope_dim]
+        split_len = triton.cdiv(triton.cdiv(max(max_ctx, 1), num_splits), tma_block_n) * tma_block_n
+        _mla_decode_tma_kernel[(batch, num_head_blocks, num_splits)](
+            q,
+            TensorDescriptor.from_tensor(kv2d, [tma_block_n, kv_lora_rank // 2]),
+            TensorDescriptor.from_tensor(kv2d, [tma_block_n, rope_dim]),
+            page_table,
+            seq_lens,
+            part_out,
+            part_lse,
+            softmax_scale * LOG2E,
+            num_heads,
+            page_size,
+            split_len,
+            num_splits,
+            q.stride(0),
+            q.stride(1),
+            page_table.stride(0),
+            BLOCK_H=cfg.block_h,
+            BLOCK_N=tma_block_n,
+            D_HALF=kv_lora_rank // 2,
+            BLOCK_R=rope_dim,
+            SINGLE=single,
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )
+    else:
+        _launch_split(q, kv_cache, page_table, seq_lens, part_out, part_lse, softmax_scale, kv_lora_rank,
+                      rope_dim, split_len, num_splits, cfg, single)  # fmt: skip
+    if single:
+        return out, lse
+    _merge(part_out, part_lse, out, lse, num_splits, kv_lora_rank)
+    return out, lse
+
+
+def _launch_split(
+    q, kv_cache, page_table, seq_lens, part_out, part_lse, softmax_scale, kv_lora_rank, rope_dim, split_len,
+    num_splits, cfg, single,
+):  # fmt: skip
+    batch, num_heads, _ = q.shape
+    page_size = kv_cache.shape[1]
+    fp8 = kv_cache.dtype == torch.float8_e4m3fn
     kv = kv_cache.view(torch.uint8) if fp8 else kv_cache
-    _mla_decode_split_kernel[(batch, num_head_blocks, num_splits)](
+    _mla_decode_split_kernel[(batch, triton.cdiv(num_heads, cfg.block_h), num_splits)](
         q,
         kv,
         page_table,
@@ -356,7 +546,7 @@ def mla_decode(
         page_table.stride(0),
         BLOCK_H=cfg.block_h,
         BLOCK_N=cfg.block_n,
-        BLOCK_D=block_d,
+        BLOCK_D=max(16, triton.next_power_of_2(kv_lora_rank)),
         BLOCK_R=max(16, triton.next_power_of_2(rope_dim)),
         FP8=fp8,
         GROUP=fp8_group_size(kv_lora_rank) if fp8 else 1,
@@ -365,8 +555,10 @@ def mla_decode(
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    if single:
-        return out, lse
+
+
+def _merge(part_out, part_lse, out, lse, num_splits, kv_lora_rank):
+    batch, num_heads, _ = out.shape
     _mla_decode_merge_kernel[(batch, num_heads)](
         part_out,
         part_lse,
@@ -378,10 +570,9 @@ def mla_decode(
         out.stride(0),
         out.stride(1),
         BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
-        BLOCK_D=block_d,
+        BLOCK_D=part_out.shape[-1],
         num_warps=4,
     )
-    return out, lse
 
 
 __all__ = ["DecodeConfig", "mla_decode", "reference"]

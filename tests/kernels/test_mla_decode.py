@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from moemesh.kernels import mla_decode
-from moemesh.kernels.mla_decode import reference
+from moemesh.kernels.mla_decode import DecodeConfig, reference
 from moemesh.kernels.paged_kv import fp8_row_bytes, store_kv_reference
 
 from tests.kernels.checks import assert_close
@@ -48,12 +48,25 @@ def make_case(
     return tuple(t.to(device) for t in (q, kv_cache, page_table, seq))
 
 
-def check(seq_lens, num_heads, kv_lora_rank, rope_dim, page_size, device, fp8=False, num_splits=None, seed=0):
+def check(
+    seq_lens,
+    num_heads,
+    kv_lora_rank,
+    rope_dim,
+    page_size,
+    device,
+    fp8=False,
+    num_splits=None,
+    seed=0,
+    config=None,
+):
     q, kv_cache, page_table, seq = make_case(
         seq_lens, num_heads, kv_lora_rank, rope_dim, page_size, device, fp8, seed
     )
     scale = (kv_lora_rank + rope_dim) ** -0.5
-    out, lse = mla_decode(q, kv_cache, page_table, seq, scale, kv_lora_rank, num_splits=num_splits)
+    out, lse = mla_decode(
+        q, kv_cache, page_table, seq, scale, kv_lora_rank, num_splits=num_splits, config=config
+    )
     ref_out, ref_lse = reference(q.cpu(), kv_cache.cpu(), page_table.cpu(), seq.cpu(), scale, kv_lora_rank)
     assert out.dtype == q.dtype and lse.dtype == torch.float32
     assert_close(out, ref_out, name="out")
@@ -120,3 +133,20 @@ def test_mla_decode_v3_shapes(seq_lens, fp8):
 @pytest.mark.gpu
 def test_mla_decode_v3_small_pages_and_forced_splits():
     check([1000, 17, 333], 16, 512, 64, 16, "cuda", num_splits=7)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tma", [False, True])
+@pytest.mark.parametrize("block_h,block_n,num_warps", [(64, 64, 8), (32, 32, 4), (64, 32, 16)])
+def test_mla_decode_launch_configs(tma, block_h, block_n, num_warps):
+    """Both kernels (pointer gather, TMA tiles) under several launch shapes, one and several splits."""
+    for splits in (1, 3):
+        cfg = DecodeConfig(block_h, block_n, num_warps, 2, tma=tma)
+        check([777, 64, 1, 130], 128, 512, 64, 64, "cuda", num_splits=splits, config=cfg)
+
+
+@pytest.mark.gpu
+def test_mla_decode_small_dims_on_gpu():
+    """The model's tiny test configs on the GPU (TMA path for rank 32 / rope 16, pointer path for rope 8)."""
+    check([37, 5, 64], 5, 32, 16, 16, "cuda")
+    check([37, 5, 64], 16, 16, 8, 4, "cuda")
