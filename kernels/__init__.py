@@ -4,12 +4,15 @@ CUDA tensors take the Triton kernel, CPU tensors the torch reference (see `dispa
 imports triton but touches no GPU.
 """
 
+from moemesh.kernels.fp8_gemm import fp8_gemm
+from moemesh.kernels.fp8_grouped_gemm import fp8_grouped_gemm, fp8_grouped_gemm_masked
 from moemesh.kernels.fp8_quant import act_quant, weight_dequant, weight_quant
 from moemesh.kernels.mla_decode import mla_decode
 from moemesh.kernels.paged_kv import pack_kv, store_kv, unpack_kv
 from moemesh.kernels.rms_norm import add_rms_norm, rms_norm
 from moemesh.kernels.rope import RopeTables, rope
 from moemesh.kernels.sample import SampleResult, SamplingTensors, sample, token_counts
+from moemesh.kernels.silu_mul import silu_mul, silu_mul_quant
 
 __all__ = [
     "act_quant",
@@ -27,4 +30,9 @@ __all__ = [
     "SamplingTensors",
     "sample",
     "token_counts",
+    "fp8_gemm",
+    "fp8_grouped_gemm",
+    "fp8_grouped_gemm_masked",
+    "silu_mul",
+    "silu_mul_quant",
 ]

@@ -1,0 +1,163 @@
+"""FP8 block-scaled GEMM, DeepSeek-V3's linear layer: `out[M, N] = (a * a_scale) @ (b * b_scale_inv).T` in BF16.
+
+* `a_fp8 [M, K]` float8_e4m3fn with `a_scale fp32 [M, ceil(K/128)]` (1x128 groups, from `act_quant`);
+* `b_fp8 [N, K]` float8_e4m3fn with `b_scale_inv fp32 [ceil(N/128), ceil(K/128)]` (128x128 blocks, the
+  checkpoint layout from `weight_quant`).
+
+Any M (1 included), N and K (no multiple of 128 needed). Each 128-wide K step runs one FP8 tensor-core product
+into a fresh fp32 tile, which is scaled by `a_scale[m] * b_scale_inv[n//128]` and added to the fp32 accumulator
+(DeepSeek's "promotion"); the result is rounded to BF16 once. `_scaled_tile` is shared with the grouped GEMMs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from moemesh.kernels.dispatch import use_triton
+
+SCALE_BLOCK = 128
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    group_m: int = 8
+
+
+def pick_config(m: int, n: int) -> TileConfig:
+    """Tile shape by problem size (fixed rather than autotuned: the grouped GEMMs build their tile map with it)."""
+    if m <= 16:
+        return TileConfig(16, 128, 4, 5)
+    if m <= 64:
+        return TileConfig(64, 128, 4, 5)
+    return TileConfig(128, 128, 8, 4)
+
+
+@triton.jit
+def _scaled_tile(
+    a_ptr, as_ptr, b_ptr, bs_ptr, offs_m, offs_n, row_ok, col_ok, K,
+    stride_am, stride_as, stride_bn, stride_bs,
+    EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """fp32 [BLOCK_M, BLOCK_N] = sum over 128-wide K steps of (a @ b.T) * a_scale * b_scale.
+    a_ptr / as_ptr point at row 0 of this group's A and its scales, b_ptr / bs_ptr at its B and B's scales."""
+    offs_k = tl.arange(0, 128)
+    a_rows = a_ptr + offs_m[:, None].to(tl.int64) * stride_am
+    b_cols = b_ptr + offs_n[None, :].to(tl.int64) * stride_bn
+    as_rows = as_ptr + offs_m.to(tl.int64) * stride_as
+    bs_cols = bs_ptr + (offs_n // 128) * stride_bs
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for kb in range(tl.cdiv(K, 128)):
+        k = kb * 128 + offs_k
+        if EVEN_K:
+            a = tl.load(a_rows + k[None, :], mask=row_ok[:, None], other=0.0)
+            b = tl.load(b_cols + k[:, None], mask=col_ok[None, :], other=0.0)
+        else:
+            a = tl.load(a_rows + k[None, :], mask=row_ok[:, None] & (k[None, :] < K), other=0.0)
+            b = tl.load(b_cols + k[:, None], mask=col_ok[None, :] & (k[:, None] < K), other=0.0)
+        a_s = tl.load(as_rows + kb, mask=row_ok, other=0.0)
+        b_s = tl.load(bs_cols + kb, mask=col_ok, other=0.0)
+        acc += tl.dot(a, b) * (a_s[:, None] * b_s[None, :])
+    return acc
+
+
+@triton.jit
+def _fp8_gemm_kernel(
+    a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K,
+    stride_am, stride_as, stride_bn, stride_bs, stride_cm,
+    EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    # grouped ordering: GROUP_M row tiles walk the N tiles together, so B tiles are reused from L2
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok, col_ok = offs_m < M, offs_n < N
+    acc = _scaled_tile(
+        a_ptr, as_ptr, b_ptr, bs_ptr, offs_m, offs_n, row_ok, col_ok, K,
+        stride_am, stride_as, stride_bn, stride_bs, EVEN_K, BLOCK_M, BLOCK_N,
+    )  # fmt: skip
+    c = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
+    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def check_operands(a_fp8, a_scale, b_fp8, b_scale_inv, grouped: bool = False) -> tuple[int, int]:
+    """Validate an FP8 GEMM's operands; returns (N, K). `grouped`: B carries a leading expert dimension."""
+    lead = 1 if grouped else 0
+    if a_fp8.dtype != torch.float8_e4m3fn or b_fp8.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"a_fp8 and b_fp8 must be float8_e4m3fn, got {a_fp8.dtype} and {b_fp8.dtype}")
+    if b_fp8.dim() != 2 + lead:
+        raise ValueError(f"b_fp8 must be {'[E, N, K]' if grouped else '[N, K]'}, got {tuple(b_fp8.shape)}")
+    n, k = b_fp8.shape[-2:]
+    if a_fp8.shape[-1] != k:
+        raise ValueError(f"a_fp8 {tuple(a_fp8.shape)} and b_fp8 {tuple(b_fp8.shape)} disagree on K")
+    want_as = (*a_fp8.shape[:-1], -(-k // SCALE_BLOCK))
+    if tuple(a_scale.shape) != want_as or a_scale.dtype != torch.float32:
+        raise ValueError(f"a_scale is {a_scale.dtype} {tuple(a_scale.shape)}, expected float32 {want_as}")
+    want_bs = (*b_fp8.shape[:-2], -(-n // SCALE_BLOCK), -(-k // SCALE_BLOCK))
+    if tuple(b_scale_inv.shape) != want_bs or b_scale_inv.dtype != torch.float32:
+        raise ValueError(
+            f"b_scale_inv is {b_scale_inv.dtype} {tuple(b_scale_inv.shape)}, expected float32 {want_bs}"
+        )
+    devices = {t.device for t in (a_fp8, a_scale, b_fp8, b_scale_inv)}
+    if len(devices) != 1:
+        raise ValueError(f"operands on several devices: {sorted(map(str, devices))}")
+    return n, k
+
+
+def dequant_rows(x_fp8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """fp32 [..., K] from 1x128-group FP8 values and their scales [..., ceil(K/128)]."""
+    k = x_fp8.shape[-1]
+    return x_fp8.float() * scale.repeat_interleave(SCALE_BLOCK, dim=-1)[..., :k]
+
+
+def dequant_blocks(w_fp8: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+    """fp32 [..., N, K] from 128x128-block FP8 values and their scales [..., ceil(N/128), ceil(K/128)]."""
+    n, k = w_fp8.shape[-2:]
+    s = scale_inv.repeat_interleave(SCALE_BLOCK, dim=-2)[..., :n, :]
+    return w_fp8.float() * s.repeat_interleave(SCALE_BLOCK, dim=-1)[..., :k]
+
+
+def reference(a_fp8, a_scale, b_fp8, b_scale_inv) -> torch.Tensor:
+    """fp32 matmul of the dequantized operands, rounded to BF16."""
+    check_operands(a_fp8, a_scale, b_fp8, b_scale_inv)
+    return (dequant_rows(a_fp8, a_scale) @ dequant_blocks(b_fp8, b_scale_inv).T).to(torch.bfloat16)
+
+
+def fp8_gemm(
+    a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torch.Tensor, b_scale_inv: torch.Tensor
+) -> torch.Tensor:
+    """BF16 [M, N] = block-scaled `a @ b.T` (layouts in the module docstring). Any M, including 1 and 0."""
+    if a_fp8.dim() != 2:
+        raise ValueError(f"a_fp8 must be [M, K], got {tuple(a_fp8.shape)}")
+    n, k = check_operands(a_fp8, a_scale, b_fp8, b_scale_inv)
+    if not use_triton(a_fp8):
+        return reference(a_fp8, a_scale, b_fp8, b_scale_inv)
+    m = a_fp8.shape[0]
+    a_fp8, b_fp8 = a_fp8.contiguous(), b_fp8.contiguous()
+    a_scale, b_scale_inv = a_scale.contiguous(), b_scale_inv.contiguous()
+    out = torch.empty(m, n, dtype=torch.bfloat16, device=a_fp8.device)
+    if m == 0 or n == 0:
+        return out
+    if k == 0:
+        return out.zero_()
+    cfg = pick_config(m, n)
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+    _fp8_gemm_kernel[grid](
+        a_fp8, a_scale, b_fp8, b_scale_inv, out, m, n, k,
+        a_fp8.stride(0), a_scale.stride(0), b_fp8.stride(0), b_scale_inv.stride(0), out.stride(0),
+        EVEN_K=k % 128 == 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return out
