@@ -136,9 +136,15 @@ def reference(a_fp8, a_scale, b_fp8, b_scale_inv) -> torch.Tensor:
 
 
 def fp8_gemm(
-    a_fp8: torch.Tensor, a_scale: torch.Tensor, b_fp8: torch.Tensor, b_scale_inv: torch.Tensor
+    a_fp8: torch.Tensor,
+    a_scale: torch.Tensor,
+    b_fp8: torch.Tensor,
+    b_scale_inv: torch.Tensor,
+    *,
+    config: TileConfig | None = None,
 ) -> torch.Tensor:
-    """BF16 [M, N] = block-scaled `a @ b.T` (layouts in the module docstring). Any M, including 1 and 0."""
+    """BF16 [M, N] = block-scaled `a @ b.T` (layouts in the module docstring). Any M, including 1 and 0.
+    `config` overrides the tile shape (benchmarks sweep it)."""
     if a_fp8.dim() != 2:
         raise ValueError(f"a_fp8 must be [M, K], got {tuple(a_fp8.shape)}")
     n, k = check_operands(a_fp8, a_scale, b_fp8, b_scale_inv)
@@ -152,7 +158,7 @@ def fp8_gemm(
         return out
     if k == 0:
         return out.zero_()
-    cfg = pick_config(m, n)
+    cfg = config or pick_config(m, n)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     _fp8_gemm_kernel[grid](
         a_fp8, a_scale, b_fp8, b_scale_inv, out, m, n, k,

@@ -19,7 +19,14 @@ import torch
 import triton
 import triton.language as tl
 from moemesh.kernels.dispatch import use_triton
-from moemesh.kernels.fp8_gemm import _scaled_tile, check_operands, dequant_blocks, dequant_rows, pick_config
+from moemesh.kernels.fp8_gemm import (
+    TileConfig,
+    _scaled_tile,
+    check_operands,
+    dequant_blocks,
+    dequant_rows,
+    pick_config,
+)
 
 
 @triton.jit
@@ -115,6 +122,8 @@ def fp8_grouped_gemm(
     b_fp8: torch.Tensor,
     b_scale_inv: torch.Tensor,
     expert_offsets: torch.Tensor,
+    *,
+    config: TileConfig | None = None,
 ) -> torch.Tensor:
     """Contiguous grouped GEMM (module docstring): `a_fp8 [M, K]` sorted by expert -> BF16 `[M, N]`."""
     if a_fp8.dim() != 2:
@@ -137,7 +146,7 @@ def fp8_grouped_gemm(
         return out.zero_()
     a_fp8, a_scale = a_fp8.contiguous(), a_scale.contiguous()
     b_fp8, b_scale_inv = b_fp8.contiguous(), b_scale_inv.contiguous()
-    cfg = pick_config(max(1, m // e), n)
+    cfg = config or pick_config(max(1, m // e), n)
     max_tiles = triton.cdiv(m, cfg.block_m) + e
     grid = (max_tiles * triton.cdiv(n, cfg.block_n),)
     _grouped_contiguous_kernel[grid](
@@ -156,6 +165,8 @@ def fp8_grouped_gemm_masked(
     b_fp8: torch.Tensor,
     b_scale_inv: torch.Tensor,
     counts: torch.Tensor,
+    *,
+    config: TileConfig | None = None,
 ) -> torch.Tensor:
     """Masked grouped GEMM (module docstring): `a_fp8 [E, max_m, K]`, `counts int32 [E]` -> BF16 `[E, max_m, N]`."""
     if a_fp8.dim() != 3:
@@ -178,7 +189,7 @@ def fp8_grouped_gemm_masked(
     if a_fp8.stride(-1) != 1 or a_scale.stride(-1) != 1:
         a_fp8, a_scale = a_fp8.contiguous(), a_scale.contiguous()
     b_fp8, b_scale_inv = b_fp8.contiguous(), b_scale_inv.contiguous()
-    cfg = pick_config(max_m, n)
+    cfg = config or pick_config(max_m, n)
     grid = (triton.cdiv(max_m, cfg.block_m), triton.cdiv(n, cfg.block_n), e)
     _grouped_masked_kernel[grid](
         a_fp8, a_scale, b_fp8, b_scale_inv, out, counts, max_m, n, k,
