@@ -127,14 +127,14 @@ def bench_dense(m_list):
         for m in m_list:
             a_bf16 = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             a, a_s = act_quant(a_bf16)
-            ours = median_ms(lambda a=a, a_s=a_s: fp8_gemm(a, a_s, b[0], b_s[0]))
+            ours = median_ms(lambda a=a, a_s=a_s, w=b[0], w_s=b_s[0]: fp8_gemm(a, a_s, w, w_s))
             a_q, a_rs = rowwise(a_bf16)
             peer_ms = None
             if k % 16 == 0 and n % 16 == 0:
                 try:
                     peer_ms = median_ms(
-                        lambda a_q=a_q, a_rs=a_rs: torch._scaled_mm(
-                            a_q, b[0].T, a_rs[:, None], b_peer_s, out_dtype=torch.bfloat16
+                        lambda a_q=a_q, a_rs=a_rs, w=b[0], w_s=b_peer_s: torch._scaled_mm(
+                            a_q, w.T, a_rs[:, None], w_s, out_dtype=torch.bfloat16
                         )
                     )
                 except RuntimeError as err:
