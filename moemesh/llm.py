@@ -13,11 +13,13 @@ from pathlib import Path
 
 import torch
 
+from moemesh.config.engine import EngineConfig
+from moemesh.engine.engine import Engine, RequestOutput
 from moemesh.engine.sampling_params import SamplingParams
 from moemesh.model.batch import ForwardBatch
 from moemesh.model.checkpoint import load_model
 from moemesh.model.config import ModelConfig
-from moemesh.model.tokenizer import IncrementalDetokenizer, Tokenizer
+from moemesh.model.tokenizer import Tokenizer
 
 log = logging.getLogger("moemesh")
 
@@ -30,6 +32,14 @@ class Completion:
     token_ids: list[int]  # generated tokens; include the EOS token when generation ended on it
     text: str  # the generated text, without EOS or a matched stop string
     finish_reason: str  # "stop" or "length"
+    logprobs: tuple[Logprob, ...] | None = None  # one per token, when SamplingParams.logprobs is set
+
+
+@dataclass(frozen=True)
+class Logprob:
+    token_id: int
+    logprob: float  # raw log-probability under the model (before penalties and temperature)
+    top: tuple[tuple[int, float], ...]  # the top-n (token id, logprob), best first
 
 
 def resolve_model_dir(model: str | Path) -> Path:
@@ -55,8 +65,16 @@ def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.d
 
 
 class LLM:
+    """A checkpoint and an `Engine` in this process: `generate` runs prompts to completion through continuous
+    batching; `stats()` is the engine's page and compute accounting."""
+
     def __init__(
-        self, model_dir: str | Path, device: str = "auto", dtype: str = "auto", progress: bool = False
+        self,
+        model_dir: str | Path,
+        device: str = "auto",
+        dtype: str = "auto",
+        progress: bool = False,
+        engine_config: EngineConfig | None = None,
     ):
         self.model_dir = resolve_model_dir(model_dir)
         self.device, self.dtype = resolve_device_dtype(device, dtype)
@@ -65,103 +83,47 @@ class LLM:
         self.tokenizer = (
             Tokenizer(self.model_dir, self.config) if (self.model_dir / "tokenizer.json").is_file() else None
         )
-        self.page_size = 64
-
-    # -- the simple generation loop (the engine replaces it) ------------------------------------------------
-
-    def _new_cache(self, num_pages: int) -> list[torch.Tensor]:
-        shape = (num_pages, self.page_size, self.config.kv_cache_dim)  # kv_lora_rank + qk_rope_head_dim
-        return [
-            torch.zeros(shape, dtype=self.dtype, device=self.device)
-            for _ in range(self.config.num_hidden_layers)
-        ]
+        eos = self.tokenizer.eos_token_ids if self.tokenizer else self.config.eos_token_id
+        self.engine = Engine(self.model, engine_config, self.tokenizer, tuple(eos))
+        self.page_size = self.engine.config.page_size
 
     def score(self, token_ids: list[int]) -> torch.Tensor:
-        """fp32 logits [len(token_ids), vocab_size] of one full prefill."""
+        """fp32 logits [len(token_ids), vocab_size] of one full prefill (in a scratch cache of its own)."""
         self._check_ids(token_ids, "token_ids")
         pages = list(range(-(-len(token_ids) // self.page_size)))
         batch = ForwardBatch.build([token_ids], [0], [pages], self.page_size, self.device, logits="all")
-        return self.model(batch, self._new_cache(len(pages))).cpu()
+        shape = (len(pages), self.page_size, self.config.kv_cache_dim)  # kv_lora_rank + qk_rope_head_dim
+        cache = [
+            torch.zeros(shape, dtype=self.dtype, device=self.device)
+            for _ in range(self.config.num_hidden_layers)
+        ]
+        return self.model(batch, cache).cpu()
 
     def generate(
         self, prompts: list[str] | list[list[int]], params: SamplingParams | None = None
     ) -> list[Completion]:
+        """Runs every prompt to completion in one continuously batched loop; results in prompt order."""
         params = params or SamplingParams()
-        prompt_ids = [self._encode(p, i) for i, p in enumerate(prompts)]
-        if not prompt_ids:
-            return []
-        pages, next_page = [], 0
-        for ids in prompt_ids:
-            n = -(-(len(ids) + params.max_tokens) // self.page_size)
-            pages.append(list(range(next_page, next_page + n)))
-            next_page += n
-        cache = self._new_cache(next_page)
-        generators = [self._generator(params, i) for i in range(len(prompt_ids))]
-        outputs: list[list[int]] = [[] for _ in prompt_ids]
-        detoks = [
-            IncrementalDetokenizer(self.tokenizer, ids) if self.tokenizer else None for ids in prompt_ids
-        ]
-        finish: list[str | None] = [None] * len(prompt_ids)
-        texts = [""] * len(prompt_ids)
-        step_tokens, cached = prompt_ids, [0] * len(prompt_ids)
-        active = list(range(len(prompt_ids)))
-        while active:
-            batch = ForwardBatch.build(
-                [step_tokens[i] for i in active],
-                [cached[i] for i in active],
-                [pages[i] for i in active],
-                self.page_size,
-                self.device,
-            )
-            logits = self.model(batch, cache)
-            for row, i in enumerate(active):
-                token = self._sample(logits[row], params, generators[i])
-                cached[i] += len(step_tokens[i])
-                outputs[i].append(token)
-                finish[i], texts[i] = self._check_stop(token, outputs[i], params, detoks[i], texts[i])
-            step_tokens = [out[-1:] for out in outputs]
-            active = [i for i in active if finish[i] is None]
-        return [
-            Completion(token_ids=out, text=text, finish_reason=f)
-            for out, text, f in zip(outputs, texts, finish, strict=True)
-        ]
+        ids = [self.engine.add_request(self._encode(p, i), params) for i, p in enumerate(prompts)]
+        done: dict[str, RequestOutput] = {}
+        logprobs: dict[str, list[Logprob]] = {i: [] for i in ids}
+        while len(done) < len(ids):
+            for out in self.engine.step():
+                logprobs[out.request_id] += [
+                    Logprob(s.token_id, s.logprob, s.top_logprobs) for s in out.logprobs
+                ]
+                if out.finished:
+                    done[out.request_id] = out
+        return [self._completion(done[i], logprobs[i] if params.logprobs is not None else None) for i in ids]
 
-    def _check_stop(self, token, output, params, detok, text) -> tuple[str | None, str]:
-        eos = self.tokenizer.eos_token_ids if self.tokenizer else self.config.eos_token_id
-        if (token in eos and not params.ignore_eos) or token in params.stop_token_ids:
-            return "stop", text
-        if detok is not None:
-            text += detok.add(token)
-            for s in params.stop:
-                cut = text.find(s)
-                if cut >= 0:
-                    return "stop", text[:cut]
-        if len(output) >= params.max_tokens:
-            return "length", text
-        return None, text
-
-    def _generator(self, params: SamplingParams, index: int) -> torch.Generator | None:
-        if params.greedy:
-            return None
-        g = torch.Generator(device="cpu")
-        g.manual_seed(params.seed if params.seed is not None else torch.seed() + index)
-        return g
+    def stats(self) -> dict[str, int]:
+        """pages_total, pages_free, pages_cached, pages_leased, prefill_tokens_computed, prefix_hit_tokens, ..."""
+        return self.engine.stats()
 
     @staticmethod
-    def _sample(logits: torch.Tensor, params: SamplingParams, generator) -> int:
-        if params.greedy:
-            return int(logits.argmax())
-        logits = logits.float().cpu() / params.temperature
-        if params.top_k:
-            kth = logits.topk(min(params.top_k, logits.numel())).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = logits.softmax(-1)
-        if params.top_p < 1:
-            sorted_probs, order = probs.sort(descending=True)
-            drop = sorted_probs.cumsum(0) - sorted_probs > params.top_p
-            probs[order[drop]] = 0
-            probs /= probs.sum()
-        return int(torch.multinomial(probs, 1, generator=generator))
+    def _completion(out: RequestOutput, logprobs: list[Logprob] | None) -> Completion:
+        lp = tuple(logprobs) if logprobs is not None else None
+        return Completion(list(out.output_ids), out.text, out.finish_reason.value, lp)
 
     def _encode(self, prompt: str | list[int], index: int) -> list[int]:
         if isinstance(prompt, str):

@@ -1,0 +1,94 @@
+"""The sampler: one `moemesh.kernels.sample` call per step for every row that needs a token.
+
+Each row draws from the counter-based RNG keyed by (its request's seed, tokens it generated so far), so a
+seeded request gives the same tokens whatever else shares the batch, after a preemption and after a migration.
+Penalty inputs (output token counts, prompt mask) are built only when some row asks for a penalty.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moemesh.engine.sampling_params import SamplingParams
+from moemesh.kernels.sample import SamplingTensors, sample, token_counts
+
+
+@dataclass(frozen=True)
+class SampledToken:
+    token_id: int
+    logprob: float | None  # raw log-probability of the token (when the request asked for logprobs)
+    top_logprobs: tuple[tuple[int, float], ...] = ()  # the top-n (token, raw logprob), best first
+
+
+@dataclass(frozen=True)
+class SampleRow:
+    """What the sampler needs of one request: its params (seed filled in), prompt and output tokens."""
+
+    params: SamplingParams
+    prompt_ids: list[int]
+    output_ids: list[int]
+
+
+def _has_penalty(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1 or p.frequency_penalty != 0 or p.presence_penalty != 0
+
+
+class Sampler:
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> list[SampledToken]:
+        """logits fp32 [R, V] (one row per entry of `rows`) -> one token per row."""
+        if not rows:
+            return []
+        device = logits.device
+        params = [r.params for r in rows]
+        tensors = SamplingTensors(
+            temperature=self._col([p.temperature for p in params], torch.float32, device),
+            top_k=self._col([p.top_k for p in params], torch.int32, device),
+            top_p=self._col([p.top_p for p in params], torch.float32, device),
+            min_p=self._col([p.min_p for p in params], torch.float32, device),
+            repetition_penalty=self._col([p.repetition_penalty for p in params], torch.float32, device),
+            frequency_penalty=self._col([p.frequency_penalty for p in params], torch.float32, device),
+            presence_penalty=self._col([p.presence_penalty for p in params], torch.float32, device),
+            seed=self._col([p.seed or 0 for p in params], torch.int64, device),
+            step=self._col([len(r.output_ids) for r in rows], torch.int64, device),
+        )
+        counts = prompt_mask = None
+        if any(_has_penalty(p) for p in params):
+            counts, prompt_mask = self._penalty_inputs(rows, device)
+        num_logprobs = max((p.logprobs or 0 for p in params), default=0)
+        result = sample(logits, tensors, counts, prompt_mask, num_logprobs)
+        token_ids = result.token_ids.tolist()
+        want_logprobs = any(p.logprobs is not None for p in params)
+        logprobs = result.logprobs.tolist() if want_logprobs else None
+        top_ids = result.top_ids.tolist() if num_logprobs else None
+        top_lp = result.top_logprobs.tolist() if num_logprobs else None
+        out = []
+        for i, p in enumerate(params):
+            if p.logprobs is None:
+                out.append(SampledToken(token_ids[i], None))
+                continue
+            top = (
+                tuple(zip(top_ids[i][: p.logprobs], top_lp[i][: p.logprobs], strict=True)) if top_ids else ()
+            )
+            out.append(SampledToken(token_ids[i], logprobs[i], top))
+        return out
+
+    @staticmethod
+    def _col(values, dtype, device) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+    def _penalty_inputs(self, rows: list[SampleRow], device) -> tuple[torch.Tensor, torch.Tensor]:
+        """output_counts int32 [R, V] and prompt_mask bool [R, V] (rows without penalties stay zero)."""
+        width = max(1, max(len(r.output_ids) for r in rows))
+        outs = torch.full((len(rows), width), -1, dtype=torch.int64)
+        prompt_mask = torch.zeros(len(rows), self.vocab_size, dtype=torch.bool)
+        for i, r in enumerate(rows):
+            if not _has_penalty(r.params):
+                continue
+            outs[i, : len(r.output_ids)] = torch.tensor(r.output_ids, dtype=torch.int64)
+            prompt_mask[i, torch.tensor(r.prompt_ids, dtype=torch.int64)] = True
+        return token_counts(outs.to(device), self.vocab_size), prompt_mask.to(device)
