@@ -8,6 +8,7 @@ from moemesh.kernels.fp8_gemm import fp8_gemm
 from moemesh.kernels.fp8_grouped_gemm import fp8_grouped_gemm, fp8_grouped_gemm_masked
 from moemesh.kernels.fp8_quant import act_quant, weight_dequant, weight_quant
 from moemesh.kernels.mla_decode import mla_decode
+from moemesh.kernels.mla_prefill import merge_attn_states, mla_prefill
 from moemesh.kernels.paged_kv import pack_kv, store_kv, unpack_kv
 from moemesh.kernels.rms_norm import add_rms_norm, rms_norm
 from moemesh.kernels.rope import RopeTables, rope
@@ -19,6 +20,8 @@ __all__ = [
     "weight_dequant",
     "weight_quant",
     "mla_decode",
+    "mla_prefill",
+    "merge_attn_states",
     "pack_kv",
     "store_kv",
     "unpack_kv",
