@@ -37,6 +37,16 @@ class Prefix:
     cu_seqlens: torch.Tensor
 
 
+@dataclass(frozen=True)
+class PrefillConfig:
+    """Launch shape: queries and keys per tile, warps, pipeline depth."""
+
+    block_m: int = 128
+    block_n: int = 64
+    num_warps: int = 8
+    num_stages: int = 2
+
+
 @triton.jit
 def _attend(
     q1, q2, k_base, v_base, stride_kt, stride_vt, n_start, n_end, causal_limit, offs_m,
@@ -224,8 +234,10 @@ def mla_prefill(
     softmax_scale: float,
     max_seqlen: int | None = None,
     prefix: Prefix | None = None,
+    config: PrefillConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ragged causal prefill attention (+ a cached prefix); see the module docstring for shapes."""
+    """Ragged causal prefill attention (+ a cached prefix); see the module docstring for shapes. `config`
+    overrides the launch shape (benchmarks)."""
     if not use_triton(q):
         return reference(q, k, v, cu_seqlens, softmax_scale, max_seqlen, prefix)
     _check(q, k, v, cu_seqlens, prefix)
@@ -241,10 +253,8 @@ def mla_prefill(
     block_d1 = max(16, 1 << (qk_dim.bit_length() - 1))  # the largest power of two <= qk_dim
     rest = qk_dim - block_d1
     block_d2 = 0 if rest <= 0 else max(16, triton.next_power_of_2(rest))
-    if interpreting():
-        block_m, block_n, num_warps, num_stages = 16, 16, 4, 1
-    else:
-        block_m, block_n, num_warps, num_stages = 128, 64, 8, 2
+    cfg = config or (PrefillConfig(16, 16, 4, 1) if interpreting() else PrefillConfig())
+    block_m, block_n, num_warps, num_stages = cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages
     pk, pv, pcu = (prefix.k, prefix.v, prefix.cu_seqlens) if prefix is not None else (k, v, cu_seqlens)
     grid = (triton.cdiv(max_seqlen, block_m), cu_seqlens.shape[0] - 1, num_heads)
     _mla_prefill_kernel[grid](
@@ -316,4 +326,4 @@ def merge_attn_states(
     return out, lse
 
 
-__all__ = ["Prefix", "merge_attn_states", "mla_prefill", "reference"]
+__all__ = ["PrefillConfig", "Prefix", "merge_attn_states", "mla_prefill", "reference"]
