@@ -49,32 +49,35 @@ def cudnn(q, k, v, batch, n):
         return F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=SCALE)
 
 
+def bench_shape(batch, n, prefix_len, configs, gen) -> dict:
+    q, k, v, cu, prefix = inputs(batch, n, prefix_len, gen)
+    fl = flops(batch, n, prefix_len)
+    row = {"batch": batch, "chunk": n, "prefix": prefix_len}
+    best = None
+    for cfg in configs:
+        try:
+            ms = median_ms(lambda c=cfg: mla_prefill(q, k, v, cu, SCALE, n, prefix, config=c))
+        except Exception as e:  # noqa: BLE001 - a config out of resources is a result
+            print(f"{cfg}: {type(e).__name__} {str(e)[:80]}")
+            continue
+        name = f"m{cfg.block_m}n{cfg.block_n}w{cfg.num_warps}s{cfg.num_stages}"
+        row[f"{name}_TFLOPs"] = fl / ms / 1e9
+        if best is None or ms < best[0]:
+            best = (ms, name)
+    row["ours_us"], row["ours_cfg"] = 1e3 * best[0], best[1]
+    row["ours_TFLOPs"] = fl / best[0] / 1e9
+    if not prefix_len:
+        ms_c = median_ms(lambda: cudnn(q, k, v, batch, n))
+        row["cudnn_us"] = 1e3 * ms_c
+        row["cudnn_TFLOPs"] = fl / ms_c / 1e9
+        row["vs_cudnn"] = ms_c / best[0]
+    return row
+
+
 def bench(shapes, configs):
     rows, gen = [], torch.Generator(device="cuda").manual_seed(0)
     for batch, n, prefix_len in shapes:
-        q, k, v, cu, prefix = inputs(batch, n, prefix_len, gen)
-        fl = flops(batch, n, prefix_len)
-        row = {"batch": batch, "chunk": n, "prefix": prefix_len}
-        best = None
-        for cfg in configs:
-            try:
-                ms = median_ms(lambda c=cfg: mla_prefill(q, k, v, cu, SCALE, n, prefix, config=c))
-            except Exception as e:  # noqa: BLE001 - a config out of resources is a result
-                print(f"{cfg}: {type(e).__name__} {str(e)[:80]}")
-                continue
-            name = f"m{cfg.block_m}n{cfg.block_n}w{cfg.num_warps}s{cfg.num_stages}"
-            row[f"{name}_TFLOPs"] = fl / ms / 1e9
-            if best is None or ms < best[0]:
-                best = (ms, name)
-        row["ours_us"], row["ours_cfg"] = 1e3 * best[0], best[1]
-        row["ours_TFLOPs"] = fl / best[0] / 1e9
-        if not prefix_len:
-            ms_c = median_ms(lambda: cudnn(q, k, v, batch, n))
-            row["cudnn_us"] = 1e3 * ms_c
-            row["cudnn_TFLOPs"] = fl / ms_c / 1e9
-            row["vs_cudnn"] = ms_c / best[0]
-        rows.append(row)
-        del q, k, v, prefix
+        rows.append(bench_shape(batch, n, prefix_len, configs, gen))
         torch.cuda.empty_cache()
     return rows
 
