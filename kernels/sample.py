@@ -232,6 +232,14 @@ def _fmix32_tl(x):
 
 
 @triton.jit
+def _row_key_tl(seed, step):
+    """`row_keys` for one row, in uint32 arithmetic (seed, step: int64 scalars)."""
+    h = _fmix32_tl((seed & 0xFFFFFFFF).to(tl.uint32) ^ 0x9E3779B9)
+    h = _fmix32_tl(h ^ ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32))
+    return _fmix32_tl(h ^ (step & 0xFFFFFFFF).to(tl.uint32))
+
+
+@triton.jit
 def _order_key(x):
     """fp32 -> int32 with the same order (+0.0 and -0.0 map alike)."""
     bits = (x + 0.0).to(tl.int32, bitcast=True)
@@ -295,8 +303,8 @@ def _search(
 @triton.jit
 def _sample_kernel(
     logits_ptr, stride_l, counts_ptr, stride_c, prompt_ptr, stride_p,
-    temp_ptr, topk_ptr, topp_ptr, minp_ptr, rep_ptr, freq_ptr, pres_ptr, key_ptr,
-    tok_ptr, lse_ptr, V,
+    temp_ptr, topk_ptr, topp_ptr, minp_ptr, rep_ptr, freq_ptr, pres_ptr, seed_ptr, step_ptr,
+    tok_ptr, lp_ptr, lse_ptr, V,
     HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr, BLOCK: tl.constexpr, NT: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
@@ -332,10 +340,8 @@ def _sample_kernel(
     lse = gm + tl.log(tl.sum(raw_s * tl.exp(raw_m - gm), axis=0))
     tl.store(lse_ptr + row, lse)
     m = tl.max(best, axis=0)
-    greedy = tl.min(tl.where(best == m, best_i, 2147483647), axis=0)
-    if temp <= 0:
-        tl.store(tok_ptr + row, greedy.to(tl.int64))
-    else:
+    tok = tl.min(tl.where(best == m, best_i, 2147483647), axis=0)  # greedy
+    if temp > 0:
         lo = tl.min(key_min, axis=0).to(tl.int64)
         hi = _order_key(m).to(tl.int64)
         top_k = tl.load(topk_ptr + row)
@@ -361,7 +367,7 @@ def _sample_kernel(
         if min_p > 0:
             lo = tl.maximum(lo, _order_key(m + tl.log(min_p)).to(tl.int64))
         thr = lo.to(tl.int32)
-        rkey = tl.load(key_ptr + row).to(tl.uint32)
+        rkey = _row_key_tl(tl.load(seed_ptr + row), tl.load(step_ptr + row))
         best = tl.full([BLOCK], float("-inf"), tl.float32)
         best_i = tl.zeros([BLOCK], dtype=tl.int32)
         for start in range(0, V, BLOCK):
@@ -378,7 +384,8 @@ def _sample_kernel(
             best = tl.where(take, score, best)
         top = tl.max(best, axis=0)
         tok = tl.min(tl.where(best == top, best_i, 2147483647), axis=0)
-        tl.store(tok_ptr + row, tok.to(tl.int64))
+    tl.store(tok_ptr + row, tok.to(tl.int64))
+    tl.store(lp_ptr + row, tl.load(logits_row + tok).to(tl.float32) - lse)
 
 
 # ------------------------------------------------------------------------------------------------ launcher
@@ -418,23 +425,25 @@ def sample(
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     tokens = torch.empty(b, dtype=torch.int64, device=logits.device)
-    lse = torch.empty(b, dtype=torch.float32, device=logits.device)
+    lp_lse = torch.empty(2, b, dtype=torch.float32, device=logits.device)  # chosen logprob, logsumexp
     if b == 0:
-        return _logprob_outputs(logits, tokens, lse, num_logprobs)
+        return _logprob_outputs(logits, tokens, lp_lse[1], num_logprobs)
     counts = output_counts.contiguous() if output_counts is not None else logits
     prompt = prompt_mask.contiguous() if prompt_mask is not None else logits
     if prompt.dtype == torch.bool:
         prompt = prompt.view(torch.uint8)
-    keys = row_keys(params.seed, params.step)
     _sample_kernel[(b,)](
         logits, logits.stride(0), counts, counts.stride(0), prompt, prompt.stride(0),
         params.temperature, params.top_k, params.top_p, params.min_p,
-        params.repetition_penalty, params.frequency_penalty, params.presence_penalty, keys,
-        tokens, lse, v,
+        params.repetition_penalty, params.frequency_penalty, params.presence_penalty, params.seed, params.step,
+        tokens, lp_lse[0], lp_lse[1], v,
         HAS_COUNTS=output_counts is not None, HAS_PROMPT=prompt_mask is not None, BLOCK=1024, NT=16,
         num_warps=8,
     )  # fmt: skip
-    return _logprob_outputs(logits, tokens, lse, num_logprobs)
+    if num_logprobs == 0:  # the common case: no launch beyond the kernel's
+        none = torch.empty(b, 0, dtype=torch.int64, device=logits.device)
+        return SampleResult(tokens, lp_lse[0], none, lp_lse[:, :0].T)
+    return _logprob_outputs(logits, tokens, lp_lse[1], num_logprobs)
 
 
 def token_counts(token_ids: torch.Tensor, vocab_size: int, pad_id: int = -1) -> torch.Tensor:

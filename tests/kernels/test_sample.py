@@ -6,8 +6,15 @@ import math
 
 import pytest
 import torch
-from moemesh.kernels import sample as sample_mod
-from moemesh.kernels.sample import SamplingTensors, reference, row_keys, sample, token_counts, uniforms
+from moemesh.kernels.sample import (
+    SamplingTensors,
+    _penalize,
+    reference,
+    row_keys,
+    sample,
+    token_counts,
+    uniforms,
+)
 
 from tests.kernels.checks import assert_close
 
@@ -73,6 +80,8 @@ def test_kernel_without_penalty_inputs():
     got = sample(logits, params)
     ref = reference(logits.cpu(), _to(params, "cpu"))
     assert torch.equal(got.token_ids.cpu(), ref.token_ids)
+    assert_close(got.logprobs, ref.logprobs, name="logprobs")  # computed inside the kernel here
+    assert got.top_ids.shape == (b, 0) and got.top_logprobs.shape == (b, 0)
 
 
 def test_same_seed_same_tokens_whatever_the_batch():
@@ -138,7 +147,7 @@ def test_penalties():
     params = SamplingTensors.filled(
         1, DEV, repetition_penalty=2.0, frequency_penalty=0.25, presence_penalty=0.5
     )
-    x = sample_mod._penalize(logits, params, counts, None)
+    x = _penalize(logits, params, counts, None)
     assert_close(x, torch.tensor([[2 / 2 - 0.25 - 0.5, 1.0, -2 - 0.5 - 0.5, 0.5, 0, 0, 0, 0]], device=DEV))
 
 
