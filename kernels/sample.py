@@ -441,8 +441,8 @@ def sample(
         num_warps=8,
     )  # fmt: skip
     if num_logprobs == 0:  # the common case: no launch beyond the kernel's
-        none = torch.empty(b, 0, dtype=torch.int64, device=logits.device)
-        return SampleResult(tokens, lp_lse[0], none, lp_lse[:, :0].T)
+        no_ids = torch.empty(b, 0, dtype=torch.int64, device=logits.device)
+        return SampleResult(tokens, lp_lse[0], no_ids, torch.empty(b, 0, device=logits.device))
     return _logprob_outputs(logits, tokens, lp_lse[1], num_logprobs)
 
 
