@@ -5,6 +5,7 @@ for chunk in Client("localhost:50051").generate(prompt="Hello", max_tokens=16):
     print(chunk.text, end="")
 """
 
+from moemesh.sdk.aio_client import AsyncClient, AsyncStream
 from moemesh.sdk.client import Client, Stream
 from moemesh.sdk.errors import (
     Cancelled,
@@ -21,6 +22,8 @@ from moemesh.sdk.messages import Chunk, Completion, Sampling, TokenLogprob, Usag
 __all__ = [
     "Client",
     "Stream",
+    "AsyncClient",
+    "AsyncStream",
     "Chunk",
     "Completion",
     "Sampling",

@@ -16,17 +16,9 @@ import grpc
 
 from moemesh._proto.v1 import gateway_pb2, gateway_pb2_grpc
 from moemesh.sdk.errors import error_from_rpc
-from moemesh.sdk.messages import (
-    FINISH_REASONS,
-    Chunk,
-    Completion,
-    Sampling,
-    Usage,
-    check_prompt,
-    logprobs_from_proto,
-)
+from moemesh.sdk.messages import Chunk, Collector, Completion, build_request, chunk_from_proto
 
-_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
 
 
 class Stream(Iterator[Chunk]):
@@ -58,14 +50,10 @@ class Stream(Iterator[Chunk]):
             raise error_from_rpc(err) from None
         if msg.request_id:
             self.request_id = msg.request_id
-        finish = FINISH_REASONS.get(msg.finish_reason)
-        if finish is not None:
+        chunk = chunk_from_proto(msg)
+        if chunk.finish_reason is not None:
             self._finished = True
-        usage = None
-        if msg.HasField("usage"):
-            u = msg.usage
-            usage = Usage(u.prompt_tokens, u.completion_tokens, u.cached_prompt_tokens)
-        return Chunk(list(msg.token_ids), msg.text, finish, logprobs_from_proto(msg.logprobs), usage)
+        return chunk
 
     def cancel(self) -> None:
         with self._lock:
@@ -97,7 +85,7 @@ class Client:
         self.target = target
         self.timeout_s = timeout_s
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
-        self._channel = grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
 
     def generate(
@@ -116,25 +104,17 @@ class Client:
         repetition_penalty, frequency_penalty, presence_penalty, seed, stop, stop_token_ids, logprobs,
         ignore_eos. Bad values raise InvalidRequest here, before anything is sent.
         """
-        request = self._request(prompt, token_ids, model, request_id, sampling)
+        request = build_request(prompt, token_ids, model, request_id, sampling)
         call = self._stub.Generate(request, timeout=self._timeout(timeout_s), metadata=self._metadata)
         return Stream(call)
 
     def complete(self, prompt: str | None = None, **kwargs: Any) -> Completion:
         """generate() run to the end: the whole token list and text."""
-        token_ids: list[int] = []
-        texts: list[str] = []
-        logprobs: list = []
-        finish, usage = None, None
+        collector = Collector()
         stream = self.generate(prompt, **kwargs)
         for chunk in stream:
-            token_ids += chunk.token_ids
-            texts.append(chunk.text)
-            logprobs += chunk.logprobs or []
-            finish, usage = chunk.finish_reason or finish, chunk.usage or usage
-        return Completion(
-            token_ids, "".join(texts), finish or "stop", logprobs or None, usage, stream.request_id
-        )
+            collector.add(chunk)
+        return collector.result(stream.request_id)
 
     def tokenize(self, text: str, *, model: str = "", add_special_tokens: bool = False) -> list[int]:
         request = gateway_pb2.TokenizeRequest(model=model, text=text, add_special_tokens=add_special_tokens)
@@ -160,19 +140,3 @@ class Client:
             return method(request, timeout=self.timeout_s, metadata=self._metadata)
         except grpc.RpcError as err:
             raise error_from_rpc(err) from None
-
-    @staticmethod
-    def _request(
-        prompt, token_ids, model, request_id, sampling: dict[str, Any]
-    ) -> gateway_pb2.GenerateRequest:
-        check_prompt(prompt, token_ids)
-        try:
-            params = Sampling(**sampling)
-        except TypeError as err:  # an unknown keyword
-            raise TypeError(f"generate() got an unexpected sampling option: {err}") from None
-        request = gateway_pb2.GenerateRequest(model=model, request_id=request_id, sampling=params.to_proto())
-        if prompt is not None:
-            request.text = prompt
-        else:
-            request.token_ids.ids.extend(token_ids)
-        return request

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
-from moemesh._proto.v1 import common_pb2
+from moemesh._proto.v1 import common_pb2, gateway_pb2
 from moemesh.sdk.errors import InvalidRequest
 
 _UINT32 = 1 << 32
@@ -145,3 +146,52 @@ def logprobs_from_proto(items) -> list[TokenLogprob] | None:
     if not items:
         return None
     return [TokenLogprob(p.token_id, p.logprob, tuple((t.token_id, t.logprob) for t in p.top)) for p in items]
+
+
+def build_request(
+    prompt: str | None, token_ids: list[int] | None, model: str, request_id: str, sampling: dict[str, Any]
+) -> gateway_pb2.GenerateRequest:
+    """Validates everything (InvalidRequest, or TypeError for an unknown sampling keyword) and builds it."""
+    check_prompt(prompt, token_ids)
+    try:
+        params = Sampling(**sampling)
+    except TypeError as err:
+        raise TypeError(f"generate() got an unexpected sampling option: {err}") from None
+    request = gateway_pb2.GenerateRequest(model=model, request_id=request_id, sampling=params.to_proto())
+    if prompt is not None:
+        request.text = prompt
+    else:
+        request.token_ids.ids.extend(token_ids)
+    return request
+
+
+def chunk_from_proto(msg: gateway_pb2.GenerateChunk) -> Chunk:
+    usage = None
+    if msg.HasField("usage"):
+        u = msg.usage
+        usage = Usage(u.prompt_tokens, u.completion_tokens, u.cached_prompt_tokens)
+    finish = FINISH_REASONS.get(msg.finish_reason)
+    return Chunk(list(msg.token_ids), msg.text, finish, logprobs_from_proto(msg.logprobs), usage)
+
+
+class Collector:
+    """Joins a stream's chunks into one Completion."""
+
+    def __init__(self) -> None:
+        self.token_ids: list[int] = []
+        self.texts: list[str] = []
+        self.logprobs: list[TokenLogprob] = []
+        self.finish_reason: str | None = None
+        self.usage: Usage | None = None
+
+    def add(self, chunk: Chunk) -> None:
+        self.token_ids += chunk.token_ids
+        self.texts.append(chunk.text)
+        self.logprobs += chunk.logprobs or []
+        self.finish_reason = chunk.finish_reason or self.finish_reason
+        self.usage = chunk.usage or self.usage
+
+    def result(self, request_id: str = "") -> Completion:
+        text = "".join(self.texts)
+        finish = self.finish_reason or "stop"
+        return Completion(self.token_ids, text, finish, self.logprobs or None, self.usage, request_id)
