@@ -9,6 +9,8 @@ from moemesh.kernels.fp8_grouped_gemm import fp8_grouped_gemm, fp8_grouped_gemm_
 from moemesh.kernels.fp8_quant import act_quant, weight_dequant, weight_quant
 from moemesh.kernels.mla_decode import mla_decode
 from moemesh.kernels.mla_prefill import merge_attn_states, mla_prefill
+from moemesh.kernels.moe_permute import Permuted, moe_combine, moe_permute
+from moemesh.kernels.moe_route import RouteConfig, RouteResult, moe_route
 from moemesh.kernels.paged_kv import pack_kv, store_kv, unpack_kv
 from moemesh.kernels.rms_norm import add_rms_norm, rms_norm
 from moemesh.kernels.rope import RopeTables, rope
@@ -38,4 +40,10 @@ __all__ = [
     "fp8_grouped_gemm_masked",
     "silu_mul",
     "silu_mul_quant",
+    "Permuted",
+    "moe_combine",
+    "moe_permute",
+    "RouteConfig",
+    "RouteResult",
+    "moe_route",
 ]

@@ -1,0 +1,250 @@
+"""Expert-sorted layout for the routed experts, and back: `moe_permute` and `moe_combine`, no host sync.
+
+`moe_permute(x [T, H], ids [T, k], num_experts, x_scale=None, max_m=None) -> Permuted`:
+every assignment (token t, slot j) with `0 <= ids[t, j] < num_experts` gets a row of the expert-sorted buffer,
+experts in order and, within an expert, assignments in (t, j) order (stable, deterministic):
+
+* contiguous layout (`max_m=None`, for `fp8_grouped_gemm`): `x [T*k, H]`, expert e owning rows
+  `offsets[e] : offsets[e + 1]`; rows past `offsets[E]` (assignments with an out-of-range id) are unwritten.
+* masked layout (`max_m` given, for `fp8_grouped_gemm_masked`): `x [E, max_m, H]`, expert e's rows
+  `0 : min(counts[e], max_m)`; assignments past `max_m` are dropped (their `slot_rows` is -1).
+
+`counts int32 [E]`, `offsets int32 [E + 1]` (exclusive prefix of counts), `slot_rows int32 [T*k]` (the row of
+assignment t*k + j in the flattened buffer, -1 if it has none). `x_scale [T, G]` (FP8 activations) travels
+along into `Permuted.x_scale`.
+
+`moe_combine(y, weights [T, k], slot_rows) -> [T, N]`: `out[t] = sum_j weights[t, j] * y[slot_rows[t*k + j]]`
+over the slots that have a row, in fp32, stored in y's dtype; `y` is the expert output in either layout
+(`[rows, N]` or `[E, max_m, N]`). A gather per token: no atomics, so the sum is deterministic.
+
+Three small launches for permute (histogram per block of assignments, positions, row copy), one for combine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from moemesh.kernels.dispatch import use_triton
+
+BLOCK_A = 128  # assignments per program in the histogram / position kernels
+
+
+@dataclass(frozen=True)
+class Permuted:
+    x: torch.Tensor  # [T*k, H] or [E, max_m, H], expert-sorted rows
+    x_scale: torch.Tensor | None  # rows of x_scale alike, or None
+    counts: torch.Tensor  # int32 [E]
+    offsets: torch.Tensor  # int32 [E + 1]
+    slot_rows: torch.Tensor  # int32 [T*k], -1 where an assignment has no row
+
+
+# ------------------------------------------------------------------------------------------------ references
+
+
+def reference_permute(x, ids, num_experts, x_scale=None, max_m=None) -> Permuted:
+    _validate(x, ids, num_experts, x_scale, max_m)
+    t, k = ids.shape
+    flat = ids.reshape(-1).long()
+    valid = (flat >= 0) & (flat < num_experts)
+    key = torch.where(valid, flat, num_experts)
+    order = torch.argsort(key, stable=True)
+    counts = torch.bincount(flat[valid], minlength=num_experts).to(torch.int32)
+    offsets = torch.zeros(num_experts + 1, dtype=torch.int32, device=x.device)
+    offsets[1:] = torch.cumsum(counts, 0)
+    pos = torch.empty_like(order)
+    pos[order] = torch.arange(order.numel(), device=x.device)
+    if max_m is None:
+        rows = torch.where(valid, pos, -1)
+        shape = (t * k,)
+    else:
+        rank = pos - offsets.long()[key.clamp(max=num_experts - 1)]
+        rows = torch.where(valid & (rank < max_m), key * max_m + rank, -1)
+        shape = (num_experts, max_m)
+    src = torch.arange(t * k, device=x.device) // k
+    keep = rows >= 0
+
+    def scatter(v):
+        out = torch.zeros(int(torch.tensor(shape).prod()), v.shape[1], dtype=v.dtype, device=v.device)
+        out[rows[keep]] = v[src[keep]]
+        return out.view(*shape, v.shape[1])
+
+    return Permuted(
+        scatter(x), scatter(x_scale) if x_scale is not None else None, counts, offsets, rows.to(torch.int32)
+    )
+
+
+def reference_combine(y, weights, slot_rows) -> torch.Tensor:
+    t, k = weights.shape
+    y2 = y.reshape(-1, y.shape[-1]).float()
+    rows = slot_rows.long().view(t, k)
+    gathered = torch.where((rows >= 0)[..., None], y2[rows.clamp(min=0)], 0.0)
+    return (gathered * weights.float()[..., None]).sum(1).to(y.dtype)
+
+
+# ------------------------------------------------------------------------------------------------ kernels
+
+
+@triton.jit
+def _histogram_kernel(ids_ptr, hist_ptr, N, E, E_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    b = tl.program_id(0)
+    offs = b * BLOCK + tl.arange(0, BLOCK)
+    ids = tl.load(ids_ptr + offs, mask=offs < N, other=-1).to(tl.int32)
+    experts = tl.arange(0, E_PAD)
+    hist = tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
+    tl.store(hist_ptr + b * E_PAD + experts, hist)
+
+
+@triton.jit
+def _position_kernel(
+    ids_ptr, hist_ptr, rows_ptr, counts_ptr, offsets_ptr, N, E, num_blocks, max_m,
+    MASKED: tl.constexpr, E_PAD: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0)
+    experts = tl.arange(0, E_PAD)
+    total = tl.zeros([E_PAD], dtype=tl.int32)
+    before = tl.zeros([E_PAD], dtype=tl.int32)
+    for bb in range(0, num_blocks):
+        h = tl.load(hist_ptr + bb * E_PAD + experts)
+        total += h
+        before += tl.where(bb < b, h, 0)
+    starts = tl.cumsum(total, 0) - total  # exclusive prefix: each expert's first row
+    if b == 0:
+        tl.store(counts_ptr + experts, total, mask=experts < E)
+        tl.store(offsets_ptr + experts, starts, mask=experts < E)
+        tl.store(offsets_ptr + E, tl.sum(tl.where(experts < E, total, 0), 0))
+    offs = b * BLOCK + tl.arange(0, BLOCK)
+    ids = tl.load(ids_ptr + offs, mask=offs < N, other=-1).to(tl.int32)
+    valid = (ids >= 0) & (ids < E)
+    # rank among the earlier assignments of this block with the same expert
+    j = tl.arange(0, BLOCK)
+    same = (ids[:, None] == ids[None, :]) & (j[None, :] < j[:, None])
+    rank = tl.sum(same.to(tl.int32), axis=1)
+    onehot = ids[:, None] == experts[None, :]
+    rank += tl.sum(tl.where(onehot, before[None, :], 0), axis=1)  # earlier blocks
+    if MASKED:
+        row = tl.where(valid & (rank < max_m), ids * max_m + rank, -1)
+    else:
+        row = tl.where(valid, tl.sum(tl.where(onehot, starts[None, :], 0), axis=1) + rank, -1)
+    tl.store(rows_ptr + offs, row, mask=offs < N)
+
+
+@triton.jit
+def _copy_rows_kernel(
+    x_ptr, out_ptr, rows_ptr, H, K, stride_x, stride_o, BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    a = tl.program_id(0)
+    row = tl.load(rows_ptr + a)
+    if row >= 0:
+        src = x_ptr + (a // K).to(tl.int64) * stride_x
+        dst = out_ptr + row.to(tl.int64) * stride_o
+        for h0 in range(0, H, BLOCK_H):
+            h = h0 + tl.arange(0, BLOCK_H)
+            tl.store(dst + h, tl.load(src + h, mask=h < H), mask=h < H)
+
+
+@triton.jit
+def _combine_kernel(
+    y_ptr, w_ptr, rows_ptr, out_ptr, N, stride_y, stride_o,
+    K: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for j in tl.static_range(K):
+        row = tl.load(rows_ptr + t * K + j)
+        w = tl.load(w_ptr + t * K + j).to(tl.float32)
+        y = tl.load(
+            y_ptr + tl.maximum(row, 0).to(tl.int64) * stride_y + cols, mask=(cols < N) & (row >= 0), other=0.0
+        )
+        acc += w * y.to(tl.float32)
+    tl.store(out_ptr + t * stride_o + cols, acc.to(out_ptr.dtype.element_ty), mask=cols < N)
+
+
+# ------------------------------------------------------------------------------------------------ launchers
+
+
+def _validate(x, ids, num_experts, x_scale, max_m):
+    if x.dim() != 2:
+        raise ValueError(f"x must be [T, H], got {tuple(x.shape)}")
+    if ids.dim() != 2 or ids.shape[0] != x.shape[0] or ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"ids must be int32/int64 [T={x.shape[0]}, k], got {ids.dtype} {tuple(ids.shape)}")
+    if num_experts < 1:
+        raise ValueError(f"num_experts={num_experts} must be >= 1")
+    if x_scale is not None and (x_scale.dim() != 2 or x_scale.shape[0] != x.shape[0]):
+        raise ValueError(f"x_scale must be [T={x.shape[0]}, G], got {tuple(x_scale.shape)}")
+    if max_m is not None and max_m < 1:
+        raise ValueError(f"max_m={max_m} must be >= 1")
+    if ids.device != x.device:
+        raise ValueError(f"ids on {ids.device}, x on {x.device}")
+
+
+def _copy_rows(v: torch.Tensor, rows: torch.Tensor, k: int, shape: tuple[int, ...]) -> torch.Tensor:
+    out = torch.empty(*shape, v.shape[1], dtype=v.dtype, device=v.device)
+    if rows.numel() and v.shape[1]:
+        v = v.contiguous()
+        src, dst = (v.view(torch.uint8), out.view(torch.uint8)) if v.element_size() == 1 else (v, out)
+        block_h = min(1024, triton.next_power_of_2(v.shape[1]))
+        _copy_rows_kernel[(rows.numel(),)](
+            src, dst, rows, v.shape[1], k, v.stride(0), v.shape[1], BLOCK_H=block_h
+        )
+    return out
+
+
+def moe_permute(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    num_experts: int,
+    x_scale: torch.Tensor | None = None,
+    max_m: int | None = None,
+) -> Permuted:
+    """Expert-sorted rows of `x` (module docstring), everything computed on the device."""
+    _validate(x, ids, num_experts, x_scale, max_m)
+    if not use_triton(x):
+        return reference_permute(x, ids, num_experts, x_scale, max_m)
+    t, k = ids.shape
+    n = t * k
+    dev = x.device
+    e_pad = triton.next_power_of_2(num_experts)
+    num_blocks = max(1, triton.cdiv(n, BLOCK_A))
+    flat = ids.reshape(-1).contiguous()
+    hist = torch.empty(num_blocks, e_pad, dtype=torch.int32, device=dev)
+    rows = torch.empty(n, dtype=torch.int32, device=dev)
+    counts = torch.empty(num_experts, dtype=torch.int32, device=dev)
+    offsets = torch.empty(num_experts + 1, dtype=torch.int32, device=dev)
+    _histogram_kernel[(num_blocks,)](flat, hist, n, num_experts, E_PAD=e_pad, BLOCK=BLOCK_A)
+    _position_kernel[(num_blocks,)](
+        flat, hist, rows, counts, offsets, n, num_experts, num_blocks, max_m or 0,
+        MASKED=max_m is not None, E_PAD=e_pad, BLOCK=BLOCK_A,
+    )  # fmt: skip
+    shape = (n,) if max_m is None else (num_experts, max_m)
+    out = _copy_rows(x, rows, k, shape)
+    out_scale = _copy_rows(x_scale, rows, k, shape) if x_scale is not None else None
+    return Permuted(out, out_scale, counts, offsets, rows)
+
+
+def moe_combine(y: torch.Tensor, weights: torch.Tensor, slot_rows: torch.Tensor) -> torch.Tensor:
+    """Weighted sum of each token's expert outputs (module docstring) -> `[T, N]` in y's dtype."""
+    if weights.dim() != 2 or slot_rows.shape != (weights.numel(),):
+        raise ValueError(
+            f"weights must be [T, k] and slot_rows [T*k], got {tuple(weights.shape)} and {tuple(slot_rows.shape)}"
+        )
+    if y.dim() not in (2, 3):
+        raise ValueError(f"y must be [rows, N] or [E, max_m, N], got {tuple(y.shape)}")
+    if not use_triton(y):
+        return reference_combine(y, weights, slot_rows)
+    t, k = weights.shape
+    n = y.shape[-1]
+    y2 = y.reshape(-1, n)
+    if y2.stride(-1) != 1:
+        y2 = y2.contiguous()
+    out = torch.empty(t, n, dtype=y.dtype, device=y.device)
+    if t and n:
+        block_n = min(1024, triton.next_power_of_2(n))
+        _combine_kernel[(t, triton.cdiv(n, block_n))](
+            y2, weights.contiguous(), slot_rows.contiguous(), out, n, y2.stride(0), out.stride(0),
+            K=k, BLOCK_N=block_n,
+        )  # fmt: skip
+    return out
