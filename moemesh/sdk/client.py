@@ -8,6 +8,7 @@ with Client("localhost:50051") as client:
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -71,7 +72,8 @@ class Stream(Iterator[Chunk]):
     def __del__(self) -> None:
         # Leaving an unfinished stream behind cancels it, so the server frees what it holds.
         if not getattr(self, "_finished", True):
-            self.cancel()
+            with contextlib.suppress(Exception):  # e.g. at interpreter exit
+                self.cancel()
 
 
 class Client:

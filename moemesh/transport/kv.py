@@ -222,6 +222,7 @@ class RefusalReason(enum.IntEnum):
     BAD_SIZE = 6
     CHECKSUM = 7
     BAD_HEADER = 8
+    RECEIVER_ERROR = 9  # the sink failed to give a buffer or to commit (a bug on D; logged there)
 
 
 @dataclass(frozen=True)
@@ -460,11 +461,14 @@ class KvInbox:
     def admit(self, header: ChunkHeader) -> Admission:
         """Checks a chunk header; returns where to receive it. Raises LeaseRefused (logged) otherwise."""
         entry = self._check(header)
-        buffer = entry.sink.buffer_for(entry.lease, header)
+        try:
+            buffer = entry.sink.buffer_for(entry.lease, header)
+        except Exception as err:
+            log.exception("KV sink failed to give a buffer")
+            raise self._refuse(header, RefusalReason.RECEIVER_ERROR, f"buffer_for failed: {err}") from err
         if buffer.dtype != torch.uint8 or buffer.numel() != header.num_bytes or not buffer.is_contiguous():
-            raise ValueError(
-                f"sink gave {buffer.numel()} {buffer.dtype} elements, need {header.num_bytes} uint8"
-            )
+            why = f"sink gave {buffer.numel()} {buffer.dtype} elements, need {header.num_bytes} uint8"
+            raise self._refuse(header, RefusalReason.RECEIVER_ERROR, why)
         entry.state = LeaseState.RECEIVING
         entry.inflight += 1
         entry.drained.clear()
@@ -480,7 +484,11 @@ class KvInbox:
                 raise self._refuse(header, RefusalReason.STALE_GENERATION, "the lease was replaced mid-write")
             if header.checksum is not None and crc32(admission.buffer) != header.checksum:
                 raise self._refuse(header, RefusalReason.CHECKSUM, "bytes received do not match the checksum")
-            entry.sink.commit(entry.lease, header, admission.buffer)
+            try:
+                entry.sink.commit(entry.lease, header, admission.buffer)
+            except Exception as err:
+                log.exception("KV sink failed to commit")
+                raise self._refuse(header, RefusalReason.RECEIVER_ERROR, f"commit failed: {err}") from err
             entry.bytes_received += header.num_bytes
             self.bytes_received += header.num_bytes
             if entry.bytes_received >= entry.lease.expected_bytes:

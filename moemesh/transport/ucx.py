@@ -179,8 +179,8 @@ class UcxKvReceiver:
     async def _receive(self, ep: Any, header: ChunkHeader) -> None:
         try:
             admission = self.inbox.admit(header)
-        except (LeaseRefused, ValueError) as err:
-            reason = RefusalReason(getattr(err, "reason", None) or RefusalReason.BAD_SIZE)
+        except LeaseRefused as err:
+            reason = RefusalReason(err.reason or RefusalReason.RECEIVER_ERROR)
             scratch = torch.empty(header.num_bytes, dtype=torch.uint8)  # drain the payload, then refuse
             if await self._recv_payload(ep, header, scratch):
                 await self._ack(ep, header, reason, str(err))
@@ -191,7 +191,7 @@ class UcxKvReceiver:
         try:
             self.inbox.land(admission)
         except LeaseRefused as err:
-            await self._ack(ep, header, RefusalReason(err.reason), str(err))
+            await self._ack(ep, header, RefusalReason(err.reason or RefusalReason.RECEIVER_ERROR), str(err))
             return
         await self._ack(ep, header, RefusalReason.ACCEPTED, "")
 

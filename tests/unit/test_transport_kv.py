@@ -342,3 +342,24 @@ def test_header_and_ack_encodings_roundtrip():
     assert (
         (transfer, reason) == (5, RefusalReason.EXPIRED) and long.startswith(message) and len(message) > 200
     )
+
+
+class BrokenSink(PagedKvSink):
+    def commit(self, lease, header, buffer):
+        raise RuntimeError("cache on fire")
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_a_failing_sink_refuses_the_write_instead_of_hanging_the_sender(kind, caplog):
+    async def body(pair: Pair):
+        target = KvTarget("r1", LeaseKey(1, 1), pair.receiver.address, (0, 1), 0, LAYOUT)
+        pair.receiver.inbox.expect(Lease.for_target(target, pair.clock() + 30), BrokenSink(pair.caches))
+        with (
+            caplog.at_level(logging.ERROR),
+            pytest.raises(LeaseRefused, match="commit failed: cache on fire"),
+        ):
+            await pair.sender.send(target, 0, 0, prompt_kv(2, 14)[0].contiguous())
+        assert "KV sink failed to commit" in caplog.text
+        await pair.receiver.inbox.release(target.lease)  # nothing left in flight
+
+    run(kind, body)
