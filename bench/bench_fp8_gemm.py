@@ -33,11 +33,15 @@ ATTN_SHAPES = {  # (N, K) of DeepSeek-V3's attention projections
 }
 SWEEP = [
     TileConfig(128, 128, 8, 4),
-    TileConfig(128, 128, 8, 3),
-    TileConfig(128, 256, 8, 3),
-    TileConfig(256, 128, 8, 3),
     TileConfig(64, 128, 4, 4),
-    TileConfig(128, 128, 4, 4),
+    TileConfig(128, 128, 8, 3, mode=1),
+    TileConfig(64, 128, 4, 4, mode=1),
+    TileConfig(128, 128, 8, 4, mode=2),
+    TileConfig(128, 128, 4, 4, mode=2),
+    TileConfig(128, 256, 8, 3, mode=2),
+    TileConfig(128, 256, 8, 4, mode=2),
+    TileConfig(64, 256, 4, 4, mode=2),
+    TileConfig(256, 128, 8, 3, mode=2),
 ]
 
 
@@ -173,7 +177,7 @@ def sweep_configs():
             continue
         out.append(
             dict(
-                config=f"{cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}",
+                config=f"{cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages} m{cfg.mode}",
                 contiguous_tflops=tflops(e * rows, n, k, c_ms),
                 masked256_tflops=tflops(e * 256, n, k, m_ms),
             )

@@ -28,6 +28,7 @@ class TileConfig:
     num_warps: int
     num_stages: int
     group_m: int = 8
+    mode: int = 0  # _scaled_tile's MODE
 
 
 def pick_config(m: int, n: int) -> TileConfig:
@@ -40,30 +41,61 @@ def pick_config(m: int, n: int) -> TileConfig:
 
 
 @triton.jit
+def _load_step(
+    a_rows, b_cols, as_rows, bs_cols, row_ok, col_ok, kb, K, EVEN_K: tl.constexpr,
+):  # fmt: skip
+    """One 128-wide K step: a [BM, 128], b [128, BN] fp8 and the outer product of their scales [BM, BN]."""
+    k = kb * 128 + tl.arange(0, 128)
+    if EVEN_K:
+        a = tl.load(a_rows + k[None, :], mask=row_ok[:, None], other=0.0)
+        b = tl.load(b_cols + k[:, None], mask=col_ok[None, :], other=0.0)
+    else:
+        a = tl.load(a_rows + k[None, :], mask=row_ok[:, None] & (k[None, :] < K), other=0.0)
+        b = tl.load(b_cols + k[:, None], mask=col_ok[None, :] & (k[:, None] < K), other=0.0)
+    a_s = tl.load(as_rows + kb, mask=row_ok, other=1.0)
+    b_s = tl.load(bs_cols + kb, mask=col_ok, other=1.0)
+    return a, b, a_s[:, None] * b_s[None, :]
+
+
+@triton.jit
 def _scaled_tile(
     a_ptr, as_ptr, b_ptr, bs_ptr, offs_m, offs_n, row_ok, col_ok, K,
     stride_am, stride_as, stride_bn, stride_bs,
-    EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr = 0,
 ):  # fmt: skip
     """fp32 [BLOCK_M, BLOCK_N] = sum over 128-wide K steps of (a @ b.T) * a_scale * b_scale.
-    a_ptr / as_ptr point at row 0 of this group's A and its scales, b_ptr / bs_ptr at its B and B's scales."""
-    offs_k = tl.arange(0, 128)
+    a_ptr / as_ptr point at row 0 of this group's A and its scales, b_ptr / bs_ptr at its B and B's scales.
+
+    MODE 0: each step's product lands in a fresh fp32 tile, scaled into the accumulator (DeepSeek's promotion).
+    MODE 1: the same, software-pipelined: step k+1's product is issued before step k is promoted.
+    MODE 2: the accumulator is kept in the current step's scale units and rescaled by old/new scale before
+    each product accumulates into it in place (no second fp32 tile: room for larger tiles)."""
     a_rows = a_ptr + offs_m[:, None].to(tl.int64) * stride_am
     b_cols = b_ptr + offs_n[None, :].to(tl.int64) * stride_bn
     as_rows = as_ptr + offs_m.to(tl.int64) * stride_as
     bs_cols = bs_ptr + (offs_n // 128) * stride_bs
+    num_k = tl.cdiv(K, 128)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for kb in range(tl.cdiv(K, 128)):
-        k = kb * 128 + offs_k
-        if EVEN_K:
-            a = tl.load(a_rows + k[None, :], mask=row_ok[:, None], other=0.0)
-            b = tl.load(b_cols + k[:, None], mask=col_ok[None, :], other=0.0)
-        else:
-            a = tl.load(a_rows + k[None, :], mask=row_ok[:, None] & (k[None, :] < K), other=0.0)
-            b = tl.load(b_cols + k[:, None], mask=col_ok[None, :] & (k[:, None] < K), other=0.0)
-        a_s = tl.load(as_rows + kb, mask=row_ok, other=0.0)
-        b_s = tl.load(bs_cols + kb, mask=col_ok, other=0.0)
-        acc += tl.dot(a, b) * (a_s[:, None] * b_s[None, :])
+    if MODE == 0:
+        for kb in range(num_k):
+            a, b, s = _load_step(a_rows, b_cols, as_rows, bs_cols, row_ok, col_ok, kb, K, EVEN_K)
+            acc += tl.dot(a, b) * s
+    elif MODE == 1:
+        a, b, prev_s = _load_step(a_rows, b_cols, as_rows, bs_cols, row_ok, col_ok, 0, K, EVEN_K)
+        prev = tl.dot(a, b)
+        for kb in range(1, num_k):
+            a, b, s = _load_step(a_rows, b_cols, as_rows, bs_cols, row_ok, col_ok, kb, K, EVEN_K)
+            cur = tl.dot(a, b)
+            acc += prev * prev_s
+            prev, prev_s = cur, s
+        acc += prev * prev_s
+    else:
+        prev_s = tl.full([BLOCK_M, BLOCK_N], 1.0, tl.float32)
+        for kb in range(num_k):
+            a, b, s = _load_step(a_rows, b_cols, as_rows, bs_cols, row_ok, col_ok, kb, K, EVEN_K)
+            acc = tl.dot(a, b, acc * (prev_s / s))
+            prev_s = s
+        acc = acc * prev_s
     return acc
 
 
@@ -72,6 +104,7 @@ def _fp8_gemm_kernel(
     a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K,
     stride_am, stride_as, stride_bn, stride_bs, stride_cm,
     EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+    MODE: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -86,7 +119,7 @@ def _fp8_gemm_kernel(
     row_ok, col_ok = offs_m < M, offs_n < N
     acc = _scaled_tile(
         a_ptr, as_ptr, b_ptr, bs_ptr, offs_m, offs_n, row_ok, col_ok, K,
-        stride_am, stride_as, stride_bn, stride_bs, EVEN_K, BLOCK_M, BLOCK_N,
+        stride_am, stride_as, stride_bn, stride_bs, EVEN_K, BLOCK_M, BLOCK_N, MODE,
     )  # fmt: skip
     c = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
     tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
@@ -163,7 +196,7 @@ def fp8_gemm(
     _fp8_gemm_kernel[grid](
         a_fp8, a_scale, b_fp8, b_scale_inv, out, m, n, k,
         a_fp8.stride(0), a_scale.stride(0), b_fp8.stride(0), b_scale_inv.stride(0), out.stride(0),
-        EVEN_K=k % 128 == 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m,
+        EVEN_K=k % 128 == 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m, MODE=cfg.mode,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out

@@ -34,7 +34,7 @@ def _grouped_contiguous_kernel(
     a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, offsets_ptr, E, N, K, max_tiles,
     stride_am, stride_as, stride_be, stride_bn, stride_bse, stride_bs, stride_cm,
     EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
-    BLOCK_E: tl.constexpr,
+    BLOCK_E: tl.constexpr, MODE: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -61,7 +61,7 @@ def _grouped_contiguous_kernel(
     ex = expert.to(tl.int64)
     acc = _scaled_tile(
         a_ptr, as_ptr, b_ptr + ex * stride_be, bs_ptr + ex * stride_bse, offs_m, offs_n, row_ok, col_ok, K,
-        stride_am, stride_as, stride_bn, stride_bs, EVEN_K, BLOCK_M, BLOCK_N,
+        stride_am, stride_as, stride_bn, stride_bs, EVEN_K, BLOCK_M, BLOCK_N, MODE,
     )  # fmt: skip
     c = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
     tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
@@ -71,7 +71,7 @@ def _grouped_contiguous_kernel(
 def _grouped_masked_kernel(
     a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, counts_ptr, max_m, N, K,
     stride_ae, stride_am, stride_ase, stride_as, stride_be, stride_bn, stride_bse, stride_bs, stride_ce, stride_cm,
-    EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_n, expert = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     count = tl.minimum(tl.load(counts_ptr + expert), max_m)
@@ -84,6 +84,7 @@ def _grouped_masked_kernel(
     acc = _scaled_tile(
         a_ptr + ex * stride_ae, as_ptr + ex * stride_ase, b_ptr + ex * stride_be, bs_ptr + ex * stride_bse,
         offs_m, offs_n, row_ok, col_ok, K, stride_am, stride_as, stride_bn, stride_bs, EVEN_K, BLOCK_M, BLOCK_N,
+        MODE,
     )  # fmt: skip
     c = c_ptr + ex * stride_ce + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
     tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
@@ -154,7 +155,7 @@ def fp8_grouped_gemm(
         a_fp8.stride(0), a_scale.stride(0), b_fp8.stride(0), b_fp8.stride(1),
         b_scale_inv.stride(0), b_scale_inv.stride(1), out.stride(0),
         EVEN_K=k % 128 == 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m,
-        BLOCK_E=triton.next_power_of_2(e), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BLOCK_E=triton.next_power_of_2(e), MODE=cfg.mode, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out
 
@@ -195,7 +196,7 @@ def fp8_grouped_gemm_masked(
         a_fp8, a_scale, b_fp8, b_scale_inv, out, counts, max_m, n, k,
         a_fp8.stride(0), a_fp8.stride(1), a_scale.stride(0), a_scale.stride(1),
         b_fp8.stride(0), b_fp8.stride(1), b_scale_inv.stride(0), b_scale_inv.stride(1), out.stride(0), out.stride(1),
-        EVEN_K=k % 128 == 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        EVEN_K=k % 128 == 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, MODE=cfg.mode,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out
