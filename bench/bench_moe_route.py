@@ -23,6 +23,46 @@ def graph_ms(fn) -> float:
     return float(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"))
 
 
+def bench_tokens(tokens: int) -> list[dict]:
+    rows = []
+    logits = torch.randn(tokens, 256, device="cuda")
+    bias = torch.randn(256, device="cuda") * 0.1
+    x = torch.randn(tokens, 7168, device="cuda").to(torch.float8_e4m3fn)
+    x_scale = torch.rand(tokens, 56, device="cuda")
+    ids = moe_route(logits, V3, bias).ids
+    weights = torch.rand(tokens, 8, device="cuda")
+    y = torch.randn(tokens * 8, 7168, device="cuda", dtype=torch.bfloat16)
+    slots = moe_permute(x, ids, 256, x_scale).slot_rows
+    cases = {
+        "route": (lambda: moe_route(logits, V3, bias), lambda: reference(logits, V3, bias)),
+        "permute (fp8 x + scales)": (
+            lambda: moe_permute(x, ids, 256, x_scale),
+            lambda: reference_permute(x, ids, 256, x_scale),
+        ),
+        "route + permute": (
+            lambda: moe_permute(x, moe_route(logits, V3, bias).ids, 256, x_scale),
+            lambda: reference_permute(x, reference(logits, V3, bias).ids, 256, x_scale),
+        ),
+        "combine (bf16, H 7168)": (
+            lambda: moe_combine(y, weights, slots),
+            lambda: reference_combine(y, weights, slots),
+        ),
+    }
+    for name, (ours, peer) in cases.items():
+        r = dict(tokens=tokens, op=name, ours_us=median_ms(ours) * 1e3, torch_us=median_ms(peer) * 1e3)
+        try:
+            r["ours_graph_us"] = graph_ms(ours) * 1e3
+        except RuntimeError as err:  # a path that syncs the host cannot be captured
+            print(f"  {name}: no graph ({str(err).splitlines()[0][:80]})")
+        try:
+            r["torch_graph_us"] = graph_ms(peer) * 1e3
+        except RuntimeError as err:
+            print(f"  torch {name}: no graph ({str(err).splitlines()[0][:80]})")
+        r["speedup"] = r["torch_us"] / r["ours_us"]
+        rows.append(r)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)
@@ -30,41 +70,7 @@ def main() -> None:
     result = header()
     rows = []
     for tokens in (128, 1024, 4096, 16384):
-        logits = torch.randn(tokens, 256, device="cuda")
-        bias = torch.randn(256, device="cuda") * 0.1
-        x = torch.randn(tokens, 7168, device="cuda").to(torch.float8_e4m3fn)
-        x_scale = torch.rand(tokens, 56, device="cuda")
-        ids = moe_route(logits, V3, bias).ids
-        weights = torch.rand(tokens, 8, device="cuda")
-        y = torch.randn(tokens * 8, 7168, device="cuda", dtype=torch.bfloat16)
-        slots = moe_permute(x, ids, 256, x_scale).slot_rows
-        cases = {
-            "route": (lambda: moe_route(logits, V3, bias), lambda: reference(logits, V3, bias)),
-            "permute (fp8 x + scales)": (
-                lambda: moe_permute(x, ids, 256, x_scale),
-                lambda: reference_permute(x, ids, 256, x_scale),
-            ),
-            "route + permute": (
-                lambda: moe_permute(x, moe_route(logits, V3, bias).ids, 256, x_scale),
-                lambda: reference_permute(x, reference(logits, V3, bias).ids, 256, x_scale),
-            ),
-            "combine (bf16, H 7168)": (
-                lambda: moe_combine(y, weights, slots),
-                lambda: reference_combine(y, weights, slots),
-            ),
-        }
-        for name, (ours, peer) in cases.items():
-            r = dict(tokens=tokens, op=name, ours_us=median_ms(ours) * 1e3, torch_us=median_ms(peer) * 1e3)
-            try:
-                r["ours_graph_us"] = graph_ms(ours) * 1e3
-            except RuntimeError as err:  # a path that syncs the host cannot be captured
-                print(f"  {name}: no graph ({str(err).splitlines()[0][:80]})")
-            try:
-                r["torch_graph_us"] = graph_ms(peer) * 1e3
-            except RuntimeError as err:
-                print(f"  torch {name}: no graph ({str(err).splitlines()[0][:80]})")
-            r["speedup"] = r["torch_us"] / r["ours_us"]
-            rows.append(r)
+        rows += bench_tokens(tokens)
     result["rows"] = rows
     print_table(rows, ["tokens", "op", "ours_us", "torch_us", "speedup", "ours_graph_us", "torch_graph_us"])
     print(f"wrote {write_json('moe_route', result, args.out)}")
