@@ -94,13 +94,13 @@ SWEEP = {
         DecodeConfig(32, 64, 4, 2),
         DecodeConfig(64, 64, 8, 2, tma=False),
     ],
-    True: [  # FP8 cache: pointer kernel with in-register dequant
-        DecodeConfig(64, 32, 8, 1),
+    True: [  # FP8 cache: TMA kernel with in-register dequant, and the pointer kernel
+        DecodeConfig(64, 64, 8, 2),
+        DecodeConfig(64, 64, 8, 3),
         DecodeConfig(64, 32, 8, 2),
-        DecodeConfig(64, 64, 8, 1),
-        DecodeConfig(64, 16, 8, 2),
-        DecodeConfig(64, 32, 16, 2),
-        DecodeConfig(32, 32, 4, 2),
+        DecodeConfig(64, 32, 8, 3),
+        DecodeConfig(64, 64, 4, 2),
+        DecodeConfig(64, 64, 8, 1, tma=False),
     ],
 }
 

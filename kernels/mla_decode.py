@@ -184,14 +184,30 @@ def _mla_decode_split_kernel(
 
 
 @triton.jit
+def _dequant_half(k8, scale_row_ptr, first_group, D_HALF: tl.constexpr, GROUP: tl.constexpr):
+    """e4m3 [BLOCK_N, D_HALF] times its fp32 group scales (read at scale_row_ptr [BLOCK_N]) -> bf16."""
+    BLOCK_N: tl.constexpr = k8.shape[0]
+    NG: tl.constexpr = D_HALF // GROUP
+    offs_g = first_group + tl.arange(0, NG)
+    scale = tl.load((scale_row_ptr[:, None] + 4 * offs_g[None, :]).to(tl.pointer_type(tl.float32)))
+    k = tl.reshape(k8.to(tl.float32), [BLOCK_N, NG, GROUP]) * scale[:, :, None]
+    return tl.reshape(k, [BLOCK_N, D_HALF]).to(tl.bfloat16)
+
+
+@triton.jit
 def _tma_tile(
-    q0, q1, q_pe, nope_desc, pe_desc, row0, n0, end, m_i, l_i, acc0, acc1, scale_log2,
-    D_HALF: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    q0, q1, q_pe, nope_desc, pe_desc, kv_bytes_ptr, row_bytes, row0, n0, end, m_i, l_i, acc0, acc1, scale_log2,
+    D_HALF: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, FP8: tl.constexpr, GROUP: tl.constexpr,
+    PE_COL: tl.constexpr,
 ):  # fmt: skip
     """One page-aligned tile of BLOCK_N tokens (rows row0.. of the flattened cache): online-softmax update."""
     k0 = nope_desc.load([row0, 0])  # [BLOCK_N, D_HALF]
     k1 = nope_desc.load([row0, D_HALF])
-    k_pe = pe_desc.load([row0, 2 * D_HALF])  # [BLOCK_N, BLOCK_R]
+    k_pe = pe_desc.load([row0, PE_COL])  # [BLOCK_N, BLOCK_R]
+    if FP8:
+        scale_rows = kv_bytes_ptr + (row0 + tl.arange(0, BLOCK_N)).to(tl.int64) * row_bytes + 2 * D_HALF
+        k0 = _dequant_half(k0, scale_rows, 0, D_HALF, GROUP)
+        k1 = _dequant_half(k1, scale_rows, D_HALF // GROUP, D_HALF, GROUP)
     mask_n = (n0 + tl.arange(0, BLOCK_N)) < end
     if MASKED:  # rows past the sequence may hold anything (NaN): zero them so 0 * row stays 0
         k0 = tl.where(mask_n[:, None], k0, 0.0)
@@ -215,8 +231,10 @@ def _tma_tile(
 @triton.jit
 def _mla_decode_tma_kernel(
     q_ptr,
-    nope_desc,  # TMA descriptor over the cache as [num_pages * page_size, kv_lora_rank + rope_dim], block [N, D/2]
-    pe_desc,  # the same tensor, block [BLOCK_N, rope_dim]
+    nope_desc,  # TMA descriptor over the cache as [num_pages * page_size, row], block [BLOCK_N, D_HALF]
+    pe_desc,  # the same rows, block [BLOCK_N, rope_dim] at column PE_COL (a bf16 view for the FP8 layout)
+    kv_bytes_ptr,  # the cache as bytes (FP8: the scales are read from here)
+    row_bytes,
     page_table_ptr,
     seq_lens_ptr,
     part_out_ptr,
@@ -234,6 +252,9 @@ def _mla_decode_tma_kernel(
     D_HALF: tl.constexpr,
     BLOCK_R: tl.constexpr,
     SINGLE: tl.constexpr,
+    FP8: tl.constexpr,
+    GROUP: tl.constexpr,
+    PE_COL: tl.constexpr,
 ):
     """The split kernel for the V3-style layout (kv_lora_rank = 2 * D_HALF, rope_dim = BLOCK_R, BLOCK_N divides
     page_size): K/V tiles arrive by TMA, the latent in two halves so each accumulator half is [BLOCK_H, D_HALF]."""
@@ -249,7 +270,7 @@ def _mla_decode_tma_kernel(
     mask_h = offs_h < num_heads
     offs_d = tl.arange(0, D_HALF)
     q_row = q_ptr + b.to(tl.int64) * stride_qb + offs_h[:, None] * stride_qh
-    kv_dtype = nope_desc.dtype
+    kv_dtype = tl.bfloat16 if FP8 else nope_desc.dtype
     q0 = tl.load(q_row + offs_d[None, :], mask=mask_h[:, None], other=0.0).to(kv_dtype)
     q1 = tl.load(q_row + D_HALF + offs_d[None, :], mask=mask_h[:, None], other=0.0).to(kv_dtype)
     q_pe = tl.load(q_row + 2 * D_HALF + tl.arange(0, BLOCK_R)[None, :], mask=mask_h[:, None], other=0.0)
@@ -264,15 +285,15 @@ def _mla_decode_tma_kernel(
         page = tl.load(pt_row + n0 // page_size)
         row0 = page * page_size + n0 % page_size
         m_i, l_i, acc0, acc1 = _tma_tile(
-            q0, q1, q_pe, nope_desc, pe_desc, row0, n0, end, m_i, l_i, acc0, acc1, scale_log2,
-            D_HALF, BLOCK_N, False,
+            q0, q1, q_pe, nope_desc, pe_desc, kv_bytes_ptr, row_bytes, row0, n0, end, m_i, l_i, acc0, acc1,
+            scale_log2, D_HALF, BLOCK_N, False, FP8, GROUP, PE_COL,
         )  # fmt: skip
     if end_full < end:
         page = tl.load(pt_row + end_full // page_size)
         row0 = page * page_size + end_full % page_size
         m_i, l_i, acc0, acc1 = _tma_tile(
-            q0, q1, q_pe, nope_desc, pe_desc, row0, end_full, end, m_i, l_i, acc0, acc1, scale_log2,
-            D_HALF, BLOCK_N, True,
+            q0, q1, q_pe, nope_desc, pe_desc, kv_bytes_ptr, row_bytes, row0, end_full, end, m_i, l_i, acc0, acc1,
+            scale_log2, D_HALF, BLOCK_N, True, FP8, GROUP, PE_COL,
         )  # fmt: skip
 
     has = l_i > 0
@@ -411,7 +432,7 @@ class DecodeConfig:
 def default_config(num_heads: int, kv_lora_rank: int, fp8: bool) -> DecodeConfig:
     block_h = min(64, max(16, triton.next_power_of_2(num_heads)))
     if kv_lora_rank >= 256:
-        return DecodeConfig(block_h=block_h, block_n=64, num_warps=8, num_stages=1 if fp8 else 2)
+        return DecodeConfig(block_h=block_h, block_n=64, num_warps=8, num_stages=2)
     return DecodeConfig(block_h=block_h, block_n=16, num_warps=4, num_stages=2)
 
 
@@ -419,10 +440,16 @@ def _tma_block_n(q, kv_cache, kv_lora_rank: int, rope_dim: int, cfg: DecodeConfi
     """BLOCK_N for the TMA kernel, or 0 where it does not apply."""
     page_size = kv_cache.shape[1]
     half = kv_lora_rank // 2
+    fp8_ok = True
+    if kv_cache.dtype == torch.float8_e4m3fn:
+        group = fp8_group_size(kv_lora_rank)
+        pe_byte = kv_lora_rank + 4 * (kv_lora_rank // group)
+        fp8_ok = half % group == 0 and pe_byte % 16 == 0 and kv_cache.shape[-1] % 16 == 0
     ok = (
         cfg.tma
         and q.is_cuda
-        and kv_cache.dtype in (torch.bfloat16, torch.float16)
+        and kv_cache.dtype in (torch.bfloat16, torch.float16, torch.float8_e4m3fn)
+        and fp8_ok
         and torch.cuda.get_device_capability(q.device)[0] >= 9
         and kv_lora_rank % 2 == 0
         and 16 <= half <= 256
@@ -482,12 +509,21 @@ def mla_decode(
     if tma_block_n:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
-        kv2d = kv_cache.view(-1, kv_cache.shape[-1])  # [num_pages * page_size, kv_lora_rank + rope_dim]
+        row = kv_cache.shape[-1]
+        kv2d = kv_cache.view(-1, row)  # [num_pages * page_size, row]
+        group = fp8_group_size(kv_lora_rank) if fp8 else 1
+        if fp8:  # k_pe through a bf16 view of the same bytes
+            pe2d = kv2d.view(torch.uint8).view(torch.bfloat16)
+            pe_col = (kv_lora_rank + 4 * (kv_lora_rank // group)) // 2
+        else:
+            pe2d, pe_col = kv2d, kv_lora_rank
         split_len = triton.cdiv(triton.cdiv(max(max_ctx, 1), num_splits), tma_block_n) * tma_block_n
         _mla_decode_tma_kernel[(batch, num_head_blocks, num_splits)](
             q,
             TensorDescriptor.from_tensor(kv2d, [tma_block_n, kv_lora_rank // 2]),
-            TensorDescriptor.from_tensor(kv2d, [tma_block_n, rope_dim]),
+            TensorDescriptor.from_tensor(pe2d, [tma_block_n, rope_dim]),
+            kv2d.view(torch.uint8),
+            row * kv2d.element_size(),
             page_table,
             seq_lens,
             part_out,
@@ -505,6 +541,9 @@ def mla_decode(
             D_HALF=kv_lora_rank // 2,
             BLOCK_R=rope_dim,
             SINGLE=single,
+            FP8=fp8,
+            GROUP=group,
+            PE_COL=pe_col,
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )

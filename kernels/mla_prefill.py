@@ -44,7 +44,8 @@ class PrefillConfig:
     block_m: int = 128
     block_n: int = 64
     num_warps: int = 8
-    num_stages: int = 2
+    num_stages: int = 3
+    tma: bool = True  # TMA tiles where the layout allows (Hopper, BF16/FP16, 16-byte aligned strides)
 
 
 @triton.jit
@@ -157,6 +158,143 @@ def _mla_prefill_kernel(
     tl.store(lse_ptr + (q_start + offs_m).to(tl.int64) * num_heads + h, lse, mask=mask_m)
 
 
+@triton.jit
+def _tma_tile(
+    q1, q2, k1_desc, k2_desc, v_desc, row0, h, n0, n_end, offs_m, m_i, l_i, acc, scale_log2,
+    BLOCK_N: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr,
+    CAUSAL: tl.constexpr, MASK_N: tl.constexpr,
+):  # fmt: skip
+    """Keys n0..n0+BLOCK_N of one (sequence, head), rows row0 + n of the buffers, loaded by TMA."""
+    k1 = k1_desc.load([row0 + n0, h, 0]).reshape(BLOCK_N, BLOCK_D1)
+    v = v_desc.load([row0 + n0, h, 0]).reshape(BLOCK_N, BLOCK_DV)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    if MASK_N:  # rows past the sequence belong to others (or to nobody: NaN); keep 0 * row at 0
+        v = tl.where((offs_n < n_end)[:, None], v, 0.0)
+    qk = tl.dot(q1, tl.trans(k1))
+    if BLOCK_D2 > 0:
+        k2 = k2_desc.load([row0 + n0, h, 0]).reshape(BLOCK_N, BLOCK_D2)
+        qk = tl.dot(q2, tl.trans(k2), qk)
+    qk = qk * scale_log2
+    if CAUSAL:
+        qk = tl.where((offs_n[None, :] <= offs_m[:, None]) & (offs_n < n_end)[None, :], qk, float("-inf"))
+    elif MASK_N:
+        qk = tl.where((offs_n < n_end)[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _mla_prefill_tma_kernel(
+    q1_desc, q2_desc, k1_desc, k2_desc, v_desc, pk1_desc, pk2_desc, pv_desc,
+    cu_ptr, pcu_ptr, out_ptr, lse_ptr, scale_log2, num_heads, v_dim, stride_ot, stride_oh,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_D2: tl.constexpr,
+    BLOCK_DV: tl.constexpr, HAS_PREFIX: tl.constexpr,
+):  # fmt: skip
+    """The Hopper path: q/k/v tiles by TMA (3-D descriptors over [T, H, D] views, one head per tile), the
+    heaviest query blocks first (causal work grows with the block index)."""
+    m_block = tl.num_programs(0) - 1 - tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    q_start = tl.load(cu_ptr + b)
+    q_len = tl.load(cu_ptr + b + 1) - q_start
+    if m_block * BLOCK_M >= q_len:
+        return
+    offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    q1 = q1_desc.load([q_start + m_block * BLOCK_M, h, 0]).reshape(BLOCK_M, BLOCK_D1)
+    q2 = q1
+    if BLOCK_D2 > 0:
+        q2 = q2_desc.load([q_start + m_block * BLOCK_M, h, 0]).reshape(BLOCK_M, BLOCK_D2)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    if HAS_PREFIX:
+        p_start = tl.load(pcu_ptr + b)
+        p_len = tl.load(pcu_ptr + b + 1) - p_start
+        p_even = p_len // BLOCK_N * BLOCK_N
+        for n0 in range(0, p_even, BLOCK_N):
+            m_i, l_i, acc = _tma_tile(
+                q1, q2, pk1_desc, pk2_desc, pv_desc, p_start, h, n0, p_len, offs_m, m_i, l_i, acc, scale_log2,
+                BLOCK_N, BLOCK_D1, BLOCK_D2, BLOCK_DV, False, False,
+            )  # fmt: skip
+        if p_even < p_len:
+            m_i, l_i, acc = _tma_tile(
+                q1, q2, pk1_desc, pk2_desc, pv_desc, p_start, h, p_even, p_len, offs_m, m_i, l_i, acc,
+                scale_log2, BLOCK_N, BLOCK_D1, BLOCK_D2, BLOCK_DV, False, True,
+            )  # fmt: skip
+    full_end = m_block * BLOCK_M // BLOCK_N * BLOCK_N  # keys every query of the block sees
+    for n0 in range(0, full_end, BLOCK_N):
+        m_i, l_i, acc = _tma_tile(
+            q1, q2, k1_desc, k2_desc, v_desc, q_start, h, n0, q_len, offs_m, m_i, l_i, acc, scale_log2,
+            BLOCK_N, BLOCK_D1, BLOCK_D2, BLOCK_DV, False, False,
+        )  # fmt: skip
+    causal_end = tl.minimum((m_block + 1) * BLOCK_M, q_len)
+    for n0 in range(full_end, causal_end, BLOCK_N):
+        m_i, l_i, acc = _tma_tile(
+            q1, q2, k1_desc, k2_desc, v_desc, q_start, h, n0, q_len, offs_m, m_i, l_i, acc, scale_log2,
+            BLOCK_N, BLOCK_D1, BLOCK_D2, BLOCK_DV, True, True,
+        )  # fmt: skip
+    mask_m = offs_m < q_len
+    offs_dv = tl.arange(0, BLOCK_DV)
+    o_ptr = out_ptr + (q_start + offs_m[:, None]).to(tl.int64) * stride_ot + h * stride_oh + offs_dv[None, :]
+    tl.store(o_ptr, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=mask_m[:, None])
+    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
+    tl.store(lse_ptr + (q_start + offs_m).to(tl.int64) * num_heads + h, lse, mask=mask_m)
+
+
+def _use_tma(q, k, v, prefix, block_d1, block_d2, cfg) -> bool:
+    qk_dim, v_dim = q.shape[-1], v.shape[-1]
+    tensors = [q, k, v] + ([prefix.k, prefix.v] if prefix is not None else [])
+    return (
+        cfg.tma
+        and q.is_cuda
+        and q.dtype in (torch.bfloat16, torch.float16)
+        and torch.cuda.get_device_capability(q.device)[0] >= 9
+        and block_d1 + block_d2 == qk_dim
+        and triton.next_power_of_2(v_dim) == v_dim
+        and v_dim >= 16
+        and all(
+            t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
+            for t in tensors
+        )  # fmt: skip
+    )
+
+
+def _launch_tma(q, k, v, cu_seqlens, prefix, out, lse, softmax_scale, max_seqlen, block_d1, block_d2, cfg):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    def descs(t, block_rows):
+        """(first block_d1 dims, the next block_d2 dims) of a [T, H, D] tensor as TMA descriptors."""
+        first = TensorDescriptor(t, list(t.shape), list(t.stride()), [block_rows, 1, block_d1])
+        if block_d2 == 0:
+            return first, first
+        rest = t[..., block_d1:]
+        return first, TensorDescriptor(rest, list(rest.shape), list(rest.stride()), [block_rows, 1, block_d2])
+
+    def vdesc(t):
+        return TensorDescriptor(t, list(t.shape), list(t.stride()), [cfg.block_n, 1, t.shape[-1]])
+
+    q1, q2 = descs(q, cfg.block_m)
+    k1, k2 = descs(k, cfg.block_n)
+    vd = vdesc(v)
+    if prefix is not None:
+        pk1, pk2 = descs(prefix.k, cfg.block_n)
+        pv, pcu = vdesc(prefix.v), prefix.cu_seqlens
+    else:
+        pk1, pk2, pv, pcu = k1, k2, vd, cu_seqlens
+    num_heads, v_dim = q.shape[1], v.shape[-1]
+    grid = (triton.cdiv(max_seqlen, cfg.block_m), cu_seqlens.shape[0] - 1, num_heads)
+    _mla_prefill_tma_kernel[grid](
+        q1, q2, k1, k2, vd, pk1, pk2, pv, cu_seqlens, pcu, out, lse, softmax_scale * LOG2E, num_heads, v_dim,
+        out.stride(0), out.stride(1),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D1=block_d1, BLOCK_D2=block_d2, BLOCK_DV=v_dim,
+        HAS_PREFIX=prefix is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+
+
 def _check(q, k, v, cu_seqlens, prefix) -> None:
     if q.dim() != 3 or k.shape != q.shape or v.dim() != 3 or v.shape[:2] != q.shape[:2]:
         raise ValueError(
@@ -254,6 +392,9 @@ def mla_prefill(
     rest = qk_dim - block_d1
     block_d2 = 0 if rest <= 0 else max(16, triton.next_power_of_2(rest))
     cfg = config or (PrefillConfig(16, 16, 4, 1) if interpreting() else PrefillConfig())
+    if _use_tma(q, k, v, prefix, block_d1, block_d2, cfg):
+        _launch_tma(q, k, v, cu_seqlens, prefix, out, lse, softmax_scale, max_seqlen, block_d1, block_d2, cfg)
+        return out, lse
     block_m, block_n, num_warps, num_stages = cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages
     pk, pv, pcu = (prefix.k, prefix.v, prefix.cu_seqlens) if prefix is not None else (k, v, cu_seqlens)
     grid = (triton.cdiv(max_seqlen, block_m), cu_seqlens.shape[0] - 1, num_heads)

@@ -136,13 +136,14 @@ def test_mla_decode_v3_small_pages_and_forced_splits():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("tma", [False, True])
 @pytest.mark.parametrize("block_h,block_n,num_warps", [(64, 64, 8), (32, 32, 4), (64, 32, 16)])
-def test_mla_decode_launch_configs(tma, block_h, block_n, num_warps):
+def test_mla_decode_launch_configs(tma, block_h, block_n, num_warps, fp8):
     """Both kernels (pointer gather, TMA tiles) under several launch shapes, one and several splits."""
     for splits in (1, 3):
         cfg = DecodeConfig(block_h, block_n, num_warps, 2, tma=tma)
-        check([777, 64, 1, 130], 128, 512, 64, 64, "cuda", num_splits=splits, config=cfg)
+        check([777, 64, 1, 130], 128, 512, 64, 64, "cuda", fp8=fp8, num_splits=splits, config=cfg)
 
 
 @pytest.mark.gpu
