@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from moemesh.kernels import merge_attn_states, mla_prefill
-from moemesh.kernels.mla_prefill import Prefix, reference
+from moemesh.kernels.mla_prefill import PrefillConfig, Prefix, reference
 
 from tests.kernels.checks import assert_close
 
@@ -33,10 +33,10 @@ def make_case(lens, prefix_lens, num_heads, qk_dim, v_dim, device, spare=3, seed
     return q.to(device), k.to(device), v.to(device), cu.to(device), max(lens), prefix
 
 
-def check(lens, prefix_lens, num_heads, qk_dim, v_dim, device):
+def check(lens, prefix_lens, num_heads, qk_dim, v_dim, device, config=None):
     q, k, v, cu, max_len, prefix = make_case(lens, prefix_lens, num_heads, qk_dim, v_dim, device)
     scale = qk_dim**-0.5
-    out, lse = mla_prefill(q, k, v, cu, scale, max_len, prefix)
+    out, lse = mla_prefill(q, k, v, cu, scale, max_len, prefix, config=config)
     cpu = None if prefix is None else Prefix(prefix.k.cpu(), prefix.v.cpu(), prefix.cu_seqlens.cpu())
     ref_out, ref_lse = reference(q.cpu(), k.cpu(), v.cpu(), cu.cpu(), scale, max_len, cpu)
     n = sum(lens)
@@ -97,6 +97,20 @@ def test_mla_prefill_rejects_bad_input():
 )
 def test_mla_prefill_v3_shapes(lens, prefix_lens):
     check(lens, prefix_lens, 16, 192, 128, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "config", [PrefillConfig(tma=False), PrefillConfig(64, 64, 4, 2), PrefillConfig(128, 128)]
+)
+def test_mla_prefill_launch_configs(config):
+    check([300, 77, 1], [129, 0, 64], 4, 192, 128, "cuda", config=config)
+
+
+@pytest.mark.gpu
+def test_mla_prefill_small_dims_on_gpu():
+    check([5, 0, 17, 33], [3, 9, 0, 20], 3, 24, 16, "cuda")
+    check([40, 7], [8, 1], 2, 48, 32, "cuda")  # 32 + 16: the TMA kernel
 
 
 @pytest.mark.gpu
