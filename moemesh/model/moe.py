@@ -102,6 +102,29 @@ class LocalExperts(nn.Module):
             out.index_add_(0, tokens, y.to(out.dtype))
         return out
 
+    def forward_static(
+        self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """`forward` without a host sync, so CUDA graphs can capture it (decode steps). Few tokens: gather
+        each (token, slot)'s expert weights and run batched GEMVs; more: run every expert on every token and
+        weight the results by the (mostly zero) routing weights — as many weight bytes as the sparse loop
+        reads once most experts are hit."""
+        num_tokens, k = topk_ids.shape
+        num_experts = self.w13.shape[0]
+        if 3 * num_tokens * k <= num_experts:
+            ids = topk_ids.flatten()
+            x = hidden.repeat_interleave(k, dim=0)[:, :, None]  # [T*k, D, 1]
+            gate, up = torch.bmm(self.w13[ids], x)[..., 0].chunk(2, dim=-1)  # [T*k, I] each
+            y = torch.bmm(self.w2[ids], (F.silu(gate) * up)[:, :, None])[..., 0]  # [T*k, D]
+            y = y * topk_weights.flatten()[:, None].to(y.dtype)
+            return y.view(num_tokens, k, -1).sum(dim=1).to(hidden.dtype)
+        dense = torch.zeros(num_tokens, num_experts, dtype=torch.float32, device=hidden.device)
+        dense.scatter_(1, topk_ids, topk_weights.float())  # [T, E]
+        x = hidden[None].expand(num_experts, -1, -1)  # [E, T, D]
+        gate, up = torch.bmm(x, self.w13.transpose(1, 2)).chunk(2, dim=-1)  # [E, T, I] each
+        y = torch.bmm(F.silu(gate) * up, self.w2.transpose(1, 2))  # [E, T, D]
+        return (y * dense.T[:, :, None].to(y.dtype)).sum(dim=0).to(hidden.dtype)
+
 
 class MoE(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
@@ -146,26 +169,3 @@ class Router(nn.Module):
         logits = F.linear(x.float(), self.weight.float())
         bias = None if self.e_score_correction_bias is None else self.e_score_correction_bias.float()
         return route(logits, self.config, bias)
-
-    def forward_static(
-        self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
-    ) -> torch.Tensor:
-        """`forward` without a host sync, so CUDA graphs can capture it (decode steps). Few tokens: gather
-        each (token, slot)'s expert weights and run batched GEMVs; more: run every expert on every token and
-        weight the results by the (mostly zero) routing weights — as many weight bytes as the sparse loop
-        reads once most experts are hit."""
-        num_tokens, k = topk_ids.shape
-        num_experts = self.w13.shape[0]
-        if 3 * num_tokens * k <= num_experts:
-            ids = topk_ids.flatten()
-            x = hidden.repeat_interleave(k, dim=0)[:, :, None]  # [T*k, D, 1]
-            gate, up = torch.bmm(self.w13[ids], x)[..., 0].chunk(2, dim=-1)  # [T*k, I] each
-            y = torch.bmm(self.w2[ids], (F.silu(gate) * up)[:, :, None])[..., 0]  # [T*k, D]
-            y = y * topk_weights.flatten()[:, None].to(y.dtype)
-            return y.view(num_tokens, k, -1).sum(dim=1).to(hidden.dtype)
-        dense = torch.zeros(num_tokens, num_experts, dtype=torch.float32, device=hidden.device)
-        dense.scatter_(1, topk_ids, topk_weights.float())  # [T, E]
-        x = hidden[None].expand(num_experts, -1, -1)  # [E, T, D]
-        gate, up = torch.bmm(x, self.w13.transpose(1, 2)).chunk(2, dim=-1)  # [E, T, I] each
-        y = torch.bmm(F.silu(gate) * up, self.w2.transpose(1, 2))  # [E, T, D]
-        return (y * dense.T[:, :, None].to(y.dtype)).sum(dim=0).to(hidden.dtype)
