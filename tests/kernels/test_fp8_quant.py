@@ -73,9 +73,10 @@ def test_bad_inputs():
 def test_gpu_v3_shapes_exact():
     x = _act(4096, 7168, device="cuda")
     q, s = act_quant(x)
-    q_ref, s_ref = act_quant_reference(x)  # the reference runs on the GPU too
-    assert torch.equal(s, s_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+    # the reference runs on the CPU: torch's CUDA division by a scalar multiplies by its reciprocal instead
+    q_ref, s_ref = act_quant_reference(x.cpu())
+    assert torch.equal(s.cpu(), s_ref) and torch.equal(q.cpu().view(torch.uint8), q_ref.view(torch.uint8))
     w = _act(2112, 7168, seed=1, device="cuda")  # q_a_proj + kv_a_proj_with_mqa rows: not a multiple of 128
     q, s = weight_quant(w)
-    q_ref, s_ref = weight_quant_reference(w)
-    assert torch.equal(s, s_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+    q_ref, s_ref = weight_quant_reference(w.cpu())
+    assert torch.equal(s.cpu(), s_ref) and torch.equal(q.cpu().view(torch.uint8), q_ref.view(torch.uint8))
