@@ -250,8 +250,10 @@ class UcxKvSender:
     async def close(self) -> None:
         await asyncio.gather(*self._inflight, return_exceptions=True)
         for ep in self._endpoints.values():
-            with contextlib.suppress(Exception):
-                await ep.close()
+            try:
+                await asyncio.wait_for(ep.close(), 2.0)
+            except Exception:  # an unresponsive peer: drop the connection
+                ep.abort()
         self._endpoints.clear()
 
     async def _exchange(
