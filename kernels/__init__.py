@@ -16,6 +16,7 @@ from moemesh.kernels.rms_norm import add_rms_norm, rms_norm
 from moemesh.kernels.rope import RopeTables, rope
 from moemesh.kernels.sample import SampleResult, SamplingTensors, sample, token_counts
 from moemesh.kernels.silu_mul import silu_mul, silu_mul_quant
+from moemesh.kernels.token_format import TokenFormat, TokenLayout, decode_tokens, encode_tokens, fp8_views
 
 __all__ = [
     "act_quant",
@@ -46,4 +47,9 @@ __all__ = [
     "RouteConfig",
     "RouteResult",
     "moe_route",
+    "TokenFormat",
+    "TokenLayout",
+    "decode_tokens",
+    "encode_tokens",
+    "fp8_views",
 ]

@@ -40,7 +40,8 @@ def weight_quant_reference(w: torch.Tensor, block: int = BLOCK) -> tuple[torch.T
     padded[:n, :k] = w.float()
     blocks = padded.view(nb, block, kb, block)
     amax = blocks.abs().amax(dim=(1, 3)).clamp_min(1e-12)  # [nb, kb]
-    scale_inv = amax / FP8_E4M3_MAX
+    # a tensor divisor: CUDA divides exactly by it (a scalar divisor becomes a reciprocal multiply there)
+    scale_inv = amax / amax.new_full((), FP8_E4M3_MAX)
     q = (blocks / scale_inv[:, None, :, None]).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX)
     w_fp8 = q.view(nb * block, kb * block)[:n, :k].to(torch.float8_e4m3fn)
     return w_fp8.contiguous(), scale_inv.contiguous()
@@ -90,7 +91,8 @@ def act_quant_reference(
     padded = x.new_zeros(*lead, g * group_size, dtype=torch.float32)
     padded[..., :k] = x.float()
     groups = padded.view(*lead, g, group_size)
-    scale = groups.abs().amax(dim=-1).clamp_min(AMAX_FLOOR) / FP8_E4M3_MAX
+    amax = groups.abs().amax(dim=-1).clamp_min(AMAX_FLOOR)
+    scale = amax / amax.new_full((), FP8_E4M3_MAX)  # a tensor divisor, as in weight_quant_reference
     if scale_pow2:  # round up to a power of two on the bits: exact where log2 would round
         bits = scale.view(torch.int32)
         up = (bits & 0x7F800000) + ((bits & 0x7FFFFF) != 0).to(torch.int32) * 0x800000
