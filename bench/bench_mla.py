@@ -2,7 +2,9 @@
 
 mla_decode: 128 heads, kv_lora_rank 512 + rope 64, page 64, every sequence of the batch at the same context;
 achieved GB/s = (cache bytes read + q bytes) / time, for the BF16 and the FP8 cache, and for the plain-torch
-absorbed peer (gather + two einsums). pack/unpack: random pages of a stacked [L, P, 64, 576] cache, GB/s counting
+absorbed peer (gather + two einsums); every op timed as CUDA-graph replays (as a serving decode step runs), so
+launch and host overhead stay out. At 128 heads the work is 2 * 128 * (512 + 576) FLOP per 1152 cache bytes
+(242 FLOP/B): the tensor-core rate bounds it as much as the memory (TFLOPs column). pack/unpack: random pages of a stacked [L, P, 64, 576] cache, GB/s counting
 bytes read plus written.
 
     python -m bench.bench_mla [--out DIR] [--quick] [--sweep]
@@ -17,7 +19,15 @@ from moemesh.kernels import mla_decode, pack_kv, store_kv, unpack_kv
 from moemesh.kernels.mla_decode import DecodeConfig
 from moemesh.kernels.paged_kv import fp8_row_bytes
 
-from bench.harness import copy_bandwidth_gbs, header, median_ms, print_table, save_plot, write_json
+from bench.harness import (
+    copy_bandwidth_gbs,
+    graph_median_ms,
+    header,
+    median_ms,
+    print_table,
+    save_plot,
+    write_json,
+)
 
 NUM_HEADS, RANK, ROPE, PAGE = 128, 512, 64, 64
 SCALE = 192**-0.5
@@ -66,14 +76,14 @@ def bench_decode(batches, contexts, copy_gbs, with_torch=True):
             row = {"batch": batch, "ctx": ctx}
             for fp8 in (False, True):
                 args = decode_inputs(batch, ctx, fp8, gen)
-                ms = median_ms(lambda a=args: mla_decode(*a, SCALE, RANK))
+                ms = graph_median_ms(lambda a=args: mla_decode(*a, SCALE, RANK))
                 key = "fp8" if fp8 else "bf16"
                 row[f"{key}_us"] = 1e3 * ms
                 row[f"{key}_GBs"] = decode_bytes(batch, ctx, fp8) / ms / 1e6
                 row[f"{key}_pct_copy"] = 100 * row[f"{key}_GBs"] / copy_gbs
                 row[f"{key}_TFLOPs"] = 2 * batch * NUM_HEADS * ctx * (2 * RANK + ROPE) / ms / 1e9
                 if not fp8 and with_torch and batch * ctx <= 128 * 8192:
-                    ms_t = median_ms(lambda a=args: torch_absorbed(*a))
+                    ms_t = graph_median_ms(lambda a=args: torch_absorbed(*a))
                     row["torch_us"] = 1e3 * ms_t
                     row["torch_pct_copy"] = 100 * decode_bytes(batch, ctx, False) / ms_t / 1e6 / copy_gbs
                 del args
@@ -112,7 +122,7 @@ def sweep_decode(shapes, copy_gbs):
         for cfg in SWEEP[fp8]:
             for splits in (None,):
                 try:
-                    ms = median_ms(
+                    ms = graph_median_ms(
                         lambda a=args, c=cfg, s=splits: mla_decode(*a, SCALE, RANK, num_splits=s, config=c)
                     )
                 except Exception as e:  # noqa: BLE001 - an out-of-resources config is a result, not a failure

@@ -84,6 +84,9 @@ def bench(shapes, configs):
 
 SWEEP = [
     PrefillConfig(128, 64, 8, 3, tma=False),
+    PrefillConfig(128, 64, 8, 4),
+    PrefillConfig(256, 64, 16, 2),
+    PrefillConfig(256, 128, 16, 2),
     PrefillConfig(128, 64, 8, 2),
     PrefillConfig(128, 64, 8, 3),
     PrefillConfig(128, 128, 8, 2),

@@ -31,6 +31,14 @@ def median_ms(fn, warmup_ms: int = 25, rep_ms: int = 100) -> float:
     return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
+def graph_median_ms(fn, rep_ms: int = 100) -> float:
+    """Median over replays of a CUDA graph of `fn` (how a decode step runs in serving): no launch or host
+    overhead in the number."""
+    fn()  # compile and warm up outside the capture
+    torch.cuda.synchronize()
+    return float(triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median"))
+
+
 def copy_bandwidth_gbs(num_bytes: int = 2 << 30) -> float:
     """Device-to-device copy of `num_bytes`, counting bytes read plus bytes written."""
     src = torch.randint(0, 255, (num_bytes,), dtype=torch.uint8, device="cuda")

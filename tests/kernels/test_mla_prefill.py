@@ -101,7 +101,7 @@ def test_mla_prefill_v3_shapes(lens, prefix_lens):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "config", [PrefillConfig(tma=False), PrefillConfig(64, 64, 4, 2), PrefillConfig(128, 128)]
+    "config", [PrefillConfig(tma=False), PrefillConfig(64, 64, 4, 2), PrefillConfig(128, 128, 8, 2)]
 )
 def test_mla_prefill_launch_configs(config):
     check([300, 77, 1], [129, 0, 64], 4, 192, 128, "cuda", config=config)
