@@ -4,8 +4,10 @@ process checks every byte against crc32 checksums and against the data it expect
 from __future__ import annotations
 
 import asyncio
+import queue
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -45,8 +47,21 @@ async def main():
           [r.reason.name for r in receiver.inbox.refusals], flush=True)
     await receiver.close()
 
-asyncio.run(main())
+asyncio.run(asyncio.wait_for(main(), 40))  # never outlive a stuck test
 """
+
+
+def line_reader(proc: subprocess.Popen) -> queue.Queue[str]:
+    """The child's stdout lines, so the test waits for them with a timeout instead of blocking forever."""
+    lines: queue.Queue[str] = queue.Queue()
+
+    def pump() -> None:
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put("<eof>")
+
+    threading.Thread(target=pump, daemon=True).start()
+    return lines
 
 
 def test_pages_cross_a_process_boundary_intact_and_a_late_write_is_refused():
@@ -54,7 +69,8 @@ def test_pages_cross_a_process_boundary_intact_and_a_late_write_is_refused():
         [sys.executable, "-c", RECEIVER], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
     try:
-        address = proc.stdout.readline().strip()
+        lines = line_reader(proc)
+        address = lines.get(timeout=30).strip()
         assert address.startswith("127.0.0.1:"), address
         target = KvTarget("r1", LeaseKey(1, 1), address, PAGE_IDS, 0, LAYOUT)
         kv = torch.randn(4, 6, 16, 576, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
@@ -77,7 +93,7 @@ def test_pages_cross_a_process_boundary_intact_and_a_late_write_is_refused():
         sent = asyncio.run(asyncio.wait_for(push(), 30))
         proc.stdin.write("\n")
         proc.stdin.flush()
-        verdict = proc.stdout.readline().strip().split(maxsplit=2)
+        verdict = lines.get(timeout=30).strip().split(maxsplit=2)
         assert proc.wait(20) == 0
     finally:
         if proc.poll() is None:
