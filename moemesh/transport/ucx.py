@@ -218,12 +218,11 @@ class UcxKvReceiver:
 class UcxKvSender:
     """P's end: one cached ucxx endpoint per receiver address."""
 
-    def __init__(
-        self, options: UcxOptions | None = None, checksum: bool = False, ack_timeout_s: float = 60.0
-    ):
+    def __init__(self, options: UcxOptions | None = None, checksum: bool = False, timeout_s: float = 60.0):
+        """timeout_s bounds each chunk's whole exchange: header, payload and ack."""
         self.options = options or UcxOptions()
         self.checksum = checksum
-        self.ack_timeout_s = ack_timeout_s
+        self.timeout_s = timeout_s
         self.bytes_sent = 0
         self._endpoints: dict[str, Any] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -261,14 +260,18 @@ class UcxKvSender:
     ) -> tuple[int, RefusalReason, str]:
         raw = torch.frombuffer(bytearray(header.pack()), dtype=torch.uint8)
         ack = torch.zeros(ACK_BYTES, dtype=torch.uint8)
-        try:
+
+        async def wire() -> None:
             await ep.send(_wire(raw), tag=TAG_HEADER)
-            await ep.send(_wire(data), tag=_data_tag(header.transfer_id))
-            await asyncio.wait_for(ep.recv(_wire(ack), tag=_ack_tag(header.transfer_id)), self.ack_timeout_s)
+            await ep.send(_wire(data), tag=_data_tag(header.transfer_id))  # rendezvous: needs D to progress
+            await ep.recv(_wire(ack), tag=_ack_tag(header.transfer_id))
+
+        try:
+            await asyncio.wait_for(wire(), self.timeout_s)
         except TimeoutError:
-            self._drop(address, ep)
+            self._drop(address, ep)  # aborting the endpoint cancels its requests: nothing lands later
             raise DeadlineExceeded(
-                f"no ack from KV receiver {address} after {self.ack_timeout_s} s"
+                f"KV chunk to {address} not acknowledged after {self.timeout_s} s"
             ) from None
         except Exception as err:
             self._drop(address, ep)

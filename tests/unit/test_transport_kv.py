@@ -69,7 +69,7 @@ class Pair:
             from moemesh.transport.ucx import UcxKvReceiver, UcxKvSender, UcxOptions
 
             self.receiver = UcxKvReceiver(clock=clock, options=UcxOptions(), recv_timeout_s=10)
-            self.sender = UcxKvSender(UcxOptions(), checksum=True, ack_timeout_s=10)
+            self.sender = UcxKvSender(UcxOptions(), checksum=True, timeout_s=10)
 
     async def __aenter__(self) -> Pair:
         await self.receiver.start()
@@ -363,3 +363,38 @@ def test_a_failing_sink_refuses_the_write_instead_of_hanging_the_sender(kind, ca
         await pair.receiver.inbox.release(target.lease)  # nothing left in flight
 
     run(kind, body)
+
+
+@pytest.mark.parametrize("stuck", ["payload", "ack"])
+def test_a_receiver_that_stops_progressing_costs_the_sender_one_timeout_not_a_hang(stuck):
+    """D's loop hangs (never takes a rendezvous payload, or never acks): send() raises DeadlineExceeded after
+    timeout_s, the endpoint is dropped, and close() returns at once."""
+    pytest.importorskip("ucxx")
+    from moemesh.transport.errors import DeadlineExceeded
+    from moemesh.transport.ucx import UcxKvReceiver, UcxKvSender
+
+    class Stuck(UcxKvReceiver):
+        async def _recv_payload(self, ep, header, buffer):
+            if stuck == "payload":
+                await asyncio.sleep(3600)
+            return await super()._recv_payload(ep, header, buffer)
+
+        async def _ack(self, ep, header, reason, message):
+            if stuck == "ack":
+                await asyncio.sleep(3600)
+
+    async def body():
+        layout = KvLayout("bf16", page_size=4, bytes_per_token=1 << 16, num_layers=1)  # 256 KiB: rendezvous
+        receiver, sender = Stuck(), UcxKvSender(timeout_s=0.5)
+        address = await receiver.start()
+        target = KvTarget("r", LeaseKey(1, 1), address, (0,), 0, layout)
+        caches = [torch.zeros(1, 4, 1 << 15, dtype=torch.bfloat16)]
+        receiver.inbox.expect(Lease.for_target(target, 1e12), PagedKvSink(caches))
+        start = asyncio.get_running_loop().time()
+        with pytest.raises(DeadlineExceeded, match="not acknowledged after 0.5 s"):
+            await sender.send(target, 0, 0, torch.ones(1 << 18, dtype=torch.uint8))
+        await sender.close()
+        assert asyncio.get_running_loop().time() - start < 5
+        await receiver.close()
+
+    asyncio.run(asyncio.wait_for(body(), 30))

@@ -76,7 +76,7 @@ def test_pages_cross_a_process_boundary_intact_and_a_late_write_is_refused():
         kv = torch.randn(4, 6, 16, 576, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
 
         async def push():
-            sender = UcxKvSender(checksum=True, ack_timeout_s=20)
+            sender = UcxKvSender(checksum=True, timeout_s=20)
             try:
                 await sender.connect(address)
                 sends = [sender.send(target, layer, first, kv[layer, first : first + 2])
