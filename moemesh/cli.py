@@ -77,6 +77,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
         die_with_parent(args.parent_pid)
     if args.role == "health":
+        if args.extra:
+            print(f"error: unrecognized arguments: {' '.join(args.extra)}", file=sys.stderr)
+            return 2
         return asyncio.run(_serve_health_only(args.host, args.port))
     try:
         role_main = importlib.import_module(f"moemesh.services.{args.role}.main")
@@ -85,7 +88,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             raise
         print(f"error: role {args.role!r} is not built yet (moemesh.services.{args.role})", file=sys.stderr)
         return 2
-    return int(role_main.main(args) or 0)
+    return int(role_main.main(args) or 0)  # main(args): the flags above, plus args.extra for its own
 
 
 async def _serve_health_only(host: str, port: int) -> int:
@@ -164,7 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # `serve` leaves flags it does not know to the role (`args.extra`, parsed by the role's own main);
+    # every other subcommand rejects them.
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "serve":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
     return args.func(args)
 
 
