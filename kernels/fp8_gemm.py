@@ -42,7 +42,7 @@ def pick_config(m: int, n: int) -> TileConfig:
 
 @triton.jit
 def _load_step(
-    a_rows, b_cols, as_rows, bs_cols, row_ok, col_ok, kb, K, EVEN_K: tl.constexpr,
+    a_rows, b_cols, as_rows, bs_cols, row_ok, col_ok, kb, K, stride_ask, EVEN_K: tl.constexpr,
 ):  # fmt: skip
     """One 128-wide K step: a [BM, 128], b [128, BN] fp8 and the outer product of their scales [BM, BN]."""
     k = kb * 128 + tl.arange(0, 128)
@@ -52,7 +52,7 @@ def _load_step(
     else:
         a = tl.load(a_rows + k[None, :], mask=row_ok[:, None] & (k[None, :] < K), other=0.0)
         b = tl.load(b_cols + k[:, None], mask=col_ok[None, :] & (k[:, None] < K), other=0.0)
-    a_s = tl.load(as_rows + kb, mask=row_ok, other=1.0)
+    a_s = tl.load(as_rows + kb * stride_ask, mask=row_ok, other=1.0)
     b_s = tl.load(bs_cols + kb, mask=col_ok, other=1.0)
     return a, b, a_s[:, None] * b_s[None, :]
 
@@ -60,7 +60,7 @@ def _load_step(
 @triton.jit
 def _scaled_tile(
     a_ptr, as_ptr, b_ptr, bs_ptr, offs_m, offs_n, row_ok, col_ok, K,
-    stride_am, stride_as, stride_bn, stride_bs,
+    stride_am, stride_as, stride_ask, stride_bn, stride_bs,
     EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr = 0,
 ):  # fmt: skip
     """fp32 [BLOCK_M, BLOCK_N] = sum over 128-wide K steps of (a @ b.T) * a_scale * b_scale.
@@ -78,13 +78,13 @@ def _scaled_tile(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if MODE == 0:
         for kb in range(num_k):
-            a, b, s = _load_step(a_rows, b_cols, as_rows, bs_cols, row_ok, col_ok, kb, K, EVEN_K)
+            a, b, s = _load_step(a_rows, b_cols, as_rows, bs_cols, row_ok, col_ok, kb, K, stride_ask, EVEN_K)
             acc += tl.dot(a, b) * s
     elif MODE == 1:
-        a, b, prev_s = _load_step(a_rows, b_cols, as_rows, bs_cols, row_ok, col_ok, 0, K, EVEN_K)
+        a, b, prev_s = _load_step(a_rows, b_cols, as_rows, bs_cols, row_ok, col_ok, 0, K, stride_ask, EVEN_K)
         prev = tl.dot(a, b)
         for kb in range(1, num_k):
-            a, b, s = _load_step(a_rows, b_cols, as_rows, bs_cols, row_ok, col_ok, kb, K, EVEN_K)
+            a, b, s = _load_step(a_rows, b_cols, as_rows, bs_cols, row_ok, col_ok, kb, K, stride_ask, EVEN_K)
             cur = tl.dot(a, b)
             acc += prev * prev_s
             prev, prev_s = cur, s
@@ -92,7 +92,7 @@ def _scaled_tile(
     else:
         prev_s = tl.full([BLOCK_M, BLOCK_N], 1.0, tl.float32)
         for kb in range(num_k):
-            a, b, s = _load_step(a_rows, b_cols, as_rows, bs_cols, row_ok, col_ok, kb, K, EVEN_K)
+            a, b, s = _load_step(a_rows, b_cols, as_rows, bs_cols, row_ok, col_ok, kb, K, stride_ask, EVEN_K)
             acc = tl.dot(a, b, acc * (prev_s / s))
             prev_s = s
         acc = acc * prev_s
@@ -102,7 +102,7 @@ def _scaled_tile(
 @triton.jit
 def _fp8_gemm_kernel(
     a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K,
-    stride_am, stride_as, stride_bn, stride_bs, stride_cm,
+    stride_am, stride_as, stride_ask, stride_bn, stride_bs, stride_cm,
     EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
     MODE: tl.constexpr,
 ):  # fmt: skip
@@ -119,7 +119,7 @@ def _fp8_gemm_kernel(
     row_ok, col_ok = offs_m < M, offs_n < N
     acc = _scaled_tile(
         a_ptr, as_ptr, b_ptr, bs_ptr, offs_m, offs_n, row_ok, col_ok, K,
-        stride_am, stride_as, stride_bn, stride_bs, EVEN_K, BLOCK_M, BLOCK_N, MODE,
+        stride_am, stride_as, stride_ask, stride_bn, stride_bs, EVEN_K, BLOCK_M, BLOCK_N, MODE,
     )  # fmt: skip
     c = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
     tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
@@ -185,7 +185,7 @@ def fp8_gemm(
         return reference(a_fp8, a_scale, b_fp8, b_scale_inv)
     m = a_fp8.shape[0]
     a_fp8, b_fp8 = a_fp8.contiguous(), b_fp8.contiguous()
-    a_scale, b_scale_inv = a_scale.contiguous(), b_scale_inv.contiguous()
+    b_scale_inv = b_scale_inv.contiguous()  # a_scale may be K-major or M-major (coalesced per K step)
     out = torch.empty(m, n, dtype=torch.bfloat16, device=a_fp8.device)
     if m == 0 or n == 0:
         return out
@@ -195,7 +195,7 @@ def fp8_gemm(
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     _fp8_gemm_kernel[grid](
         a_fp8, a_scale, b_fp8, b_scale_inv, out, m, n, k,
-        a_fp8.stride(0), a_scale.stride(0), b_fp8.stride(0), b_scale_inv.stride(0), out.stride(0),
+        a_fp8.stride(0), a_scale.stride(0), a_scale.stride(1), b_fp8.stride(0), b_scale_inv.stride(0), out.stride(0),
         EVEN_K=k % 128 == 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m, MODE=cfg.mode,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip

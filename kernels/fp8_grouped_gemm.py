@@ -32,7 +32,7 @@ from moemesh.kernels.fp8_gemm import (
 @triton.jit
 def _grouped_contiguous_kernel(
     a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, offsets_ptr, E, N, K, max_tiles,
-    stride_am, stride_as, stride_be, stride_bn, stride_bse, stride_bs, stride_cm,
+    stride_am, stride_as, stride_ask, stride_be, stride_bn, stride_bse, stride_bs, stride_cm,
     EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_E: tl.constexpr, MODE: tl.constexpr,
 ):  # fmt: skip
@@ -61,7 +61,7 @@ def _grouped_contiguous_kernel(
     ex = expert.to(tl.int64)
     acc = _scaled_tile(
         a_ptr, as_ptr, b_ptr + ex * stride_be, bs_ptr + ex * stride_bse, offs_m, offs_n, row_ok, col_ok, K,
-        stride_am, stride_as, stride_bn, stride_bs, EVEN_K, BLOCK_M, BLOCK_N, MODE,
+        stride_am, stride_as, stride_ask, stride_bn, stride_bs, EVEN_K, BLOCK_M, BLOCK_N, MODE,
     )  # fmt: skip
     c = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
     tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
@@ -70,7 +70,7 @@ def _grouped_contiguous_kernel(
 @triton.jit
 def _grouped_masked_kernel(
     a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, counts_ptr, max_m, N, K,
-    stride_ae, stride_am, stride_ase, stride_as, stride_be, stride_bn, stride_bse, stride_bs, stride_ce, stride_cm,
+    stride_ae, stride_am, stride_ase, stride_as, stride_ask, stride_be, stride_bn, stride_bse, stride_bs, stride_ce, stride_cm,
     EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_n, expert = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -83,7 +83,8 @@ def _grouped_masked_kernel(
     row_ok, col_ok = offs_m < count, offs_n < N
     acc = _scaled_tile(
         a_ptr + ex * stride_ae, as_ptr + ex * stride_ase, b_ptr + ex * stride_be, bs_ptr + ex * stride_bse,
-        offs_m, offs_n, row_ok, col_ok, K, stride_am, stride_as, stride_bn, stride_bs, EVEN_K, BLOCK_M, BLOCK_N,
+        offs_m, offs_n, row_ok, col_ok, K, stride_am, stride_as, stride_ask, stride_bn, stride_bs, EVEN_K,
+        BLOCK_M, BLOCK_N,
         MODE,
     )  # fmt: skip
     c = c_ptr + ex * stride_ce + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
@@ -145,14 +146,14 @@ def fp8_grouped_gemm(
         return out
     if k == 0:
         return out.zero_()
-    a_fp8, a_scale = a_fp8.contiguous(), a_scale.contiguous()
+    a_fp8 = a_fp8.contiguous()  # a_scale may be K-major or M-major
     b_fp8, b_scale_inv = b_fp8.contiguous(), b_scale_inv.contiguous()
     cfg = config or pick_config(max(1, m // e), n)
     max_tiles = triton.cdiv(m, cfg.block_m) + e
     grid = (max_tiles * triton.cdiv(n, cfg.block_n),)
     _grouped_contiguous_kernel[grid](
         a_fp8, a_scale, b_fp8, b_scale_inv, out, expert_offsets, e, n, k, max_tiles,
-        a_fp8.stride(0), a_scale.stride(0), b_fp8.stride(0), b_fp8.stride(1),
+        a_fp8.stride(0), a_scale.stride(0), a_scale.stride(1), b_fp8.stride(0), b_fp8.stride(1),
         b_scale_inv.stride(0), b_scale_inv.stride(1), out.stride(0),
         EVEN_K=k % 128 == 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m,
         BLOCK_E=triton.next_power_of_2(e), MODE=cfg.mode, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -188,13 +189,13 @@ def fp8_grouped_gemm_masked(
     if k == 0:
         return out.zero_()
     if a_fp8.stride(-1) != 1 or a_scale.stride(-1) != 1:
-        a_fp8, a_scale = a_fp8.contiguous(), a_scale.contiguous()
+        a_fp8 = a_fp8.contiguous()  # a_scale may be K-major or M-major
     b_fp8, b_scale_inv = b_fp8.contiguous(), b_scale_inv.contiguous()
     cfg = config or pick_config(max_m, n)
     grid = (triton.cdiv(max_m, cfg.block_m), triton.cdiv(n, cfg.block_n), e)
     _grouped_masked_kernel[grid](
         a_fp8, a_scale, b_fp8, b_scale_inv, out, counts, max_m, n, k,
-        a_fp8.stride(0), a_fp8.stride(1), a_scale.stride(0), a_scale.stride(1),
+        a_fp8.stride(0), a_fp8.stride(1), a_scale.stride(0), a_scale.stride(1), a_scale.stride(2),
         b_fp8.stride(0), b_fp8.stride(1), b_scale_inv.stride(0), b_scale_inv.stride(1), out.stride(0), out.stride(1),
         EVEN_K=k % 128 == 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, MODE=cfg.mode,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

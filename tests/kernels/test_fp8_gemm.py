@@ -163,3 +163,17 @@ def test_promotion_modes(mode):
     b3, b3_s = _b(3, n, k, seed=8)
     got = grouped.fp8_grouped_gemm(a, a_s, b3, b3_s, offsets, config=cfg)
     assert_close(got, grouped.reference(a.cpu(), a_s.cpu(), b3.cpu(), b3_s.cpu(), offsets.cpu()))
+
+
+def test_m_major_scales():
+    """A's scales may come M-major (a transposed view), the layout whose loads coalesce per K step."""
+    m, n, k = 40, 136, 384
+    a, a_s = _a((m, k), seed=11)
+    a_s_mn = a_s.T.contiguous().T
+    b, b_s = _b(2, n, k, seed=12)
+    assert_close(
+        dense.fp8_gemm(a, a_s_mn, b[0], b_s[0]), dense.reference(a.cpu(), a_s.cpu(), b[0].cpu(), b_s[0].cpu())
+    )
+    offsets = torch.tensor([0, 25, 40], dtype=torch.int32, device=DEV)
+    got = grouped.fp8_grouped_gemm(a, a_s_mn, b, b_s, offsets)
+    assert_close(got, grouped.reference(a.cpu(), a_s.cpu(), b.cpu(), b_s.cpu(), offsets.cpu()))
