@@ -45,16 +45,25 @@ class Sampler:
             return []
         device = logits.device
         params = [r.params for r in rows]
+        floats = torch.tensor(
+            [
+                [p.temperature for p in params],
+                [p.top_p for p in params],
+                [p.min_p for p in params],
+                [p.repetition_penalty for p in params],
+                [p.frequency_penalty for p in params],
+                [p.presence_penalty for p in params],
+            ],
+            dtype=torch.float32,
+        )  # [6, R]: one host-to-device copy per dtype
+        ints = torch.tensor(
+            [[p.seed or 0 for p in params], [len(r.output_ids) for r in rows]], dtype=torch.int64
+        )
+        top_k = torch.tensor([p.top_k for p in params], dtype=torch.int32)
+        floats, ints, top_k = (self._to(t, device) for t in (floats, ints, top_k))
+        temperature, top_p, min_p, rep, freq, pres = floats.unbind(0)
         tensors = SamplingTensors(
-            temperature=self._col([p.temperature for p in params], torch.float32, device),
-            top_k=self._col([p.top_k for p in params], torch.int32, device),
-            top_p=self._col([p.top_p for p in params], torch.float32, device),
-            min_p=self._col([p.min_p for p in params], torch.float32, device),
-            repetition_penalty=self._col([p.repetition_penalty for p in params], torch.float32, device),
-            frequency_penalty=self._col([p.frequency_penalty for p in params], torch.float32, device),
-            presence_penalty=self._col([p.presence_penalty for p in params], torch.float32, device),
-            seed=self._col([p.seed or 0 for p in params], torch.int64, device),
-            step=self._col([len(r.output_ids) for r in rows], torch.int64, device),
+            temperature, top_k, top_p, min_p, rep, freq, pres, seed=ints[0], step=ints[1]
         )
         counts = prompt_mask = None
         if any(_has_penalty(p) for p in params):
@@ -78,8 +87,10 @@ class Sampler:
         return out
 
     @staticmethod
-    def _col(values, dtype, device) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+    def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+        if device.type == "cuda":
+            return t.pin_memory().to(device, non_blocking=True)
+        return t
 
     def _penalty_inputs(self, rows: list[SampleRow], device) -> tuple[torch.Tensor, torch.Tensor]:
         """output_counts int32 [R, V] and prompt_mask bool [R, V] (rows without penalties stay zero)."""
