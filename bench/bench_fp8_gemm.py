@@ -220,7 +220,7 @@ def main() -> None:
         result["dense"] = bench_dense([1, 16, 128, 1024, 4096, 8192])
         print_table(result["dense"], ["proj", "m", "ours_us", "peer_us", "ours_tflops", "speedup"])
     result["default_configs"] = {str(m): str(pick_config(m, 4096)) for m in (1, 64, 1024)}
-    path = write_json("fp8_gemm", result, args.out)
+    path = write_json(f"fp8_gemm-{_tag(result)}", result, args.out)
     print(f"wrote {path}")
     plot(result, args.out)
 
@@ -262,7 +262,11 @@ def plot(result: dict, out_dir: str | None) -> None:
             dict(title="fp8_gemm speed-up over _scaled_mm", xlabel="M", ylabel="x", series=series, logx=True)
         )
     if panels:
-        save_plot("fp8_gemm", panels, out_dir)
+        save_plot(f"fp8_gemm-{_tag(result)}", panels, out_dir)
+
+
+def _tag(result: dict) -> str:
+    return result["card"].replace(" ", "_")
 
 
 if __name__ == "__main__":

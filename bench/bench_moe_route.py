@@ -73,7 +73,7 @@ def main() -> None:
         rows += bench_tokens(tokens)
     result["rows"] = rows
     print_table(rows, ["tokens", "op", "ours_us", "torch_us", "speedup", "ours_graph_us", "torch_graph_us"])
-    print(f"wrote {write_json('moe_route', result, args.out)}")
+    print("wrote", write_json(f"moe_route-{_tag(result)}", result, args.out))
     series = {}
     for op in sorted({r["op"] for r in rows}):
         pts = [r for r in rows if r["op"] == op]
@@ -81,7 +81,11 @@ def main() -> None:
         series[f"torch {op}"] = ([r["tokens"] for r in pts], [r["torch_us"] for r in pts])
     panel = dict(title=f"MoE route/permute, 256 experts ({result['card']})", xlabel="tokens", ylabel="µs",
                  series=series, logx=True)  # fmt: skip
-    save_plot("moe_route", [panel], args.out)
+    save_plot(f"moe_route-{_tag(result)}", [panel], args.out)
+
+
+def _tag(result: dict) -> str:
+    return result["card"].replace(" ", "_")
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ def main() -> None:
     print_table(
         rows, ["batch", "mode", "ours_us", "ours_penalties_us", "torch_sort_us", "speedup", "read_once_us"]
     )
-    print(f"wrote {write_json('sample', result, args.out)}")
+    print("wrote", write_json(f"sample-{_tag(result)}", result, args.out))
     series = {}
     for mode in MODES:
         pts = [r for r in rows if r["mode"] == mode]
@@ -64,7 +64,11 @@ def main() -> None:
     panel = dict(
         title=f"sample, V={VOCAB} ({result['card']})", xlabel="batch", ylabel="µs", series=series, logx=True
     )
-    save_plot("sample", [panel], args.out)
+    save_plot(f"sample-{_tag(result)}", [panel], args.out)
+
+
+def _tag(result: dict) -> str:
+    return result["card"].replace(" ", "_")
 
 
 if __name__ == "__main__":
