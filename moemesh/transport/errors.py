@@ -7,7 +7,7 @@ INVALID_ARGUMENT with that message.
 
     exception (or built-in base)         status code
     InvalidArgument (ValueError)         INVALID_ARGUMENT
-    ResourceExhausted                    RESOURCE_EXHAUSTED
+    ResourceExhausted (MemoryError)      RESOURCE_EXHAUSTED
     DeadlineExceeded (TimeoutError)      DEADLINE_EXCEEDED
     Unavailable (ConnectionError)        UNAVAILABLE
     Unauthenticated (PermissionError)    UNAUTHENTICATED
@@ -95,6 +95,7 @@ _BUILTIN_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (ConnectionError, grpc.StatusCode.UNAVAILABLE),
     (PermissionError, grpc.StatusCode.UNAUTHENTICATED),
     (LookupError, grpc.StatusCode.NOT_FOUND),
+    (MemoryError, grpc.StatusCode.RESOURCE_EXHAUSTED),  # the engine's "no pages free" (reserve_kv)
     (asyncio.CancelledError, grpc.StatusCode.CANCELLED),
 )
 

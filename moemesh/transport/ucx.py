@@ -147,8 +147,8 @@ class UcxKvReceiver:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for _ in range(200):  # let each connection's handler see its aborted endpoint and return
-            if not self._endpoints:
+        for _ in range(200):  # let each connection's handler see its aborted endpoint and retire
+            if not self._endpoints and (self._listener is None or self._listener.active_clients == 0):
                 break
             await asyncio.sleep(0.005)
         if self._listener is not None:
