@@ -92,9 +92,12 @@ def all_gone(pids: list[int], timeout_s: float = 10) -> bool:
 
 
 def port_free(port: int) -> bool:
+    """A new server could listen there (SO_REUSEADDR as gRPC sets it: TIME_WAIT leftovers do not count)."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
+            sock.listen()
         except OSError:
             return False
     return True
