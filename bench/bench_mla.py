@@ -95,21 +95,16 @@ def bench_decode(batches, contexts, copy_gbs, with_torch=True):
 SWEEP = {
     False: [  # BF16 cache: TMA kernel, and the pointer kernel for comparison
         DecodeConfig(64, 64, 8, 2),
+        DecodeConfig(64, 64, 8, 2, lazy_rescale=False),
         DecodeConfig(64, 64, 8, 3),
         DecodeConfig(64, 32, 8, 2),
-        DecodeConfig(64, 32, 8, 4),
         DecodeConfig(64, 64, 16, 2),
-        DecodeConfig(64, 32, 16, 3),
-        DecodeConfig(64, 64, 4, 2),
-        DecodeConfig(32, 64, 4, 2),
         DecodeConfig(64, 64, 8, 2, tma=False),
     ],
     True: [  # FP8 cache: TMA kernel with in-register dequant, and the pointer kernel
         DecodeConfig(64, 64, 8, 2),
-        DecodeConfig(64, 64, 8, 3),
+        DecodeConfig(64, 64, 8, 2, lazy_rescale=False),
         DecodeConfig(64, 32, 8, 2),
-        DecodeConfig(64, 32, 8, 3),
-        DecodeConfig(64, 64, 4, 2),
         DecodeConfig(64, 64, 8, 1, tma=False),
     ],
 }
@@ -135,7 +130,8 @@ def sweep_decode(shapes, copy_gbs):
                         "ctx": ctx,
                         "fp8": fp8,
                         "cfg": f"h{cfg.block_h}n{cfg.block_n}w{cfg.num_warps}s{cfg.num_stages}"
-                        + ("" if cfg.tma else "-ptr"),
+                        + ("" if cfg.tma else "-ptr")
+                        + ("" if cfg.lazy_rescale else "-eager"),
                         "splits": splits,
                         "us": 1e3 * ms,
                         "pct_copy": 100 * gbs / copy_gbs,

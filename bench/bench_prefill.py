@@ -60,7 +60,11 @@ def bench_shape(batch, n, prefix_len, configs, gen) -> dict:
         except Exception as e:  # noqa: BLE001 - a config out of resources is a result
             print(f"{cfg}: {type(e).__name__} {str(e)[:80]}")
             continue
-        name = f"m{cfg.block_m}n{cfg.block_n}w{cfg.num_warps}s{cfg.num_stages}" + ("" if cfg.tma else "ptr")
+        name = (
+            f"m{cfg.block_m}n{cfg.block_n}w{cfg.num_warps}s{cfg.num_stages}"
+            + ("" if cfg.tma else "ptr")
+            + ("" if cfg.lazy_rescale else "eager")
+        )
         row[f"{name}_TFLOPs"] = fl / ms / 1e9
         if best is None or ms < best[0]:
             best = (ms, name)
@@ -84,15 +88,12 @@ def bench(shapes, configs):
 
 SWEEP = [
     PrefillConfig(128, 64, 8, 3, tma=False),
-    PrefillConfig(128, 64, 8, 4),
-    PrefillConfig(256, 64, 16, 2),
-    PrefillConfig(256, 128, 16, 2),
-    PrefillConfig(128, 64, 8, 2),
+    PrefillConfig(128, 64, 8, 3, lazy_rescale=False),
     PrefillConfig(128, 64, 8, 3),
+    PrefillConfig(128, 64, 8, 4),
     PrefillConfig(128, 128, 8, 2),
-    PrefillConfig(64, 64, 4, 3),
     PrefillConfig(128, 32, 4, 3),
-    PrefillConfig(64, 128, 8, 2),
+    PrefillConfig(64, 64, 4, 3),
 ]
 
 

@@ -198,7 +198,7 @@ def _dequant_half(k8, scale_row_ptr, first_group, D_HALF: tl.constexpr, GROUP: t
 def _tma_tile(
     q0, q1, q_pe, nope_desc, pe_desc, kv_bytes_ptr, row_bytes, row0, n0, end, m_i, l_i, acc0, acc1, scale_log2,
     D_HALF: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, FP8: tl.constexpr, GROUP: tl.constexpr,
-    PE_COL: tl.constexpr,
+    PE_COL: tl.constexpr, LAZY: tl.constexpr,
 ):  # fmt: skip
     """One page-aligned tile of BLOCK_N tokens (rows row0.. of the flattened cache): online-softmax update."""
     k0 = nope_desc.load([row0, 0])  # [BLOCK_N, D_HALF]
@@ -215,12 +215,28 @@ def _tma_tile(
         k_pe = tl.where(mask_n[:, None], k_pe, 0.0)
     qk = tl.dot(q0, tl.trans(k0))
     qk = tl.dot(q1, tl.trans(k1), qk)
-    qk = tl.dot(q_pe, tl.trans(k_pe), qk) * scale_log2
+    qk = tl.dot(q_pe, tl.trans(k_pe), qk)
     if MASKED:
         qk = tl.where(mask_n[None, :], qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    # m_i is in scaled log2 units; qk * scale_log2 - m folds into one FMA per score
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2)
+    if LAZY:
+        # FA3's trick: rescale the [BLOCK_H, 512] accumulators only when some row's max grew by more than
+        # 2^8; a stale max keeps every p <= 256, harmless in fp32 and bf16.
+        if tl.max(m_new - m_i, 0) > 8.0:
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha
+            acc0 = acc0 * alpha[:, None]
+            acc1 = acc1 * alpha[:, None]
+            m_i = m_new
+        p = tl.exp2(qk * scale_log2 - m_i[:, None])
+        l_i = l_i + tl.sum(p, 1)
+        p = p.to(k0.dtype)
+        acc0 = tl.dot(p, k0, acc0)
+        acc1 = tl.dot(p, k1, acc1)
+        return m_i, l_i, acc0, acc1
     alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(qk - m_new[:, None])
+    p = tl.exp2(qk * scale_log2 - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     p = p.to(k0.dtype)
     acc0 = tl.dot(p, k0, acc0 * alpha[:, None])
@@ -255,6 +271,7 @@ def _mla_decode_tma_kernel(
     FP8: tl.constexpr,
     GROUP: tl.constexpr,
     PE_COL: tl.constexpr,
+    LAZY: tl.constexpr,
 ):
     """The split kernel for the V3-style layout (kv_lora_rank = 2 * D_HALF, rope_dim = BLOCK_R, BLOCK_N divides
     page_size): K/V tiles arrive by TMA, the latent in two halves so each accumulator half is [BLOCK_H, D_HALF]."""
@@ -286,14 +303,14 @@ def _mla_decode_tma_kernel(
         row0 = page * page_size + n0 % page_size
         m_i, l_i, acc0, acc1 = _tma_tile(
             q0, q1, q_pe, nope_desc, pe_desc, kv_bytes_ptr, row_bytes, row0, n0, end, m_i, l_i, acc0, acc1,
-            scale_log2, D_HALF, BLOCK_N, False, FP8, GROUP, PE_COL,
+            scale_log2, D_HALF, BLOCK_N, False, FP8, GROUP, PE_COL, LAZY,
         )  # fmt: skip
     if end_full < end:
         page = tl.load(pt_row + end_full // page_size)
         row0 = page * page_size + end_full % page_size
         m_i, l_i, acc0, acc1 = _tma_tile(
             q0, q1, q_pe, nope_desc, pe_desc, kv_bytes_ptr, row_bytes, row0, end_full, end, m_i, l_i, acc0, acc1,
-            scale_log2, D_HALF, BLOCK_N, True, FP8, GROUP, PE_COL,
+            scale_log2, D_HALF, BLOCK_N, True, FP8, GROUP, PE_COL, LAZY,
         )  # fmt: skip
 
     has = l_i > 0
@@ -426,7 +443,8 @@ class DecodeConfig:
     num_warps: int
     num_stages: int
     num_splits: int | None = None
-    tma: bool = True  # page-aligned TMA tiles where the layout allows (Hopper, BF16/FP16 cache)
+    tma: bool = True  # page-aligned TMA tiles where the layout allows (Hopper, BF16/FP16/FP8 cache)
+    lazy_rescale: bool = True  # TMA kernel: rescale the accumulators only when a row max grows by > 2^8
 
 
 def default_config(num_heads: int, kv_lora_rank: int, fp8: bool) -> DecodeConfig:
@@ -544,6 +562,7 @@ def mla_decode(
             FP8=fp8,
             GROUP=group,
             PE_COL=pe_col,
+            LAZY=cfg.lazy_rescale,
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )

@@ -46,6 +46,7 @@ class PrefillConfig:
     num_warps: int = 8
     num_stages: int = 3
     tma: bool = True  # TMA tiles where the layout allows (Hopper, BF16/FP16, 16-byte aligned strides)
+    lazy_rescale: bool = True  # TMA kernel: rescale the accumulator only when a row max grows by > 2^8
 
 
 @triton.jit
@@ -162,7 +163,7 @@ def _mla_prefill_kernel(
 def _tma_tile(
     q1, q2, k1_desc, k2_desc, v_desc, row0, h, n0, n_end, offs_m, m_i, l_i, acc, scale_log2,
     BLOCK_N: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr,
-    CAUSAL: tl.constexpr, MASK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, MASK_N: tl.constexpr, LAZY: tl.constexpr,
 ):  # fmt: skip
     """Keys n0..n0+BLOCK_N of one (sequence, head), rows row0 + n of the buffers, loaded by TMA."""
     k1 = k1_desc.load([row0 + n0, h, 0]).reshape(BLOCK_N, BLOCK_D1)
@@ -174,14 +175,24 @@ def _tma_tile(
     if BLOCK_D2 > 0:
         k2 = k2_desc.load([row0 + n0, h, 0]).reshape(BLOCK_N, BLOCK_D2)
         qk = tl.dot(q2, tl.trans(k2), qk)
-    qk = qk * scale_log2
     if CAUSAL:
         qk = tl.where((offs_n[None, :] <= offs_m[:, None]) & (offs_n < n_end)[None, :], qk, float("-inf"))
     elif MASK_N:
         qk = tl.where((offs_n < n_end)[None, :], qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    # m_i is in scaled log2 units: qk * scale_log2 - m is one FMA per score
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2)
+    if LAZY:  # rescale only when a row max grew by more than 2^8 (FA3); a stale max keeps p <= 256
+        if tl.max(m_new - m_i, 0) > 8.0:
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha
+            acc = acc * alpha[:, None]
+            m_i = m_new
+        p = tl.exp2(qk * scale_log2 - m_i[:, None])
+        l_i = l_i + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        return m_i, l_i, acc
     alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(qk - m_new[:, None])
+    p = tl.exp2(qk * scale_log2 - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
     return m_new, l_i, acc
@@ -192,7 +203,7 @@ def _mla_prefill_tma_kernel(
     q1_desc, q2_desc, k1_desc, k2_desc, v_desc, pk1_desc, pk2_desc, pv_desc,
     cu_ptr, pcu_ptr, out_ptr, lse_ptr, scale_log2, num_heads, v_dim, stride_ot, stride_oh,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_D2: tl.constexpr,
-    BLOCK_DV: tl.constexpr, HAS_PREFIX: tl.constexpr,
+    BLOCK_DV: tl.constexpr, HAS_PREFIX: tl.constexpr, LAZY: tl.constexpr,
 ):  # fmt: skip
     """The Hopper path: q/k/v tiles by TMA (3-D descriptors over [T, H, D] views, one head per tile), the
     heaviest query blocks first (causal work grows with the block index)."""
@@ -218,24 +229,24 @@ def _mla_prefill_tma_kernel(
         for n0 in range(0, p_even, BLOCK_N):
             m_i, l_i, acc = _tma_tile(
                 q1, q2, pk1_desc, pk2_desc, pv_desc, p_start, h, n0, p_len, offs_m, m_i, l_i, acc, scale_log2,
-                BLOCK_N, BLOCK_D1, BLOCK_D2, BLOCK_DV, False, False,
+                BLOCK_N, BLOCK_D1, BLOCK_D2, BLOCK_DV, False, False, LAZY,
             )  # fmt: skip
         if p_even < p_len:
             m_i, l_i, acc = _tma_tile(
                 q1, q2, pk1_desc, pk2_desc, pv_desc, p_start, h, p_even, p_len, offs_m, m_i, l_i, acc,
-                scale_log2, BLOCK_N, BLOCK_D1, BLOCK_D2, BLOCK_DV, False, True,
+                scale_log2, BLOCK_N, BLOCK_D1, BLOCK_D2, BLOCK_DV, False, True, LAZY,
             )  # fmt: skip
     full_end = m_block * BLOCK_M // BLOCK_N * BLOCK_N  # keys every query of the block sees
     for n0 in range(0, full_end, BLOCK_N):
         m_i, l_i, acc = _tma_tile(
             q1, q2, k1_desc, k2_desc, v_desc, q_start, h, n0, q_len, offs_m, m_i, l_i, acc, scale_log2,
-            BLOCK_N, BLOCK_D1, BLOCK_D2, BLOCK_DV, False, False,
+            BLOCK_N, BLOCK_D1, BLOCK_D2, BLOCK_DV, False, False, LAZY,
         )  # fmt: skip
     causal_end = tl.minimum((m_block + 1) * BLOCK_M, q_len)
     for n0 in range(full_end, causal_end, BLOCK_N):
         m_i, l_i, acc = _tma_tile(
             q1, q2, k1_desc, k2_desc, v_desc, q_start, h, n0, q_len, offs_m, m_i, l_i, acc, scale_log2,
-            BLOCK_N, BLOCK_D1, BLOCK_D2, BLOCK_DV, True, True,
+            BLOCK_N, BLOCK_D1, BLOCK_D2, BLOCK_DV, True, True, LAZY,
         )  # fmt: skip
     mask_m = offs_m < q_len
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -291,7 +302,7 @@ def _launch_tma(q, k, v, cu_seqlens, prefix, out, lse, softmax_scale, max_seqlen
         q1, q2, k1, k2, vd, pk1, pk2, pv, cu_seqlens, pcu, out, lse, softmax_scale * LOG2E, num_heads, v_dim,
         out.stride(0), out.stride(1),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D1=block_d1, BLOCK_D2=block_d2, BLOCK_DV=v_dim,
-        HAS_PREFIX=prefix is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        HAS_PREFIX=prefix is not None, LAZY=cfg.lazy_rescale, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
 
 

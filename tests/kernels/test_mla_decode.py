@@ -147,6 +147,24 @@ def test_mla_decode_launch_configs(tma, block_h, block_n, num_warps, fp8):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fp8", [False, True])
+def test_mla_decode_eager_rescale(fp8):
+    cfg = DecodeConfig(64, 64, 8, 2, lazy_rescale=False)
+    check([777, 64, 1, 130], 128, 512, 64, 64, "cuda", fp8=fp8, num_splits=2, config=cfg)
+
+
+@pytest.mark.gpu
+def test_mla_decode_large_logits():
+    """Scores spread far apart (the lazy rescale must still track the max): q scaled up 30x."""
+    q, kv_cache, page_table, seq = make_case([3000, 200], 128, 512, 64, 64, "cuda")
+    q = q * 30
+    out, lse = mla_decode(q, kv_cache, page_table, seq, 576**-0.5, 512)
+    ref_out, ref_lse = reference(q.cpu(), kv_cache.cpu(), page_table.cpu(), seq.cpu(), 576**-0.5, 512)
+    assert_close(out, ref_out)
+    assert_close(lse, ref_lse, dtype=torch.bfloat16)
+
+
+@pytest.mark.gpu
 def test_mla_decode_small_dims_on_gpu():
     """The model's tiny test configs on the GPU (TMA path for rank 32 / rope 16, pointer path for rope 8)."""
     check([37, 5, 64], 5, 32, 16, 16, "cuda")
