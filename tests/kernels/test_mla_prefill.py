@@ -101,10 +101,28 @@ def test_mla_prefill_v3_shapes(lens, prefix_lens):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "config", [PrefillConfig(tma=False), PrefillConfig(64, 64, 4, 2), PrefillConfig(128, 128, 8, 2)]
+    "config",
+    [
+        PrefillConfig(tma=False),
+        PrefillConfig(64, 64, 4, 2),
+        PrefillConfig(128, 128, 8, 2),
+        PrefillConfig(lazy_rescale=False),
+    ],
 )
 def test_mla_prefill_launch_configs(config):
     check([300, 77, 1], [129, 0, 64], 4, 192, 128, "cuda", config=config)
+
+
+@pytest.mark.gpu
+def test_mla_prefill_large_logits():
+    """Scores spread far apart: the lazy rescale must still track each row's max."""
+    q, k, v, cu, max_len, prefix = make_case([700, 3], [300, 1], 4, 192, 128, "cuda")
+    q = q * 20
+    out, lse = mla_prefill(q, k, v, cu, 192**-0.5, max_len, prefix)
+    cpu = Prefix(prefix.k.cpu(), prefix.v.cpu(), prefix.cu_seqlens.cpu())
+    ref_out, ref_lse = reference(q.cpu(), k.cpu(), v.cpu(), cu.cpu(), 192**-0.5, max_len, cpu)
+    assert_close(out[:703], ref_out[:703])
+    assert_close(lse[:703], ref_lse[:703], dtype=torch.bfloat16)
 
 
 @pytest.mark.gpu
