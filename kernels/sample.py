@@ -19,9 +19,12 @@ Semantics, per row b of `logits [B, V]` (the same in the Triton kernel and in `r
 Returned log-probabilities are of the raw model distribution (`log_softmax(logits)` before penalties and
 temperature, vLLM's default `raw_logprobs`): the chosen token's, and optionally the top-n tokens'.
 
-The kernel runs one program per row and never sorts: thresholds are found by a 16-way search over the
-order-preserving integer image of the fp32 values (exact after at most 8 passes over the row), counting tokens
-(top-k) or summing their mass (top-p). The reference finds the same thresholds by sorting.
+The kernels never sort. Pass 1 splits each row over segments of up to 2048 tokens (logsumexp, greedy and Gumbel
+argmax per segment, and, when 1 <= top_k <= 128, each segment's top-128 tokens as candidates: the global top-k lies
+among them); a finisher per row combines them. Greedy and unfiltered draws end there; filtered draws find their
+thresholds by a 16-way search over the order-preserving integer image of the fp32 values (exact after at most 8
+passes), counting tokens (top-k) or summing their mass (top-p), over the candidates, or over the whole row when
+top-k is off or larger than 128. The reference finds the same thresholds by sorting.
 """
 
 from __future__ import annotations
@@ -271,10 +274,45 @@ def _load_x(
 
 
 @triton.jit
+def _chunk(
+    logits_row, counts_row, prompt_row, cx_row, ci_row, ncand_row, start, N, V, rp, fp, pp, inv_t,
+    FROM_CAND: tl.constexpr, KC: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    """(x, vocab index, valid) of chunk [start, start + BLOCK): from the row itself (N = V), or from the row's
+    candidate buffer (FROM_CAND: N = S * KC slots, slot j of segment j // KC valid below that segment's count)."""
+    offs = start + tl.arange(0, BLOCK)
+    if FROM_CAND:
+        valid = (offs < N) & ((offs % KC) < tl.load(ncand_row + offs // KC, mask=offs < N, other=0))
+        x = tl.load(cx_row + offs, mask=valid, other=float("-inf"))
+        idx = tl.load(ci_row + offs, mask=valid, other=0)
+    else:
+        valid = offs < V
+        x = _load_x(logits_row, counts_row, prompt_row, offs, V, rp, fp, pp, inv_t, HAS_COUNTS, HAS_PROMPT)
+        idx = offs
+    return x, idx, valid
+
+
+@triton.jit
+def _search_keys(key, lo, hi, target, NT: tl.constexpr):
+    """`_search` over keys held in registers, counting."""
+    j = tl.arange(0, NT) + 1
+    while lo < hi:
+        step = (hi - lo + NT - 1) // NT
+        cand = tl.minimum(lo + j.to(tl.int64) * step, hi)
+        acc = tl.sum((key[:, None] >= cand.to(tl.int32)[None, :]).to(tl.int32), axis=0)
+        ok = acc >= target
+        new_lo = tl.max(tl.where(ok, cand, lo), axis=0)
+        hi = tl.min(tl.where(ok, hi, cand - 1), axis=0)
+        lo = new_lo
+    return lo
+
+
+@triton.jit
 def _search(
-    logits_row, counts_row, prompt_row, V, rp, fp, pp, inv_t, m, lo, hi, target,
-    USE_MASS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr,
-    BLOCK: tl.constexpr, NT: tl.constexpr,
+    logits_row, counts_row, prompt_row, cx_row, ci_row, ncand_row, N, V, rp, fp, pp, inv_t, m, lo, hi, target,
+    USE_MASS: tl.constexpr, FROM_CAND: tl.constexpr, KC: tl.constexpr,
+    HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr, BLOCK: tl.constexpr, NT: tl.constexpr,
 ):  # fmt: skip
     """Largest order key K in [lo, hi] with f(K) >= target, f(K) = count (or exp-mass) of tokens with key >= K.
     Assumes f(lo) >= target (returns lo when nothing above it qualifies)."""
@@ -284,14 +322,14 @@ def _search(
         cand = tl.minimum(lo + j.to(tl.int64) * step, hi)
         cand32 = cand.to(tl.int32)
         acc = tl.zeros([NT], dtype=tl.float32)
-        for start in range(0, V, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            x = _load_x(
-                logits_row, counts_row, prompt_row, offs, V, rp, fp, pp, inv_t, HAS_COUNTS, HAS_PROMPT
-            )
-            key = tl.where(offs < V, _order_key(x), -2147483648)
+        for start in range(0, N, BLOCK):
+            x, _, valid = _chunk(
+                logits_row, counts_row, prompt_row, cx_row, ci_row, ncand_row, start, N, V, rp, fp, pp, inv_t,
+                FROM_CAND, KC, HAS_COUNTS, HAS_PROMPT, BLOCK,
+            )  # fmt: skip
+            key = tl.where(valid, _order_key(x), -2147483648)
             ge = key[:, None] >= cand32[None, :]
-            w = tl.exp(x - m) if USE_MASS else tl.where(offs < V, 1.0, 0.0)
+            w = tl.exp(x - m) if USE_MASS else tl.where(valid, 1.0, 0.0)
             acc += tl.sum(tl.where(ge, w[:, None], 0.0), axis=0)
         ok = acc >= target
         new_lo = tl.max(tl.where(ok, cand, lo), axis=0)
@@ -301,91 +339,179 @@ def _search(
 
 
 @triton.jit
-def _sample_kernel(
-    logits_ptr, stride_l, counts_ptr, stride_c, prompt_ptr, stride_p,
-    temp_ptr, topk_ptr, topp_ptr, minp_ptr, rep_ptr, freq_ptr, pres_ptr, seed_ptr, step_ptr,
-    tok_ptr, lp_ptr, lse_ptr, V,
-    HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr, BLOCK: tl.constexpr, NT: tl.constexpr,
+def _filtered_draw(
+    logits_row, counts_row, prompt_row, cx_row, ci_row, ncand_row, N, V, rp, fp, pp, inv_t, m, lo, hi,
+    top_k, top_p, min_p, rkey,
+    FROM_CAND: tl.constexpr, KC: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr,
+    BLOCK: tl.constexpr, NT: tl.constexpr,
 ):  # fmt: skip
+    """Thresholds for top-k, top-p, min-p, then Gumbel-max over the kept tokens; returns the vocab index."""
+    if (top_k > 0) & (top_k < V):
+        lo = _search(
+            logits_row, counts_row, prompt_row, cx_row, ci_row, ncand_row, N, V, rp, fp, pp, inv_t, m, lo, hi,
+            top_k.to(tl.float32), False, FROM_CAND, KC, HAS_COUNTS, HAS_PROMPT, BLOCK, NT,
+        )  # fmt: skip
+    if top_p < 1.0:
+        z = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, N, BLOCK):
+            x, _, valid = _chunk(
+                logits_row, counts_row, prompt_row, cx_row, ci_row, ncand_row, start, N, V, rp, fp, pp, inv_t,
+                FROM_CAND, KC, HAS_COUNTS, HAS_PROMPT, BLOCK,
+            )  # fmt: skip
+            z += tl.where(valid & (_order_key(x).to(tl.int64) >= lo), tl.exp(x - m), 0.0)
+        lo = _search(
+            logits_row, counts_row, prompt_row, cx_row, ci_row, ncand_row, N, V, rp, fp, pp, inv_t, m, lo, hi,
+            top_p * tl.sum(z, axis=0), True, FROM_CAND, KC, HAS_COUNTS, HAS_PROMPT, BLOCK, NT,
+        )  # fmt: skip
+    if min_p > 0:
+        lo = tl.maximum(lo, _order_key(m + tl.log(min_p)).to(tl.int64))
+    thr = lo.to(tl.int32)
+    best = tl.full([BLOCK], float("-inf"), tl.float32)
+    best_i = tl.zeros([BLOCK], dtype=tl.int32)
+    for start in range(0, N, BLOCK):
+        x, idx, valid = _chunk(
+            logits_row, counts_row, prompt_row, cx_row, ci_row, ncand_row, start, N, V, rp, fp, pp, inv_t,
+            FROM_CAND, KC, HAS_COUNTS, HAS_PROMPT, BLOCK,
+        )  # fmt: skip
+        score = x + _gumbel(rkey, idx)
+        score = tl.where(valid & (_order_key(x) >= thr), score, float("-inf"))
+        take = (score > best) | ((score == best) & (idx < best_i))
+        best_i = tl.where(take, idx, best_i)
+        best = tl.where(take, score, best)
+    top = tl.max(best, axis=0)
+    return tl.min(tl.where(best == top, best_i, 2147483647), axis=0)
+
+
+@triton.jit
+def _gumbel(rkey, idx):
+    r = _fmix32_tl(rkey ^ (idx.to(tl.uint32) * 0x9E3779B9))
+    u = ((r >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+    return -tl.log(-tl.log(u))
+
+
+@triton.jit
+def _segment_kernel(
+    logits_ptr, stride_l, counts_ptr, stride_c, prompt_ptr, stride_p,
+    temp_ptr, topk_ptr, rep_ptr, freq_ptr, pres_ptr, seed_ptr, step_ptr,
+    pf_ptr, pi_ptr, cx_ptr, ci_ptr, V, S,
+    HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr, SEG: tl.constexpr, KC: tl.constexpr, NT: tl.constexpr,
+):  # fmt: skip
+    """Pass 1, split over S segments of SEG tokens per row: partial logsumexp, greedy argmax, Gumbel argmax, the
+    smallest key, and (when 1 <= top_k <= KC) the segment's top-KC tokens as candidates for the finisher."""
     row = tl.program_id(0).to(tl.int64)
-    logits_row = logits_ptr + row * stride_l
-    counts_row = counts_ptr + row * stride_c
-    prompt_row = prompt_ptr + row * stride_p
+    seg = tl.program_id(1)
     temp = tl.load(temp_ptr + row)
     rp = tl.load(rep_ptr + row)
     fp = tl.load(freq_ptr + row)
     pp = tl.load(pres_ptr + row)
     inv_t = tl.where(temp > 0, 1.0 / tl.where(temp > 0, temp, 1.0), 1.0)
+    logits_row = logits_ptr + row * stride_l
+    offs = seg * SEG + tl.arange(0, SEG)
+    valid = offs < V
+    raw = tl.load(logits_row + offs, mask=valid, other=float("-inf")).to(tl.float32)
+    raw_m = tl.max(raw, axis=0)
+    raw_s = tl.sum(tl.exp(raw - tl.where(raw_m == float("-inf"), 0.0, raw_m)), axis=0)
+    x = _load_x(
+        logits_row, counts_ptr + row * stride_c, prompt_ptr + row * stride_p, offs, V, rp, fp, pp, inv_t,
+        HAS_COUNTS, HAS_PROMPT,
+    )  # fmt: skip
+    x_max = tl.max(x, axis=0)
+    greedy = tl.min(tl.where(valid & (x == x_max), offs, 2147483647), axis=0)
+    key = tl.where(valid, _order_key(x), -2147483648)
+    key_min = tl.min(tl.where(valid, key, 2147483647), axis=0)
+    rkey = _row_key_tl(tl.load(seed_ptr + row), tl.load(step_ptr + row))
+    score = tl.where(valid, x + _gumbel(rkey, offs), float("-inf"))
+    g_best = tl.max(score, axis=0)
+    g_i = tl.min(tl.where(score == g_best, offs, 2147483647), axis=0)
+    top_k = tl.load(topk_ptr + row)
+    ncand = -1
+    if (temp > 0) & (top_k >= 1) & (top_k <= KC):
+        lo = key_min.to(tl.int64)
+        if tl.sum(valid.to(tl.int32), axis=0) > KC:
+            lo = _search_keys(key, lo, _order_key(x_max).to(tl.int64), KC, NT)
+        sel = valid & (key.to(tl.int64) >= lo)
+        ncand = tl.sum(sel.to(tl.int32), axis=0)
+        pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
+        slot = (row * tl.num_programs(1) + seg) * KC + pos
+        tl.store(cx_ptr + slot, x, mask=sel & (pos < KC))
+        tl.store(ci_ptr + slot, offs, mask=sel & (pos < KC))
+        ncand = tl.where(ncand <= KC, ncand, -1)  # -1: ties overflowed the buffer, take the full-row path
+    part = (row * S + seg) * 4
+    tl.store(pf_ptr + part + 0, raw_m)
+    tl.store(pf_ptr + part + 1, raw_s)
+    tl.store(pf_ptr + part + 2, x_max)
+    tl.store(pf_ptr + part + 3, g_best)
+    tl.store(pi_ptr + part + 0, greedy)
+    tl.store(pi_ptr + part + 1, g_i)
+    tl.store(pi_ptr + part + 2, key_min)
+    tl.store(pi_ptr + part + 3, ncand)
 
-    # pass 1: raw logsumexp, max / argmax / min key of the processed values
-    raw_m = tl.full([BLOCK], float("-inf"), tl.float32)
-    raw_s = tl.zeros([BLOCK], dtype=tl.float32)
-    best = tl.full([BLOCK], float("-inf"), tl.float32)
-    best_i = tl.zeros([BLOCK], dtype=tl.int32)
-    key_min = tl.full([BLOCK], 2147483647, tl.int32)
-    for start in range(0, V, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        valid = offs < V
-        raw = tl.load(logits_row + offs, mask=valid, other=float("-inf")).to(tl.float32)
-        new_m = tl.maximum(raw_m, raw)
-        safe_m = tl.where(new_m == float("-inf"), 0.0, new_m)
-        raw_s = raw_s * tl.exp(raw_m - safe_m) + tl.exp(raw - safe_m)
-        raw_m = new_m
-        x = _load_x(logits_row, counts_row, prompt_row, offs, V, rp, fp, pp, inv_t, HAS_COUNTS, HAS_PROMPT)
-        take = x > best  # strict: earlier chunks win ties
-        best_i = tl.where(take, offs, best_i)
-        best = tl.where(take, x, best)
-        key_min = tl.minimum(key_min, tl.where(valid, _order_key(x), 2147483647))
+
+@triton.jit
+def _finish_kernel(
+    logits_ptr, stride_l, counts_ptr, stride_c, prompt_ptr, stride_p,
+    temp_ptr, topk_ptr, topp_ptr, minp_ptr, rep_ptr, freq_ptr, pres_ptr, seed_ptr, step_ptr,
+    pf_ptr, pi_ptr, cx_ptr, ci_ptr, ncand_ptr, tok_ptr, lp_ptr, lse_ptr, V, S,
+    HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr, S_PAD: tl.constexpr, KC: tl.constexpr,
+    BLOCK: tl.constexpr, NT: tl.constexpr,
+):  # fmt: skip
+    """Per row: combine the segments' partials; greedy and unfiltered draws end here, filtered draws search the
+    candidates (top-k <= KC) or, failing that, the whole row."""
+    row = tl.program_id(0).to(tl.int64)
+    sidx = tl.arange(0, S_PAD)
+    smask = sidx < S
+    part = (row * S + sidx) * 4
+    raw_m = tl.load(pf_ptr + part + 0, mask=smask, other=float("-inf"))
+    raw_s = tl.load(pf_ptr + part + 1, mask=smask, other=0.0)
+    x_max = tl.load(pf_ptr + part + 2, mask=smask, other=float("-inf"))
+    g_best = tl.load(pf_ptr + part + 3, mask=smask, other=float("-inf"))
+    greedy = tl.load(pi_ptr + part + 0, mask=smask, other=2147483647)
+    g_i = tl.load(pi_ptr + part + 1, mask=smask, other=2147483647)
+    key_min = tl.load(pi_ptr + part + 2, mask=smask, other=2147483647)
+    ncand = tl.load(pi_ptr + part + 3, mask=smask, other=0)
     gm = tl.max(raw_m, axis=0)
-    lse = gm + tl.log(tl.sum(raw_s * tl.exp(raw_m - gm), axis=0))
+    lse = gm + tl.log(tl.sum(tl.where(raw_m == float("-inf"), 0.0, raw_s * tl.exp(raw_m - gm)), axis=0))
     tl.store(lse_ptr + row, lse)
-    m = tl.max(best, axis=0)
-    tok = tl.min(tl.where(best == m, best_i, 2147483647), axis=0)  # greedy
+    m = tl.max(x_max, axis=0)
+    tok = tl.min(tl.where(x_max == m, greedy, 2147483647), axis=0)
+    temp = tl.load(temp_ptr + row)
     if temp > 0:
-        lo = tl.min(key_min, axis=0).to(tl.int64)
-        hi = _order_key(m).to(tl.int64)
         top_k = tl.load(topk_ptr + row)
-        if (top_k > 0) & (top_k < V):
-            lo = _search(
-                logits_row, counts_row, prompt_row, V, rp, fp, pp, inv_t, m, lo, hi, top_k.to(tl.float32),
-                False, HAS_COUNTS, HAS_PROMPT, BLOCK, NT,
-            )  # fmt: skip
         top_p = tl.load(topp_ptr + row)
-        if top_p < 1.0:
-            z = tl.zeros([BLOCK], dtype=tl.float32)
-            for start in range(0, V, BLOCK):
-                offs = start + tl.arange(0, BLOCK)
-                x = _load_x(
-                    logits_row, counts_row, prompt_row, offs, V, rp, fp, pp, inv_t, HAS_COUNTS, HAS_PROMPT
-                )
-                z += tl.where((offs < V) & (_order_key(x).to(tl.int64) >= lo), tl.exp(x - m), 0.0)
-            lo = _search(
-                logits_row, counts_row, prompt_row, V, rp, fp, pp, inv_t, m, lo, hi, top_p * tl.sum(z, axis=0),
-                True, HAS_COUNTS, HAS_PROMPT, BLOCK, NT,
-            )  # fmt: skip
         min_p = tl.load(minp_ptr + row)
-        if min_p > 0:
-            lo = tl.maximum(lo, _order_key(m + tl.log(min_p)).to(tl.int64))
-        thr = lo.to(tl.int32)
-        rkey = _row_key_tl(tl.load(seed_ptr + row), tl.load(step_ptr + row))
-        best = tl.full([BLOCK], float("-inf"), tl.float32)
-        best_i = tl.zeros([BLOCK], dtype=tl.int32)
-        for start in range(0, V, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            x = _load_x(
-                logits_row, counts_row, prompt_row, offs, V, rp, fp, pp, inv_t, HAS_COUNTS, HAS_PROMPT
-            )
-            r = _fmix32_tl(rkey ^ (offs.to(tl.uint32) * 0x9E3779B9))
-            u = ((r >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
-            score = x - tl.log(-tl.log(u))
-            score = tl.where((offs < V) & (_order_key(x) >= thr), score, float("-inf"))
-            take = score > best
-            best_i = tl.where(take, offs, best_i)
-            best = tl.where(take, score, best)
-        top = tl.max(best, axis=0)
-        tok = tl.min(tl.where(best == top, best_i, 2147483647), axis=0)
+        k_on = (top_k > 0) & (top_k < V)
+        if (not k_on) & (top_p >= 1.0) & (min_p <= 0):
+            gb = tl.max(g_best, axis=0)
+            tok = tl.min(tl.where(g_best == gb, g_i, 2147483647), axis=0)
+        else:
+            rp = tl.load(rep_ptr + row)
+            fp = tl.load(freq_ptr + row)
+            pp = tl.load(pres_ptr + row)
+            inv_t = 1.0 / temp
+            rkey = _row_key_tl(tl.load(seed_ptr + row), tl.load(step_ptr + row))
+            logits_row = logits_ptr + row * stride_l
+            counts_row = counts_ptr + row * stride_c
+            prompt_row = prompt_ptr + row * stride_p
+            cx_row = cx_ptr + row * S * KC
+            ci_row = ci_ptr + row * S * KC
+            ncand_row = ncand_ptr + row * S_PAD
+            lo = tl.min(key_min, axis=0).to(tl.int64)
+            hi = _order_key(m).to(tl.int64)
+            if (top_k >= 1) & (top_k <= KC) & (tl.min(tl.where(smask, ncand, 0), axis=0) >= 0):
+                tl.store(ncand_ptr + row * S_PAD + sidx, ncand, mask=smask)
+                tok = _filtered_draw(
+                    logits_row, counts_row, prompt_row, cx_row, ci_row, ncand_row, S * KC, V,
+                    rp, fp, pp, inv_t, m, lo, hi, top_k, top_p, min_p, rkey,
+                    True, KC, HAS_COUNTS, HAS_PROMPT, BLOCK, NT,
+                )  # fmt: skip
+            else:
+                tok = _filtered_draw(
+                    logits_row, counts_row, prompt_row, cx_row, ci_row, ncand_row, V, V,
+                    rp, fp, pp, inv_t, m, lo, hi, top_k, top_p, min_p, rkey,
+                    False, KC, HAS_COUNTS, HAS_PROMPT, BLOCK, NT,
+                )  # fmt: skip
     tl.store(tok_ptr + row, tok.to(tl.int64))
-    tl.store(lp_ptr + row, tl.load(logits_row + tok).to(tl.float32) - lse)
+    tl.store(lp_ptr + row, tl.load(logits_ptr + row * stride_l + tok).to(tl.float32) - lse)
 
 
 # ------------------------------------------------------------------------------------------------ launcher
@@ -432,15 +558,40 @@ def sample(
     prompt = prompt_mask.contiguous() if prompt_mask is not None else logits
     if prompt.dtype == torch.bool:
         prompt = prompt.view(torch.uint8)
-    _sample_kernel[(b,)](
-        logits, logits.stride(0), counts, counts.stride(0), prompt, prompt.stride(0),
-        params.temperature, params.top_k, params.top_p, params.min_p,
-        params.repetition_penalty, params.frequency_penalty, params.presence_penalty, params.seed, params.step,
-        tokens, lp_lse[0], lp_lse[1], v,
-        HAS_COUNTS=output_counts is not None, HAS_PROMPT=prompt_mask is not None, BLOCK=1024, NT=16,
-        num_warps=8,
+    seg = min(2048, max(128, triton.next_power_of_2(triton.cdiv(v, 8))))
+    num_seg, kc = triton.cdiv(v, seg), min(128, seg // 2)
+    dev = logits.device
+    part_f = torch.empty(
+        b, num_seg, 4, dtype=torch.float32, device=dev
+    )  # raw max, raw sum, x max, gumbel max
+    part_i = torch.empty(
+        b, num_seg, 4, dtype=torch.int32, device=dev
+    )  # argmax, gumbel argmax, min key, #cand
+    cand_x = torch.empty(b, num_seg, kc, dtype=torch.float32, device=dev)
+    cand_i = torch.empty(b, num_seg, kc, dtype=torch.int32, device=dev)
+    s_pad = triton.next_power_of_2(num_seg)
+    ncand = torch.empty(b, s_pad, dtype=torch.int32, device=dev)
+    common = (
+        logits,
+        logits.stride(0),
+        counts,
+        counts.stride(0),
+        prompt,
+        prompt.stride(0),
+        params.temperature,
+    )
+    penalties = (params.repetition_penalty, params.frequency_penalty, params.presence_penalty)
+    flags = dict(HAS_COUNTS=output_counts is not None, HAS_PROMPT=prompt_mask is not None, KC=kc, NT=16)
+    _segment_kernel[(b, num_seg)](
+        *common, params.top_k, *penalties, params.seed, params.step, part_f, part_i, cand_x, cand_i, v, num_seg,
+        SEG=seg, num_warps=8, **flags,
     )  # fmt: skip
-    if num_logprobs == 0:  # the common case: no launch beyond the kernel's
+    _finish_kernel[(b,)](
+        *common, params.top_k, params.top_p, params.min_p, *penalties, params.seed, params.step,
+        part_f, part_i, cand_x, cand_i, ncand, tokens, lp_lse[0], lp_lse[1], v, num_seg,
+        S_PAD=s_pad, BLOCK=1024, num_warps=8, **flags,
+    )  # fmt: skip
+    if num_logprobs == 0:  # the common case: no launch beyond the two kernels
         no_ids = torch.empty(b, 0, dtype=torch.int64, device=logits.device)
         return SampleResult(tokens, lp_lse[0], no_ids, torch.empty(b, 0, device=logits.device))
     return _logprob_outputs(logits, tokens, lp_lse[1], num_logprobs)

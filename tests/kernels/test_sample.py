@@ -64,7 +64,7 @@ def test_rng_is_a_pure_function_of_seed_step_index():
 
 
 def test_kernel_matches_reference_token_for_token():
-    b, v = 24, 777  # V not a multiple of the kernel's block
+    b, v = 12, 777  # V not a multiple of the segment size
     logits, params, counts, prompt = _inputs(b, v)
     got = sample(logits, params, counts, prompt, num_logprobs=3)
     ref = reference(logits.cpu(), _to(params, "cpu"), counts.cpu(), prompt.cpu(), num_logprobs=3)
@@ -82,6 +82,21 @@ def test_kernel_without_penalty_inputs():
     assert torch.equal(got.token_ids.cpu(), ref.token_ids)
     assert_close(got.logprobs, ref.logprobs, name="logprobs")  # computed inside the kernel here
     assert got.top_ids.shape == (b, 0) and got.top_logprobs.shape == (b, 0)
+
+
+def test_tied_candidates_fall_back_to_the_full_row():
+    """Ties overflow a segment's candidate buffer: the finisher must take the full-row path, same tokens."""
+    v = 700
+    logits = torch.zeros(3, v, device=DEV)
+    logits[1, 5] = 1.0
+    logits[2] = torch.arange(v, device=DEV).remainder(7).float()  # 100 ties at each value
+    params = _replace(
+        SamplingTensors.filled(3, DEV, top_k=3, top_p=0.8), seed=torch.tensor([1, 2, 3], device=DEV)
+    )
+    got = sample(logits, params)
+    ref = reference(logits.cpu(), _to(params, "cpu"))
+    assert torch.equal(got.token_ids.cpu(), ref.token_ids)
+    assert logits[2, got.token_ids[2]] == 6.0
 
 
 def test_same_seed_same_tokens_whatever_the_batch():
