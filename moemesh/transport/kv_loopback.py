@@ -17,7 +17,9 @@ from collections.abc import Callable
 import torch
 
 from moemesh.transport.errors import LeaseRefused, Unavailable
-from moemesh.transport.kv import KvInbox, KvTarget, make_header
+from moemesh.transport.kv import KvTarget
+from moemesh.transport.kv_inbox import KvInbox
+from moemesh.transport.kv_wire import make_header
 
 
 class LoopbackFabric:

@@ -27,12 +27,12 @@ from typing import Any
 import torch
 
 from moemesh.transport.errors import DeadlineExceeded, LeaseRefused, Unavailable
-from moemesh.transport.kv import (
+from moemesh.transport.kv import KvTarget
+from moemesh.transport.kv_inbox import KvInbox
+from moemesh.transport.kv_wire import (
     ACK_BYTES,
     HEADER_BYTES,
     ChunkHeader,
-    KvInbox,
-    KvTarget,
     RefusalReason,
     make_header,
     pack_ack,

@@ -12,20 +12,10 @@ import torch
 
 from moemesh._proto.v1 import worker_pb2
 from moemesh.transport.errors import IncompatiblePeer, InvalidArgument, LeaseRefused, Unavailable
-from moemesh.transport.kv import (
-    ChunkHeader,
-    Fingerprint,
-    KvLayout,
-    KvTarget,
-    Lease,
-    LeaseKey,
-    LeaseState,
-    PagedKvSink,
-    RefusalReason,
-    pack_ack,
-    unpack_ack,
-)
+from moemesh.transport.kv import Fingerprint, KvLayout, KvTarget, Lease, LeaseKey, PagedKvSink
+from moemesh.transport.kv_inbox import LeaseState
 from moemesh.transport.kv_loopback import LoopbackFabric
+from moemesh.transport.kv_wire import ChunkHeader, RefusalReason, pack_ack, unpack_ack
 
 LAYOUT = KvLayout("bf16", page_size=4, bytes_per_token=12, num_layers=3)  # 6 bf16 per token, 48 B per page
 NUM_PAGES = 16
@@ -180,6 +170,8 @@ def test_write_naming_the_old_generation_of_a_reused_lease_is_refused(kind):
     async def body(pair: Pair):
         old = pair.lease(7, [4, 5], generation=1)
         await pair.receiver.inbox.release(old.lease)  # cancelled; D reuses the pages under generation 2
+        with pytest.raises(ValueError, match="lease 7/g1 was used before"):
+            pair.lease(7, [4, 5], generation=1)
         new = pair.lease(7, [4, 5], generation=2)
         with pytest.raises(LeaseRefused, match="STALE_GENERATION") as info:
             await pair.sender.send(old, 0, 0, prompt_kv(2, 5)[0].contiguous())

@@ -10,8 +10,9 @@ import pytest
 import torch
 from moemesh.kernels.paged_kv import pack_kv, unpack_kv
 
-from moemesh.transport.kv import ChunkHeader, KvLayout, KvTarget, Lease, LeaseKey
+from moemesh.transport.kv import KvLayout, KvTarget, Lease, LeaseKey
 from moemesh.transport.kv_loopback import LoopbackFabric
+from moemesh.transport.kv_wire import ChunkHeader
 
 PAGE_SIZE, ROW, LAYERS = 8, 576, 3  # 576 = kv_lora_rank 512 + rope 64
 
