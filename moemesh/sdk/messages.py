@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moemesh._proto.v1 import common_pb2, gateway_pb2
-from moemesh.sdk.errors import InvalidRequest
+from moemesh.sdk.errors import InvalidRequest, ServerError
 
 _UINT32 = 1 << 32
 _UINT64 = 1 << 64
@@ -192,6 +192,9 @@ class Collector:
         self.usage = chunk.usage or self.usage
 
     def result(self, request_id: str = "") -> Completion:
+        if self.finish_reason is None:  # the server closed the stream without saying why: its bug, not ours
+            raise ServerError("the stream ended without a finish_reason", "INTERNAL")
         text = "".join(self.texts)
-        finish = self.finish_reason or "stop"
-        return Completion(self.token_ids, text, finish, self.logprobs or None, self.usage, request_id)
+        return Completion(
+            self.token_ids, text, self.finish_reason, self.logprobs or None, self.usage, request_id
+        )

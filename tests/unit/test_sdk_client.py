@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from moemesh._proto.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
-from moemesh.sdk import Client, InvalidRequest, Overloaded, Unavailable
+from moemesh.sdk import Client, InvalidRequest, Overloaded, ServerError, Unavailable
 from moemesh.transport.errors import InvalidArgument, ResourceExhausted, map_errors
 
 EOS = 0
@@ -34,6 +34,9 @@ class FakeGateway(gateway_pb2_grpc.GatewayServicer):
             raise InvalidArgument.field("temperature", sampling.temperature, "<= 10")
         if request.text == "busy":
             raise ResourceExhausted("queue full: 64 requests waiting")
+        if request.text == "mute":
+            yield gateway_pb2.GenerateChunk(token_ids=[1])
+            return  # a buggy server: no finish_reason
         context.add_callback(self.cancelled.set)
         limit = sampling.max_tokens if sampling.HasField("max_tokens") else 1000
         eos_after = 5 if request.text != "slow" else 1 << 30
@@ -206,3 +209,9 @@ def test_the_sdk_imports_no_server_side_package():
     code = "import sys, moemesh.sdk; bad = {'torch', 'numpy', 'moemesh.transport'} & set(sys.modules); print(bad)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "set()"
+
+
+def test_complete_refuses_a_stream_that_ends_without_a_finish_reason(gateway):
+    _, target = gateway
+    with Client(target) as client, pytest.raises(ServerError, match="without a finish_reason"):
+        client.complete(prompt="mute")
