@@ -212,11 +212,53 @@ def ours(engine, batch: int, steps: int) -> dict:
     return result
 
 
+def kernel_profile(engine, batch: int, top: int = 18) -> list[dict]:
+    """CUDA time per kernel name of one decode forward at `batch`, run eagerly but with the experts' graph path
+    (`forward_static`, the code the captured graph runs): where the graph replay's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from moemesh.model.batch import ForwardBatch
+    from moemesh.model.moe import LocalExperts
+
+    s = engine.runner._static
+    batch_ = ForwardBatch(
+        input_ids=s["input_ids"][:batch],
+        positions=s["positions"][:batch],
+        query_start=tuple(range(batch + 1)),
+        seq_lens=s["seq_lens"][:batch],
+        page_table=s["page_table"][:batch],
+        slot_mapping=torch.full((batch,), -1, dtype=torch.int64, device="cuda"),
+        logits_rows=None,
+    )
+    sparse = LocalExperts.forward
+    LocalExperts.forward = LocalExperts.forward_static
+    try:
+        engine.model(batch_, engine.kv_caches)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            engine.model(batch_, engine.kv_caches)
+            torch.cuda.synchronize()
+    finally:
+        LocalExperts.forward = sparse
+    rows = []
+    for e in prof.key_averages():
+        device_us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if device_us > 0 and e.key not in ("cudaDeviceSynchronize",):
+            rows.append(dict(kernel=e.key[:70], calls=e.count, device_ms=device_us / 1e3))
+    rows.sort(key=lambda r: -r["device_ms"])
+    total = sum(r["device_ms"] for r in rows)
+    kernels = sum(r["calls"] for r in rows)
+    print(f"\nbatch {batch}: {kernels} kernels, {total:.2f} ms of device time in one eager decode forward")
+    print_table(rows[:top], ["kernel", "calls", "device_ms"])
+    return [dict(kernel="(total)", calls=kernels, device_ms=total)] + rows[:top]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--skip-peer", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="kernel breakdown of one decode forward")
     args = parser.parse_args()
     steps = 8 if args.quick else 20
     bw_gbs = copy_bandwidth_gbs()
@@ -235,6 +277,8 @@ def main() -> None:
         row["peer_tok_s"] = b / peer[b] * 1e3 if b in peer else None
         row["speedup"] = peer[b] / r["step_ms"] if b in peer else None
         row["step_over_floor"] = r["step_ms"] / floor_ms
+        if args.profile:
+            row["kernel_profile"] = kernel_profile(engine, b)
         rows.append(row)
     payload = {
         **header(),

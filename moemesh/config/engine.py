@@ -15,8 +15,8 @@ class EngineConfig:
     * max_num_seqs: most requests in one step (running at once).
     * max_num_batched_tokens: per-step token budget; longer prompts are prefilled in chunks.
     * max_model_len: prompt + output tokens of one request; None = the model's max_position_embeddings.
-    * kv_cache_memory_bytes: the KV pool's size. Required on CPU (the budget); on CUDA None means
-      "what is left of gpu_memory_utilization x device memory after weights and activations".
+    * kv_cache_memory_bytes: the KV pool's size. On CPU None means 1 GiB; on CUDA None means "what is left of
+      gpu_memory_utilization x device memory after weights and activations" (measured).
     * num_kv_pages: an exact page count, overriding both (tests use small pools to force preemption).
     * gpu_memory_utilization: share of device memory the worker may take on CUDA.
     * enable_prefix_caching: reuse full pages of earlier requests by chained page hashes.
@@ -27,7 +27,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
-    kv_cache_memory_bytes: int | None = 1 << 30
+    kv_cache_memory_bytes: int | None = None
     num_kv_pages: int | None = None
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
