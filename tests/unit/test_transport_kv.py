@@ -390,3 +390,34 @@ def test_a_receiver_that_stops_progressing_costs_the_sender_one_timeout_not_a_ha
         await receiver.close()
 
     asyncio.run(asyncio.wait_for(body(), 30))
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_two_senders_with_colliding_transfer_ids_write_to_one_receiver_at_once(kind):
+    """Two prefill workers number their chunks from 1 alike; the receiver keeps them apart (ucxx scopes tags
+    to the endpoint)."""
+
+    async def body(pair: Pair):
+        if kind == "loopback":
+            other = pair.sender.fabric.sender(checksum=True)
+        else:
+            from moemesh.transport.ucx import UcxKvSender
+
+            other = UcxKvSender(checksum=True, timeout_s=10)
+        await other.connect(pair.receiver.address)
+        try:
+            a, b = pair.lease(1, [0, 2, 4, 6]), pair.lease(2, [1, 3, 5, 7])
+            kv_a, kv_b = prompt_kv(4, 20), prompt_kv(4, 21)
+            second = Pair.__new__(Pair)
+            second.sender = other
+            await asyncio.gather(
+                pair.push(a, kv_a, pages_per_chunk=1), Pair.push(second, b, kv_b, pages_per_chunk=1)
+            )
+            for target in (a, b):
+                await pair.receiver.inbox.wait_complete(target.lease, timeout_s=10)
+            assert_pages(pair.caches, [0, 2, 4, 6], kv_a)
+            assert_pages(pair.caches, [1, 3, 5, 7], kv_b)
+        finally:
+            await other.close()
+
+    run(kind, body)
