@@ -86,13 +86,17 @@ class Pair:
         return target
 
     async def push(self, target: KvTarget, kv: torch.Tensor, pages_per_chunk: int = 2) -> int:
-        """P's side: every layer, in chunks, all in flight at once."""
-        sends = []
-        for layer in range(LAYOUT.num_layers):
-            for first in range(target.first_page, len(target.page_ids), pages_per_chunk):
-                chunk = kv[layer, first : first + pages_per_chunk].contiguous()
-                sends.append(self.sender.send(target, layer, first, chunk))
-        return sum(await asyncio.gather(*sends))
+        return await push(self.sender, target, kv, pages_per_chunk)
+
+
+async def push(sender, target: KvTarget, kv: torch.Tensor, pages_per_chunk: int = 2) -> int:
+    """P's side: every layer, in chunks, all in flight at once."""
+    sends = []
+    for layer in range(LAYOUT.num_layers):
+        for first in range(target.first_page, len(target.page_ids), pages_per_chunk):
+            chunk = kv[layer, first : first + pages_per_chunk].contiguous()
+            sends.append(sender.send(target, layer, first, chunk))
+    return sum(await asyncio.gather(*sends))
 
 
 def run(kind: str, body) -> None:
@@ -408,11 +412,7 @@ def test_two_senders_with_colliding_transfer_ids_write_to_one_receiver_at_once(k
         try:
             a, b = pair.lease(1, [0, 2, 4, 6]), pair.lease(2, [1, 3, 5, 7])
             kv_a, kv_b = prompt_kv(4, 20), prompt_kv(4, 21)
-            second = Pair.__new__(Pair)
-            second.sender = other
-            await asyncio.gather(
-                pair.push(a, kv_a, pages_per_chunk=1), Pair.push(second, b, kv_b, pages_per_chunk=1)
-            )
+            await asyncio.gather(push(pair.sender, a, kv_a, 1), push(other, b, kv_b, 1))
             for target in (a, b):
                 await pair.receiver.inbox.wait_complete(target.lease, timeout_s=10)
             assert_pages(pair.caches, [0, 2, 4, 6], kv_a)
