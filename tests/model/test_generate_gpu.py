@@ -44,3 +44,23 @@ def test_seeded_sampling_matches_across_batches_on_gpu(hf_and_llm):
     alone = llm.generate([target], p)[0].token_ids
     assert llm.generate(prompts(6, seed=4) + [target], p)[-1].token_ids == alone
     assert_no_leaks(llm)
+
+
+def test_grouped_experts_in_bf16_match_the_fp32_loop():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from moemesh.model.moe import LocalExperts
+
+    torch.manual_seed(0)
+    cpu = LocalExperts(64, 256, 176)
+    torch.nn.init.normal_(cpu.w13, std=0.05)
+    torch.nn.init.normal_(cpu.w2, std=0.05)
+    gpu = LocalExperts(64, 256, 176).to("cuda", torch.bfloat16)
+    gpu.load_state_dict(cpu.state_dict())
+    for tokens in (1, 5, 64):
+        hidden = torch.randn(tokens, 256)
+        ids = torch.stack([torch.randperm(64)[:6] for _ in range(tokens)])
+        weights = torch.rand(tokens, 6)
+        ref = cpu.forward(hidden, ids, weights)
+        got = gpu.forward(hidden.cuda().bfloat16(), ids.cuda(), weights.cuda()).float().cpu()
+        assert ((got - ref).norm() / ref.norm()).item() < 1e-2

@@ -98,7 +98,7 @@ def assert_no_leaks_but(llm: LLM, running: int) -> None:
     assert llm.stats()["num_running"] + llm.stats()["num_waiting"] == running
 
 
-def test_static_expert_path_matches_the_sparse_loop():
+def test_graph_safe_expert_paths_match_the_sparse_loop():
     torch.manual_seed(0)
     experts = LocalExperts(16, 32, 24)
     torch.nn.init.normal_(experts.w13, std=0.1)
@@ -109,6 +109,7 @@ def test_static_expert_path_matches_the_sparse_loop():
         weights = torch.rand(tokens, 2)
         ref = experts.forward(hidden, ids, weights)
         torch.testing.assert_close(experts.forward_static(hidden, ids, weights), ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(experts.forward_grouped(hidden, ids, weights), ref, atol=1e-5, rtol=1e-5)
 
 
 # -- stop strings need a tokenizer: a byte-level BPE over a 300-token vocabulary ------------------------------
