@@ -198,7 +198,7 @@ class Mesh:
             self.receiver, self.sender = fabric.receiver(), fabric.sender(checksum=True)
         else:
             pytest.importorskip("ucxx")
-            from moemesh.transport.ucx import UcxKvReceiver, UcxKvSender
+            from moemesh.transport.kv_ucx import UcxKvReceiver, UcxKvSender
 
             self.receiver, self.sender = UcxKvReceiver(), UcxKvSender(checksum=True, timeout_s=10)
         await self.receiver.start()

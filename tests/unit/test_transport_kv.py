@@ -56,7 +56,8 @@ class Pair:
         else:
             ucx = pytest.importorskip("ucxx", reason="ucxx is in the [server] extra")
             del ucx
-            from moemesh.transport.ucx import UcxKvReceiver, UcxKvSender, UcxOptions
+            from moemesh.transport.kv_ucx import UcxKvReceiver, UcxKvSender
+            from moemesh.transport.ucx import UcxOptions
 
             self.receiver = UcxKvReceiver(clock=clock, options=UcxOptions(), recv_timeout_s=10)
             self.sender = UcxKvSender(UcxOptions(), checksum=True, timeout_s=10)
@@ -367,7 +368,7 @@ def test_a_receiver_that_stops_progressing_costs_the_sender_one_timeout_not_a_ha
     timeout_s, the endpoint is dropped, and close() returns at once."""
     pytest.importorskip("ucxx")
     from moemesh.transport.errors import DeadlineExceeded
-    from moemesh.transport.ucx import UcxKvReceiver, UcxKvSender
+    from moemesh.transport.kv_ucx import UcxKvReceiver, UcxKvSender
 
     class Stuck(UcxKvReceiver):
         async def _recv_payload(self, ep, header, buffer):
@@ -405,7 +406,7 @@ def test_two_senders_with_colliding_transfer_ids_write_to_one_receiver_at_once(k
         if kind == "loopback":
             other = pair.sender.fabric.sender(checksum=True)
         else:
-            from moemesh.transport.ucx import UcxKvSender
+            from moemesh.transport.kv_ucx import UcxKvSender
 
             other = UcxKvSender(checksum=True, timeout_s=10)
         await other.connect(pair.receiver.address)

@@ -47,7 +47,7 @@ def test_pack_send_unpack_reproduces_the_prefill_pages_on_decode(kind):
             receiver, sender = fabric.receiver(), fabric.sender(checksum=True)
         else:
             pytest.importorskip("ucxx")
-            from moemesh.transport.ucx import UcxKvReceiver, UcxKvSender
+            from moemesh.transport.kv_ucx import UcxKvReceiver, UcxKvSender
 
             receiver, sender = UcxKvReceiver(), UcxKvSender(checksum=True)
         address = await receiver.start()

@@ -43,9 +43,9 @@ def make_kv(kind: str):
         fabric = LoopbackFabric()
         return fabric.receiver("decode-0"), fabric.sender, lambda s: set(s._connected)
     pytest.importorskip("ucxx")
-    from moemesh.transport.ucx import UcxKvReceiver, UcxKvSender
+    from moemesh.transport.kv_ucx import UcxKvReceiver, UcxKvSender
 
-    return UcxKvReceiver(), UcxKvSender, lambda s: set(s._endpoints)
+    return UcxKvReceiver(), UcxKvSender, lambda s: s.pool.addresses
 
 
 @pytest.mark.parametrize("kind", ["loopback", "ucx"])

@@ -16,7 +16,8 @@ pytestmark = pytest.mark.gpu
 
 async def _move(num_pages: int, num_layers: int, chunk_pages: int, checksum: bool) -> float:
     """Sends num_layers layers of num_pages shuffled pages from one CUDA cache to another; returns GB/s."""
-    from moemesh.transport.ucx import UcxKvReceiver, UcxKvSender, UcxOptions
+    from moemesh.transport.kv_ucx import UcxKvReceiver, UcxKvSender
+    from moemesh.transport.ucx import UcxOptions
 
     options = UcxOptions(transports="", net_devices="")  # let UCX choose its GPU transports
     layout = KvLayout("bf16", page_size=64, bytes_per_token=1152, num_layers=num_layers)  # 72 KiB pages

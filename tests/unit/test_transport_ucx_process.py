@@ -17,7 +17,7 @@ pytest.importorskip("ucxx", reason="ucxx is in the [server] extra")
 
 from moemesh.transport.errors import LeaseRefused  # noqa: E402
 from moemesh.transport.kv import KvLayout, KvTarget, LeaseKey  # noqa: E402
-from moemesh.transport.ucx import UcxKvSender  # noqa: E402
+from moemesh.transport.kv_ucx import UcxKvSender  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 LAYOUT = KvLayout("bf16", page_size=16, bytes_per_token=1152, num_layers=4)  # 18 KiB pages
@@ -27,7 +27,7 @@ PAGE_IDS = (7, 3, 11, 0, 5, 9)
 RECEIVER = f"""
 import asyncio, sys, time, torch
 from moemesh.transport.kv import KvLayout, KvTarget, Lease, LeaseKey, PagedKvSink
-from moemesh.transport.ucx import UcxKvReceiver
+from moemesh.transport.kv_ucx import UcxKvReceiver
 
 async def main():
     layout = KvLayout("bf16", 16, 1152, 4)

@@ -1,0 +1,189 @@
+"""The KV sender and receiver over ucxx (see kv.py for the transfer's lifecycle, kv_wire.py for the bytes).
+
+Per chunk, on one endpoint P -> D (tags are scoped to the endpoint by ucxx, so two senders' ids never mix):
+    P: send header (HEADER_BYTES, tag TAG_HEADER) -> send payload (tag 4*id+2) -> recv ack (ACK_BYTES, tag 4*id+3)
+    D: recv header -> inbox.admit -> recv payload into the sink's buffer (or a scratch buffer when refused)
+       -> inbox.land -> send ack (accepted, or refused with the reason and message)
+A payload D does not get within `recv_timeout_s` aborts the endpoint (UCX cancels its requests, so nothing can
+land late). On P, `timeout_s` bounds each chunk's whole exchange: a stalled receiver costs one
+DeadlineExceeded, never a hang, and the next send reconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from moemesh.transport.errors import DeadlineExceeded, LeaseRefused, Unavailable
+from moemesh.transport.kv import KvTarget
+from moemesh.transport.kv_inbox import KvInbox
+from moemesh.transport.kv_wire import (
+    ACK_BYTES,
+    HEADER_BYTES,
+    ChunkHeader,
+    RefusalReason,
+    make_header,
+    pack_ack,
+    unpack_ack,
+)
+from moemesh.transport.ucx import UcxEndpointPool, UcxListener, UcxOptions, as_ucx_buffer
+
+log = logging.getLogger(__name__)
+
+TAG_HEADER = 1
+
+
+def _data_tag(transfer_id: int) -> int:
+    return 4 * transfer_id + 2
+
+
+def _ack_tag(transfer_id: int) -> int:
+    return 4 * transfer_id + 3
+
+
+class UcxKvReceiver:
+    """D's end: a UcxListener; each connected sender gets a loop reading chunk headers."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        options: UcxOptions | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        recv_timeout_s: float = 60.0,
+    ) -> None:
+        self.inbox = KvInbox(clock)
+        self.recv_timeout_s = recv_timeout_s
+        self.listener = UcxListener(self._serve, host, port, options)
+        self._tasks: set[asyncio.Task] = set()
+
+    @property
+    def address(self) -> str:
+        return self.listener.address
+
+    async def start(self) -> str:
+        address = await self.listener.start()
+        log.info("KV receiver listening on %s", address)
+        return address
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.listener.close()
+
+    async def _serve(self, ep: Any) -> None:
+        raw = torch.empty(HEADER_BYTES, dtype=torch.uint8)
+        while True:
+            await ep.recv(as_ucx_buffer(raw), tag=TAG_HEADER)
+            try:
+                header = ChunkHeader.unpack(raw.numpy().tobytes())
+            except ValueError as err:
+                log.warning("closing a KV connection: %s", err)
+                return
+            task = asyncio.ensure_future(self._receive(ep, header))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _receive(self, ep: Any, header: ChunkHeader) -> None:
+        try:
+            admission = self.inbox.admit(header)
+        except LeaseRefused as err:
+            reason = RefusalReason(err.reason or RefusalReason.RECEIVER_ERROR)
+            scratch = torch.empty(header.num_bytes, dtype=torch.uint8)  # drain the payload, then refuse
+            if await self._recv_payload(ep, header, scratch):
+                await self._ack(ep, header, reason, str(err))
+            return
+        if not await self._recv_payload(ep, header, admission.buffer):
+            self.inbox.abandon(admission)
+            return
+        try:
+            self.inbox.land(admission)
+        except LeaseRefused as err:
+            await self._ack(ep, header, RefusalReason(err.reason or RefusalReason.RECEIVER_ERROR), str(err))
+            return
+        await self._ack(ep, header, RefusalReason.ACCEPTED, "")
+
+    async def _recv_payload(self, ep: Any, header: ChunkHeader, buffer: torch.Tensor) -> bool:
+        try:
+            recv = ep.recv(as_ucx_buffer(buffer), tag=_data_tag(header.transfer_id))
+            await asyncio.wait_for(recv, self.recv_timeout_s)
+            return True
+        except Exception as err:
+            # Abort: UCX cancels the endpoint's requests, so the buffer is never written after this.
+            log.warning(
+                "KV payload of lease %s not received (%s); dropping the connection", header.lease, err
+            )
+            ep.abort()
+            return False
+
+    async def _ack(self, ep: Any, header: ChunkHeader, reason: RefusalReason, message: str) -> None:
+        reply = torch.frombuffer(bytearray(pack_ack(header.transfer_id, reason, message)), dtype=torch.uint8)
+        with contextlib.suppress(Exception):  # a lost sender learns from its own failed exchange
+            await ep.send(as_ucx_buffer(reply), tag=_ack_tag(header.transfer_id))
+
+
+class UcxKvSender:
+    """P's end: a UcxEndpointPool, one endpoint per receiver address."""
+
+    def __init__(self, options: UcxOptions | None = None, checksum: bool = False, timeout_s: float = 60.0):
+        """timeout_s bounds each chunk's whole exchange: header, payload and ack."""
+        self.pool = UcxEndpointPool(options)
+        self.checksum = checksum
+        self.timeout_s = timeout_s
+        self.bytes_sent = 0
+        self._ids = itertools.count(1)
+        self._inflight: set[asyncio.Task] = set()
+
+    async def connect(self, address: str) -> None:
+        await self.pool.get(address)
+
+    async def send(self, target: KvTarget, layer: int, first_page: int, pages: torch.Tensor) -> int:
+        header, data = make_header(target, layer, first_page, pages, next(self._ids), self.checksum)
+        ep = await self.pool.get(target.address)
+        # Shielded: once the header is out, the payload and the ack follow even if the caller is cancelled, so
+        # the receiver never waits on a payload that cannot come. close() awaits what is still in flight.
+        exchange = asyncio.ensure_future(self._exchange(ep, target.address, header, data))
+        self._inflight.add(exchange)
+        exchange.add_done_callback(self._inflight.discard)
+        _, reason, message = await asyncio.shield(exchange)
+        if reason is not RefusalReason.ACCEPTED:
+            raise LeaseRefused(message or f"receiver refused the write: {reason.name}", reason)
+        self.bytes_sent += header.num_bytes
+        return header.num_bytes
+
+    async def close(self) -> None:
+        await asyncio.gather(*self._inflight, return_exceptions=True)
+        await self.pool.close()
+
+    async def _exchange(
+        self, ep: Any, address: str, header: ChunkHeader, data: torch.Tensor
+    ) -> tuple[int, RefusalReason, str]:
+        raw = torch.frombuffer(bytearray(header.pack()), dtype=torch.uint8)
+        ack = torch.zeros(ACK_BYTES, dtype=torch.uint8)
+
+        async def wire() -> None:
+            await ep.send(as_ucx_buffer(raw), tag=TAG_HEADER)
+            await ep.send(
+                as_ucx_buffer(data), tag=_data_tag(header.transfer_id)
+            )  # rendezvous: D must progress
+            await ep.recv(as_ucx_buffer(ack), tag=_ack_tag(header.transfer_id))
+
+        try:
+            await asyncio.wait_for(wire(), self.timeout_s)
+        except TimeoutError:
+            self.pool.drop(address, ep)  # aborting the endpoint cancels its requests: nothing lands later
+            raise DeadlineExceeded(
+                f"KV chunk to {address} not acknowledged after {self.timeout_s} s"
+            ) from None
+        except Exception as err:
+            self.pool.drop(address, ep)
+            raise Unavailable(f"KV transfer to {address} failed: {err}") from err
+        return unpack_ack(ack.numpy().tobytes())
