@@ -32,14 +32,12 @@ ATTN_SHAPES = {  # (N, K) of DeepSeek-V3's attention projections
     "o_proj": (7168, 16384),
 }
 SWEEP = [
-    TileConfig(128, 128, 8, 4),
-    TileConfig(128, 128, 8, 5),
     TileConfig(128, 128, 8, 3),
-    TileConfig(128, 128, 8, 4, group_m=16),
+    TileConfig(128, 128, 8, 3, mode=1),
+    TileConfig(128, 128, 8, 4, mode=1),
     TileConfig(64, 128, 4, 4),
-    TileConfig(64, 128, 4, 6),
-    TileConfig(64, 256, 8, 4),
-    TileConfig(128, 64, 4, 4),
+    TileConfig(64, 128, 4, 4, mode=1),
+    TileConfig(64, 128, 4, 3, mode=1),
 ]
 
 

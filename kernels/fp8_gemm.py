@@ -28,7 +28,7 @@ class TileConfig:
     num_warps: int
     num_stages: int
     group_m: int = 8
-    mode: int = 0  # _scaled_tile's MODE
+    mode: int = 0  # _scaled_tile's MODE (1 needs block_n == 128)
 
 
 def pick_config(m: int, n: int) -> TileConfig:
@@ -66,10 +66,11 @@ def _scaled_tile(
     """fp32 [BLOCK_M, BLOCK_N] = sum over 128-wide K steps of (a @ b.T) * a_scale * b_scale.
     a_ptr / as_ptr point at row 0 of this group's A and its scales, b_ptr / bs_ptr at its B and B's scales.
 
-    MODE 0: each step's product lands in a fresh fp32 tile, scaled into the accumulator (DeepSeek's promotion).
-    MODE 1: the same, software-pipelined: step k+1's product is issued before step k is promoted.
-    MODE 2: the accumulator is kept in the current step's scale units and rescaled by old/new scale before
-    each product accumulates into it in place (no second fp32 tile: room for larger tiles)."""
+    Each step's product lands in a fresh fp32 tile, scaled into the accumulator (DeepSeek's promotion).
+    MODE 0: any BLOCK_N; the [BM, BN] outer product of the scales is formed each step.
+    MODE 1: BLOCK_N == 128 only; one B scale per step, scales prefetched a step ahead.
+    (Tried on an H200 and dropped: issuing step k+1's product before promoting step k, and keeping the accumulator
+    in scale units rescaled before an in-place product; both ran 3-20x slower.)"""
     a_rows = a_ptr + offs_m[:, None].to(tl.int64) * stride_am
     b_cols = b_ptr + offs_n[None, :].to(tl.int64) * stride_bn
     as_rows = as_ptr + offs_m.to(tl.int64) * stride_as
@@ -80,22 +81,19 @@ def _scaled_tile(
         for kb in range(num_k):
             a, b, s = _load_step(a_rows, b_cols, as_rows, bs_cols, row_ok, col_ok, kb, K, stride_ask, EVEN_K)
             acc += tl.dot(a, b) * s
-    elif MODE == 1:
-        a, b, prev_s = _load_step(a_rows, b_cols, as_rows, bs_cols, row_ok, col_ok, 0, K, stride_ask, EVEN_K)
-        prev = tl.dot(a, b)
-        for kb in range(1, num_k):
-            a, b, s = _load_step(a_rows, b_cols, as_rows, bs_cols, row_ok, col_ok, kb, K, stride_ask, EVEN_K)
-            cur = tl.dot(a, b)
-            acc += prev * prev_s
-            prev, prev_s = cur, s
-        acc += prev * prev_s
     else:
-        prev_s = tl.full([BLOCK_M, BLOCK_N], 1.0, tl.float32)
+        # BLOCK_N == 128 tiles start on a scale block: one B scale per step, so the promotion scales by a
+        # vector; both scales are loaded a step ahead, their latency hidden behind the product
+        bs_tile = bs_ptr + (tl.min(offs_n, axis=0) // 128) * stride_bs
+        a_s_next = tl.load(as_rows, mask=row_ok, other=1.0)
+        b_s_next = tl.load(bs_tile)
         for kb in range(num_k):
-            a, b, s = _load_step(a_rows, b_cols, as_rows, bs_cols, row_ok, col_ok, kb, K, stride_ask, EVEN_K)
-            acc = tl.dot(a, b, acc * (prev_s / s))
-            prev_s = s
-        acc = acc * prev_s
+            a_s, b_s = a_s_next, b_s_next
+            nxt = tl.minimum(kb + 1, num_k - 1)
+            a_s_next = tl.load(as_rows + nxt * stride_ask, mask=row_ok, other=1.0)
+            b_s_next = tl.load(bs_tile + nxt)
+            a, b, _ = _load_step(a_rows, b_cols, as_rows, bs_cols, row_ok, col_ok, kb, K, stride_ask, EVEN_K)
+            acc += tl.dot(a, b) * (a_s * b_s)[:, None]
     return acc
 
 

@@ -148,15 +148,15 @@ def test_gpu_silu_mul_quant_v3():
     assert_close(dense.dequant_rows(q, s), dense.dequant_rows(q_ref, s_ref), dtype=torch.float8_e4m3fn)
 
 
-@pytest.mark.parametrize("mode", [1, 2])
+@pytest.mark.parametrize("mode", [0, 1])
 def test_promotion_modes(mode):
-    """The alternative promotion schedules compute the same product (ragged K, rows with zero scale-floor)."""
+    """Both promotion schedules compute the same product (ragged K and N, rows at the scale floor)."""
     m, n, k = 33, 136, 400
     a, a_s = _a((m, k), seed=mode)
     a[:3] = 0.0  # all-zero rows: the smallest scale, stress for MODE 2's scale ratios
     a_s[:3] = 1e-10 / 448
     b, b_s = _b(1, n, k, seed=7)
-    cfg = dense.TileConfig(32, 64, 4, 2, mode=mode)
+    cfg = dense.TileConfig(32, 128, 4, 2, mode=mode)
     got = dense.fp8_gemm(a, a_s, b[0], b_s[0], config=cfg)
     assert_close(got, dense.reference(a.cpu(), a_s.cpu(), b[0].cpu(), b_s[0].cpu()))
     offsets = torch.tensor([0, 10, 10, 33], dtype=torch.int32, device=DEV)
