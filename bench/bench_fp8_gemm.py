@@ -16,6 +16,8 @@ masked at 256 rows per expert >= 700 TFLOP/s.
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 import torch
 from moemesh.kernels import act_quant, fp8_gemm, fp8_grouped_gemm, fp8_grouped_gemm_masked
@@ -190,7 +192,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--only", default="ceiling,sweep,contiguous,masked,dense")
+    parser.add_argument("--replot", default=None, help="render the PNG of a result JSON (no GPU needed)")
     args = parser.parse_args()
+    if args.replot:
+        plot(json.loads(Path(args.replot).read_text()), args.out)
+        return
     only = set(args.only.split(","))
     torch.manual_seed(0)
     result = header()
@@ -231,7 +237,7 @@ def plot(result: dict, out_dir: str | None) -> None:
             pts = [r for r in result["contiguous"] if r["n"] == n and r["k"] == k and r["experts"] == e]
             series[f"ours E={e}"] = ([r["rows"] for r in pts], [r["ours_tflops"] for r in pts])
             peer = [r for r in pts if r["peer_tflops"]]
-            series[f"_scaled_grouped_mm E={e}"] = (
+            series[f"torch._scaled_grouped_mm E={e}"] = (
                 [r["rows"] for r in peer],
                 [r["peer_tflops"] for r in peer],
             )
@@ -246,7 +252,7 @@ def plot(result: dict, out_dir: str | None) -> None:
                 ylabel="TFLOP/s",
                 series=series,
                 logx=True,
-                hline=(result["scaled_mm_8192_tflops"], "_scaled_mm 8192^3")
+                hline=(result["scaled_mm_8192_tflops"], "torch._scaled_mm 8192^3")
                 if "scaled_mm_8192_tflops" in result
                 else None,
             )
@@ -257,7 +263,13 @@ def plot(result: dict, out_dir: str | None) -> None:
             pts = [r for r in result["dense"] if r["proj"] == proj and r["speedup"]]
             series[proj] = ([r["m"] for r in pts], [r["speedup"] for r in pts])
         panels.append(
-            dict(title="fp8_gemm speed-up over _scaled_mm", xlabel="M", ylabel="x", series=series, logx=True)
+            dict(
+                title="fp8_gemm speed-up over torch._scaled_mm",
+                xlabel="M",
+                ylabel="x",
+                series=series,
+                logx=True,
+            )
         )
     if panels:
         save_plot(f"fp8_gemm-{_tag(result)}", panels, out_dir)

@@ -7,6 +7,8 @@ the usual top-k/top-p implementation) and vs the time to read the logits once at
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 import torch
 from moemesh.kernels.sample import SamplingTensors, reference, sample
@@ -25,7 +27,11 @@ MODES = {
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)
+    parser.add_argument("--replot", default=None, help="render the PNG of a result JSON (no GPU needed)")
     args = parser.parse_args()
+    if args.replot:
+        plot(json.loads(Path(args.replot).read_text()), args.out)
+        return
     result = header()
     result["copy_gbs"] = copy_bandwidth_gbs()
     rows = []
@@ -56,6 +62,11 @@ def main() -> None:
         rows, ["batch", "mode", "ours_us", "ours_penalties_us", "torch_sort_us", "speedup", "read_once_us"]
     )
     print("wrote", write_json(f"sample-{_tag(result)}", result, args.out))
+    plot(result, args.out)
+
+
+def plot(result: dict, out_dir: str | None) -> None:
+    rows = result["rows"]
     series = {}
     for mode in MODES:
         pts = [r for r in rows if r["mode"] == mode]
@@ -64,7 +75,7 @@ def main() -> None:
     panel = dict(
         title=f"sample, V={VOCAB} ({result['card']})", xlabel="batch", ylabel="µs", series=series, logx=True
     )
-    save_plot(f"sample-{_tag(result)}", [panel], args.out)
+    save_plot(f"sample-{_tag(result)}", [panel], out_dir)
 
 
 def _tag(result: dict) -> str:
