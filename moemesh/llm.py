@@ -108,7 +108,10 @@ class LLM:
         done: dict[str, RequestOutput] = {}
         logprobs: dict[str, list[Logprob]] = {i: [] for i in ids}
         while len(done) < len(ids):
-            for out in self.engine.step():
+            outputs = self.engine.step()
+            if not outputs and not self.engine.scheduler.running:
+                raise RuntimeError(f"the engine cannot admit any waiting request: {self.engine.stats()}")
+            for out in outputs:
                 logprobs[out.request_id] += [
                     Logprob(s.token_id, s.logprob, s.top_logprobs) for s in out.logprobs
                 ]
