@@ -295,12 +295,15 @@ def _chunk(
 
 @triton.jit
 def _search_keys(key, lo, hi, target, NT: tl.constexpr):
-    """`_search` over keys held in registers, counting."""
-    j = tl.arange(0, NT) + 1
+    """`_search` over keys held in registers, counting; one reduction per candidate keeps registers low."""
+    j = tl.arange(0, NT)
     while lo < hi:
         step = (hi - lo + NT - 1) // NT
-        cand = tl.minimum(lo + j.to(tl.int64) * step, hi)
-        acc = tl.sum((key[:, None] >= cand.to(tl.int32)[None, :]).to(tl.int32), axis=0)
+        cand = tl.minimum(lo + (j + 1).to(tl.int64) * step, hi)
+        acc = tl.zeros([NT], dtype=tl.int32)
+        for t in tl.static_range(NT):
+            c = tl.minimum(lo + (t + 1) * step, hi).to(tl.int32)
+            acc = tl.where(j == t, tl.sum((key >= c).to(tl.int32), axis=0), acc)
         ok = acc >= target
         new_lo = tl.max(tl.where(ok, cand, lo), axis=0)
         hi = tl.min(tl.where(ok, hi, cand - 1), axis=0)
@@ -392,7 +395,7 @@ def _gumbel(rkey, idx):
 @triton.jit
 def _segment_kernel(
     logits_ptr, stride_l, counts_ptr, stride_c, prompt_ptr, stride_p,
-    temp_ptr, topk_ptr, rep_ptr, freq_ptr, pres_ptr, seed_ptr, step_ptr,
+    temp_ptr, topk_ptr, topp_ptr, minp_ptr, rep_ptr, freq_ptr, pres_ptr, seed_ptr, step_ptr,
     pf_ptr, pi_ptr, cx_ptr, ci_ptr, V, S,
     HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr, SEG: tl.constexpr, KC: tl.constexpr, NT: tl.constexpr,
 ):  # fmt: skip
@@ -419,12 +422,18 @@ def _segment_kernel(
     greedy = tl.min(tl.where(valid & (x == x_max), offs, 2147483647), axis=0)
     key = tl.where(valid, _order_key(x), -2147483648)
     key_min = tl.min(tl.where(valid, key, 2147483647), axis=0)
-    rkey = _row_key_tl(tl.load(seed_ptr + row), tl.load(step_ptr + row))
-    score = tl.where(valid, x + _gumbel(rkey, offs), float("-inf"))
-    g_best = tl.max(score, axis=0)
-    g_i = tl.min(tl.where(score == g_best, offs, 2147483647), axis=0)
     top_k = tl.load(topk_ptr + row)
-    ncand = -1
+    g_best = tl.full((), float("-inf"), tl.float32)
+    g_i = tl.full((), 2147483647, tl.int32)
+    unfiltered = (
+        ((top_k <= 0) | (top_k >= V)) & (tl.load(topp_ptr + row) >= 1.0) & (tl.load(minp_ptr + row) <= 0)
+    )
+    if (temp > 0) & unfiltered:  # the finisher draws from these alone
+        rkey = _row_key_tl(tl.load(seed_ptr + row), tl.load(step_ptr + row))
+        score = tl.where(valid, x + _gumbel(rkey, offs), float("-inf"))
+        g_best = tl.max(score, axis=0)
+        g_i = tl.min(tl.where(score == g_best, offs, 2147483647), axis=0)
+    ncand = tl.full((), -1, tl.int32)
     if (temp > 0) & (top_k >= 1) & (top_k <= KC):
         lo = key_min.to(tl.int64)
         if tl.sum(valid.to(tl.int32), axis=0) > KC:
@@ -583,7 +592,8 @@ def sample(
     penalties = (params.repetition_penalty, params.frequency_penalty, params.presence_penalty)
     flags = dict(HAS_COUNTS=output_counts is not None, HAS_PROMPT=prompt_mask is not None, KC=kc, NT=16)
     _segment_kernel[(b, num_seg)](
-        *common, params.top_k, *penalties, params.seed, params.step, part_f, part_i, cand_x, cand_i, v, num_seg,
+        *common, params.top_k, params.top_p, params.min_p, *penalties, params.seed, params.step,
+        part_f, part_i, cand_x, cand_i, v, num_seg,
         SEG=seg, num_warps=8, **flags,
     )  # fmt: skip
     _finish_kernel[(b,)](
