@@ -272,6 +272,7 @@ def _mla_decode_tma_kernel(
     GROUP: tl.constexpr,
     PE_COL: tl.constexpr,
     LAZY: tl.constexpr,
+    WS: tl.constexpr,
 ):
     """The split kernel for the V3-style layout (kv_lora_rank = 2 * D_HALF, rope_dim = BLOCK_R, BLOCK_N divides
     page_size): K/V tiles arrive by TMA, the latent in two halves so each accumulator half is [BLOCK_H, D_HALF]."""
@@ -298,7 +299,7 @@ def _mla_decode_tma_kernel(
     acc0 = tl.zeros([BLOCK_H, D_HALF], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK_H, D_HALF], dtype=tl.float32)
     pt_row = page_table_ptr + b.to(tl.int64) * stride_pt
-    for n0 in range(start, end_full, BLOCK_N):
+    for n0 in tl.range(start, end_full, BLOCK_N, warp_specialize=WS):
         page = tl.load(pt_row + n0 // page_size)
         row0 = page * page_size + n0 % page_size
         m_i, l_i, acc0, acc1 = _tma_tile(
@@ -444,7 +445,9 @@ class DecodeConfig:
     num_stages: int
     num_splits: int | None = None
     tma: bool = True  # page-aligned TMA tiles where the layout allows (Hopper, BF16/FP16/FP8 cache)
-    lazy_rescale: bool = True  # TMA kernel: rescale the accumulators only when a row max grows by > 2^8
+    lazy_rescale: bool = False  # TMA kernel: rescale accumulators only when a row max grows by > 2^8 (FA3);
+    # measured slower on H200 (the branch stops the MMA pipelining), kept for comparison
+    warp_specialize: bool = False  # TMA kernel: Triton's automatic warp specialisation of the main loop
 
 
 def default_config(num_heads: int, kv_lora_rank: int, fp8: bool) -> DecodeConfig:
@@ -563,6 +566,7 @@ def mla_decode(
             GROUP=group,
             PE_COL=pe_col,
             LAZY=cfg.lazy_rescale,
+            WS=cfg.warp_specialize,
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )

@@ -46,7 +46,9 @@ class PrefillConfig:
     num_warps: int = 8
     num_stages: int = 3
     tma: bool = True  # TMA tiles where the layout allows (Hopper, BF16/FP16, 16-byte aligned strides)
-    lazy_rescale: bool = True  # TMA kernel: rescale the accumulator only when a row max grows by > 2^8
+    lazy_rescale: bool = False  # TMA kernel: rescale only when a row max grows by > 2^8 (FA3); measured
+    # slower on H200 (the branch stops the MMA pipelining), kept for comparison
+    warp_specialize: bool = False  # TMA kernel: Triton's automatic warp specialisation of the main loops
 
 
 @triton.jit
@@ -203,7 +205,7 @@ def _mla_prefill_tma_kernel(
     q1_desc, q2_desc, k1_desc, k2_desc, v_desc, pk1_desc, pk2_desc, pv_desc,
     cu_ptr, pcu_ptr, out_ptr, lse_ptr, scale_log2, num_heads, v_dim, stride_ot, stride_oh,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_D2: tl.constexpr,
-    BLOCK_DV: tl.constexpr, HAS_PREFIX: tl.constexpr, LAZY: tl.constexpr,
+    BLOCK_DV: tl.constexpr, HAS_PREFIX: tl.constexpr, LAZY: tl.constexpr, WS: tl.constexpr,
 ):  # fmt: skip
     """The Hopper path: q/k/v tiles by TMA (3-D descriptors over [T, H, D] views, one head per tile), the
     heaviest query blocks first (causal work grows with the block index)."""
@@ -237,7 +239,7 @@ def _mla_prefill_tma_kernel(
                 scale_log2, BLOCK_N, BLOCK_D1, BLOCK_D2, BLOCK_DV, False, True, LAZY,
             )  # fmt: skip
     full_end = m_block * BLOCK_M // BLOCK_N * BLOCK_N  # keys every query of the block sees
-    for n0 in range(0, full_end, BLOCK_N):
+    for n0 in tl.range(0, full_end, BLOCK_N, warp_specialize=WS):
         m_i, l_i, acc = _tma_tile(
             q1, q2, k1_desc, k2_desc, v_desc, q_start, h, n0, q_len, offs_m, m_i, l_i, acc, scale_log2,
             BLOCK_N, BLOCK_D1, BLOCK_D2, BLOCK_DV, False, False, LAZY,
@@ -302,7 +304,8 @@ def _launch_tma(q, k, v, cu_seqlens, prefix, out, lse, softmax_scale, max_seqlen
         q1, q2, k1, k2, vd, pk1, pk2, pv, cu_seqlens, pcu, out, lse, softmax_scale * LOG2E, num_heads, v_dim,
         out.stride(0), out.stride(1),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D1=block_d1, BLOCK_D2=block_d2, BLOCK_DV=v_dim,
-        HAS_PREFIX=prefix is not None, LAZY=cfg.lazy_rescale, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        HAS_PREFIX=prefix is not None, LAZY=cfg.lazy_rescale, WS=cfg.warp_specialize, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )  # fmt: skip
 
 
