@@ -37,9 +37,10 @@ SWEEP = [
     TileConfig(128, 128, 8, 3),
     TileConfig(128, 128, 8, 3, mode=1),
     TileConfig(128, 128, 8, 4, mode=1),
-    TileConfig(64, 128, 4, 4),
+    TileConfig(128, 128, 8, 2, mode=1),
+    TileConfig(256, 128, 8, 3, mode=1),
     TileConfig(64, 128, 4, 4, mode=1),
-    TileConfig(64, 128, 4, 3, mode=1),
+    TileConfig(64, 128, 4, 5, mode=1),
 ]
 
 

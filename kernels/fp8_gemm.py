@@ -32,12 +32,13 @@ class TileConfig:
 
 
 def pick_config(m: int, n: int) -> TileConfig:
-    """Tile shape by problem size (fixed rather than autotuned: the grouped GEMMs build their tile map with it)."""
+    """Tile shape by rows per group (fixed rather than autotuned: the grouped GEMMs build their tile map with
+    it). Chosen by `bench.bench_fp8_gemm --sweep` on an H200 (bench/results)."""
     if m <= 16:
-        return TileConfig(16, 128, 4, 5)
-    if m <= 64:
-        return TileConfig(64, 128, 4, 5)
-    return TileConfig(128, 128, 8, 4)
+        return TileConfig(16, 128, 4, 5, mode=1)
+    if m <= 256:
+        return TileConfig(64, 128, 4, 4, mode=1)
+    return TileConfig(128, 128, 8, 3, mode=1)
 
 
 @triton.jit
@@ -147,6 +148,12 @@ def check_operands(a_fp8, a_scale, b_fp8, b_scale_inv, grouped: bool = False) ->
     return n, k
 
 
+def _checked(cfg: TileConfig) -> TileConfig:
+    if cfg.mode == 1 and cfg.block_n != 128:
+        raise ValueError(f"{cfg}: mode 1 needs block_n == 128 (one B scale block per tile)")
+    return cfg
+
+
 def dequant_rows(x_fp8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """fp32 [..., K] from 1x128-group FP8 values and their scales [..., ceil(K/128)]."""
     k = x_fp8.shape[-1]
@@ -189,7 +196,7 @@ def fp8_gemm(
         return out
     if k == 0:
         return out.zero_()
-    cfg = config or pick_config(m, n)
+    cfg = _checked(config or pick_config(m, n))
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     _fp8_gemm_kernel[grid](
         a_fp8, a_scale, b_fp8, b_scale_inv, out, m, n, k,

@@ -21,6 +21,7 @@ import triton.language as tl
 from moemesh.kernels.dispatch import use_triton
 from moemesh.kernels.fp8_gemm import (
     TileConfig,
+    _checked,
     _scaled_tile,
     check_operands,
     dequant_blocks,
@@ -148,7 +149,7 @@ def fp8_grouped_gemm(
         return out.zero_()
     a_fp8 = a_fp8.contiguous()  # a_scale may be K-major or M-major
     b_fp8, b_scale_inv = b_fp8.contiguous(), b_scale_inv.contiguous()
-    cfg = config or pick_config(max(1, m // e), n)
+    cfg = _checked(config or pick_config(max(1, m // e), n))
     max_tiles = triton.cdiv(m, cfg.block_m) + e
     grid = (max_tiles * triton.cdiv(n, cfg.block_n),)
     _grouped_contiguous_kernel[grid](
@@ -191,7 +192,7 @@ def fp8_grouped_gemm_masked(
     if a_fp8.stride(-1) != 1 or a_scale.stride(-1) != 1:
         a_fp8 = a_fp8.contiguous()  # a_scale may be K-major or M-major
     b_fp8, b_scale_inv = b_fp8.contiguous(), b_scale_inv.contiguous()
-    cfg = config or pick_config(max_m, n)
+    cfg = _checked(config or pick_config(max_m, n))
     grid = (triton.cdiv(max_m, cfg.block_m), triton.cdiv(n, cfg.block_n), e)
     _grouped_masked_kernel[grid](
         a_fp8, a_scale, b_fp8, b_scale_inv, out, counts, max_m, n, k,
