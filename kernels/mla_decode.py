@@ -198,7 +198,7 @@ def _dequant_half(k8, scale_row_ptr, first_group, D_HALF: tl.constexpr, GROUP: t
 def _tma_tile(
     q0, q1, q_pe, nope_desc, pe_desc, kv_bytes_ptr, row_bytes, row0, n0, end, m_i, l_i, acc0, acc1, scale_log2,
     D_HALF: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, FP8: tl.constexpr, GROUP: tl.constexpr,
-    PE_COL: tl.constexpr, LAZY: tl.constexpr,
+    PE_COL: tl.constexpr, LAZY: tl.constexpr, F32: tl.constexpr,
 ):  # fmt: skip
     """One page-aligned tile of BLOCK_N tokens (rows row0.. of the flattened cache): online-softmax update."""
     k0 = nope_desc.load([row0, 0])  # [BLOCK_N, D_HALF]
@@ -208,6 +208,8 @@ def _tma_tile(
         scale_rows = kv_bytes_ptr + (row0 + tl.arange(0, BLOCK_N)).to(tl.int64) * row_bytes + 2 * D_HALF
         k0 = _dequant_half(k0, scale_rows, 0, D_HALF, GROUP)
         k1 = _dequant_half(k1, scale_rows, D_HALF // GROUP, D_HALF, GROUP)
+    if F32:  # the interpreter: compute in fp32
+        k0, k1, k_pe = k0.to(tl.float32), k1.to(tl.float32), k_pe.to(tl.float32)
     mask_n = (n0 + tl.arange(0, BLOCK_N)) < end
     if MASKED:  # rows past the sequence may hold anything (NaN): zero them so 0 * row stays 0
         k0 = tl.where(mask_n[:, None], k0, 0.0)
@@ -273,6 +275,7 @@ def _mla_decode_tma_kernel(
     PE_COL: tl.constexpr,
     LAZY: tl.constexpr,
     WS: tl.constexpr,
+    F32: tl.constexpr,
 ):
     """The split kernel for the V3-style layout (kv_lora_rank = 2 * D_HALF, rope_dim = BLOCK_R, BLOCK_N divides
     page_size): K/V tiles arrive by TMA, the latent in two halves so each accumulator half is [BLOCK_H, D_HALF]."""
@@ -288,7 +291,7 @@ def _mla_decode_tma_kernel(
     mask_h = offs_h < num_heads
     offs_d = tl.arange(0, D_HALF)
     q_row = q_ptr + b.to(tl.int64) * stride_qb + offs_h[:, None] * stride_qh
-    kv_dtype = tl.bfloat16 if FP8 else nope_desc.dtype
+    kv_dtype = tl.float32 if F32 else (tl.bfloat16 if FP8 else nope_desc.dtype)
     q0 = tl.load(q_row + offs_d[None, :], mask=mask_h[:, None], other=0.0).to(kv_dtype)
     q1 = tl.load(q_row + D_HALF + offs_d[None, :], mask=mask_h[:, None], other=0.0).to(kv_dtype)
     q_pe = tl.load(q_row + 2 * D_HALF + tl.arange(0, BLOCK_R)[None, :], mask=mask_h[:, None], other=0.0)
@@ -304,14 +307,14 @@ def _mla_decode_tma_kernel(
         row0 = page * page_size + n0 % page_size
         m_i, l_i, acc0, acc1 = _tma_tile(
             q0, q1, q_pe, nope_desc, pe_desc, kv_bytes_ptr, row_bytes, row0, n0, end, m_i, l_i, acc0, acc1,
-            scale_log2, D_HALF, BLOCK_N, False, FP8, GROUP, PE_COL, LAZY,
+            scale_log2, D_HALF, BLOCK_N, False, FP8, GROUP, PE_COL, LAZY, F32,
         )  # fmt: skip
     if end_full < end:
         page = tl.load(pt_row + end_full // page_size)
         row0 = page * page_size + end_full % page_size
         m_i, l_i, acc0, acc1 = _tma_tile(
             q0, q1, q_pe, nope_desc, pe_desc, kv_bytes_ptr, row_bytes, row0, end_full, end, m_i, l_i, acc0, acc1,
-            scale_log2, D_HALF, BLOCK_N, True, FP8, GROUP, PE_COL, LAZY,
+            scale_log2, D_HALF, BLOCK_N, True, FP8, GROUP, PE_COL, LAZY, F32,
         )  # fmt: skip
 
     has = l_i > 0
@@ -466,12 +469,12 @@ def _tma_block_n(q, kv_cache, kv_lora_rank: int, rope_dim: int, cfg: DecodeConfi
         group = fp8_group_size(kv_lora_rank)
         pe_byte = kv_lora_rank + 4 * (kv_lora_rank // group)
         fp8_ok = half % group == 0 and pe_byte % 16 == 0 and kv_cache.shape[-1] % 16 == 0
+    hopper = interpreting() or (q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9)
     ok = (
         cfg.tma
-        and q.is_cuda
+        and hopper
         and kv_cache.dtype in (torch.bfloat16, torch.float16, torch.float8_e4m3fn)
         and fp8_ok
-        and torch.cuda.get_device_capability(q.device)[0] >= 9
         and kv_lora_rank % 2 == 0
         and 16 <= half <= 256
         and triton.next_power_of_2(half) == half
@@ -567,6 +570,7 @@ def mla_decode(
             PE_COL=pe_col,
             LAZY=cfg.lazy_rescale,
             WS=cfg.warp_specialize,
+            F32=interpreting(),
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )

@@ -165,7 +165,7 @@ def _mla_prefill_kernel(
 def _tma_tile(
     q1, q2, k1_desc, k2_desc, v_desc, row0, h, n0, n_end, offs_m, m_i, l_i, acc, scale_log2,
     BLOCK_N: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr,
-    CAUSAL: tl.constexpr, MASK_N: tl.constexpr, LAZY: tl.constexpr,
+    CAUSAL: tl.constexpr, MASK_N: tl.constexpr, LAZY: tl.constexpr, F32: tl.constexpr,
 ):  # fmt: skip
     """Keys n0..n0+BLOCK_N of one (sequence, head), rows row0 + n of the buffers, loaded by TMA."""
     k1 = k1_desc.load([row0 + n0, h, 0]).reshape(BLOCK_N, BLOCK_D1)
@@ -173,9 +173,13 @@ def _tma_tile(
     offs_n = n0 + tl.arange(0, BLOCK_N)
     if MASK_N:  # rows past the sequence belong to others (or to nobody: NaN); keep 0 * row at 0
         v = tl.where((offs_n < n_end)[:, None], v, 0.0)
+    if F32:  # the interpreter: compute in fp32
+        k1, v = k1.to(tl.float32), v.to(tl.float32)
     qk = tl.dot(q1, tl.trans(k1))
     if BLOCK_D2 > 0:
         k2 = k2_desc.load([row0 + n0, h, 0]).reshape(BLOCK_N, BLOCK_D2)
+        if F32:
+            k2 = k2.to(tl.float32)
         qk = tl.dot(q2, tl.trans(k2), qk)
     if CAUSAL:
         qk = tl.where((offs_n[None, :] <= offs_m[:, None]) & (offs_n < n_end)[None, :], qk, float("-inf"))
@@ -205,7 +209,7 @@ def _mla_prefill_tma_kernel(
     q1_desc, q2_desc, k1_desc, k2_desc, v_desc, pk1_desc, pk2_desc, pv_desc,
     cu_ptr, pcu_ptr, out_ptr, lse_ptr, scale_log2, num_heads, v_dim, stride_ot, stride_oh,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_D2: tl.constexpr,
-    BLOCK_DV: tl.constexpr, HAS_PREFIX: tl.constexpr, LAZY: tl.constexpr, WS: tl.constexpr,
+    BLOCK_DV: tl.constexpr, HAS_PREFIX: tl.constexpr, LAZY: tl.constexpr, WS: tl.constexpr, F32: tl.constexpr,
 ):  # fmt: skip
     """The Hopper path: q/k/v tiles by TMA (3-D descriptors over [T, H, D] views, one head per tile), the
     heaviest query blocks first (causal work grows with the block index)."""
@@ -221,6 +225,8 @@ def _mla_prefill_tma_kernel(
     q2 = q1
     if BLOCK_D2 > 0:
         q2 = q2_desc.load([q_start + m_block * BLOCK_M, h, 0]).reshape(BLOCK_M, BLOCK_D2)
+    if F32:
+        q1, q2 = q1.to(tl.float32), q2.to(tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
@@ -231,24 +237,24 @@ def _mla_prefill_tma_kernel(
         for n0 in range(0, p_even, BLOCK_N):
             m_i, l_i, acc = _tma_tile(
                 q1, q2, pk1_desc, pk2_desc, pv_desc, p_start, h, n0, p_len, offs_m, m_i, l_i, acc, scale_log2,
-                BLOCK_N, BLOCK_D1, BLOCK_D2, BLOCK_DV, False, False, LAZY,
+                BLOCK_N, BLOCK_D1, BLOCK_D2, BLOCK_DV, False, False, LAZY, F32,
             )  # fmt: skip
         if p_even < p_len:
             m_i, l_i, acc = _tma_tile(
                 q1, q2, pk1_desc, pk2_desc, pv_desc, p_start, h, p_even, p_len, offs_m, m_i, l_i, acc,
-                scale_log2, BLOCK_N, BLOCK_D1, BLOCK_D2, BLOCK_DV, False, True, LAZY,
+                scale_log2, BLOCK_N, BLOCK_D1, BLOCK_D2, BLOCK_DV, False, True, LAZY, F32,
             )  # fmt: skip
     full_end = m_block * BLOCK_M // BLOCK_N * BLOCK_N  # keys every query of the block sees
     for n0 in tl.range(0, full_end, BLOCK_N, warp_specialize=WS):
         m_i, l_i, acc = _tma_tile(
             q1, q2, k1_desc, k2_desc, v_desc, q_start, h, n0, q_len, offs_m, m_i, l_i, acc, scale_log2,
-            BLOCK_N, BLOCK_D1, BLOCK_D2, BLOCK_DV, False, False, LAZY,
+            BLOCK_N, BLOCK_D1, BLOCK_D2, BLOCK_DV, False, False, LAZY, F32,
         )  # fmt: skip
     causal_end = tl.minimum((m_block + 1) * BLOCK_M, q_len)
     for n0 in range(full_end, causal_end, BLOCK_N):
         m_i, l_i, acc = _tma_tile(
             q1, q2, k1_desc, k2_desc, v_desc, q_start, h, n0, q_len, offs_m, m_i, l_i, acc, scale_log2,
-            BLOCK_N, BLOCK_D1, BLOCK_D2, BLOCK_DV, True, True, LAZY,
+            BLOCK_N, BLOCK_D1, BLOCK_D2, BLOCK_DV, True, True, LAZY, F32,
         )  # fmt: skip
     mask_m = offs_m < q_len
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -261,11 +267,11 @@ def _mla_prefill_tma_kernel(
 def _use_tma(q, k, v, prefix, block_d1, block_d2, cfg) -> bool:
     qk_dim, v_dim = q.shape[-1], v.shape[-1]
     tensors = [q, k, v] + ([prefix.k, prefix.v] if prefix is not None else [])
+    hopper = interpreting() or (q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9)
     return (
         cfg.tma
-        and q.is_cuda
+        and hopper
         and q.dtype in (torch.bfloat16, torch.float16)
-        and torch.cuda.get_device_capability(q.device)[0] >= 9
         and block_d1 + block_d2 == qk_dim
         and triton.next_power_of_2(v_dim) == v_dim
         and v_dim >= 16
@@ -304,7 +310,8 @@ def _launch_tma(q, k, v, cu_seqlens, prefix, out, lse, softmax_scale, max_seqlen
         q1, q2, k1, k2, vd, pk1, pk2, pv, cu_seqlens, pcu, out, lse, softmax_scale * LOG2E, num_heads, v_dim,
         out.stride(0), out.stride(1),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D1=block_d1, BLOCK_D2=block_d2, BLOCK_DV=v_dim,
-        HAS_PREFIX=prefix is not None, LAZY=cfg.lazy_rescale, WS=cfg.warp_specialize, num_warps=cfg.num_warps,
+        HAS_PREFIX=prefix is not None, LAZY=cfg.lazy_rescale, WS=cfg.warp_specialize, F32=interpreting(),
+        num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )  # fmt: skip
 

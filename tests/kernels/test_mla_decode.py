@@ -91,6 +91,12 @@ def test_mla_decode_splits_and_empty_sequence():
     check([0, 45, 2], 3, 16, 16, 8, "cpu", num_splits=5)
 
 
+@pytest.mark.parametrize("tma", [True, False])
+def test_mla_decode_tma_and_pointer_kernels(tma):
+    """Both kernels on CPU under the interpreter (the TMA one loads page-aligned tiles by descriptor)."""
+    check([70, 9, 33], 4, 32, 16, 16, "cpu", num_splits=2, config=DecodeConfig(16, 16, 4, 1, tma=tma))
+
+
 def test_mla_decode_fp8_small():
     check([33, 5], 4, 32, 16, 8, "cpu", fp8=True)
 

@@ -53,6 +53,12 @@ def test_mla_prefill_small(lens, prefix_lens):
     check(lens, prefix_lens, 3, 24, 16, "cpu")
 
 
+@pytest.mark.parametrize("tma", [True, False])
+def test_mla_prefill_tma_and_pointer_kernels(tma):
+    """qk 48 = 32 + 16 and v 32 fit the TMA kernel; both kernels on CPU under the interpreter."""
+    check([5, 0, 23, 40], [3, 9, 0, 20], 2, 48, 32, "cpu", config=PrefillConfig(16, 16, 4, 1, tma=tma))
+
+
 def test_mla_prefill_reference_is_causal_softmax():
     q, k, v, cu, _, _ = make_case([6], None, 2, 16, 16, "cpu")
     out, lse = reference(q, k, v, cu, 0.5)
