@@ -344,11 +344,12 @@ def _search(
 @triton.jit
 def _filtered_draw(
     logits_row, counts_row, prompt_row, cx_row, ci_row, ncand_row, N, V, rp, fp, pp, inv_t, m, lo, hi,
-    top_k, top_p, min_p, rkey,
+    top_k, top_p, min_p, rkey, z_total,
     FROM_CAND: tl.constexpr, KC: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr,
     BLOCK: tl.constexpr, NT: tl.constexpr,
 ):  # fmt: skip
-    """Thresholds for top-k, top-p, min-p, then Gumbel-max over the kept tokens; returns the vocab index."""
+    """Thresholds for top-k, top-p, min-p, then Gumbel-max over the kept tokens; returns the vocab index.
+    `z_total` > 0: top-p's mass denominator (top-k off, tokens below `lo` not loaded), else summed here."""
     if (top_k > 0) & (top_k < V):
         lo = _search(
             logits_row, counts_row, prompt_row, cx_row, ci_row, ncand_row, N, V, rp, fp, pp, inv_t, m, lo, hi,
@@ -356,15 +357,17 @@ def _filtered_draw(
         )  # fmt: skip
     if top_p < 1.0:
         z = tl.zeros([BLOCK], dtype=tl.float32)
-        for start in range(0, N, BLOCK):
-            x, _, valid = _chunk(
-                logits_row, counts_row, prompt_row, cx_row, ci_row, ncand_row, start, N, V, rp, fp, pp, inv_t,
-                FROM_CAND, KC, HAS_COUNTS, HAS_PROMPT, BLOCK,
-            )  # fmt: skip
-            z += tl.where(valid & (_order_key(x).to(tl.int64) >= lo), tl.exp(x - m), 0.0)
+        if z_total <= 0:
+            for start in range(0, N, BLOCK):
+                x, _, valid = _chunk(
+                    logits_row, counts_row, prompt_row, cx_row, ci_row, ncand_row, start, N, V, rp, fp, pp, inv_t,
+                    FROM_CAND, KC, HAS_COUNTS, HAS_PROMPT, BLOCK,
+                )  # fmt: skip
+                z += tl.where(valid & (_order_key(x).to(tl.int64) >= lo), tl.exp(x - m), 0.0)
+        zsum = tl.where(z_total > 0, z_total, tl.sum(z, axis=0))
         lo = _search(
             logits_row, counts_row, prompt_row, cx_row, ci_row, ncand_row, N, V, rp, fp, pp, inv_t, m, lo, hi,
-            top_p * tl.sum(z, axis=0), True, FROM_CAND, KC, HAS_COUNTS, HAS_PROMPT, BLOCK, NT,
+            top_p * zsum, True, FROM_CAND, KC, HAS_COUNTS, HAS_PROMPT, BLOCK, NT,
         )  # fmt: skip
     if min_p > 0:
         lo = tl.maximum(lo, _order_key(m + tl.log(min_p)).to(tl.int64))
@@ -434,10 +437,14 @@ def _segment_kernel(
         g_best = tl.max(score, axis=0)
         g_i = tl.min(tl.where(score == g_best, offs, 2147483647), axis=0)
     ncand = tl.full((), -1, tl.int32)
-    if (temp > 0) & (top_k >= 1) & (top_k <= KC):
+    cutoff = tl.full((), -2147483648, tl.int32)  # every token of the segment at or above it is a candidate
+    k_fits = (top_k >= 1) & (top_k <= KC)
+    k_off = (top_k <= 0) | (top_k >= V)
+    if (temp > 0) & (k_fits | (k_off & (not unfiltered))):
         lo = key_min.to(tl.int64)
         if tl.sum(valid.to(tl.int32), axis=0) > KC:
             lo = _search_keys(key, lo, _order_key(x_max).to(tl.int64), KC, NT)
+            cutoff = lo.to(tl.int32)
         sel = valid & (key.to(tl.int64) >= lo)
         ncand = tl.sum(sel.to(tl.int32), axis=0)
         pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
@@ -445,15 +452,20 @@ def _segment_kernel(
         tl.store(cx_ptr + slot, x, mask=sel & (pos < KC))
         tl.store(ci_ptr + slot, offs, mask=sel & (pos < KC))
         ncand = tl.where(ncand <= KC, ncand, -1)  # -1: ties overflowed the buffer, take the full-row path
-    part = (row * S + seg) * 4
+    z_seg = tl.sum(
+        tl.where(valid, tl.exp(x - x_max), 0.0), axis=0
+    )  # this segment's mass, in units of e^x_max
+    part = (row * S + seg) * 6
     tl.store(pf_ptr + part + 0, raw_m)
     tl.store(pf_ptr + part + 1, raw_s)
     tl.store(pf_ptr + part + 2, x_max)
     tl.store(pf_ptr + part + 3, g_best)
+    tl.store(pf_ptr + part + 4, z_seg)
     tl.store(pi_ptr + part + 0, greedy)
     tl.store(pi_ptr + part + 1, g_i)
     tl.store(pi_ptr + part + 2, key_min)
     tl.store(pi_ptr + part + 3, ncand)
+    tl.store(pi_ptr + part + 4, cutoff)
 
 
 @triton.jit
@@ -469,7 +481,7 @@ def _finish_kernel(
     row = tl.program_id(0).to(tl.int64)
     sidx = tl.arange(0, S_PAD)
     smask = sidx < S
-    part = (row * S + sidx) * 4
+    part = (row * S + sidx) * 6
     raw_m = tl.load(pf_ptr + part + 0, mask=smask, other=float("-inf"))
     raw_s = tl.load(pf_ptr + part + 1, mask=smask, other=0.0)
     x_max = tl.load(pf_ptr + part + 2, mask=smask, other=float("-inf"))
@@ -478,6 +490,8 @@ def _finish_kernel(
     g_i = tl.load(pi_ptr + part + 1, mask=smask, other=2147483647)
     key_min = tl.load(pi_ptr + part + 2, mask=smask, other=2147483647)
     ncand = tl.load(pi_ptr + part + 3, mask=smask, other=0)
+    cutoff = tl.load(pi_ptr + part + 4, mask=smask, other=-2147483648)
+    z_seg = tl.load(pf_ptr + part + 4, mask=smask, other=0.0)
     gm = tl.max(raw_m, axis=0)
     lse = gm + tl.log(tl.sum(tl.where(raw_m == float("-inf"), 0.0, raw_s * tl.exp(raw_m - gm)), axis=0))
     tl.store(lse_ptr + row, lse)
@@ -506,17 +520,38 @@ def _finish_kernel(
             ncand_row = ncand_ptr + row * S_PAD
             lo = tl.min(key_min, axis=0).to(tl.int64)
             hi = _order_key(m).to(tl.int64)
-            if (top_k >= 1) & (top_k <= KC) & (tl.min(tl.where(smask, ncand, 0), axis=0) >= 0):
-                tl.store(ncand_ptr + row * S_PAD + sidx, ncand, mask=smask)
+            cand_ok = tl.min(tl.where(smask, ncand, 0), axis=0) >= 0
+            z_total = tl.sum(tl.where(x_max == float("-inf"), 0.0, z_seg * tl.exp(x_max - m)), axis=0)
+            # every token at or above `floor` is a candidate; without top-k <= KC the candidates serve only if
+            # the kept set provably lies above it: min-p's threshold does, or top-p's mass is reached there
+            floor = tl.maximum(tl.max(cutoff, axis=0).to(tl.int64), lo)
+            covered = (top_k >= 1) & (top_k <= KC)
+            if cand_ok & (not covered) & (not k_on):
+                tl.store(ncand_row + sidx, ncand, mask=smask)
+                above = tl.zeros([BLOCK], dtype=tl.float32)
+                for start in range(0, S * KC, BLOCK):
+                    x, _, valid = _chunk(
+                        logits_row, counts_row, prompt_row, cx_row, ci_row, ncand_row, start, S * KC, V,
+                        rp, fp, pp, inv_t, True, KC, HAS_COUNTS, HAS_PROMPT, BLOCK,
+                    )  # fmt: skip
+                    above += tl.where(valid & (_order_key(x).to(tl.int64) >= floor), tl.exp(x - m), 0.0)
+                p_ok = (top_p >= 1.0) | (tl.sum(above, axis=0) >= top_p * z_total)
+                m_ok = (min_p <= 0) | (
+                    _order_key(m + tl.log(tl.where(min_p > 0, min_p, 1.0))).to(tl.int64) >= floor
+                )
+                covered = p_ok & ((top_p < 1.0) | m_ok)
+                lo = tl.where(covered, floor, lo)
+            if cand_ok & covered:
+                tl.store(ncand_row + sidx, ncand, mask=smask)
                 tok = _filtered_draw(
                     logits_row, counts_row, prompt_row, cx_row, ci_row, ncand_row, S * KC, V,
-                    rp, fp, pp, inv_t, m, lo, hi, top_k, top_p, min_p, rkey,
+                    rp, fp, pp, inv_t, m, lo, hi, top_k, top_p, min_p, rkey, tl.where(k_on, 0.0, z_total),
                     True, KC, HAS_COUNTS, HAS_PROMPT, BLOCK, NT,
                 )  # fmt: skip
             else:
                 tok = _filtered_draw(
                     logits_row, counts_row, prompt_row, cx_row, ci_row, ncand_row, V, V,
-                    rp, fp, pp, inv_t, m, lo, hi, top_k, top_p, min_p, rkey,
+                    rp, fp, pp, inv_t, m, tl.min(key_min, axis=0).to(tl.int64), hi, top_k, top_p, min_p, rkey, 0.0,
                     False, KC, HAS_COUNTS, HAS_PROMPT, BLOCK, NT,
                 )  # fmt: skip
     tl.store(tok_ptr + row, tok.to(tl.int64))
@@ -570,12 +605,9 @@ def sample(
     seg = min(2048, max(128, triton.next_power_of_2(triton.cdiv(v, 8))))
     num_seg, kc = triton.cdiv(v, seg), min(128, seg // 2)
     dev = logits.device
-    part_f = torch.empty(
-        b, num_seg, 4, dtype=torch.float32, device=dev
-    )  # raw max, raw sum, x max, gumbel max
-    part_i = torch.empty(
-        b, num_seg, 4, dtype=torch.int32, device=dev
-    )  # argmax, gumbel argmax, min key, #cand
+    # per segment: raw max, raw sum, x max, gumbel max, x mass, - | argmax, gumbel argmax, min key, #cand, cutoff, -
+    part_f = torch.empty(b, num_seg, 6, dtype=torch.float32, device=dev)
+    part_i = torch.empty(b, num_seg, 6, dtype=torch.int32, device=dev)
     cand_x = torch.empty(b, num_seg, kc, dtype=torch.float32, device=dev)
     cand_i = torch.empty(b, num_seg, kc, dtype=torch.int32, device=dev)
     s_pad = triton.next_power_of_2(num_seg)

@@ -99,6 +99,28 @@ def test_tied_candidates_fall_back_to_the_full_row():
     assert logits[2, got.token_ids[2]] == 6.0
 
 
+def test_top_p_and_min_p_without_top_k():
+    """Peaked rows are served by the segments' candidates, flat rows fall back to the whole row: same tokens."""
+    v, b = 2000, 8
+    gen = torch.Generator().manual_seed(21)
+    spread = torch.tensor([8.0, 8.0, 0.1, 0.1, 4.0, 4.0, 0.5, 2.0])[:, None]
+    logits = (torch.randn(b, v, generator=gen) * spread).to(DEV)
+    params = SamplingTensors(
+        temperature=torch.full((b,), 0.9, device=DEV),
+        top_k=torch.tensor([0, v, 0, 0, 0, 0, 0, 3000], dtype=torch.int32, device=DEV),
+        top_p=torch.tensor([0.9, 0.99, 0.9, 1.0, 1.0, 0.7, 0.95, 0.5], device=DEV),
+        min_p=torch.tensor([0.0, 0.0, 0.0, 0.5, 0.1, 0.05, 0.0, 0.0], device=DEV),
+        repetition_penalty=torch.ones(b, device=DEV),
+        frequency_penalty=torch.zeros(b, device=DEV),
+        presence_penalty=torch.zeros(b, device=DEV),
+        seed=torch.arange(b, device=DEV) * 31,
+        step=torch.full((b,), 5, device=DEV),
+    )
+    got = sample(logits, params)
+    ref = reference(logits.cpu(), _to(params, "cpu"))
+    assert torch.equal(got.token_ids.cpu(), ref.token_ids)
+
+
 def test_same_seed_same_tokens_whatever_the_batch():
     v = 500
     logits, params, counts, prompt = _inputs(9, v, seed=5)
