@@ -21,6 +21,7 @@ MODES = {
     "temp": dict(temperature=0.8),
     "top_k50+top_p0.9": dict(temperature=0.8, top_k=50, top_p=0.9),
     "top_p0.95+min_p": dict(temperature=0.8, top_p=0.95, min_p=0.05),
+    "top_p0.9": dict(temperature=0.8, top_p=0.9),
 }
 
 
