@@ -17,7 +17,7 @@ from moemesh.config.engine import EngineConfig
 from moemesh.engine.engine import Engine, RequestOutput
 from moemesh.engine.sampling_params import SamplingParams
 from moemesh.model.batch import ForwardBatch
-from moemesh.model.checkpoint import load_model
+from moemesh.model.checkpoint import is_fp8_checkpoint, load_model
 from moemesh.model.config import ModelConfig
 from moemesh.model.tokenizer import Tokenizer
 
@@ -75,11 +75,16 @@ class LLM:
         dtype: str = "auto",
         progress: bool = False,
         engine_config: EngineConfig | None = None,
+        fp8: bool | None = None,
     ):
+        """`fp8`: keep DeepSeek FP8 weights as FP8 and run FP8 GEMMs (default: on CUDA for FP8 checkpoints);
+        False dequantizes them exactly into `dtype`."""
         self.model_dir = resolve_model_dir(model_dir)
         self.device, self.dtype = resolve_device_dtype(device, dtype)
         self.config = ModelConfig.from_file(self.model_dir / "config.json")
-        self.model = load_model(self.model_dir, self.device, self.dtype, progress=progress)
+        if fp8 is None:
+            fp8 = self.device.type == "cuda" and is_fp8_checkpoint(self.model_dir)
+        self.model = load_model(self.model_dir, self.device, self.dtype, progress=progress, fp8=fp8)
         self.tokenizer = (
             Tokenizer(self.model_dir, self.config) if (self.model_dir / "tokenizer.json").is_file() else None
         )

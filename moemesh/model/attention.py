@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moemesh.kernels import mla_decode, store_kv
+from moemesh.kernels import mla_decode, store_kv, weight_dequant
 from moemesh.model.batch import ForwardBatch
 from moemesh.model.config import ModelConfig
 from moemesh.model.layers import RMSNorm
@@ -83,10 +83,17 @@ class MLAttention(nn.Module):
         return self.o_proj(out.reshape(num_tokens, -1))
 
     def _kv_b_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """W_UK [H, nope, kv_lora_rank] and W_UV [H, v, kv_lora_rank] out of kv_b_proj."""
-        w = self.kv_b_proj.weight.view(
-            self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank
-        )
+        """W_UK [H, nope, kv_lora_rank] and W_UV [H, v, kv_lora_rank] out of kv_b_proj. An FP8 kv_b_proj is
+        dequantized once for the absorbed path (as DeepSeek's reference does) and kept beside it."""
+        w = self.kv_b_proj.weight
+        if w.dtype == torch.float8_e4m3fn:
+            cached = self.__dict__.get("_kv_b_dequantized")
+            if cached is None or cached.device != w.device:
+                dtype = self.kv_a_layernorm.weight.dtype
+                cached = weight_dequant(w, self.kv_b_proj.weight_scale_inv, dtype)
+                self.__dict__["_kv_b_dequantized"] = cached
+            w = cached
+        w = w.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]
 
     def _decode(self, q_nope, q_pe, batch: ForwardBatch, kv_cache: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ import json
 import logging
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from tqdm.auto import tqdm
 
 from moemesh.kernels import weight_dequant, weight_quant
 from moemesh.model.config import ModelConfig
+from moemesh.model.fp8 import to_fp8
 from moemesh.model.network import DeepseekForCausalLM
 
 log = logging.getLogger("moemesh")
@@ -36,6 +38,12 @@ FP8_DTYPES = (torch.float8_e4m3fn,)
 
 class CheckpointError(ValueError):
     """A checkpoint that does not match its config: the message names the file, tensor and shapes."""
+
+
+def is_fp8_checkpoint(model_dir: str | Path) -> bool:
+    """Whether config.json declares DeepSeek's FP8 block quantization."""
+    raw = json.loads((Path(model_dir) / "config.json").read_text())
+    return (raw.get("quantization_config") or {}).get("quant_method") == "fp8"
 
 
 def shard_files(model_dir: Path) -> dict[str, Path]:
@@ -58,15 +66,28 @@ def shard_files(model_dir: Path) -> dict[str, Path]:
     return files
 
 
-def build_empty(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> DeepseekForCausalLM:
-    """The network with uninitialized parameters on `device`: router weights and biases in fp32."""
+def build_empty(
+    config: ModelConfig, device: torch.device, dtype: torch.dtype, fp8: bool = False
+) -> DeepseekForCausalLM:
+    """The network with uninitialized parameters on `device`: router weights and biases in fp32; with `fp8`,
+    the projections and experts DeepSeek quantizes hold e4m3 weights and block scales."""
     with torch.device("meta"):
-        model = DeepseekForCausalLM(config)
-    model = model.to(dtype).to_empty(device=device)
+        model = DeepseekForCausalLM(config).to(dtype)
+        if fp8:
+            to_fp8(model)
+    model = model.to_empty(device=device)
     for moe in model.moe_layers():
         moe.gate.float()
     model.rotary = type(model.rotary)(config).to(device)
     return model
+
+
+@dataclass
+class _Fp8Pair:
+    """A checkpoint weight still in DeepSeek's FP8 layout."""
+
+    weight: torch.Tensor  # float8_e4m3fn [N, K]
+    scale_inv: torch.Tensor  # fp32 [ceil(N/128), ceil(K/128)]
 
 
 def load_model(
@@ -74,11 +95,14 @@ def load_model(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     progress=True,
+    fp8: bool = False,
 ) -> DeepseekForCausalLM:
+    """Loads a checkpoint directory. `fp8=False`: every weight in `dtype` (FP8 tensors dequantized exactly).
+    `fp8=True`: projections and experts stay (or become, from a BF16 checkpoint) FP8 blocks and run FP8 GEMMs."""
     model_dir = Path(model_dir)
     config = ModelConfig.from_file(model_dir / "config.json")
     device = torch.device(device)
-    model = build_empty(config, device, dtype)
+    model = build_empty(config, device, dtype, fp8)
     params = dict(model.named_parameters())
     loaded: set[str] = set()
     files = shard_files(model_dir)
@@ -97,10 +121,10 @@ def load_model(
                     continue
                 if name.endswith("_scale_inv") or _IGNORED.search(name):
                     continue
-                tensor = f.get_tensor(name)
-                if tensor.dtype in FP8_DTYPES:
-                    tensor = _dequant(name, tensor, files, f, file, device, dtype)
-                loaded |= _assign(name, tensor, params, file)
+                value = f.get_tensor(name)
+                if value.dtype in FP8_DTYPES:
+                    value = _Fp8Pair(value, _scale_of(name, files, f, file))
+                loaded |= _assign(name, value, params, file, dtype)
     bar.close()
     if skipped_mtp:
         log.info("skipped multi-token-prediction layers %s: moemesh does not run MTP", sorted(skipped_mtp))
@@ -119,55 +143,79 @@ def load_model(
 
 
 def _required(params: dict[str, torch.nn.Parameter]) -> list[str]:
-    """What a complete checkpoint provides: every parameter, each stacked expert's projections one by one."""
+    """What a complete checkpoint provides: every parameter, each stacked expert's projections one by one
+    (block scales come with their weights)."""
     required = []
     for name, param in params.items():
         if name.endswith(".experts.w13"):
             required += [f"{name}[{e}].{p}" for e in range(param.shape[0]) for p in ("gate_proj", "up_proj")]
         elif name.endswith(".experts.w2"):
             required += [f"{name}[{e}].down_proj" for e in range(param.shape[0])]
-        elif not name.endswith("e_score_correction_bias"):  # V2-era checkpoints have none: zeros
+        elif not name.endswith(("e_score_correction_bias", "_scale_inv")):  # V2-era checkpoints: zero bias
             required.append(name)
     return required
 
 
-def _dequant(name, tensor, files, f, file, device, dtype) -> torch.Tensor:
+def _scale_of(name: str, files: dict[str, Path], f, file: Path) -> torch.Tensor:
     scale_name = name + "_scale_inv"
     if scale_name not in files:
         raise CheckpointError(f"{file.name}: FP8 tensor {name} has no {scale_name}")
     if files[scale_name] == file:
-        scale = f.get_tensor(scale_name)
-    else:
-        with safe_open(files[scale_name], "pt") as other:
-            scale = other.get_tensor(scale_name)
-    try:
-        return weight_dequant(tensor.to(device), scale.to(device), dtype)
-    except ValueError as e:
-        raise CheckpointError(f"{file.name}: {name}: {e}") from None
+        return f.get_tensor(scale_name)
+    with safe_open(files[scale_name], "pt") as other:
+        return other.get_tensor(scale_name)
 
 
-def _assign(name: str, tensor: torch.Tensor, params: dict[str, torch.nn.Parameter], file: Path) -> set[str]:
-    """Copies one checkpoint tensor into its parameter; returns the parameter names it completes."""
+def _assign(
+    name: str, value, params: dict[str, torch.nn.Parameter], file: Path, dtype: torch.dtype
+) -> set[str]:
+    """Copies one checkpoint tensor (or FP8 pair) into its parameter, converting between layouts when the
+    checkpoint and the model differ; returns the completed entries of `_required`."""
     m = _EXPERT.match(name)
     if m:
         prefix, expert, proj = m.group(1), int(m.group(2)), m.group(3)
-        if proj == "down_proj":
-            target_name, rows = f"{prefix}.w2", None
-        else:
-            target_name = f"{prefix}.w13"
-            half = params[target_name].shape[1] // 2 if target_name in params else 0
-            rows = slice(0, half) if proj == "gate_proj" else slice(half, 2 * half)
+        target_name = f"{prefix}.w2" if proj == "down_proj" else f"{prefix}.w13"
         if target_name not in params:
             raise CheckpointError(f"{file.name}: unexpected tensor {name} (no parameter {target_name})")
-        target = params[target_name].data[expert]
-        if rows is not None:
-            target = target[rows]
-        _copy(name, target, tensor, file)
-        return {f"{target_name}[{expert}].{proj}"}
-    if name not in params:
-        raise CheckpointError(f"{file.name}: unexpected tensor {name} for this config")
-    _copy(name, params[name].data, tensor, file)
-    return {name}
+        rows = None
+        if proj != "down_proj":
+            half = params[target_name].shape[1] // 2
+            rows = slice(0, half) if proj == "gate_proj" else slice(half, 2 * half)
+        index, done = (expert, rows), f"{target_name}[{expert}].{proj}"
+    else:
+        if name not in params:
+            raise CheckpointError(f"{file.name}: unexpected tensor {name} for this config")
+        target_name, index, done = name, None, name
+    weight = _view(params[target_name].data, index)
+    scale_param = params.get(target_name + "_scale_inv")
+    try:
+        if scale_param is None:  # the model computes in `dtype`
+            if isinstance(value, _Fp8Pair):
+                value = weight_dequant(
+                    value.weight.to(weight.device), value.scale_inv.to(weight.device), dtype
+                )
+            _copy(name, weight, value, file)
+        else:  # the model keeps FP8 blocks
+            if not isinstance(value, _Fp8Pair):
+                value = _Fp8Pair(*weight_quant(value.to(weight.device).float()))
+            _copy(name, weight, value.weight, file)
+            scale_index = None if index is None else (index[0], _block_rows(index[1]))
+            _copy(name + "_scale_inv", _view(scale_param.data, scale_index), value.scale_inv, file)
+    except ValueError as e:
+        raise CheckpointError(f"{file.name}: {name}: {e}") from None
+    return {done}
+
+
+def _view(t: torch.Tensor, index) -> torch.Tensor:
+    if index is None:
+        return t
+    expert, rows = index
+    return t[expert] if rows is None else t[expert][rows]
+
+
+def _block_rows(rows: slice | None) -> slice | None:
+    """Weight rows of a stacked expert projection -> rows of its block scales (halves are 128-aligned)."""
+    return None if rows is None else slice(rows.start // 128, -(-rows.stop // 128))
 
 
 def _copy(name: str, target: torch.Tensor, tensor: torch.Tensor, file: Path) -> None:
@@ -214,6 +262,8 @@ def save_checkpoint(
     max_shard_bytes: int = 2 << 30,
 ) -> Path:
     """Writes config.json and (sharded) safetensors; with `fp8`, projections become e4m3 + weight_scale_inv."""
+    if any(p.dtype in FP8_DTYPES for p in model.parameters()):
+        raise ValueError("save_checkpoint writes models loaded with fp8=False (it quantizes them itself)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     shards: list[dict[str, torch.Tensor]] = [{}]

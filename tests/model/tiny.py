@@ -33,7 +33,7 @@ V3_BASE = dict(
 )
 
 
-def build_hf(kind: str, seed: int = 0, **overrides):
+def build_hf(kind: str, seed: int = 0, std: float = 0.08, **overrides):
     """A random transformers DeepseekV3/V2ForCausalLM in fp32 eval mode."""
     import transformers
 
@@ -51,7 +51,7 @@ def build_hf(kind: str, seed: int = 0, **overrides):
             if "layernorm" in name or name.endswith("norm.weight"):
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
             else:
-                p.normal_(0.0, 0.08)
+                p.normal_(0.0, std)
         for module in model.modules():
             if hasattr(module, "e_score_correction_bias"):
                 module.e_score_correction_bias.copy_(0.2 * torch.randn_like(module.e_score_correction_bias))
