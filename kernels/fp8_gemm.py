@@ -29,6 +29,7 @@ class TileConfig:
     num_stages: int
     group_m: int = 8
     mode: int = 0  # _scaled_tile's MODE (1 needs block_n == 128)
+    split_k: int = 0  # fp8_gemm only: K slices summed by a second launch; 0 = by occupancy
 
 
 def pick_config(m: int, n: int) -> TileConfig:
@@ -63,8 +64,10 @@ def _scaled_tile(
     a_ptr, as_ptr, b_ptr, bs_ptr, offs_m, offs_n, row_ok, col_ok, K,
     stride_am, stride_as, stride_ask, stride_bn, stride_bs,
     EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr = 0,
+    kb_lo=0, kb_hi=-1,
 ):  # fmt: skip
-    """fp32 [BLOCK_M, BLOCK_N] = sum over 128-wide K steps of (a @ b.T) * a_scale * b_scale.
+    """fp32 [BLOCK_M, BLOCK_N] = sum over 128-wide K steps of (a @ b.T) * a_scale * b_scale, over the steps
+    kb_lo .. kb_hi - 1 (default: all; split-K programs take a slice).
     a_ptr / as_ptr point at row 0 of this group's A and its scales, b_ptr / bs_ptr at its B and B's scales.
 
     Each step's product lands in a fresh fp32 tile, scaled into the accumulator (DeepSeek's promotion).
@@ -76,21 +79,23 @@ def _scaled_tile(
     b_cols = b_ptr + offs_n[None, :].to(tl.int64) * stride_bn
     as_rows = as_ptr + offs_m.to(tl.int64) * stride_as
     bs_cols = bs_ptr + (offs_n // 128) * stride_bs
-    num_k = tl.cdiv(K, 128)
+    if kb_hi < 0:
+        kb_hi = tl.cdiv(K, 128)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if MODE == 0:
-        for kb in range(num_k):
+        for kb in range(kb_lo, kb_hi):
             a, b, s = _load_step(a_rows, b_cols, as_rows, bs_cols, row_ok, col_ok, kb, K, stride_ask, EVEN_K)
             acc += tl.dot(a, b) * s
     else:
         # BLOCK_N == 128 tiles start on a scale block: one B scale per step, so the promotion scales by a
         # vector; both scales are loaded a step ahead, their latency hidden behind the product
         bs_tile = bs_ptr + (tl.min(offs_n, axis=0) // 128) * stride_bs
-        a_s_next = tl.load(as_rows, mask=row_ok, other=1.0)
-        b_s_next = tl.load(bs_tile)
-        for kb in range(num_k):
+        first = tl.maximum(tl.minimum(kb_lo, kb_hi - 1), 0)  # an empty K slice must not read past its row
+        a_s_next = tl.load(as_rows + first * stride_ask, mask=row_ok, other=1.0)
+        b_s_next = tl.load(bs_tile + first)
+        for kb in range(kb_lo, kb_hi):
             a_s, b_s = a_s_next, b_s_next
-            nxt = tl.minimum(kb + 1, num_k - 1)
+            nxt = tl.minimum(kb + 1, kb_hi - 1)
             a_s_next = tl.load(as_rows + nxt * stride_ask, mask=row_ok, other=1.0)
             b_s_next = tl.load(bs_tile + nxt)
             a, b, _ = _load_step(a_rows, b_cols, as_rows, bs_cols, row_ok, col_ok, kb, K, stride_ask, EVEN_K)
@@ -103,8 +108,9 @@ def _fp8_gemm_kernel(
     a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K,
     stride_am, stride_as, stride_ask, stride_bn, stride_bs, stride_cm,
     EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
-    MODE: tl.constexpr,
+    MODE: tl.constexpr, SPLIT_K: tl.constexpr,
 ):  # fmt: skip
+    """SPLIT_K > 1: program (tile, s) sums its slice of the K steps into fp32 slab s of c ([SPLIT_K, M, N])."""
     pid = tl.program_id(0)
     tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     # grouped ordering: GROUP_M row tiles walk the N tiles together, so B tiles are reused from L2
@@ -116,12 +122,31 @@ def _fp8_gemm_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok, col_ok = offs_m < M, offs_n < N
+    num_k = tl.cdiv(K, 128)
+    split = tl.program_id(1)
+    per_split = tl.cdiv(num_k, SPLIT_K)
+    kb_lo = split * per_split
+    kb_hi = tl.minimum(kb_lo + per_split, num_k)
     acc = _scaled_tile(
         a_ptr, as_ptr, b_ptr, bs_ptr, offs_m, offs_n, row_ok, col_ok, K,
-        stride_am, stride_as, stride_ask, stride_bn, stride_bs, EVEN_K, BLOCK_M, BLOCK_N, MODE,
+        stride_am, stride_as, stride_ask, stride_bn, stride_bs, EVEN_K, BLOCK_M, BLOCK_N, MODE, kb_lo, kb_hi,
     )  # fmt: skip
-    c = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
+    c = (
+        c_ptr
+        + split.to(tl.int64) * M * stride_cm
+        + offs_m[:, None].to(tl.int64) * stride_cm
+        + offs_n[None, :]
+    )
     tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _sum_slabs_kernel(ws_ptr, out_ptr, numel, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        acc += tl.load(ws_ptr + s * numel + offs, mask=offs < numel, other=0.0)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=offs < numel)
 
 
 def check_operands(a_fp8, a_scale, b_fp8, b_scale_inv, grouped: bool = False) -> tuple[int, int]:
@@ -197,11 +222,28 @@ def fp8_gemm(
     if k == 0:
         return out.zero_()
     cfg = _checked(config or pick_config(m, n))
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
-    _fp8_gemm_kernel[grid](
-        a_fp8, a_scale, b_fp8, b_scale_inv, out, m, n, k,
-        a_fp8.stride(0), a_scale.stride(0), a_scale.stride(1), b_fp8.stride(0), b_scale_inv.stride(0), out.stride(0),
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    split_k = (
+        _split_k(tiles, -(-k // 128), a_fp8.device)
+        if config is None or config.split_k == 0
+        else config.split_k
+    )
+    # split-K: the slabs go to an fp32 workspace and a second launch sums them (no atomics: deterministic)
+    dest = out if split_k == 1 else torch.empty(split_k, m, n, dtype=torch.float32, device=out.device)
+    _fp8_gemm_kernel[(tiles, split_k)](
+        a_fp8, a_scale, b_fp8, b_scale_inv, dest, m, n, k,
+        a_fp8.stride(0), a_scale.stride(0), a_scale.stride(1), b_fp8.stride(0), b_scale_inv.stride(0), n,
         EVEN_K=k % 128 == 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m, MODE=cfg.mode,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        SPLIT_K=split_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
+    if split_k > 1:
+        _sum_slabs_kernel[(triton.cdiv(m * n, 1024),)](dest, out, m * n, SPLIT_K=split_k, BLOCK=1024)
     return out
+
+
+def _split_k(tiles: int, k_steps: int, device: torch.device) -> int:
+    """Split K when the output tiles alone would leave most multiprocessors idle (decode-sized M)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    if tiles * 2 > sms or k_steps < 8:
+        return 1
+    return max(1, min(sms // tiles, k_steps // 4, 16))

@@ -177,3 +177,14 @@ def test_m_major_scales():
     offsets = torch.tensor([0, 25, 40], dtype=torch.int32, device=DEV)
     got = grouped.fp8_grouped_gemm(a, a_s_mn, b, b_s, offsets)
     assert_close(got, grouped.reference(a.cpu(), a_s.cpu(), b.cpu(), b_s.cpu(), offsets.cpu()))
+
+
+@pytest.mark.parametrize("split_k", [0, 3, 7])
+def test_fp8_gemm_split_k(split_k):
+    """Decode-sized M splits K over programs (0: chosen by occupancy); slices may be uneven or empty."""
+    m, n, k = 3, 130, 1250  # 10 K steps, the last one partial
+    a, a_s = _a((m, k), seed=split_k)
+    b, b_s = _b(1, n, k, seed=13)
+    cfg = None if split_k == 0 else dense.TileConfig(16, 128, 4, 2, mode=1, split_k=split_k)
+    got = dense.fp8_gemm(a, a_s, b[0], b_s[0], config=cfg)
+    assert_close(got, dense.reference(a.cpu(), a_s.cpu(), b[0].cpu(), b_s[0].cpu()))
