@@ -1,0 +1,192 @@
+"""Deploy knobs of the mesh services: frozen dataclasses, and the one place that reads their flags and the
+environment. `moemesh serve <role>` hands its parsed flags (and the flags it did not know, `args.extra`) to
+`WorkerConfig.from_args` / `GatewayConfig.from_args`; every knob also has a `MOEMESH_*` environment variable
+(so `moemesh up` passes knobs to all of its children at once). A flag wins over the environment.
+
+    knob                           flag                          environment
+    engine page size               --page-size                   MOEMESH_PAGE_SIZE
+    KV pages (exact count)         --num-kv-pages                MOEMESH_NUM_KV_PAGES
+    KV pool bytes                  --kv-cache-bytes              MOEMESH_KV_CACHE_BYTES
+    requests per step              --max-num-seqs                MOEMESH_MAX_NUM_SEQS
+    tokens per step                --max-num-batched-tokens      MOEMESH_MAX_NUM_BATCHED_TOKENS
+    dtype                          --dtype                       MOEMESH_DTYPE
+    local prefill threshold        --local-prefill-tokens        MOEMESH_LOCAL_PREFILL_TOKENS
+    lease time to live             --lease-ttl-s                 MOEMESH_LEASE_TTL_S
+    KV crc32 per chunk             --kv-checksum                 MOEMESH_KV_CHECKSUM
+    heartbeat interval             --heartbeat-s                 MOEMESH_HEARTBEAT_S
+    gateway in-flight limit        --max-inflight                MOEMESH_MAX_INFLIGHT
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from moemesh.config.engine import EngineConfig
+
+DEMO_DIR = Path(__file__).resolve().parent.parent.parent / "models" / "demo"
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+def resolve_model_dir(model: str) -> Path:
+    """'demo' is the bundled checkpoint; anything else is a directory with a config.json."""
+    path = DEMO_DIR if model == "demo" else Path(model)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model directory {path} has no config.json")
+    return path
+
+
+def _check(checks: list[tuple[str, bool, str]], obj: object) -> None:
+    for name, ok, rule in checks:
+        if not ok:
+            raise ValueError(f"{name}={getattr(obj, name)!r} {rule}")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """A prefill, decode or colocated worker.
+
+    * local_prefill_tokens: D prefills a prompt itself when at most this many of its tokens are not in D's
+      prefix cache (conditional disaggregation); 0 = always on a prefill worker when one is ready.
+    * force_local_prefill: the colocated role (no prefill workers at all).
+    * lease_ttl_s: how long a KV lease accepts writes; the reaper ends leases past it.
+    * kv_checksum: crc32 per KV chunk, checked by the receiver (tests; costs a pass over the bytes).
+    """
+
+    role: str
+    worker_id: str
+    host: str = "127.0.0.1"
+    port: int = 0
+    model: str = "demo"
+    device: str = "cpu"
+    dtype: str = "auto"
+    registry: str = ""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    local_prefill_tokens: int = 16
+    force_local_prefill: bool = False
+    lease_ttl_s: float = 30.0
+    reaper_interval_s: float = 0.5
+    kv_checksum: bool = False
+    heartbeat_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        _check(
+            [
+                (
+                    "role",
+                    self.role in ("prefill", "decode", "colocated"),
+                    "must be prefill, decode or colocated",
+                ),
+                ("worker_id", bool(self.worker_id), "must be non-empty"),
+                ("dtype", self.dtype in DTYPES, f"must be one of {', '.join(DTYPES)}"),
+                ("local_prefill_tokens", self.local_prefill_tokens >= 0, "must be >= 0"),
+                ("lease_ttl_s", self.lease_ttl_s > 0, "must be > 0"),
+                ("reaper_interval_s", self.reaper_interval_s > 0, "must be > 0"),
+                ("heartbeat_s", self.heartbeat_s > 0, "must be > 0"),
+            ],
+            self,
+        )
+
+    @property
+    def model_dir(self) -> Path:
+        return resolve_model_dir(self.model)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, env: Mapping[str, str] | None = None) -> WorkerConfig:
+        """From `moemesh serve <role>`'s flags; `args.extra` holds the worker flags of the table above."""
+        env = os.environ if env is None else env
+        extra = _worker_parser(env).parse_args(list(getattr(args, "extra", []) or []))
+        engine = EngineConfig(
+            page_size=extra.page_size,
+            max_num_seqs=extra.max_num_seqs,
+            max_num_batched_tokens=extra.max_num_batched_tokens,
+            num_kv_pages=extra.num_kv_pages,
+            kv_cache_memory_bytes=extra.kv_cache_bytes,
+        )
+        return cls(
+            role=args.role,
+            worker_id=args.worker_id or f"{args.role}-{args.port}",
+            host=args.host,
+            port=args.port,
+            model=args.model,
+            device=args.device,
+            dtype=extra.dtype,
+            registry=args.registry,
+            engine=engine,
+            local_prefill_tokens=extra.local_prefill_tokens,
+            force_local_prefill=args.role == "colocated",
+            lease_ttl_s=extra.lease_ttl_s,
+            kv_checksum=extra.kv_checksum,
+            heartbeat_s=extra.heartbeat_s,
+        )
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """The gateway. max_inflight: requests in flight at once; beyond it Generate is RESOURCE_EXHAUSTED."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    model: str = "demo"
+    topology: str = "pd"
+    max_inflight: int = 256
+    heartbeat_s: float = 0.5
+    pick_timeout_s: float = 10.0  # how long Generate waits for a decode worker to register
+
+    def __post_init__(self) -> None:
+        _check(
+            [
+                ("max_inflight", self.max_inflight >= 1, "must be >= 1"),
+                ("heartbeat_s", self.heartbeat_s > 0, "must be > 0"),
+                ("pick_timeout_s", self.pick_timeout_s >= 0, "must be >= 0"),
+            ],
+            self,
+        )
+
+    @property
+    def model_dir(self) -> Path:
+        return resolve_model_dir(self.model)
+
+    @property
+    def model_id(self) -> str:
+        return Path(self.model).name if self.model != "demo" else "demo"
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, env: Mapping[str, str] | None = None) -> GatewayConfig:
+        env = os.environ if env is None else env
+        p = argparse.ArgumentParser(prog="moemesh serve gateway", add_help=False)
+        p.add_argument("--max-inflight", type=int, default=int(env.get("MOEMESH_MAX_INFLIGHT", 256)))
+        p.add_argument("--heartbeat-s", type=float, default=float(env.get("MOEMESH_HEARTBEAT_S", 0.5)))
+        extra = p.parse_args(list(getattr(args, "extra", []) or []))
+        return cls(
+            host=args.host, port=args.port, model=args.model, topology=args.topology,
+            max_inflight=extra.max_inflight, heartbeat_s=extra.heartbeat_s,
+        )  # fmt: skip
+
+
+def _optional_int(value: str | None) -> int | None:
+    return int(value) if value not in (None, "") else None
+
+
+def _worker_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moemesh serve <worker role>", add_help=False)
+    p.add_argument("--page-size", type=int, default=int(env.get("MOEMESH_PAGE_SIZE", 64)))
+    p.add_argument("--num-kv-pages", type=int, default=_optional_int(env.get("MOEMESH_NUM_KV_PAGES")))
+    p.add_argument("--kv-cache-bytes", type=int, default=_optional_int(env.get("MOEMESH_KV_CACHE_BYTES")))
+    p.add_argument("--max-num-seqs", type=int, default=int(env.get("MOEMESH_MAX_NUM_SEQS", 64)))
+    p.add_argument(
+        "--max-num-batched-tokens", type=int, default=int(env.get("MOEMESH_MAX_NUM_BATCHED_TOKENS", 2048))
+    )
+    p.add_argument("--dtype", default=env.get("MOEMESH_DTYPE", "auto"))
+    p.add_argument(
+        "--local-prefill-tokens", type=int, default=int(env.get("MOEMESH_LOCAL_PREFILL_TOKENS", 16))
+    )
+    p.add_argument("--lease-ttl-s", type=float, default=float(env.get("MOEMESH_LEASE_TTL_S", 30.0)))
+    p.add_argument(
+        "--kv-checksum", action="store_true", default=env.get("MOEMESH_KV_CHECKSUM", "") in ("1", "true")
+    )
+    p.add_argument("--heartbeat-s", type=float, default=float(env.get("MOEMESH_HEARTBEAT_S", 0.5)))
+    return p

@@ -1,0 +1,128 @@
+"""D's KV leases: pages reserved in the engine, opened in the KV receiver's inbox, ended exactly once.
+
+    lease = await table.open(reservation)           # reserve_kv done by the caller; inbox.expect here
+    ... P writes into lease.target's pages ...
+    await lease.adopt(lambda: engine.add_prefilled(...))   # all bytes landed: inbox lease ended, pages adopted
+    # or, on failure / cancel / expiry:
+    await lease.close()                               # inbox lease ended (late writes refused), pages freed
+
+`close()` ends the inbox lease first — `KvInbox.release` returns only when no write is in flight and refuses
+every later one — and only then returns the pages to the pool, so a late write can never land in a reused
+page. The reaper (`LeaseTable.reap`) closes leases past their deadline that nobody closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from moemesh.kernels import unpack_kv
+from moemesh.services.engine_loop import EngineLoop
+
+from moemesh.engine.engine import KvReservation
+from moemesh.transport.errors import LeaseRefused
+from moemesh.transport.kv import KvLayout, KvReceiver, KvTarget, Lease, LeaseKey
+from moemesh.transport.kv_wire import ChunkHeader
+
+log = logging.getLogger(__name__)
+
+
+class EngineKvSink:
+    """A KvSink over the engine's per-layer caches `[num_pages, page_size, kv_dim]`: bytes land in a staging
+    buffer on the cache's device, then `unpack_kv` scatters them into the lease's pages."""
+
+    def __init__(self, caches: list[torch.Tensor]) -> None:
+        self.caches = caches
+
+    def buffer_for(self, lease: Lease, header: ChunkHeader) -> torch.Tensor:
+        return torch.empty(header.num_bytes, dtype=torch.uint8, device=self.caches[header.layer].device)
+
+    def commit(self, lease: Lease, header: ChunkHeader, buffer: torch.Tensor) -> None:
+        cache = self.caches[header.layer]
+        ids = lease.page_ids[header.first_page : header.first_page + header.num_pages]
+        index = torch.tensor(ids, dtype=torch.long, device=cache.device)
+        pages = buffer.view(cache.dtype).view(header.num_pages, *cache.shape[1:])
+        unpack_kv(pages, cache, index)
+
+
+@dataclass(eq=False)
+class OpenLease:
+    table: LeaseTable
+    reservation: KvReservation
+    target: KvTarget
+    deadline_s: float  # time.monotonic()
+    ended: bool = False  # the inbox lease is released
+    adopted: bool = False  # the engine owns the pages now
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def key(self) -> LeaseKey:
+        return self.target.lease
+
+    async def adopt(self, add: Callable[[], object]) -> None:
+        """Every byte landed: end the inbox lease, then hand the pages to the engine (`add`, under its lock).
+        Raises LeaseRefused when the lease was closed meanwhile (the reaper)."""
+        async with self._lock:
+            if self.ended:
+                raise LeaseRefused(f"lease {self.key} of {self.reservation.request_id} was closed")
+            await self._end()
+            await self.table.loop.call(add)
+            self.adopted = True
+
+    async def close(self) -> None:
+        """Idempotent: end the inbox lease (waits for in-flight writes), then free the pages."""
+        async with self._lock:
+            if self.ended:
+                return
+            await self._end()
+            await self.table.loop.call(self.table.loop.engine.cancel_reservation, self.reservation)
+
+    async def _end(self) -> None:
+        self.ended = True
+        self.table.leases.pop(self.key, None)
+        await self.table.receiver.inbox.release(self.key)
+
+
+class LeaseTable:
+    """Lease ids are a per-worker counter (generation 1; a reused id would take a new generation)."""
+
+    def __init__(self, loop: EngineLoop, receiver: KvReceiver, layout: KvLayout, ttl_s: float) -> None:
+        self.loop = loop
+        self.receiver = receiver
+        self.layout = layout
+        self.ttl_s = ttl_s
+        self.sink = EngineKvSink(loop.engine.kv_caches)
+        self.leases: dict[LeaseKey, OpenLease] = {}
+        self._ids = itertools.count(1)
+        self.num_reaped = 0
+
+    def open(self, reservation: KvReservation) -> OpenLease:
+        key = LeaseKey(next(self._ids), 1)
+        deadline_s = time.monotonic() + self.ttl_s
+        target = KvTarget(
+            reservation.request_id, key, self.receiver.address, reservation.page_ids,
+            reservation.num_cached_tokens, self.layout,
+            lease_deadline_unix_ms=int((time.time() + self.ttl_s) * 1000),
+        )  # fmt: skip
+        self.receiver.inbox.expect(Lease.for_target(target, deadline_s), self.sink)
+        lease = OpenLease(self, reservation, target, deadline_s)
+        self.leases[key] = lease
+        return lease
+
+    async def reap(self, interval_s: float) -> None:
+        """Forever: expire leases past their deadline in the inbox (writes refused from now on) and close
+        them (pages back to the pool) unless their request already did."""
+        while True:
+            await asyncio.sleep(interval_s)
+            expired = self.receiver.inbox.expire()
+            for key in expired:
+                lease = self.leases.get(key)
+                if lease is not None:
+                    log.warning("lease %s of %s expired; reaping it", key, lease.reservation.request_id)
+                    self.num_reaped += 1
+                    await lease.close()

@@ -1,0 +1,50 @@
+"""`moemesh serve decode` (and `colocated`): composes the decode worker — engine, KV receiver and leases, the
+prefill peers, gRPC server, registration, the lease reaper."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from moemesh.services.decode.leases import LeaseTable
+from moemesh.services.decode.servicer import DecodeServicer
+from moemesh.services.decode.worker import DecodeWorker
+from moemesh.services.engine_loop import EngineLoop, load_engine
+from moemesh.services.registration import run_worker_server
+
+from moemesh._proto.v1 import worker_pb2_grpc
+from moemesh.config.mesh import WorkerConfig
+from moemesh.transport.channels import aio_channel
+from moemesh.transport.kv_ucx import UcxKvReceiver
+from moemesh.transport.peers import PeerSet, WorkerInfo
+from moemesh.transport.server import MeshServer, ServerOptions
+
+
+def main(args: argparse.Namespace) -> int:
+    return asyncio.run(serve(WorkerConfig.from_args(args)))
+
+
+async def serve(config: WorkerConfig) -> int:
+    loaded = await asyncio.to_thread(load_engine, config)
+    loop = EngineLoop(loaded.engine)
+    receiver = UcxKvReceiver(host=config.host)
+    if not config.force_local_prefill:
+        await receiver.start()
+    server = MeshServer(ServerOptions(host=config.host, port=config.port, grace_s=2.0))
+    leases = LeaseTable(loop, receiver, loaded.kv_layout, config.lease_ttl_s)
+    ucx_address = "" if config.force_local_prefill else receiver.address
+    me = WorkerInfo(config.worker_id, config.role, "", ucx_address, loaded.fingerprint)
+    peers = PeerSet(me, aio_channel)
+    worker = DecodeWorker(config, loop, leases, peers)
+    servicer = DecodeServicer(worker, loaded.engine.max_model_len)
+    server.add(worker_pb2_grpc.add_DecodeWorkerServicer_to_server, servicer, "moemesh.v1.DecodeWorker")
+    await server.start()
+    me = WorkerInfo(config.worker_id, config.role, server.address, ucx_address, loaded.fingerprint)
+    background = [loop.run(), leases.reap(config.reaper_interval_s)]
+    try:
+        await run_worker_server(config, server, me, worker.load, background, worker.on_members)
+    finally:
+        await peers.close()
+        if not config.force_local_prefill:
+            await receiver.close()
+    return 0

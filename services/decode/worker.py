@@ -1,0 +1,205 @@
+"""The decode worker's loop: admit a request (its KV prefilled by a prefill worker into leased pages, or here),
+then continuous-batch decode on the engine and stream its tokens.
+
+`generate(job)` for one request:
+* local prefill — the colocated role, no prefill worker named, a migrated request, or a prompt of which at
+  most `local_prefill_tokens` tokens are missing from this worker's prefix cache: `add_request` here.
+* remote prefill — `reserve_kv` (MemoryError -> RESOURCE_EXHAUSTED), open a lease (`LeaseTable`), call
+  `PrefillWorker.Prefill` with the `KvTarget` (the client's deadline bounds it), wait until every byte landed
+  (P sends layer by layer as its chunks finish, straight into the leased pages), check the byte count, then
+  `add_prefilled` with P's first token.
+  If P is unreachable the request is prefilled here instead. On a cancel or a failure while P may still
+  write: `Abort` on P (its acknowledgement means it writes no more), then the lease is closed (the inbox
+  refuses later writes), and only then do the pages return to the pool.
+* then its outputs stream from the EngineLoop; leaving early aborts it in the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
+
+import grpc
+from moemesh.services.decode.leases import LeaseTable, OpenLease
+from moemesh.services.engine_loop import EngineLoop
+from moemesh.services.sampling import sampling_to_proto
+
+from moemesh._proto.v1 import worker_pb2, worker_pb2_grpc
+from moemesh.config.mesh import WorkerConfig
+from moemesh.engine.engine import KvReservation, RequestOutput
+from moemesh.engine.sampling_params import SamplingParams
+from moemesh.transport.errors import MeshError, Unavailable, from_rpc_error
+from moemesh.transport.peers import PeerSet, WorkerInfo
+from moemesh.transport.registry import LoadReport
+
+log = logging.getLogger(__name__)
+ABORT_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class DecodeJob:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    prefill_worker: WorkerInfo | None  # None: prefill here
+    generated_ids: tuple[int, ...] = ()  # migration: tokens produced elsewhere
+
+
+class DecodeWorker:
+    def __init__(self, config: WorkerConfig, loop: EngineLoop, leases: LeaseTable, peers: PeerSet) -> None:
+        self.config = config
+        self.loop = loop
+        self.engine = loop.engine
+        self.leases = leases
+        self.peers = peers
+        self.members: list[WorkerInfo] = []
+        self.num_remote_prefills = 0
+        self.num_local_prefills = 0
+        self._sync_lock = asyncio.Lock()
+
+    async def on_members(self, members: list[WorkerInfo]) -> None:
+        """The registry's membership: handshake new prefill workers now (UCX endpoints before any request)."""
+        self.members = members
+        async with self._sync_lock:
+            await self.peers.sync(members)
+
+    async def generate(
+        self, job: DecodeJob, time_remaining: Callable[[], float | None]
+    ) -> AsyncIterator[RequestOutput]:
+        """Yields the request's outputs until the finished one. Closing the iterator aborts the request."""
+        rid = job.request_id
+        queue = self.loop.subscribe(rid)
+        finished = False
+        try:
+            first_token_id = await self._admit(job, time_remaining)
+            emitted = len(job.generated_ids)  # output_ids[:emitted] were streamed already (or elsewhere)
+            if first_token_id is not None:  # P sampled it; the engine's outputs start after it
+                emitted += 1
+                yield RequestOutput(rid, (first_token_id,), (*job.generated_ids, first_token_id), "", False)
+            while not finished:
+                out = await queue.get()
+                if isinstance(out, BaseException):
+                    raise out
+                finished = out.finished
+                new = tuple(out.output_ids[emitted:])
+                emitted = len(out.output_ids)
+                if new or finished:
+                    yield replace(out, new_token_ids=new, logprobs=out.logprobs[-len(new) :] if new else ())
+        finally:
+            self.loop.unsubscribe(rid)
+            if not finished:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self.loop.call(self.engine.abort, rid))
+
+    def load(self) -> LoadReport:
+        stats = self.engine.stats()
+        return LoadReport(
+            self.config.worker_id, self.config.role, num_running_requests=stats["num_running"],
+            num_queued_requests=stats["num_waiting"], num_queued_tokens=0,
+            num_free_pages=stats["pages_free"] + stats["pages_cached"], num_total_pages=stats["pages_total"],
+            unix_ms=int(time.time() * 1000),
+        )  # fmt: skip
+
+    # -- admission ------------------------------------------------------------------------------------------
+
+    async def _admit(self, job: DecodeJob, time_remaining: Callable[[], float | None]) -> int | None:
+        """Queues the request in the engine; returns the first token when a prefill worker sampled it."""
+        peer = None if self.config.force_local_prefill or job.generated_ids else job.prefill_worker
+        if peer is not None:
+            reservation = await self.loop.call(self.engine.reserve_kv, job.request_id, job.prompt_ids)
+            missing = len(job.prompt_ids) - reservation.num_cached_tokens
+            if missing > self.config.local_prefill_tokens:
+                try:
+                    first_token_id = await self._prefill_remote(job, peer, reservation, time_remaining)
+                    self.num_remote_prefills += 1
+                    return first_token_id
+                except Unavailable as err:  # P is lost: D prefills the request itself
+                    log.warning("prefill worker %s unavailable (%s); prefilling %s here", peer.worker_id, err,
+                                job.request_id)  # fmt: skip
+            else:
+                await self.loop.call(self.engine.cancel_reservation, reservation)
+        self.num_local_prefills += 1
+        await self.loop.call(
+            self.engine.add_request, job.prompt_ids, job.params, job.request_id, output_ids=job.generated_ids
+        )
+        return None
+
+    async def _prefill_remote(
+        self,
+        job: DecodeJob,
+        peer: WorkerInfo,
+        reservation: KvReservation,
+        time_remaining: Callable[[], float | None],
+    ) -> int:
+        try:
+            channel = await self._channel(peer)
+        except BaseException:
+            await self.loop.call(self.engine.cancel_reservation, reservation)
+            raise
+        lease = self.leases.open(reservation)
+        stub = worker_pb2_grpc.PrefillWorkerStub(channel)
+        request = worker_pb2.PrefillRequest(
+            request_id=job.request_id, token_ids=job.prompt_ids, sampling=sampling_to_proto(job.params),
+            kv_target=lease.target.to_proto(),
+        )  # fmt: skip
+        p_done = False
+        try:
+            try:
+                result = await stub.Prefill(
+                    request, timeout=_timeout(time_remaining, self.config.lease_ttl_s)
+                )
+            except grpc.RpcError as err:
+                raise from_rpc_error(err) from None
+            p_done = True
+            progress = await self.leases.receiver.inbox.wait_complete(
+                lease.key, timeout_s=_timeout(time_remaining, self.config.lease_ttl_s)
+            )
+            if progress.bytes_received != result.kv_bytes_sent:
+                raise MeshError(
+                    f"{job.request_id}: received {progress.bytes_received} KV bytes, P sent {result.kv_bytes_sent}"
+                )
+            await lease.adopt(
+                lambda: self.engine.add_prefilled(
+                    reservation, job.prompt_ids, result.first_token_id, job.params
+                )
+            )
+            return result.first_token_id
+        except BaseException:
+            await asyncio.shield(self._give_up(lease, stub, p_done))
+            raise
+
+    async def _give_up(self, lease: OpenLease, stub: worker_pb2_grpc.PrefillWorkerStub, p_done: bool) -> None:
+        """P may still write: have it acknowledge the abort, then end the lease and free the pages."""
+        if not p_done:
+            abort = worker_pb2.AbortRequest(
+                request_id=lease.reservation.request_id, lease_id=lease.key.lease_id,
+                lease_generation=lease.key.generation,
+            )  # fmt: skip
+            try:
+                await stub.Abort(abort, timeout=ABORT_TIMEOUT_S)
+            except grpc.RpcError as err:  # lost P: the ended lease refuses whatever it still sends
+                log.warning("abort of %s not acknowledged: %s", lease.key, err.code().name)
+        await lease.close()
+
+    async def _channel(self, peer: WorkerInfo) -> grpc.aio.Channel:
+        """The handshaken channel to `peer`; handshakes now when the registry has not told us of it yet."""
+        if peer.worker_id not in self.peers.ready:
+            async with self._sync_lock:
+                known = {m.worker_id: m for m in [*self.peers.ready.values(), *self.members]}
+                known[peer.worker_id] = peer
+                await self.peers.sync(list(known.values()))
+        if peer.worker_id not in self.peers.ready:
+            refused = self.peers.refused.get(peer.worker_id)
+            if refused is not None:
+                raise refused
+            raise Unavailable(f"prefill worker {peer.worker_id} at {peer.grpc_address} did not answer")
+        return self.peers.channel(peer.worker_id)
+
+
+def _timeout(time_remaining: Callable[[], float | None], default_s: float) -> float:
+    remaining = time_remaining()
+    return default_s if remaining is None else max(0.0, min(remaining, default_s))

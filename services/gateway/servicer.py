@@ -1,0 +1,56 @@
+"""Gateway RPCs (public API): proto <-> `GenerateJob` / `Delta`; exceptions -> status codes (`map_errors`)."""
+
+from __future__ import annotations
+
+from moemesh.services.gateway.worker import Gateway
+
+from moemesh._proto.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from moemesh.transport.errors import InvalidArgument, map_errors
+
+_FINISH = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH}
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    def _check_model(self, model: str) -> None:
+        if model and model != self.gateway.config.model_id:
+            raise InvalidArgument(
+                f"model={model!r} is not served here (serving {self.gateway.config.model_id!r})"
+            )
+
+    @map_errors
+    async def Generate(self, request, context):
+        self._check_model(request.model)
+        which = request.WhichOneof("prompt")
+        text = request.text if which == "text" else None
+        token_ids = list(request.token_ids.ids) if which == "token_ids" else None
+        if which is None:
+            raise InvalidArgument("prompt is unset: send text or token_ids")
+        job = self.gateway.prepare(text, token_ids, request.request_id, request.sampling)
+        first = True
+        async for delta in self.gateway.generate(job, context.time_remaining):
+            chunk = gateway_pb2.GenerateChunk(
+                token_ids=delta.token_ids, text=delta.text, logprobs=delta.logprobs
+            )
+            if first:
+                chunk.request_id, first = job.request_id, False
+            if delta.finish_reason is not None:
+                chunk.finish_reason = _FINISH[delta.finish_reason]
+                chunk.usage.CopyFrom(common_pb2.Usage(prompt_tokens=delta.num_prompt_tokens,
+                                                      completion_tokens=delta.num_completion_tokens))  # fmt: skip
+            yield chunk
+
+    @map_errors
+    async def Tokenize(self, request, context):
+        self._check_model(request.model)
+        return gateway_pb2.TokenizeResponse(token_ids=self.gateway.tokenize(request.text))
+
+    @map_errors
+    async def ListModels(self, request, context):
+        info = gateway_pb2.ModelInfo(
+            id=self.gateway.config.model_id, max_context_tokens=self.gateway.max_context_tokens,
+            vocab_size=self.gateway.vocab_size,
+        )  # fmt: skip
+        return gateway_pb2.ListModelsResponse(models=[info])

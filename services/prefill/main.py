@@ -1,0 +1,42 @@
+"""`moemesh serve prefill`: composes the prefill worker — engine, KV sender, gRPC server, registration."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+from moemesh.services.engine_loop import EngineLoop, load_engine
+from moemesh.services.prefill.servicer import PrefillServicer
+from moemesh.services.prefill.worker import PrefillWorker
+from moemesh.services.registration import run_worker_server
+
+from moemesh._proto.v1 import worker_pb2_grpc
+from moemesh.config.mesh import WorkerConfig
+from moemesh.transport.kv_ucx import UcxKvSender
+from moemesh.transport.peers import HandshakeAcceptor, WorkerInfo
+from moemesh.transport.server import MeshServer, ServerOptions
+
+log = logging.getLogger(__name__)
+
+
+def main(args: argparse.Namespace) -> int:
+    return asyncio.run(serve(WorkerConfig.from_args(args)))
+
+
+async def serve(config: WorkerConfig) -> int:
+    loaded = await asyncio.to_thread(load_engine, config)
+    loop = EngineLoop(loaded.engine)
+    sender = UcxKvSender(checksum=config.kv_checksum, timeout_s=config.lease_ttl_s)
+    worker = PrefillWorker(config.worker_id, loop, sender)
+    server = MeshServer(ServerOptions(host=config.host, port=config.port, grace_s=2.0))
+    acceptor = HandshakeAcceptor(WorkerInfo(config.worker_id, "prefill", "", "", loaded.fingerprint), sender)
+    servicer = PrefillServicer(worker, acceptor)
+    server.add(worker_pb2_grpc.add_PrefillWorkerServicer_to_server, servicer, "moemesh.v1.PrefillWorker")
+    await server.start()
+    me = WorkerInfo(config.worker_id, "prefill", server.address, "", loaded.fingerprint)
+    try:
+        await run_worker_server(config, server, me, worker.load, [loop.run()])
+    finally:
+        await sender.close()
+    return 0

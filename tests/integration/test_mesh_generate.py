@@ -1,0 +1,153 @@
+"""The mesh in real processes (`moemesh up`, real gRPC and UCX over loopback) on a tiny checkpoint: greedy outputs
+equal in-process `LLM.generate` token for token (pd with 1 prefill + 2 decode workers, and colocated), stop
+strings, cancellation returning every page on every worker, bad input, and no process left behind."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+
+import grpc
+import pytest
+
+from moemesh import LLM, SamplingParams
+from moemesh._proto.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from moemesh.config.engine import EngineConfig
+from moemesh.sdk import AsyncClient, Client, InvalidRequest
+from tests.integration.mesh_tiny import TINY_ENV, build_tiny, start_mesh
+
+pytest.importorskip("ucxx")
+
+PROMPT = "The old man and the sea"
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return build_tiny(tmp_path_factory.mktemp("tiny-mesh"))
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_dir):
+    config = EngineConfig(
+        page_size=int(TINY_ENV["MOEMESH_PAGE_SIZE"]), num_kv_pages=int(TINY_ENV["MOEMESH_NUM_KV_PAGES"]),
+        max_num_seqs=int(TINY_ENV["MOEMESH_MAX_NUM_SEQS"]),
+        max_num_batched_tokens=int(TINY_ENV["MOEMESH_MAX_NUM_BATCHED_TOKENS"]),
+    )  # fmt: skip
+    return LLM(tiny_dir, device="cpu", dtype="float32", engine_config=config)
+
+
+def _mesh_fixture(topology: str, num_decode: int):
+    @pytest.fixture(scope="module")
+    def fixture(tiny_dir):
+        mesh = start_mesh(tiny_dir, topology, num_decode=num_decode)
+        try:
+            yield mesh
+        finally:
+            code = mesh.stop()
+            assert code == 0, "\n".join(mesh.lines[-30:])
+            for name, pid in mesh.pids.items():  # every child was reaped: no orphans
+                with pytest.raises(ProcessLookupError):
+                    os.kill(pid, 0)
+                    print(f"{name} pid {pid} is still alive")
+
+    return fixture
+
+
+pd_mesh = _mesh_fixture("pd", num_decode=2)
+colocated_mesh = _mesh_fixture("colocated", num_decode=1)
+
+
+def mixed_prompts(count: int, seed: int = 3) -> list[tuple[list[int], int]]:
+    """(prompt token ids, max_tokens): prompts of 3..150 tokens, 1..24 new tokens."""
+    rng = random.Random(seed)
+    return [([rng.randrange(1, 320) for _ in range(rng.randrange(3, 150))], rng.randrange(1, 25))
+            for _ in range(count)]  # fmt: skip
+
+
+async def _complete_all(address: str, work: list[tuple[list[int], int]]):
+    async with AsyncClient(address, timeout_s=120) as client:
+        return await asyncio.gather(
+            *(client.complete(token_ids=ids, max_tokens=n, temperature=0) for ids, n in work)
+        )
+
+
+def assert_same_as_llm(address: str, llm: LLM, work: list[tuple[list[int], int]]) -> None:
+    results = asyncio.run(_complete_all(address, work))
+    for i, ((ids, n), got) in enumerate(zip(work, results, strict=True)):
+        want = llm.generate([ids], SamplingParams(max_tokens=n))[0]
+        assert got.token_ids == want.token_ids, f"request {i} ({len(ids)} prompt tokens)"
+        assert got.text == want.text, f"request {i}"
+        assert got.finish_reason == want.finish_reason, f"request {i}"
+
+
+@pytest.mark.parametrize("mesh_name", ["pd_mesh", "colocated_mesh"])
+def test_16_concurrent_greedy_requests_equal_llm_generate(mesh_name, request, llm):
+    mesh = request.getfixturevalue(mesh_name)
+    assert_same_as_llm(mesh.address, llm, mixed_prompts(16))
+    assert mesh.wait_settled() == {name: 0 for name in mesh.workers}  # every page back in every pool
+
+
+def test_one_request_to_each_decode_worker_equals_llm_generate(pd_mesh, llm):
+    """Sequential requests: the gateway alternates nothing in flight -> both D's see single requests too."""
+    for ids, n in mixed_prompts(3, seed=5):
+        assert_same_as_llm(pd_mesh.address, llm, [(ids, n)])
+
+
+def test_text_prompt_streams_the_same_text_and_stop_strings_cut_it(pd_mesh, llm):
+    want = llm.generate([PROMPT], SamplingParams(max_tokens=24))[0]
+    with Client(pd_mesh.address, timeout_s=60) as client:
+        chunks = list(client.generate(prompt=PROMPT, max_tokens=24, temperature=0))
+        assert [t for c in chunks for t in c.token_ids] == want.token_ids
+        assert "".join(c.text for c in chunks) == want.text
+        assert (
+            all(c.finish_reason is None for c in chunks[:-1])
+            and chunks[-1].finish_reason == want.finish_reason
+        )
+        stop = want.text[len(want.text) // 2 :][:2]  # a string the output is known to contain
+        cut = llm.generate([PROMPT], SamplingParams(max_tokens=24, stop=(stop,)))[0]
+        got = client.complete(prompt=PROMPT, max_tokens=24, temperature=0, stop=[stop])
+        assert (got.text, got.finish_reason) == (cut.text, "stop")
+        assert got.token_ids == cut.token_ids
+        assert client.tokenize(PROMPT) == llm.tokenizer.encode(PROMPT)
+
+
+def test_cancel_mid_stream_returns_every_page_on_decode_and_prefill(pd_mesh):
+    assert pd_mesh.wait_settled() == {name: 0 for name in pd_mesh.workers}
+    with Client(pd_mesh.address, timeout_s=60) as client:
+        for prompt_len in (20, 300):  # cancelled while decoding; cancelled early (during a long prefill)
+            stream = client.generate(
+                token_ids=list(range(1, prompt_len + 1)), max_tokens=400, ignore_eos=True
+            )
+            if prompt_len == 20:
+                for _ in range(3):
+                    next(stream)
+            stream.cancel()
+            assert pd_mesh.wait_settled() == {name: 0 for name in pd_mesh.workers}
+        assert client.complete(token_ids=[5, 6, 7], max_tokens=2).finish_reason == "length"  # still serving
+
+
+def test_bad_input_is_invalid_argument_naming_field_and_value(pd_mesh):
+    with Client(pd_mesh.address, timeout_s=30) as client:
+        with pytest.raises(InvalidRequest, match=r"token_ids\[1\]=500 must be < vocab_size=320"):
+            client.complete(token_ids=[5, 500], max_tokens=2)
+        with pytest.raises(InvalidRequest, match="max_tokens"):
+            client.complete(prompt=PROMPT, max_tokens=0)
+        with pytest.raises(InvalidRequest, match="max_context_tokens"):
+            client.complete(token_ids=[3] * 600, max_tokens=2)
+    with grpc.insecure_channel(
+        pd_mesh.address
+    ) as channel:  # what the server says when the SDK does not check
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        cases = [
+            (gateway_pb2.GenerateRequest(text="", sampling=common_pb2.SamplingParams()), "prompt=''"),
+            (gateway_pb2.GenerateRequest(text=PROMPT, sampling=common_pb2.SamplingParams(max_tokens=0)),
+             "max_tokens=0 must be >= 1"),
+            (gateway_pb2.GenerateRequest(text=PROMPT, sampling=common_pb2.SamplingParams(temperature=-1)),
+             "temperature=-1.0 must be >= 0"),
+        ]  # fmt: skip
+        for req, message in cases:
+            with pytest.raises(grpc.RpcError) as err:
+                list(stub.Generate(req, timeout=10))
+            assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+            assert message in err.value.details()
