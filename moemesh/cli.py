@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import importlib
 import logging
 import sys
@@ -31,6 +32,13 @@ def _add_up(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=50051, help="the gateway's gRPC port")
     p.add_argument("--http-port", type=int, default=8000, help="OpenAI-compatible HTTP, /metrics, /traces")
     p.add_argument("--startup-timeout", type=float, default=300.0, metavar="S")
+    p.add_argument(
+        "--demo-prompt",
+        default="",
+        metavar="TEXT",
+        help="once ready, stream this prompt through the SDK (what `make run` does), then serve",
+    )
+    p.add_argument("--demo-max-tokens", type=int, default=48, metavar="N")
     p.set_defaults(func=_cmd_up)
 
 
@@ -46,9 +54,37 @@ def _cmd_up(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    from moemesh.config.mesh import resolve_model_dir
+
+    try:
+        resolve_model_dir(args.model)
+    except FileNotFoundError as err:
+        hint = " (train it: python tools/train_demo.py)" if args.model == "demo" else ""
+        print(f"error: {err}{hint}", file=sys.stderr)
+        return 2
     supervisor = Supervisor(plan_children(options), startup_timeout_s=args.startup_timeout)
-    ready = f"ready on {options.host}:{options.port} (http on {options.host}:{options.http_port})"
-    return supervisor.run(ready)
+    target = f"{options.host}:{options.port}"
+    ready = f"ready on {target} (http on {options.host}:{options.http_port})"
+    on_ready = None
+    if args.demo_prompt:
+        on_ready = functools.partial(_demo_request, target, args.demo_prompt, args.demo_max_tokens)
+    return supervisor.run(ready, on_ready)
+
+
+def _demo_request(target: str, prompt: str, max_tokens: int) -> None:
+    """Streams one greedy request through the SDK, printing text as it arrives (`make run`)."""
+    from moemesh.sdk import Client, MoemeshError
+
+    try:
+        with Client(target, timeout_s=300) as client:
+            print(f"\n--- demo request through the SDK ({target}):\n{prompt}", end="", flush=True)
+            for chunk in client.generate(prompt=prompt, max_tokens=max_tokens, temperature=0):
+                print(chunk.text, end="", flush=True)
+        print(
+            f"\n--- serving on {target} until Ctrl-C (moemesh generate --target {target} PROMPT)", flush=True
+        )
+    except MoemeshError as err:
+        print(f"\nerror: demo request failed: {err}", file=sys.stderr, flush=True)
 
 
 # --- serve ------------------------------------------------------------------------------------------------

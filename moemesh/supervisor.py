@@ -22,7 +22,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TextIO
 
@@ -178,9 +178,10 @@ class Supervisor:
             _signal_group(child.process, signal.SIGKILL)  # also whatever the child left in its group
             child.process.wait()
 
-    def run(self, ready_message: str) -> int:
+    def run(self, ready_message: str, on_ready: Callable[[], None] | None = None) -> int:
         """start + wait_ready, print `ready_message`, serve until SIGINT/SIGTERM/SIGHUP or a child exits,
-        then stop all. Returns 0 after a signal, 1 when a child failed. Call from the main thread."""
+        then stop all. Returns 0 after a signal, 1 when a child failed. Call from the main thread.
+        `on_ready()` runs once everything is healthy, in a daemon thread (`moemesh up --demo-prompt`)."""
         handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
         previous = {s: signal.signal(s, self._on_signal) for s in handled}
         try:
@@ -189,6 +190,8 @@ class Supervisor:
             if self._stop.is_set():
                 return 0
             print(ready_message, file=self.out, flush=True)
+            if on_ready is not None:
+                threading.Thread(target=on_ready, name="on-ready", daemon=True).start()
             return self._watch()
         except StartupError as err:
             print(f"error: {err}", file=sys.stderr, flush=True)

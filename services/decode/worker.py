@@ -158,6 +158,9 @@ class DecodeWorker:
             progress = await self.leases.receiver.inbox.wait_complete(
                 lease.key, timeout_s=_timeout(time_remaining, self.config.lease_ttl_s)
             )
+            log.info("%s: prefilled on %s, %d of %d prompt tokens' KV received in lease %s (%d bytes, P sent %d)",
+                     job.request_id, peer.worker_id, len(job.prompt_ids) - reservation.num_cached_tokens,
+                     len(job.prompt_ids), lease.key, progress.bytes_received, result.kv_bytes_sent)  # fmt: skip
             if progress.bytes_received != result.kv_bytes_sent:
                 raise MeshError(
                     f"{job.request_id}: received {progress.bytes_received} KV bytes, P sent {result.kv_bytes_sent}"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import re
 
 import grpc
 import pytest
@@ -20,6 +21,9 @@ from tests.integration.mesh_tiny import TINY_ENV, build_tiny, start_mesh
 pytest.importorskip("ucxx")
 
 PROMPT = "The old man and the sea"
+HANDOFF = re.compile(  # D's log line for each request prefilled on P
+    r"\[(?P<decode>decode-\d)\] .* prefilled on prefill-0, .*\((?P<received>\d+) bytes, P sent (?P<sent>\d+)\)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +88,16 @@ def assert_same_as_llm(address: str, llm: LLM, work: list[tuple[list[int], int]]
 @pytest.mark.parametrize("mesh_name", ["pd_mesh", "colocated_mesh"])
 def test_16_concurrent_greedy_requests_equal_llm_generate(mesh_name, request, llm):
     mesh = request.getfixturevalue(mesh_name)
+    before = len(mesh.lines)
     assert_same_as_llm(mesh.address, llm, mixed_prompts(16))
     assert mesh.wait_settled() == {name: 0 for name in mesh.workers}  # every page back in every pool
+    handoffs = [m for line in mesh.lines[before:] if (m := HANDOFF.search(line))]
+    if mesh_name == "pd_mesh":  # every prompt was prefilled on P, its KV moved over UCX (crc32 per chunk)
+        assert len(handoffs) == 16
+        assert {m["decode"] for m in handoffs} == {"decode-0", "decode-1"}
+        assert all(m["received"] == m["sent"] and int(m["sent"]) > 0 for m in handoffs)
+    else:
+        assert handoffs == []
 
 
 def test_one_request_to_each_decode_worker_equals_llm_generate(pd_mesh, llm):
