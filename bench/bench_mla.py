@@ -13,6 +13,8 @@ bytes read plus written.
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 import torch
 from moemesh.kernels import mla_decode, pack_kv, store_kv, unpack_kv
@@ -175,7 +177,12 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="results folder (default bench/results)")
     parser.add_argument("--quick", action="store_true", help="a few shapes only")
     parser.add_argument("--sweep", action="store_true", help="also sweep launch configs")
+    parser.add_argument("--plot", default=None, help="only redraw the PNG of this results JSON")
     args = parser.parse_args()
+    if args.plot:
+        result = json.loads(Path(args.plot).read_text())
+        print(save_plot(Path(args.plot).stem, decode_panels(result), args.out or str(Path(args.plot).parent)))
+        return
     meta = header()
     copy_gbs = copy_bandwidth_gbs()
     print(f"{meta['card']}  commit {meta['commit']}  copy bandwidth {copy_gbs:.0f} GB/s")
@@ -198,13 +205,15 @@ def main() -> None:
 
 def decode_panels(result: dict) -> list[dict]:
     """% of copy bandwidth against context, one line per batch and cache kind; pack/unpack against pages."""
-    series = {}
-    for kind in ("bf16", "fp8", "torch"):
-        for batch in sorted({r["batch"] for r in result["decode"]}):
+    series, styles = {}, {}
+    batches = sorted({r["batch"] for r in result["decode"]})
+    for kind, linestyle in (("bf16", "-"), ("fp8", "--"), ("torch", ":")):
+        for i, batch in enumerate(batches):
             pts = [(r["ctx"], r[f"{kind}_pct_copy"]) for r in result["decode"]
                    if r["batch"] == batch and f"{kind}_pct_copy" in r]  # fmt: skip
             if pts:
                 series[f"{kind} b={batch}"] = tuple(zip(*pts, strict=True))
+                styles[f"{kind} b={batch}"] = {"linestyle": linestyle, "color": f"C{i}"}
     pack = {}
     for op in sorted({r["op"] for r in result["pack"]}):
         pts = [(r["pages"], r["pct_copy"]) for r in result["pack"] if r["op"] == op]
@@ -212,7 +221,7 @@ def decode_panels(result: dict) -> list[dict]:
     title = f"{result['card']}, copy {result['copy_GBs']:.0f} GB/s, {result['commit']}"
     return [
         {"title": f"mla_decode (128 heads, page 64)\n{title}", "xlabel": "context", "ylabel": "% of copy bandwidth",
-         "series": series, "hline": (80, "target 80%"), "logx": True},
+         "series": series, "styles": styles, "hline": (80, "target 80%"), "logx": True},
         {"title": f"pack / unpack\n{title}", "xlabel": "pages", "ylabel": "% of copy bandwidth", "series": pack,
          "hline": (80, "target 80%"), "logx": True},
     ]  # fmt: skip

@@ -81,7 +81,7 @@ def _fmt(v) -> str:
 
 def save_plot(name: str, panels: list[dict], out_dir: str | None = None) -> Path | None:
     """One PNG with a panel per dict {title, xlabel, ylabel, series: {label: (xs, ys)}, hline: (y, label)?,
-    logx: bool?}. Returns None (and says so) where matplotlib is missing."""
+    logx: bool?, styles: {label: matplotlib kwargs}?}. Returns None (and says so) where matplotlib is missing."""
     try:
         import matplotlib
 
@@ -93,7 +93,7 @@ def save_plot(name: str, panels: list[dict], out_dir: str | None = None) -> Path
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
     for ax, panel in zip(axes[0], panels, strict=True):
         for label, (xs, ys) in panel["series"].items():
-            ax.plot(xs, ys, marker="o", label=label)
+            ax.plot(xs, ys, label=label, **{"marker": "o", **panel.get("styles", {}).get(label, {})})
         if panel.get("hline"):
             y, label = panel["hline"]
             ax.axhline(y, color="gray", linestyle="--", label=label)

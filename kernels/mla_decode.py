@@ -487,11 +487,12 @@ def _tma_block_n(q, kv_cache, kv_lora_rank: int, rope_dim: int, cfg: DecodeConfi
 
 
 def _num_splits(batch: int, num_head_blocks: int, max_ctx: int, block_n: int, device: torch.device) -> int:
-    """Enough splits that about one wave of programs covers the GPU, each split at least a few blocks long."""
+    """Enough splits that about one wave of programs covers the GPU (rounded, not ceiled: 128 programs on 132
+    SMs stay one split, measured faster than a second partial wave plus the merge), each split a few blocks."""
     num_sms = 4
     if device.type == "cuda":
         num_sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = max(1, -(-num_sms // (batch * num_head_blocks)))
+    want = max(1, round(num_sms / (batch * num_head_blocks)))
     max_useful = max(1, -(-max_ctx // (4 * block_n)))
     return min(want, max_useful, 64)
 
