@@ -99,6 +99,7 @@ def model_config_kwargs(opts: TrainOptions) -> dict:
         rope_theta=10000.0,
         rms_norm_eps=1e-6,
         tie_word_embeddings=False,
+        num_nextn_predict_layers=0,  # no multi-token-prediction layer is trained
         bos_token_id=None,
         eos_token_id=0,
         pad_token_id=None,
