@@ -289,7 +289,7 @@ def main() -> None:
         "targets": TARGETS,
         "rows": rows,
     }
-    name = "bench_engine"
+    name = f"bench_engine-{payload['card'].replace(' ', '_')}"
     path = write_json(name, payload, args.out)
     print(json.dumps({k: v for k, v in payload.items() if k not in ("config", "rows")}, indent=1))
     print_table(
