@@ -9,6 +9,7 @@ step makes a request's tokens independent of its batch-mates.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,8 @@ from moemesh.engine.sampler import SampledToken, Sampler, SampleRow
 from moemesh.engine.sampling_params import SamplingParams
 from moemesh.model.batch import ForwardBatch
 from moemesh.model.network import DeepseekForCausalLM
+
+log = logging.getLogger("moemesh.engine")
 
 
 @dataclass
@@ -172,7 +175,16 @@ class ModelRunner:
 
     def capture_decode_graphs(self) -> None:
         """Captures one decode forward per bucket of `config.cuda_graph_batch_sizes` (largest first, one
-        shared memory pool). Padding rows carry seq_len 0 and slot -1."""
+        shared memory pool). Padding rows carry seq_len 0 and slot -1. A model that cannot be captured (a host
+        sync somewhere in its decode forward) runs eagerly, with a warning."""
+        try:
+            self._capture()
+        except RuntimeError as exc:
+            self.graphs.clear()
+            torch.cuda.synchronize()
+            log.warning("decode CUDA graphs disabled, the forward could not be captured: %s", exc)
+
+    def _capture(self) -> None:
         sizes = [b for b in self.config.cuda_graph_batch_sizes if b <= self.config.max_num_seqs]
         if self.device.type != "cuda" or not sizes:
             return

@@ -64,3 +64,24 @@ def test_grouped_experts_in_bf16_match_the_fp32_loop():
         ref = cpu.forward(hidden, ids, weights)
         got = gpu.forward(hidden.cuda().bfloat16(), ids.cuda(), weights.cuda()).float().cpu()
         assert ((got - ref).norm() / ref.norm()).item() < 1e-2
+
+
+def test_demo_checkpoint_graphs_match_eager():
+    """The bundled demo (FP8 experts and projections on CUDA): decode graphs give the eager greedy tokens."""
+    from pathlib import Path
+
+    demo = Path(__file__).resolve().parents[2] / "models" / "demo"
+    if not torch.cuda.is_available() or not (demo / "config.json").is_file():
+        pytest.skip("needs a CUDA GPU and models/demo")
+    texts = ["To Sherlock Holmes she is always", "The old man", "It was", "Watson"]
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    got = {}
+    for sizes in ((1, 2, 4), ()):
+        llm = LLM(
+            demo, device="cuda", engine_config=EngineConfig(max_num_seqs=4, cuda_graph_batch_sizes=sizes)
+        )
+        assert bool(llm.engine.runner.graphs) == bool(sizes)
+        got[sizes] = [c.token_ids for c in llm.generate(texts, params)]
+        assert_no_leaks(llm)
+        del llm
+    assert got[(1, 2, 4)] == got[()]
