@@ -20,7 +20,11 @@ def hf_and_llm(tmp_path_factory):
     hf = build_hf("v3", seed=3, q_lora_rank=24)
     path = save_hf(hf, tmp_path_factory.mktemp("tiny-v3-gpu"))
     config = EngineConfig(
-        page_size=8, max_num_seqs=16, max_num_batched_tokens=40, cuda_graph_batch_sizes=(1, 4, 16)
+        page_size=8,
+        max_num_seqs=16,
+        max_num_batched_tokens=40,
+        cuda_graph_batch_sizes=(1, 4, 16),
+        kv_cache_memory_bytes=64 << 20,  # leave the card to the other engines of this process
     )
     return hf, LLM(path, device="cuda", dtype="float32", engine_config=config)
 
@@ -77,11 +81,11 @@ def test_demo_checkpoint_graphs_match_eager():
     params = SamplingParams(max_tokens=24, ignore_eos=True)
     got = {}
     for sizes in ((1, 2, 4), ()):
-        llm = LLM(
-            demo, device="cuda", engine_config=EngineConfig(max_num_seqs=4, cuda_graph_batch_sizes=sizes)
-        )
+        config = EngineConfig(max_num_seqs=4, cuda_graph_batch_sizes=sizes, kv_cache_memory_bytes=256 << 20)
+        llm = LLM(demo, device="cuda", engine_config=config)
         assert bool(llm.engine.runner.graphs) == bool(sizes)
         got[sizes] = [c.token_ids for c in llm.generate(texts, params)]
         assert_no_leaks(llm)
         del llm
+        torch.cuda.empty_cache()
     assert got[(1, 2, 4)] == got[()]
