@@ -465,6 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--corpus-dir", type=Path, default=DEMO_DIR / "corpus")
     p.add_argument("--minutes", type=float, default=TrainOptions.minutes, help="training-loop budget")
     p.add_argument("--max-steps", type=int, default=TrainOptions.max_steps)
+    p.add_argument("--batch-size", type=int, default=TrainOptions.batch_size, help="sequences per step")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=TrainOptions.threads)
     p.add_argument("--evaluate-only", action="store_true", help="only report perplexities of --out")
@@ -479,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
             corpus_dir=args.corpus_dir,
             minutes=args.minutes,
             max_steps=args.max_steps,
+            batch_size=args.batch_size,
             seed=args.seed,
             threads=args.threads,
         )
