@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moemesh.kernels import mla_decode, store_kv, weight_dequant
+from moemesh.kernels import mla_decode, mla_prefill, store_kv, weight_dequant
+from moemesh.kernels.mla_prefill import Prefix
 from moemesh.model.batch import ForwardBatch
 from moemesh.model.config import ModelConfig
 from moemesh.model.layers import RMSNorm
@@ -106,19 +107,30 @@ class MLAttention(nn.Module):
         return torch.einsum("bhc,hdc->bhd", out_latent, w_uv)  # [B, H, v]
 
     def _prefill(self, q: torch.Tensor, batch: ForwardBatch, kv_cache: torch.Tensor) -> torch.Tensor:
-        out = q.new_empty(q.shape[0], self.num_heads, self.v_head_dim)
+        """Expanded attention: each sequence's new rows attend causally to themselves and to every row of its
+        cached prefix (`moemesh.kernels.mla_prefill`). K/V come from the latent cache, new rows included."""
+        chunk_rows, prefix_rows, prefix_starts = [], [], [0]
         for b, length in enumerate(batch.seq_lens.tolist()):
-            start, end = batch.query_start[b], batch.query_start[b + 1]
-            if start == end:
-                continue
-            rows = gather_latent(kv_cache, batch.page_table[b], length).to(q.dtype)  # [L, 576]
-            latent, k_pe = rows.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-            kv = self.kv_b_proj(latent).view(length, self.num_heads, -1)
-            k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
-            k = torch.cat([k_nope, k_pe[:, None, :].expand(-1, self.num_heads, -1)], dim=-1)  # [L, H, 192]
-            scores = torch.einsum("qhd,khd->hqk", q[start:end], k).float() * self.scale
-            q_pos = torch.arange(length - (end - start), length, device=q.device)
-            causal = torch.arange(length, device=q.device)[None, :] > q_pos[:, None]  # [q, L]
-            probs = scores.masked_fill(causal, float("-inf")).softmax(-1).to(v.dtype)
-            out[start:end] = torch.einsum("hqk,khd->qhd", probs, v)
+            rows = gather_latent(kv_cache, batch.page_table[b], length)  # [L, kv_lora_rank + rope]
+            cached = length - batch.query_len(b)
+            prefix_rows.append(rows[:cached])
+            chunk_rows.append(rows[cached:])
+            prefix_starts.append(prefix_starts[-1] + cached)
+        k, v = self._expand(torch.cat(chunk_rows).to(q.dtype))
+        prefix = None
+        if prefix_starts[-1]:
+            prefix_k, prefix_v = self._expand(torch.cat(prefix_rows).to(q.dtype))
+            cu = torch.tensor(prefix_starts, dtype=torch.int32, device=q.device)
+            prefix = Prefix(prefix_k, prefix_v, cu)
+        cu_seqlens = torch.tensor(batch.query_start, dtype=torch.int32, device=q.device)
+        max_seqlen = max(batch.query_len(b) for b in range(batch.num_seqs))
+        out, _ = mla_prefill(q.contiguous(), k, v, cu_seqlens, self.scale, max_seqlen, prefix=prefix)
         return out
+
+    def _expand(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latent cache rows [N, kv_lora_rank + rope] -> per-head k [N, H, nope + rope] and v [N, H, v]."""
+        latent, k_pe = rows.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        kv = self.kv_b_proj(latent).view(rows.shape[0], self.num_heads, -1)
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe[:, None, :].expand(-1, self.num_heads, -1)], dim=-1)
+        return k, v.contiguous()
