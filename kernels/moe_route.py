@@ -13,7 +13,9 @@ weights fp32 [T, k])`, ids in the order chosen (best first), int32 (or int64 wit
   0) and takes the top-k; then, DeepSeek's reference semantics: if `top_k > 1` and `norm_topk_prob`, weights are
   divided by (their sum + 1e-20), else multiplied by `routed_scaling_factor`.
 
-Ties go to the lower expert / group index in the kernel (torch.topk leaves them unspecified).
+Ties go to the lower expert / group index in the kernel (torch.topk leaves them unspecified). Any expert count
+runs in the kernel (padded to a power of two: Kimi-K2's 384, DeepSeek-V2's 160) except group-limited routing
+over a non-power-of-two expert or group count, which takes the torch path.
 """
 
 from __future__ import annotations
@@ -123,24 +125,28 @@ def _route_kernel(
     logits_ptr, bias_ptr, ids_ptr, w_ptr, T, stride_l, scaling,
     E: tl.constexpr, G: tl.constexpr, TOPK_GROUP: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
     V3: tl.constexpr, GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
-    BLOCK_T: tl.constexpr,
+    BLOCK_T: tl.constexpr, E_REAL: tl.constexpr,
 ):  # fmt: skip
+    """E: the expert count padded to a power of two (E_REAL the real one; padding only when not GROUPED)."""
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < T
     cols = tl.arange(0, E)
+    real = cols < E_REAL
     x = tl.load(
-        logits_ptr + rows[:, None].to(tl.int64) * stride_l + cols[None, :], mask=row_ok[:, None], other=0.0
-    )
-    x = x.to(tl.float32)
+        logits_ptr + rows[:, None].to(tl.int64) * stride_l + cols[None, :],
+        mask=row_ok[:, None] & real[None, :], other=float("-inf"),
+    )  # fmt: skip
+    x = tl.where(row_ok[:, None], x.to(tl.float32), 0.0)
     if V3:
         scores = 1.0 / (1.0 + tl.exp(-x))
         choice = scores
         if HAS_BIAS:
-            choice = scores + tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+            choice = scores + tl.load(bias_ptr + cols, mask=real, other=0.0).to(tl.float32)[None, :]
     else:
         ex = tl.exp(x - tl.max(x, axis=1)[:, None])
         scores = ex / tl.sum(ex, axis=1)[:, None]
         choice = scores
+    choice = tl.where(real[None, :], choice, float("-inf"))
     cidx = tl.broadcast_to(cols[None, :], (BLOCK_T, E))
     if GROUPED:
         GS: tl.constexpr = E // G
@@ -203,8 +209,10 @@ def moe_route(
     if ids_dtype not in (torch.int32, torch.int64):
         raise ValueError(f"ids_dtype={ids_dtype} must be torch.int32 or torch.int64")
     e = config.n_routed_experts
-    if not use_triton(logits) or e & (e - 1) or config.n_group & (config.n_group - 1):
-        return reference(logits, config, e_score_correction_bias, ids_dtype)  # E not a power of two: torch
+    # keeping every group is no grouping; real grouping needs power-of-two experts and groups (tl.reshape)
+    grouped = config.grouped and config.topk_group < config.n_group
+    if not use_triton(logits) or (grouped and (e & (e - 1) or config.n_group & (config.n_group - 1))):
+        return reference(logits, config, e_score_correction_bias, ids_dtype)
     t, k = logits.shape[0], config.num_experts_per_tok
     ids = torch.empty(t, k, dtype=ids_dtype, device=logits.device)
     weights = torch.empty(t, k, dtype=torch.float32, device=logits.device)
@@ -215,11 +223,12 @@ def moe_route(
     bias = e_score_correction_bias
     norm = config.norm_topk_prob and (config.v3 or k > 1)
     scaling = config.routed_scaling_factor if (config.v3 or not norm) else 1.0
-    block_t = max(1, min(16, 4096 // e))
+    e_pad = triton.next_power_of_2(e)
+    block_t = max(1, min(16, 4096 // e_pad))
     _route_kernel[(triton.cdiv(t, block_t),)](
         logits, bias if bias is not None else logits, ids, weights, t, logits.stride(0), float(scaling),
-        E=e, G=config.n_group, TOPK_GROUP=config.topk_group, K=k, K_PAD=triton.next_power_of_2(k),
-        V3=config.v3, GROUPED=config.grouped, HAS_BIAS=bias is not None, NORM=norm, BLOCK_T=block_t,
+        E=e_pad, E_REAL=e, G=config.n_group, TOPK_GROUP=config.topk_group, K=k, K_PAD=triton.next_power_of_2(k),
+        V3=config.v3, GROUPED=grouped, HAS_BIAS=bias is not None, NORM=norm, BLOCK_T=block_t,
         num_warps=4,
     )  # fmt: skip
     return RouteResult(ids, weights)

@@ -31,6 +31,8 @@ CONFIGS = {
         scoring_func="softmax",
         topk_method="group_limited_greedy",
     ),
+    "kimi_k2_like_384": route.RouteConfig(8, 384, n_group=1, topk_group=1, routed_scaling_factor=2.827),
+    "v2_160_greedy": route.RouteConfig(6, 160, scoring_func="softmax", topk_method="greedy"),
     "v2_lite_unnormalized": route.RouteConfig(
         6, 64, norm_topk_prob=False, scoring_func="softmax", topk_method="greedy", routed_scaling_factor=1.0
     ),
