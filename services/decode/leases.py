@@ -101,13 +101,15 @@ class LeaseTable:
         self._ids = itertools.count(1)
         self.num_reaped = 0
 
-    def open(self, reservation: KvReservation) -> OpenLease:
+    def open(self, reservation: KvReservation, ttl_s: float | None = None) -> OpenLease:
+        """ttl_s: how long P may write (default the table's; D passes the request's remaining deadline)."""
         key = LeaseKey(next(self._ids), 1)
-        deadline_s = time.monotonic() + self.ttl_s
+        ttl_s = self.ttl_s if ttl_s is None else ttl_s
+        deadline_s = time.monotonic() + ttl_s
         target = KvTarget(
             reservation.request_id, key, self.receiver.address, reservation.page_ids,
             reservation.num_cached_tokens, self.layout,
-            lease_deadline_unix_ms=int((time.time() + self.ttl_s) * 1000),
+            lease_deadline_unix_ms=int((time.time() + ttl_s) * 1000),
         )  # fmt: skip
         self.receiver.inbox.expect(Lease.for_target(target, deadline_s), self.sink)
         lease = OpenLease(self, reservation, target, deadline_s)

@@ -140,7 +140,9 @@ class DecodeWorker:
         except BaseException:
             await self.loop.call(self.engine.cancel_reservation, reservation)
             raise
-        lease = self.leases.open(reservation)
+        remaining_s = time_remaining()  # the lease lives as long as the request may
+        ttl_s = self.config.lease_ttl_s if remaining_s is None else remaining_s
+        lease = self.leases.open(reservation, ttl_s)
         stub = worker_pb2_grpc.PrefillWorkerStub(channel)
         request = worker_pb2.PrefillRequest(
             request_id=job.request_id, token_ids=job.prompt_ids, sampling=sampling_to_proto(job.params),
@@ -149,14 +151,12 @@ class DecodeWorker:
         p_done = False
         try:
             try:
-                result = await stub.Prefill(
-                    request, timeout=_timeout(time_remaining, self.config.lease_ttl_s)
-                )
+                result = await stub.Prefill(request, timeout=ttl_s)
             except grpc.RpcError as err:
                 raise from_rpc_error(err) from None
             p_done = True
             progress = await self.leases.receiver.inbox.wait_complete(
-                lease.key, timeout_s=_timeout(time_remaining, self.config.lease_ttl_s)
+                lease.key, timeout_s=max(0.0, lease.deadline_s - time.monotonic())
             )
             log.info("%s: prefilled on %s, %d of %d prompt tokens' KV received in lease %s (%d bytes, P sent %d)",
                      job.request_id, peer.worker_id, len(job.prompt_ids) - reservation.num_cached_tokens,
@@ -201,8 +201,3 @@ class DecodeWorker:
                 raise refused
             raise Unavailable(f"prefill worker {peer.worker_id} at {peer.grpc_address} did not answer")
         return self.peers.channel(peer.worker_id)
-
-
-def _timeout(time_remaining: Callable[[], float | None], default_s: float) -> float:
-    remaining = time_remaining()
-    return default_s if remaining is None else max(0.0, min(remaining, default_s))

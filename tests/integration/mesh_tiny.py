@@ -92,15 +92,21 @@ class Mesh:
             return self.process.wait()
 
 
-def start_mesh(model_dir: Path, topology: str, *, num_decode: int = 1, num_prefill: int = 1,
-               env: dict[str, str] | None = None, timeout_s: float = 120.0) -> Mesh:  # fmt: skip
+def start_mesh(model_dir: Path | str, topology: str, *, num_decode: int = 1, num_prefill: int = 1,
+               knobs: dict[str, str] | None = None, timeout_s: float = 120.0) -> Mesh:  # fmt: skip
+    """Starts `moemesh up` and waits for `ready on`. knobs: MOEMESH_* environment (default TINY_ENV)."""
     from moemesh.supervisor import free_ports
 
     port, http_port = free_ports(2)
     argv = [sys.executable, "-m", "moemesh.cli", "up", "--model", str(model_dir), "--topology", topology,
             "--decode", str(num_decode), "--prefill", str(num_prefill), "--port", str(port),
             "--http-port", str(http_port), "--startup-timeout", str(timeout_s)]  # fmt: skip
-    full_env = {**os.environ, "UCX_TLS": "tcp,self", "UCX_NET_DEVICES": "lo", **TINY_ENV, **(env or {})}
+    full_env = {
+        **os.environ,
+        "UCX_TLS": "tcp,self",
+        "UCX_NET_DEVICES": "lo",
+        **(TINY_ENV if knobs is None else knobs),
+    }
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env,
                                cwd=ROOT, bufsize=1)  # fmt: skip
     mesh = Mesh(process, f"127.0.0.1:{port}", {}, {})

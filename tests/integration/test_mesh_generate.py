@@ -59,6 +59,7 @@ def _mesh_fixture(topology: str, num_decode: int):
 
 
 pd_mesh = _mesh_fixture("pd", num_decode=2)
+pd1_mesh = _mesh_fixture("pd", num_decode=1)
 colocated_mesh = _mesh_fixture("colocated", num_decode=1)
 
 
@@ -85,16 +86,18 @@ def assert_same_as_llm(address: str, llm: LLM, work: list[tuple[list[int], int]]
         assert got.finish_reason == want.finish_reason, f"request {i}"
 
 
-@pytest.mark.parametrize("mesh_name", ["pd_mesh", "colocated_mesh"])
+@pytest.mark.parametrize("mesh_name", ["pd_mesh", "pd1_mesh", "colocated_mesh"])
 def test_16_concurrent_greedy_requests_equal_llm_generate(mesh_name, request, llm):
     mesh = request.getfixturevalue(mesh_name)
     before = len(mesh.lines)
     assert_same_as_llm(mesh.address, llm, mixed_prompts(16))
     assert mesh.wait_settled() == {name: 0 for name in mesh.workers}  # every page back in every pool
     handoffs = [m for line in mesh.lines[before:] if (m := HANDOFF.search(line))]
-    if mesh_name == "pd_mesh":  # every prompt was prefilled on P, its KV moved over UCX (crc32 per chunk)
+    if (
+        mesh_name != "colocated_mesh"
+    ):  # every prompt was prefilled on P, its KV moved over UCX (crc32 per chunk)
         assert len(handoffs) == 16
-        assert {m["decode"] for m in handoffs} == {"decode-0", "decode-1"}
+        assert {m["decode"] for m in handoffs} == {f"decode-{i}" for i in range(len(mesh.workers) - 1)}
         assert all(m["received"] == m["sent"] and int(m["sent"]) > 0 for m in handoffs)
     else:
         assert handoffs == []
