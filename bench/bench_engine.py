@@ -96,23 +96,44 @@ def peer_step_ms(batches: tuple[int, ...], steps: int) -> dict[int, float]:
     return result
 
 
-def build_ours():
+def build_ours(fp8: bool = False):
+    """Our network at V2-Lite shapes with random weights: BF16, or with DeepSeek's FP8 projections and experts
+    (random BF16 matrices quantized to 128x128 blocks, as an FP8 checkpoint would load)."""
+    from moemesh.kernels import weight_quant
+
     from moemesh.model.checkpoint import build_empty
     from moemesh.model.config import ModelConfig
+    from moemesh.model.fp8 import Fp8Experts, Fp8Linear
 
     with tempfile.TemporaryDirectory() as d:
         hf_config().save_pretrained(d)
         config = ModelConfig.from_file(Path(d) / "config.json")
-    model = build_empty(config, torch.device("cuda"), torch.bfloat16)
+    model = build_empty(config, torch.device("cuda"), torch.bfloat16, fp8=fp8)
     gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def quantized_into(weight, scale_inv):
+        w = torch.empty(weight.shape, dtype=torch.bfloat16, device="cuda").normal_(0.0, 0.02, generator=gen)
+        q, s = weight_quant(w)
+        weight.copy_(q)
+        scale_inv.copy_(s)
+
     with torch.no_grad():
         for name, p in model.named_parameters():
+            if p.dtype == torch.float8_e4m3fn or name.endswith("_scale_inv"):
+                continue
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
             elif "e_score_correction_bias" in name:
                 p.zero_()
             else:
                 p.normal_(0.0, 0.02, generator=gen)
+        for m in model.modules():
+            if isinstance(m, Fp8Linear):
+                quantized_into(m.weight, m.weight_scale_inv)
+            elif isinstance(m, Fp8Experts):
+                for e in range(m.num_experts):
+                    quantized_into(m.w13[e], m.w13_scale_inv[e])
+                    quantized_into(m.w2[e], m.w2_scale_inv[e])
     return model
 
 
@@ -259,30 +280,36 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--skip-peer", action="store_true")
     parser.add_argument("--profile", action="store_true", help="kernel breakdown of one decode forward")
+    parser.add_argument("--fp8", action="store_true", help="also run ours with FP8 projections and experts")
     args = parser.parse_args()
     steps = 8 if args.quick else 20
     bw_gbs = copy_bandwidth_gbs()
     peer = {} if args.skip_peer else peer_step_ms(BATCHES, 4 if args.quick else 8)
-    model = build_ours()
-    engine, startup_s = build_engine(model)
-    rows = []
-    for b in BATCHES:
-        r = ours(engine, b, steps)
-        wbytes, ebytes = weight_bytes_per_step(model, b)
-        kv = kv_bytes_per_step(model, b, r["context"])
-        floor_ms = (wbytes + kv) / (bw_gbs * 1e6)
-        row = dict(batch=b, peer_ms=peer.get(b), **r, weight_bytes=wbytes, expert_bytes=ebytes, kv_bytes=kv)
-        row["floor_ms"] = floor_ms
-        row["tok_s"] = b / r["step_ms"] * 1e3
-        row["peer_tok_s"] = b / peer[b] * 1e3 if b in peer else None
-        row["speedup"] = peer[b] / r["step_ms"] if b in peer else None
-        row["step_over_floor"] = r["step_ms"] / floor_ms
-        if args.profile:
-            row["kernel_profile"] = kernel_profile(engine, b)
-        rows.append(row)
+    rows, startup_s = [], {}
+    for weights in ("bf16", "fp8") if args.fp8 else ("bf16",):
+        model = build_ours(fp8=weights == "fp8")
+        engine, startup_s[weights] = build_engine(model)
+        for b in BATCHES:
+            r = ours(engine, b, steps)
+            wbytes, ebytes = weight_bytes_per_step(model, b)
+            kv = kv_bytes_per_step(model, b, r["context"])
+            floor_ms = (wbytes + kv) / (bw_gbs * 1e6)
+            row = dict(weights=weights, batch=b, peer_ms=peer.get(b), **r)
+            row.update(weight_bytes=wbytes, expert_bytes=ebytes, kv_bytes=kv, floor_ms=floor_ms)
+            row["graphs"] = sorted(engine.runner.graphs)
+            row["tok_s"] = b / r["step_ms"] * 1e3
+            row["peer_tok_s"] = b / peer[b] * 1e3 if b in peer else None
+            row["speedup"] = peer[b] / r["step_ms"] if b in peer else None
+            row["step_over_floor"] = r["step_ms"] / floor_ms
+            if args.profile:
+                row["kernel_profile"] = kernel_profile(engine, b)
+            rows.append(row)
+        del model, engine
+        gc.collect()
+        torch.cuda.empty_cache()
     payload = {
         **header(),
-        "model": "DeepSeek-V2-Lite shapes, random weights, bf16",
+        "model": "DeepSeek-V2-Lite shapes, random weights (bf16; fp8 rows: DeepSeek FP8 blocks)",
         "config": V2_LITE,
         "copy_bandwidth_gbs": bw_gbs,
         "engine_startup_s": startup_s,
@@ -295,6 +322,7 @@ def main() -> None:
     print_table(
         rows,
         [
+            "weights",
             "batch",
             "peer_ms",
             "step_ms",
@@ -307,19 +335,20 @@ def main() -> None:
             "peer_tok_s",
         ],
     )
-    xs = [r["batch"] for r in rows]
-    series = {
-        "moemesh Engine.step": (xs, [r["step_ms"] for r in rows]),
-        "moemesh graph replay": (xs, [r["graph_replay_ms"] for r in rows]),
-        "memory floor": (xs, [r["floor_ms"] for r in rows]),
-    }
+    series = {}
+    for weights in sorted({r["weights"] for r in rows}):
+        mine = [r for r in rows if r["weights"] == weights]
+        xs = [r["batch"] for r in mine]
+        series[f"moemesh Engine.step ({weights})"] = (xs, [r["step_ms"] for r in mine])
+        series[f"moemesh graph replay ({weights})"] = (xs, [r["graph_replay_ms"] for r in mine])
+        series[f"memory floor ({weights})"] = (xs, [r["floor_ms"] for r in mine])
     if peer:
-        series["transformers"] = (xs, [r["peer_ms"] for r in rows])
+        series["transformers (bf16)"] = (list(peer), list(peer.values()))
     save_plot(
         name,
         [
             {
-                "title": f"decode step, V2-Lite shapes bf16 ({payload['card']})",
+                "title": f"decode step, V2-Lite shapes ({payload['card']})",
                 "xlabel": "batch",
                 "ylabel": "ms per step",
                 "series": series,
