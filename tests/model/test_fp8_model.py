@@ -28,12 +28,14 @@ def fp8_dir(tmp_path_factory):
 def _logits(model, ids, decode_steps=0):
     """Prefill logits of every prompt row, then greedy decode logits for `decode_steps` tokens."""
     cfg = model.config
-    cache = [torch.zeros(2, 64, cfg.kv_cache_dim) for _ in range(cfg.num_hidden_layers)]
-    rows = [model(ForwardBatch.build([ids], [0], [[0, 1]], 64, "cpu", logits="all"), cache)]
+    cache = [torch.zeros(4, 64, cfg.kv_cache_dim) for _ in range(cfg.num_hidden_layers)]
+    rows = [model(ForwardBatch.build([ids], [0], [[0, 1, 2, 3]], 64, "cpu", logits="all"), cache)]
     tokens = list(ids)
     for _ in range(decode_steps):
         tokens.append(int(rows[-1][-1].argmax()))
-        rows.append(model(ForwardBatch.build([[tokens[-1]]], [len(tokens) - 1], [[0, 1]], 64, "cpu"), cache))
+        rows.append(
+            model(ForwardBatch.build([[tokens[-1]]], [len(tokens) - 1], [[0, 1, 2, 3]], 64, "cpu"), cache)
+        )
     return torch.cat(rows)
 
 
@@ -68,3 +70,20 @@ def test_bf16_checkpoint_quantized_at_load_equals_fp8_checkpoint(fp8_dir, tmp_pa
         "model.layers.2.mlp.experts.w2",
     ):
         assert torch.equal(a[name].float(), b[name].float()), name
+
+
+def test_demo_model_in_fp8_matches_its_dequantized_self():
+    """On the trained demo model (stated tolerance): relative logit error < 5 %, held-out perplexity within 2 %."""
+    from moemesh.llm import DEMO_DIR
+    from moemesh.model.tokenizer import Tokenizer
+
+    ids = Tokenizer(DEMO_DIR).encode((DEMO_DIR / "corpus" / "heldout.txt").read_text()[:4000])[:250]
+    assert len(ids) == 250
+    fp8, deq = load_model(DEMO_DIR, progress=False, fp8=True), load_model(DEMO_DIR, progress=False)
+    assert sum(isinstance(m, Fp8Experts) for m in fp8.modules()) == fp8.config.num_hidden_layers - 1
+    got, ref = _logits(fp8, ids), _logits(deq, ids)
+    rel = ((got - ref).norm() / ref.norm()).item()
+    targets = torch.tensor(ids[1:])
+    ppl = [torch.nn.functional.cross_entropy(x[:-1], targets).exp().item() for x in (got, ref)]
+    assert rel < 0.05, rel
+    assert abs(ppl[0] / ppl[1] - 1) < 0.02, ppl
