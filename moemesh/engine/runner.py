@@ -150,13 +150,15 @@ class ModelRunner:
         bucket = next((b for b in sorted(self.graphs) if b >= len(group)), None)
         if bucket is None:
             return self._run_eager(group, wants)
-        ids, pos, slots, seq_lens, tables, _ = self._host_batch(group, self.max_pages_per_seq)
+        # only the live width of the page table moves; entries past a sequence's pages are never read
+        width = max(len(self.requests[rid].page_ids) for rid, _ in group)
+        ids, pos, slots, seq_lens, tables, _ = self._host_batch(group, width)
         b, s = len(group), self._static
         s["input_ids"][:b].copy_(self._to_device(ids, torch.int64), non_blocking=True)
         s["positions"][:b].copy_(self._to_device(pos, torch.int64), non_blocking=True)
         s["slot_mapping"][:b].copy_(self._to_device(slots, torch.int64), non_blocking=True)
         s["seq_lens"][:b].copy_(self._to_device(seq_lens, torch.int32), non_blocking=True)
-        s["page_table"][:b].copy_(self._to_device(tables, torch.int32), non_blocking=True)
+        s["page_table"][:b, :width].copy_(self._to_device(tables, torch.int32), non_blocking=True)
         self._reset_padding(b, bucket)
         self.graphs[bucket].graph.replay()
         rows = [i for i, w in enumerate(wants) if w]
