@@ -56,6 +56,15 @@ class KvReservation:
 
 
 @dataclass(frozen=True)
+class KvProgress:
+    """How far a request's KV is: its pages in order and how many tokens of them are computed (a prefill
+    worker streams each page once it is full, before the request finishes)."""
+
+    page_ids: tuple[int, ...]
+    num_computed_tokens: int
+
+
+@dataclass(frozen=True)
 class ExportedRequest:
     """A running request, taken out for migration: resume it anywhere with `Engine.import_request`. params
     carries the seed actually used, so sampled continuations match too."""
@@ -143,6 +152,18 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._pending)
+
+    @property
+    def num_running(self) -> int:
+        """Requests admitted to the batch (0 with requests waiting: none can be admitted for want of pages)."""
+        return len(self.scheduler.running)
+
+    def kv_progress(self, request_id: str) -> KvProgress | None:
+        """A live request's pages and computed tokens; None once it finished (or if unknown)."""
+        req = self.scheduler.requests.get(request_id)
+        if req is None:
+            return None
+        return KvProgress(tuple(req.page_ids), req.num_computed_tokens)
 
     # -- the step -------------------------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from moemesh.kernels import pack_kv, unpack_kv
 
 from moemesh import LLM, SamplingParams
 from moemesh.config.engine import EngineConfig
+from moemesh.engine.engine import KvProgress
 from moemesh.engine.request import FinishReason
 from moemesh.model.moe import LocalExperts
 from tests.model.test_generate_engine import assert_no_leaks, prompts
@@ -45,7 +46,9 @@ def test_prefill_elsewhere_then_decode_from_transferred_pages(tiny_dir):
     for p, reference, cached in ((prompt, expected, 24), (shorter, want, 16)):
         p_engine, d_engine = prefill.engine, decode.engine
         rid = p_engine.add_request(p, GREEDY, prefill_only=True)
+        assert p_engine.kv_progress(rid) == (KvProgress((), 0))  # queued, nothing computed yet
         (out,) = run(p_engine, {rid}).values()
+        assert p_engine.kv_progress(rid) is None and p_engine.num_running == 0
         assert out.finish_reason == FinishReason.PREFILL and out.kv.num_tokens == len(p)
         reservation = d_engine.reserve_kv("moved", p)
         assert reservation.num_cached_tokens == cached  # full pages the decode side already holds
