@@ -32,6 +32,8 @@ def _add_up(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=50051, help="the gateway's gRPC port")
     p.add_argument("--http-port", type=int, default=8000, help="OpenAI-compatible HTTP, /metrics, /traces")
     p.add_argument("--startup-timeout", type=float, default=300.0, metavar="S")
+    p.add_argument("--torch-threads", type=int, default=None, metavar="N",
+                   help="torch threads per worker (default on CPU: the cores split among the workers)")  # fmt: skip
     p.add_argument(
         "--demo-prompt",
         default="",
@@ -49,7 +51,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         options = UpOptions(
             model=args.model, topology=args.topology, num_prefill=args.prefill, num_decode=args.decode,
             num_expert=args.experts, device=args.device, host=args.host, port=args.port,
-            http_port=args.http_port,
+            http_port=args.http_port, torch_threads=args.torch_threads,
         )  # fmt: skip
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

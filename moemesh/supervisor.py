@@ -258,8 +258,11 @@ class UpOptions:
     host: str = "127.0.0.1"
     port: int = 50051
     http_port: int = 8000
+    torch_threads: int | None = None  # per worker; None: on CPU the cores split among the workers
 
     def __post_init__(self) -> None:
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ValueError(f"torch_threads={self.torch_threads} must be >= 1")
         if self.topology not in TOPOLOGIES:
             raise ValueError(f"topology={self.topology!r} must be one of {', '.join(TOPOLOGIES)}")
         for name in ("num_prefill", "num_decode", "num_expert"):
@@ -286,7 +289,12 @@ def plan_children(options: UpOptions) -> list[ChildSpec]:
     gateway_args = ("gateway", *common, "--port", str(o.port), "--http-port", str(o.http_port),
                     "--topology", o.topology)  # fmt: skip
     specs = [ChildSpec("gateway", gateway_args, o.port, o.host)]
+    threads = o.torch_threads
+    if threads is None and o.device == "cpu":  # OpenMP threads of several workers must not fight for cores
+        threads = max(1, (os.cpu_count() or 1) // len(roles))
     for (role, name), port in zip(roles, ports, strict=True):
         args = (role, *common, "--port", str(port), "--registry", gateway, "--worker-id", name)
+        if threads is not None and role != "expert":
+            args += ("--torch-threads", str(threads))
         specs.append(ChildSpec(name, args, port, o.host))
     return specs

@@ -57,6 +57,8 @@ class LoadedModel:
 def load_engine(config: WorkerConfig) -> LoadedModel:
     """The checkpoint and an Engine over it, as `LLM` builds them (so greedy outputs are the same)."""
     model_dir = config.model_dir
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
     device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if config.device == "auto" else config.device))  # fmt: skip
     if config.dtype == "auto":

@@ -14,6 +14,7 @@ environment. `moemesh serve <role>` hands its parsed flags (and the flags it did
     lease time to live             --lease-ttl-s                 MOEMESH_LEASE_TTL_S
     KV crc32 per chunk             --kv-checksum                 MOEMESH_KV_CHECKSUM
     heartbeat interval             --heartbeat-s                 MOEMESH_HEARTBEAT_S
+    torch intra-op threads         --torch-threads               MOEMESH_TORCH_THREADS
     gateway in-flight limit        --max-inflight                MOEMESH_MAX_INFLIGHT
 """
 
@@ -54,6 +55,9 @@ class WorkerConfig:
     * force_local_prefill: the colocated role (no prefill workers at all).
     * lease_ttl_s: how long a KV lease accepts writes; the reaper ends leases past it.
     * kv_checksum: crc32 per KV chunk, checked by the receiver (tests; costs a pass over the bytes).
+    * torch_threads: torch's intra-op threads in this process; 0 = torch's default (every core). On a CPU box
+      `moemesh up` gives each worker its share of the cores: oversubscribed OpenMP threads spin and a step
+      can get several times slower.
     """
 
     role: str
@@ -71,10 +75,12 @@ class WorkerConfig:
     reaper_interval_s: float = 0.5
     kv_checksum: bool = False
     heartbeat_s: float = 0.5
+    torch_threads: int = 0
 
     def __post_init__(self) -> None:
         _check(
             [
+                ("torch_threads", self.torch_threads >= 0, "must be >= 0 (0 = torch's default)"),
                 (
                     "role",
                     self.role in ("prefill", "decode", "colocated"),
@@ -121,6 +127,7 @@ class WorkerConfig:
             lease_ttl_s=extra.lease_ttl_s,
             kv_checksum=extra.kv_checksum,
             heartbeat_s=extra.heartbeat_s,
+            torch_threads=extra.torch_threads,
         )
 
 
@@ -189,4 +196,5 @@ def _worker_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         "--kv-checksum", action="store_true", default=env.get("MOEMESH_KV_CHECKSUM", "") in ("1", "true")
     )
     p.add_argument("--heartbeat-s", type=float, default=float(env.get("MOEMESH_HEARTBEAT_S", 0.5)))
+    p.add_argument("--torch-threads", type=int, default=int(env.get("MOEMESH_TORCH_THREADS", 0)))
     return p

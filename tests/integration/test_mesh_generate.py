@@ -11,6 +11,7 @@ import re
 
 import grpc
 import pytest
+import torch
 
 from moemesh import LLM, SamplingParams
 from moemesh._proto.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
@@ -33,6 +34,14 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llm(tiny_dir):
+    """The reference, in this process; one torch thread, as each worker of a mesh on 2 cores gets."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield _reference_llm(tiny_dir)
+    torch.set_num_threads(threads)
+
+
+def _reference_llm(tiny_dir) -> LLM:
     config = EngineConfig(
         page_size=int(TINY_ENV["MOEMESH_PAGE_SIZE"]), num_kv_pages=int(TINY_ENV["MOEMESH_NUM_KV_PAGES"]),
         max_num_seqs=int(TINY_ENV["MOEMESH_MAX_NUM_SEQS"]),
