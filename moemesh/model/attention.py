@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moemesh.kernels import mla_decode, mla_prefill, store_kv, weight_dequant
+from moemesh.kernels import RopeTables, mla_decode, mla_prefill, rope, store_kv, weight_dequant
 from moemesh.kernels.mla_prefill import Prefix
 from moemesh.model.batch import ForwardBatch
 from moemesh.model.config import ModelConfig
@@ -59,7 +59,7 @@ class MLAttention(nn.Module):
         batch: ForwardBatch,
         kv_cache: torch.Tensor,
         rotary: RotaryEmbedding,
-        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        rope_tables: RopeTables,
     ) -> torch.Tensor:
         """x [T, hidden] -> [T, hidden]; writes the new tokens' latent KV into `kv_cache` [pages, page_size, 576]."""
         num_tokens = x.shape[0]
@@ -73,10 +73,13 @@ class MLAttention(nn.Module):
         kv = self.kv_a_proj_with_mqa(x)  # [T, kv_lora_rank + rope]
         latent, k_pe = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         latent = self.kv_a_layernorm(latent)
-        cos, sin = cos_sin
-        q_pe = rotary.apply(q_pe, cos, sin)
-        k_pe = rotary.apply(k_pe, cos, sin)
-        store_kv(kv_cache, latent, k_pe, batch.slot_mapping)
+        if rotary.interleaved:  # DeepSeek's layout: the fused kernels rotate in place
+            rope(q_pe, rope_tables.positions, rope_tables.cos_cache, rope_tables.sin_cache, out=q_pe)
+            store_kv(kv_cache, latent, k_pe, batch.slot_mapping, rope=rope_tables)
+        else:
+            cos, sin = rotary.cos_sin(rope_tables.positions)
+            q_pe = rotary.apply(q_pe, cos, sin)
+            store_kv(kv_cache, latent, rotary.apply(k_pe, cos, sin), batch.slot_mapping)
         if batch.is_decode:
             out = self._decode(q_nope, q_pe, batch, kv_cache)
         else:

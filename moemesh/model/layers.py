@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moemesh.kernels import add_rms_norm, rms_norm
+
 
 class RMSNorm(nn.Module):
     """x / rms(x) computed in fp32, cast back to x's dtype, then times weight (DeepSeek's order)."""
@@ -16,9 +18,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual) in one pass; the sum rounded to x's dtype first."""
+        return add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class MLP(nn.Module):

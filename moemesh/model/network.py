@@ -26,9 +26,16 @@ class DecoderLayer(nn.Module):
             else MLP(config.hidden_size, config.intermediate_size)
         )
 
-    def forward(self, x, batch, kv_cache, rotary, cos_sin):
-        x = x + self.self_attn(self.input_layernorm(x), batch, kv_cache, rotary, cos_sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, batch, kv_cache, rotary, rope_tables):
+        """The residual stream rides beside the layer output: (x, residual) -> (mlp output, residual), with
+        each `residual + x` fused into the next norm."""
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm.add_forward(x, residual)
+        x = self.self_attn(x, batch, kv_cache, rotary, rope_tables)
+        x, residual = self.post_attention_layernorm.add_forward(x, residual)
+        return self.mlp(x), residual
 
 
 class Backbone(nn.Module):
@@ -54,13 +61,13 @@ class DeepseekForCausalLM(nn.Module):
         """kv_caches: one tensor per layer, [num_pages, page_size, kv_lora_rank + qk_rope_head_dim]."""
         if len(kv_caches) != len(self.model.layers):
             raise ValueError(f"got {len(kv_caches)} KV caches for {len(self.model.layers)} layers")
-        x = self.model.embed_tokens(batch.input_ids)
-        cos_sin = self.rotary.cos_sin(batch.positions)
+        x, residual = self.model.embed_tokens(batch.input_ids), None
+        rope_tables = self.rotary.tables(batch.positions)
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
-            x = layer(x, batch, kv_cache, self.rotary, cos_sin)
+            x, residual = layer(x, residual, batch, kv_cache, self.rotary, rope_tables)
         if batch.logits_rows is not None:
-            x = x[batch.logits_rows]
-        return self.lm_head(self.model.norm(x)).float()
+            x, residual = x[batch.logits_rows], residual[batch.logits_rows]
+        return self.lm_head(self.model.norm.add_forward(x, residual)[0]).float()
 
     def moe_layers(self):
         return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoE)]

@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from moemesh.kernels import RopeTables
 from moemesh.model.config import ModelConfig, RopeConfig
 
 
@@ -60,7 +61,8 @@ def softmax_scale(config: ModelConfig) -> float:
 
 
 class RotaryEmbedding(torch.nn.Module):
-    """cos/sin for positions, computed on the fly in fp32 (cheap: rope_dim/2 values per token)."""
+    """cos/sin tables fp32 [max_position_embeddings, rope_dim / 2] with YaRN's attention factor folded in, as
+    the fused kernels read them (`moemesh.kernels.rope`, `store_kv(..., rope=...)`)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -69,6 +71,13 @@ class RotaryEmbedding(torch.nn.Module):
         )
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.interleaved = config.rope_interleave
+        cos, sin = self.cos_sin(torch.arange(config.max_position_embeddings))
+        self.register_buffer("cos_cache", cos, persistent=False)
+        self.register_buffer("sin_cache", sin, persistent=False)
+
+    def tables(self, positions: torch.Tensor) -> RopeTables:
+        """positions int64 [T] (< max_position_embeddings) with this model's tables."""
+        return RopeTables(positions, self.cos_cache, self.sin_cache)
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions int64 [T] -> cos, sin fp32 [T, rope_dim/2]."""
