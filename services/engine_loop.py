@@ -26,6 +26,7 @@ from moemesh.model.checkpoint import load_model
 from moemesh.model.config import ModelConfig
 from moemesh.model.tokenizer import Tokenizer
 from moemesh.transport.kv import Fingerprint, KvLayout
+from moemesh.transport.ucx import UcxOptions, UcxRuntime
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -72,6 +73,23 @@ def load_engine(config: WorkerConfig) -> LoadedModel:
     engine = Engine(model, config.engine, tokenizer, tuple(eos))
     digest = hashlib.sha256((model_dir / "config.json").read_bytes()).hexdigest()[:12]
     return LoadedModel(engine, model_config, tokenizer, f"{model_dir.name}@{digest}")
+
+
+def ucx_options(config: WorkerConfig) -> UcxOptions:
+    """UCX progress in ucxx's own thread, requests completed by its notifier thread: nothing polls the event loop
+    (the blocking / polling modes spin ~0.5 core per worker while a receive is pending, i.e. always)."""
+    return UcxOptions(
+        config.ucx_transports, config.ucx_net_devices, progress_mode="thread", notifier_thread=True
+    )
+
+
+def stop_ucx() -> None:
+    """At exit, after every endpoint and listener closed: stops ucxx's notifier thread (the process would not
+    exit while it runs) and shuts UCX down."""
+    try:
+        UcxRuntime.reset()
+    except Exception as err:  # something still holds the context: the notifier thread stopped all the same
+        log.info("UCX reset at exit: %s", str(err).splitlines()[0])
 
 
 class EngineLoop:

@@ -15,6 +15,8 @@ environment. `moemesh serve <role>` hands its parsed flags (and the flags it did
     KV crc32 per chunk             --kv-checksum                 MOEMESH_KV_CHECKSUM
     heartbeat interval             --heartbeat-s                 MOEMESH_HEARTBEAT_S
     torch intra-op threads         --torch-threads               MOEMESH_TORCH_THREADS
+    UCX transports ("" = any)      --ucx-transports              MOEMESH_UCX_TRANSPORTS
+    UCX network devices ("" = all) --ucx-net-devices             MOEMESH_UCX_NET_DEVICES
     gateway in-flight limit        --max-inflight                MOEMESH_MAX_INFLIGHT
 """
 
@@ -76,6 +78,8 @@ class WorkerConfig:
     kv_checksum: bool = False
     heartbeat_s: float = 0.5
     torch_threads: int = 0
+    ucx_transports: str = "tcp,self"  # UCX_TLS; "" lets UCX pick (cuda_ipc, rc, ... on GPU machines)
+    ucx_net_devices: str = "lo"  # UCX_NET_DEVICES; "" = all
 
     def __post_init__(self) -> None:
         _check(
@@ -128,6 +132,8 @@ class WorkerConfig:
             kv_checksum=extra.kv_checksum,
             heartbeat_s=extra.heartbeat_s,
             torch_threads=extra.torch_threads,
+            ucx_transports=extra.ucx_transports,
+            ucx_net_devices=extra.ucx_net_devices,
         )
 
 
@@ -197,4 +203,6 @@ def _worker_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     p.add_argument("--heartbeat-s", type=float, default=float(env.get("MOEMESH_HEARTBEAT_S", 0.5)))
     p.add_argument("--torch-threads", type=int, default=int(env.get("MOEMESH_TORCH_THREADS", 0)))
+    p.add_argument("--ucx-transports", default=env.get("MOEMESH_UCX_TRANSPORTS", "tcp,self"))
+    p.add_argument("--ucx-net-devices", default=env.get("MOEMESH_UCX_NET_DEVICES", "lo"))
     return p

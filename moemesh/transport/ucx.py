@@ -29,12 +29,17 @@ class UcxOptions:
     net_devices: str = "lo"  # UCX_NET_DEVICES; "" = all
     progress_mode: str = "blocking"  # "blocking" | "polling" | "thread"
     connect_timeout_s: float = 5.0
+    # "thread" only: ucxx's notifier thread completes each request's asyncio future. Without it a pending
+    # request (a receiver always has one) is polled from the event loop: ~0.5 core per process while idle.
+    notifier_thread: bool = False
 
     def __post_init__(self) -> None:
         if self.progress_mode not in ("blocking", "polling", "thread"):
             raise ValueError(
                 f"progress_mode={self.progress_mode!r} must be 'blocking', 'polling' or 'thread'"
             )
+        if self.notifier_thread and self.progress_mode != "thread":
+            raise ValueError(f"notifier_thread=True needs progress_mode='thread', not {self.progress_mode!r}")
 
     def ucx_options(self) -> dict[str, str]:
         options = {"WARN_UNUSED_ENV_VARS": "n"}
@@ -56,7 +61,11 @@ class UcxRuntime:
         import ucxx
 
         if cls._options is None:
-            ucxx.init(options=options.ucx_options(), progress_mode=options.progress_mode)
+            ucxx.init(
+                options=options.ucx_options(),
+                progress_mode=options.progress_mode,
+                enable_python_future=options.notifier_thread,
+            )
             cls._options = options
         elif cls._options != options:
             raise RuntimeError(f"UCX already runs with {cls._options}, cannot switch to {options}")

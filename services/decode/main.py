@@ -9,7 +9,7 @@ import asyncio
 from moemesh.services.decode.leases import LeaseTable
 from moemesh.services.decode.servicer import DecodeServicer
 from moemesh.services.decode.worker import DecodeWorker
-from moemesh.services.engine_loop import EngineLoop, load_engine
+from moemesh.services.engine_loop import EngineLoop, load_engine, stop_ucx, ucx_options
 from moemesh.services.registration import run_worker_server
 
 from moemesh._proto.v1 import worker_pb2_grpc
@@ -27,7 +27,7 @@ def main(args: argparse.Namespace) -> int:
 async def serve(config: WorkerConfig) -> int:
     loaded = await asyncio.to_thread(load_engine, config)
     loop = EngineLoop(loaded.engine)
-    receiver = UcxKvReceiver(host=config.host)
+    receiver = UcxKvReceiver(host=config.host, options=ucx_options(config))
     if not config.force_local_prefill:
         await receiver.start()
     server = MeshServer(ServerOptions(host=config.host, port=config.port, grace_s=2.0))
@@ -47,4 +47,5 @@ async def serve(config: WorkerConfig) -> int:
         await peers.close()
         if not config.force_local_prefill:
             await receiver.close()
+            stop_ucx()
     return 0

@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import logging
 
-from moemesh.services.engine_loop import EngineLoop, load_engine
+from moemesh.services.engine_loop import EngineLoop, load_engine, stop_ucx, ucx_options
 from moemesh.services.prefill.servicer import PrefillServicer
 from moemesh.services.prefill.worker import PrefillWorker
 from moemesh.services.registration import run_worker_server
@@ -27,7 +27,7 @@ def main(args: argparse.Namespace) -> int:
 async def serve(config: WorkerConfig) -> int:
     loaded = await asyncio.to_thread(load_engine, config)
     loop = EngineLoop(loaded.engine)
-    sender = UcxKvSender(checksum=config.kv_checksum, timeout_s=config.lease_ttl_s)
+    sender = UcxKvSender(ucx_options(config), checksum=config.kv_checksum, timeout_s=config.lease_ttl_s)
     worker = PrefillWorker(config.worker_id, loop, sender)
     server = MeshServer(ServerOptions(host=config.host, port=config.port, grace_s=2.0))
     acceptor = HandshakeAcceptor(WorkerInfo(config.worker_id, "prefill", "", "", loaded.fingerprint), sender)
@@ -39,4 +39,5 @@ async def serve(config: WorkerConfig) -> int:
         await run_worker_server(config, server, me, worker.load, [loop.run()])
     finally:
         await sender.close()
+        stop_ucx()
     return 0

@@ -8,6 +8,7 @@ import asyncio
 import os
 import random
 import re
+import time
 
 import grpc
 import pytest
@@ -175,3 +176,22 @@ def test_bad_input_is_invalid_argument_naming_field_and_value(pd_mesh):
                 list(stub.Generate(req, timeout=10))
             assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
             assert message in err.value.details()
+
+
+def _cpu_ticks(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs /proc")
+def test_idle_workers_do_not_spin(pd_mesh):
+    """UCX progress runs in ucxx's thread with its notifier thread: nothing polls while idle (the blocking mode
+    spun ~0.5 core per worker with a receive pending)."""
+    pids = {name: pd_mesh.pids[name] for name in pd_mesh.workers}
+    before = {name: _cpu_ticks(pid) for name, pid in pids.items()}
+    time.sleep(2.0)
+    used = {
+        name: (_cpu_ticks(pid) - before[name]) / os.sysconf("SC_CLK_TCK") / 2.0 for name, pid in pids.items()
+    }
+    assert all(cores < 0.15 for cores in used.values()), used
