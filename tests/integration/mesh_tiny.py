@@ -93,7 +93,8 @@ class Mesh:
 
 
 def start_mesh(model_dir: Path | str, topology: str, *, num_decode: int = 1, num_prefill: int = 1,
-               knobs: dict[str, str] | None = None, timeout_s: float = 120.0) -> Mesh:  # fmt: skip
+               knobs: dict[str, str] | None = None, torch_threads: int | None = None,
+               timeout_s: float = 120.0) -> Mesh:  # fmt: skip
     """Starts `moemesh up` and waits for `ready on`. knobs: MOEMESH_* environment (default TINY_ENV)."""
     from moemesh.supervisor import free_ports
 
@@ -101,6 +102,8 @@ def start_mesh(model_dir: Path | str, topology: str, *, num_decode: int = 1, num
     argv = [sys.executable, "-m", "moemesh.cli", "up", "--model", str(model_dir), "--topology", topology,
             "--decode", str(num_decode), "--prefill", str(num_prefill), "--port", str(port),
             "--http-port", str(http_port), "--startup-timeout", str(timeout_s)]  # fmt: skip
+    if torch_threads is not None:
+        argv += ["--torch-threads", str(torch_threads)]
     full_env = {
         **os.environ,
         "UCX_TLS": "tcp,self",

@@ -1,0 +1,172 @@
+"""Time per output token through the pd mesh (`moemesh up --topology pd`: gateway, one prefill and one decode
+process, gRPC + UCX over loopback) against the same engine in this process (`Engine.step()` as `LLM.generate`
+drives it), on the demo model, CPU, at concurrency 1 and 32. Target (issue 6): mesh <= 1.3x in-process at 32.
+
+* the work: prompts cut from the held-out corpus text (32 tokens each), 64 new tokens each, greedy,
+  ignore_eos; concurrency C = C requests started together (C=1: 4 requests one after another).
+* both sides run with 1 and with all torch threads (per worker process on the mesh side; `moemesh up`'s
+  default on CPU is the cores split among the workers: 1 each for P and D on 2 cores), the faster counts.
+* TPOT of a request: (time of its last token - time of its first token) / (tokens - 1); the table gives the
+  mean over requests, plus TTFT and the wall time of the whole batch. The mesh side measures at the client
+  (SDK), so it includes the gateway's detokenization and two gRPC hops per token.
+
+    python -m bench.bench_mesh [--model demo|DIR] [--new-tokens 64] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from bench.harness import header, print_table, save_plot, write_json
+
+CONCURRENCY = (1, 32)
+PROMPT_TOKENS = 32
+TARGET_RATIO_AT_32 = 1.3
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_prompts(tokenizer, count: int) -> list[list[int]]:
+    ids = tokenizer.encode((ROOT / "models" / "demo" / "corpus" / "heldout.txt").read_text()[:200_000])
+    step = len(ids) // (count + 1)
+    return [ids[i * step : i * step + PROMPT_TOKENS] for i in range(count)]
+
+
+def summarize(times: list[list[float]], start: float, end: float) -> dict:
+    """times[r]: when each token of request r arrived."""
+    tpot = [(t[-1] - t[0]) / (len(t) - 1) for t in times if len(t) > 1]
+    return {
+        "tpot_ms": 1000 * statistics.mean(tpot),
+        "ttft_ms": 1000 * statistics.mean(t[0] for t in times),  # from the batch's start
+        "wall_s": end - start,
+        "tokens": sum(len(t) for t in times),
+    }
+
+
+def run_in_process(llm, prompts: list[list[int]], new_tokens: int, concurrency: int) -> dict:
+    from moemesh import SamplingParams
+
+    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+    engine = llm.engine
+    results = []
+    for wave in range(0, len(prompts), concurrency):
+        batch = prompts[wave : wave + concurrency]
+        start = time.monotonic()
+        ids = [engine.add_request(p, params) for p in batch]
+        times: dict[str, list[float]] = {i: [] for i in ids}
+        done = 0
+        while done < len(ids):
+            for out in engine.step():
+                now = time.monotonic() - start
+                times[out.request_id] += [now] * len(out.new_token_ids)
+                done += out.finished
+        results.append(summarize(list(times.values()), 0.0, time.monotonic() - start))
+    return _merge(results)
+
+
+async def _stream(client, prompt: list[int], new_tokens: int, start: float) -> list[float]:
+    times: list[float] = []
+    async for chunk in client.generate(
+        token_ids=prompt, max_tokens=new_tokens, temperature=0, ignore_eos=True
+    ):
+        times += [time.monotonic() - start] * len(chunk.token_ids)
+    return times
+
+
+def run_mesh(address: str, prompts: list[list[int]], new_tokens: int, concurrency: int) -> dict:
+    from moemesh.sdk import AsyncClient
+
+    async def body() -> dict:
+        results = []
+        async with AsyncClient(address, timeout_s=600) as client:
+            for wave in range(0, len(prompts), concurrency):
+                batch = prompts[wave : wave + concurrency]
+                start = time.monotonic()
+                times = await asyncio.gather(*(_stream(client, p, new_tokens, start) for p in batch))
+                results.append(summarize(times, 0.0, time.monotonic() - start))
+        return _merge(results)
+
+    return asyncio.run(body())
+
+
+def _merge(results: list[dict]) -> dict:
+    return {
+        "tpot_ms": statistics.mean(r["tpot_ms"] for r in results),
+        "ttft_ms": statistics.mean(r["ttft_ms"] for r in results),
+        "wall_s": sum(r["wall_s"] for r in results),
+        "tokens": sum(r["tokens"] for r in results),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="demo")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    from moemesh import LLM
+    from tests.integration.mesh_tiny import start_mesh
+
+    llm = LLM(args.model, device="cpu")
+    work = {c: make_prompts(llm.tokenizer, 4 if c == 1 else c) for c in CONCURRENCY}
+    run_in_process(llm, work[1][:1], 4, 1)  # warm-up
+    local, local_threads, by_threads = {}, {}, {}
+    for c in CONCURRENCY:  # the peer at its best: torch on every core, or on one (less OpenMP spinning)
+        for threads in sorted({1, os.cpu_count() or 1}):
+            torch.set_num_threads(threads)
+            result = by_threads[c, threads] = run_in_process(llm, work[c], args.new_tokens, c)
+            if c not in local or result["tpot_ms"] < local[c]["tpot_ms"]:
+                local[c], local_threads[c] = result, threads
+    del llm
+    remote, remote_threads = {}, {}
+    for threads in sorted({1, os.cpu_count() or 1}):  # `up`'s default on 2 cores is 1 per worker
+        mesh = start_mesh(args.model, "pd", knobs={}, torch_threads=threads)  # otherwise the default knobs
+        try:
+            run_mesh(mesh.address, work[1][:1], 4, 1)  # warm-up (lazy inits)
+            for c in CONCURRENCY:
+                result = run_mesh(mesh.address, work[c], args.new_tokens, c)
+                if c not in remote or result["tpot_ms"] < remote[c]["tpot_ms"]:
+                    remote[c], remote_threads[c] = result, threads
+        finally:
+            mesh.stop()
+    rows = []
+    for c in CONCURRENCY:
+        ratio = remote[c]["tpot_ms"] / local[c]["tpot_ms"]
+        rows.append({"concurrency": c, "in_process_threads": local_threads[c],
+                     "mesh_threads_per_worker": remote_threads[c],
+                     "in_process_tpot_ms": local[c]["tpot_ms"], "mesh_tpot_ms": remote[c]["tpot_ms"],
+                     "ratio": ratio,
+                     "in_process_same_threads_tpot_ms": by_threads[c, remote_threads[c]]["tpot_ms"],
+                     "ratio_same_threads": remote[c]["tpot_ms"] / by_threads[c, remote_threads[c]]["tpot_ms"],
+                     "in_process_ttft_ms": local[c]["ttft_ms"], "mesh_ttft_ms": remote[c]["ttft_ms"],
+                     "in_process_wall_s": local[c]["wall_s"], "mesh_wall_s": remote[c]["wall_s"]})  # fmt: skip
+    print_table(rows, list(rows[0]))
+    ratio_32 = rows[-1]["ratio"]
+    verdict = "meets" if ratio_32 <= TARGET_RATIO_AT_32 else "misses"
+    print(
+        f"pd mesh / in-process TPOT at concurrency 32: {ratio_32:.2f}x ({verdict} the <= {TARGET_RATIO_AT_32}x target)"
+    )
+    payload = {**header(), "model": args.model, "prompt_tokens": PROMPT_TOKENS, "new_tokens": args.new_tokens,
+               "target_ratio_at_32": TARGET_RATIO_AT_32, "rows": rows}  # fmt: skip
+    print("wrote", write_json("mesh-cpu", payload, args.out))
+    xs = list(CONCURRENCY)
+    save_plot("mesh-cpu", [
+        {"title": f"TPOT, {args.model} model, CPU", "xlabel": "concurrency", "ylabel": "ms per output token",
+         "series": {"in-process Engine": (xs, [local[c]["tpot_ms"] for c in xs]),
+                    "pd mesh (SDK client)": (xs, [remote[c]["tpot_ms"] for c in xs])}, "logx": True},
+        {"title": "mesh / in-process", "xlabel": "concurrency", "ylabel": "TPOT ratio",
+         "series": {"vs the best in-process": (xs, [r["ratio"] for r in rows]),
+                    "vs in-process, same torch threads per engine": (xs, [r["ratio_same_threads"] for r in rows])}, "hline": (TARGET_RATIO_AT_32, "target at 32"),
+         "logx": True},
+    ], args.out)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
