@@ -70,7 +70,8 @@ def load_engine(config: WorkerConfig) -> LoadedModel:
     model = load_model(model_dir, device, dtype, progress=False)
     tokenizer = Tokenizer(model_dir, model_config) if (model_dir / "tokenizer.json").is_file() else None
     eos = tokenizer.eos_token_ids if tokenizer else model_config.eos_token_id
-    engine = Engine(model, config.engine, tokenizer, tuple(eos))
+    # No tokenizer in the engine: workers stream token ids; the gateway detokenizes and matches stop strings.
+    engine = Engine(model, config.engine, None, tuple(eos))
     digest = hashlib.sha256((model_dir / "config.json").read_bytes()).hexdigest()[:12]
     return LoadedModel(engine, model_config, tokenizer, f"{model_dir.name}@{digest}")
 

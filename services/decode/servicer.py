@@ -21,6 +21,10 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         if not prompt:
             raise InvalidArgument("prompt_token_ids=[] must be non-empty")
         params = sampling_from_proto(request.sampling, default_max_tokens=self.max_model_len - len(prompt))
+        if params.stop:  # workers stream token ids only
+            raise InvalidArgument(
+                f"sampling.stop={list(params.stop)!r}: stop strings are matched by the gateway"
+            )
         peer = None
         if request.HasField("prefill") and request.prefill.worker_id:
             peer = WorkerInfo(request.prefill.worker_id, "prefill", request.prefill.grpc_address)
