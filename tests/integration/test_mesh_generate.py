@@ -17,7 +17,7 @@ import torch
 from moemesh import LLM, SamplingParams
 from moemesh._proto.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from moemesh.config.engine import EngineConfig
-from moemesh.sdk import AsyncClient, Client, InvalidRequest
+from moemesh.sdk import AsyncClient, Client, DeadlineExceeded, InvalidRequest
 from tests.integration.mesh_tiny import TINY_ENV, build_tiny, start_mesh
 
 pytest.importorskip("ucxx")
@@ -150,6 +150,12 @@ def test_cancel_mid_stream_returns_every_page_on_decode_and_prefill(pd_mesh):
             stream.cancel()
             assert pd_mesh.wait_settled() == {name: 0 for name in pd_mesh.workers}
         assert client.complete(token_ids=[5, 6, 7], max_tokens=2).finish_reason == "length"  # still serving
+
+
+def test_the_client_deadline_bounds_every_hop_and_frees_every_page(pd_mesh):
+    with Client(pd_mesh.address) as client, pytest.raises(DeadlineExceeded):
+        client.complete(token_ids=list(range(1, 300)), max_tokens=200, ignore_eos=True, timeout_s=0.1)
+    assert pd_mesh.wait_settled() == {name: 0 for name in pd_mesh.workers}
 
 
 def test_bad_input_is_invalid_argument_naming_field_and_value(pd_mesh):
