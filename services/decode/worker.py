@@ -82,13 +82,19 @@ class DecodeWorker:
                 yield RequestOutput(rid, (first_token_id,), (*job.generated_ids, first_token_id), "", False)
             while not finished:
                 out = await queue.get()
+                logprobs = list(out.logprobs) if not isinstance(out, BaseException) else []
+                while not isinstance(out, BaseException) and not out.finished and not queue.empty():
+                    out = queue.get_nowait()  # behind the engine: one chunk for every output already here
+                    logprobs += out.logprobs if not isinstance(out, BaseException) else ()
                 if isinstance(out, BaseException):
                     raise out
                 finished = out.finished
                 new = tuple(out.output_ids[emitted:])
                 emitted = len(out.output_ids)
                 if new or finished:
-                    yield replace(out, new_token_ids=new, logprobs=out.logprobs[-len(new) :] if new else ())
+                    yield replace(
+                        out, new_token_ids=new, logprobs=tuple(logprobs[-len(new) :]) if new else ()
+                    )
         finally:
             self.loop.unsubscribe(rid)
             if not finished:
