@@ -119,6 +119,19 @@ def test_one_request_to_each_decode_worker_equals_llm_generate(pd_mesh, llm):
         assert_same_as_llm(pd_mesh.address, llm, [(ids, n)])
 
 
+def test_a_prefix_cached_on_decode_is_not_sent_again(pd1_mesh, llm):
+    """The second time, D's prefix cache holds the prompt's full pages: P sends only the rest (KvTarget's
+    tokens to skip) and the output is still the same."""
+    prompt = [(7 * i) % 300 + 1 for i in range(61)]  # 7 full pages of 8 and 5 tokens
+    before = len(pd1_mesh.lines)
+    for _ in range(2):
+        assert_same_as_llm(pd1_mesh.address, llm, [(prompt, 6)])
+    handoffs = [m for line in pd1_mesh.lines[before:] if (m := HANDOFF.search(line))]
+    sent = [int(m["sent"]) for m in handoffs]
+    assert len(sent) == 2 and sent[1] * 8 == sent[0], sent  # 8 pages the first time, the last page only then
+    assert "5 of 61 prompt tokens' KV received" in handoffs[1].string
+
+
 def test_text_prompt_streams_the_same_text_and_stop_strings_cut_it(pd_mesh, llm):
     want = llm.generate([PROMPT], SamplingParams(max_tokens=24))[0]
     with Client(pd_mesh.address, timeout_s=60) as client:
