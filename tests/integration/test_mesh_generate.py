@@ -17,7 +17,7 @@ import torch
 from moemesh import LLM, SamplingParams
 from moemesh._proto.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from moemesh.config.engine import EngineConfig
-from moemesh.sdk import AsyncClient, Client, DeadlineExceeded, InvalidRequest
+from moemesh.sdk import AsyncClient, Client, DeadlineExceeded, InvalidRequest, Overloaded
 from tests.integration.mesh_tiny import TINY_ENV, build_tiny, start_mesh
 
 pytest.importorskip("ucxx")
@@ -163,6 +163,25 @@ def test_cancel_mid_stream_returns_every_page_on_decode_and_prefill(pd_mesh):
             stream.cancel()
             assert pd_mesh.wait_settled() == {name: 0 for name in pd_mesh.workers}
         assert client.complete(token_ids=[5, 6, 7], max_tokens=2).finish_reason == "length"  # still serving
+
+
+def test_decode_out_of_pages_is_back_pressure_and_the_rest_completes(pd1_mesh, llm):
+    """6 prompts of 500 tokens need 6 x 63 pages at once; D has 256: the ones it cannot lease get
+    RESOURCE_EXHAUSTED (the SDK's Overloaded) at once, never a queue; the others are right; pages come back."""
+    work = [([(i * 31 + j * 7) % 300 + 1 for j in range(500)], 3) for i in range(6)]
+
+    async def body():
+        async with AsyncClient(pd1_mesh.address, timeout_s=120) as client:
+            calls = (client.complete(token_ids=ids, max_tokens=n, temperature=0) for ids, n in work)
+            return await asyncio.gather(*calls, return_exceptions=True)
+
+    results = asyncio.run(body())
+    refused = [r for r in results if isinstance(r, Overloaded)]
+    assert 1 <= len(refused) <= 3 and "no room for 500 tokens" in str(refused[0]), results
+    for (ids, n), got in zip(work, results, strict=True):
+        if not isinstance(got, Overloaded):
+            assert got.token_ids == llm.generate([ids], SamplingParams(max_tokens=n))[0].token_ids
+    assert pd1_mesh.wait_settled() == {name: 0 for name in pd1_mesh.workers}
 
 
 def test_the_client_deadline_bounds_every_hop_and_frees_every_page(pd_mesh):
