@@ -137,7 +137,7 @@ class EngineLoop:
                 queue = self._queues.get(out.request_id)
                 if queue is not None:
                     queue.put_nowait(out)
-            if not outputs and not self.engine.scheduler.running:
+            if not outputs and not self.engine.num_running:
                 await asyncio.sleep(0.01)  # nothing admissible yet (pages short): let others free some
 
     def _fail_all(self, err: Exception) -> None:

@@ -140,11 +140,11 @@ class PrefillWorker:
         for rid, job in self.jobs.items():
             if rid in finished or job.aborted:
                 continue
-            req = self.engine.scheduler.requests.get(rid)
-            if req is None or not req.page_ids:
+            progress = self.engine.kv_progress(rid)
+            if progress is None or not progress.page_ids:
                 continue
-            full = min(req.num_computed_tokens // self.page_size, len(req.page_ids))
-            self._pack(job, req.page_ids, full)
+            full = min(progress.num_computed_tokens // self.page_size, len(progress.page_ids))
+            self._pack(job, list(progress.page_ids), full)
 
     def _pack(self, job: _Job, page_ids: list[int], end: int) -> None:
         if end <= job.next_page:
