@@ -14,6 +14,7 @@ environment. `moemesh serve <role>` hands its parsed flags (and the flags it did
     lease time to live             --lease-ttl-s                 MOEMESH_LEASE_TTL_S
     KV crc32 per chunk             --kv-checksum                 MOEMESH_KV_CHECKSUM
     heartbeat interval             --heartbeat-s                 MOEMESH_HEARTBEAT_S
+    worker silent this long dropped --worker-timeout-s (gateway)    MOEMESH_WORKER_TIMEOUT_S
     torch intra-op threads         --torch-threads               MOEMESH_TORCH_THREADS
     UCX transports ("" = any)      --ucx-transports              MOEMESH_UCX_TRANSPORTS
     UCX network devices ("" = all) --ucx-net-devices             MOEMESH_UCX_NET_DEVICES
@@ -148,12 +149,16 @@ class GatewayConfig:
     max_inflight: int = 256
     heartbeat_s: float = 0.5
     pick_timeout_s: float = 10.0  # how long Generate waits for a decode worker to register
+    # A worker silent this long is dropped. Generous: a worker's heartbeat can wait behind a long engine step
+    # on a busy CPU, and dropping a live worker strands its requests' routing.
+    worker_timeout_s: float = 5.0
 
     def __post_init__(self) -> None:
         _check(
             [
                 ("max_inflight", self.max_inflight >= 1, "must be >= 1"),
                 ("heartbeat_s", self.heartbeat_s > 0, "must be > 0"),
+                ("worker_timeout_s", self.worker_timeout_s >= self.heartbeat_s, "must be >= heartbeat_s"),
                 ("pick_timeout_s", self.pick_timeout_s >= 0, "must be >= 0"),
             ],
             self,
@@ -173,10 +178,14 @@ class GatewayConfig:
         p = argparse.ArgumentParser(prog="moemesh serve gateway", add_help=False)
         p.add_argument("--max-inflight", type=int, default=int(env.get("MOEMESH_MAX_INFLIGHT", 256)))
         p.add_argument("--heartbeat-s", type=float, default=float(env.get("MOEMESH_HEARTBEAT_S", 0.5)))
+        p.add_argument(
+            "--worker-timeout-s", type=float, default=float(env.get("MOEMESH_WORKER_TIMEOUT_S", 5.0))
+        )
         extra = p.parse_args(list(getattr(args, "extra", []) or []))
         return cls(
             host=args.host, port=args.port, model=args.model, topology=args.topology,
             max_inflight=extra.max_inflight, heartbeat_s=extra.heartbeat_s,
+            worker_timeout_s=extra.worker_timeout_s,
         )  # fmt: skip
 
 

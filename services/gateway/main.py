@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 
 from moemesh.services.gateway.servicer import GatewayServicer
 from moemesh.services.gateway.worker import Gateway
@@ -29,7 +30,10 @@ async def serve(config: GatewayConfig) -> int:
     model_dir = config.model_dir
     model_config = ModelConfig.from_file(model_dir / "config.json")
     tokenizer = Tokenizer(model_dir, model_config) if (model_dir / "tokenizer.json").is_file() else None
-    membership = Membership(heartbeat_interval_s=config.heartbeat_s)
+    membership = Membership(
+        heartbeat_interval_s=config.heartbeat_s,
+        expiry_intervals=max(1, math.ceil(config.worker_timeout_s / config.heartbeat_s)),
+    )
     gateway = Gateway(config, membership, tokenizer, model_config.vocab_size,
                       model_config.max_position_embeddings, aio_channel)  # fmt: skip
     server = MeshServer(ServerOptions(host=config.host, port=config.port, grace_s=2.0))

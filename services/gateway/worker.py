@@ -81,6 +81,7 @@ class Gateway:
         self.channel_factory = channel_factory
         self.inflight = 0
         self._decode_inflight: Counter[str] = Counter()
+        self._decode_picks: Counter[str] = Counter()  # last tie-break: idle workers take turns
         self._prefill_sent: Counter[str] = Counter()  # prompt tokens sent since the last load report
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._ids = itertools.count()
@@ -138,11 +139,11 @@ class Gateway:
         prefill = min(prefills, key=self._prefill_score) if prefills else None
         return Route(decode, prefill)
 
-    def _decode_score(self, member: WorkerInfo) -> tuple[int, int, int]:
+    def _decode_score(self, member: WorkerInfo) -> tuple[int, int, int, int]:
         load = self.membership.load(member.worker_id)
         busy = (load.num_running_requests + load.num_queued_requests) if load else 0
         free = load.num_free_pages if load else 0
-        return self._decode_inflight[member.worker_id], busy, -free
+        return self._decode_inflight[member.worker_id], busy, -free, self._decode_picks[member.worker_id]
 
     def _prefill_score(self, member: WorkerInfo) -> tuple[int, int]:
         load = self.membership.load(member.worker_id)
@@ -172,6 +173,7 @@ class Gateway:
         try:
             route = await self.pick()
             self._decode_inflight[route.decode.worker_id] += 1
+            self._decode_picks[route.decode.worker_id] += 1
             try:
                 async for delta in self._relay(job, route, time_remaining):
                     yield delta
