@@ -100,7 +100,6 @@ def build_ours(fp8: bool = False):
     """Our network at V2-Lite shapes with random weights: BF16, or with DeepSeek's FP8 projections and experts
     (random BF16 matrices quantized to 128x128 blocks, as an FP8 checkpoint would load)."""
     from moemesh.kernels import weight_quant
-
     from moemesh.model.checkpoint import build_empty
     from moemesh.model.config import ModelConfig
     from moemesh.model.fp8 import Fp8Experts, Fp8Linear

@@ -20,10 +20,10 @@ import json
 from pathlib import Path
 
 import torch
-from moemesh.kernels import act_quant, fp8_gemm, fp8_grouped_gemm, fp8_grouped_gemm_masked
-from moemesh.kernels.fp8_gemm import TileConfig, pick_config
 
 from bench.harness import header, median_ms, print_table, save_plot, write_json
+from moemesh.kernels import act_quant, fp8_gemm, fp8_grouped_gemm, fp8_grouped_gemm_masked
+from moemesh.kernels.fp8_gemm import TileConfig, pick_config
 
 EXPERT_SHAPES = [(4096, 7168), (7168, 2048)]  # (N, K): gate+up of 2 x 2048, down
 ATTN_SHAPES = {  # (N, K) of DeepSeek-V3's attention projections

@@ -17,9 +17,6 @@ import json
 from pathlib import Path
 
 import torch
-from moemesh.kernels import mla_decode, pack_kv, store_kv, unpack_kv
-from moemesh.kernels.mla_decode import DecodeConfig
-from moemesh.kernels.paged_kv import fp8_row_bytes
 
 from bench.harness import (
     copy_bandwidth_gbs,
@@ -30,6 +27,9 @@ from bench.harness import (
     save_plot,
     write_json,
 )
+from moemesh.kernels import mla_decode, pack_kv, store_kv, unpack_kv
+from moemesh.kernels.mla_decode import DecodeConfig
+from moemesh.kernels.paged_kv import fp8_row_bytes
 
 NUM_HEADS, RANK, ROPE, PAGE = 128, 512, 64, 64
 SCALE = 192**-0.5

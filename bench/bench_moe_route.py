@@ -11,10 +11,10 @@ import argparse
 
 import torch
 import triton
-from moemesh.kernels.moe_permute import moe_combine, moe_permute, reference_combine, reference_permute
-from moemesh.kernels.moe_route import RouteConfig, moe_route, reference
 
 from bench.harness import header, median_ms, print_table, save_plot, write_json
+from moemesh.kernels.moe_permute import moe_combine, moe_permute, reference_combine, reference_permute
+from moemesh.kernels.moe_route import RouteConfig, moe_route, reference
 
 V3 = RouteConfig(8, 256, n_group=8, topk_group=4, routed_scaling_factor=2.5)
 

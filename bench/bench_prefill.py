@@ -11,11 +11,11 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from moemesh.kernels import mla_prefill
-from moemesh.kernels.mla_prefill import PrefillConfig, Prefix
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench.harness import header, median_ms, print_table, save_plot, write_json
+from moemesh.kernels import mla_prefill
+from moemesh.kernels.mla_prefill import PrefillConfig, Prefix
 
 NUM_HEADS, QK, V = 128, 192, 128
 SCALE = QK**-0.5

@@ -11,9 +11,9 @@ import json
 from pathlib import Path
 
 import torch
-from moemesh.kernels.sample import SamplingTensors, reference, sample
 
 from bench.harness import copy_bandwidth_gbs, header, median_ms, print_table, save_plot, write_json
+from moemesh.kernels.sample import SamplingTensors, reference, sample
 
 VOCAB = 129_280
 MODES = {

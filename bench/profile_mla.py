@@ -7,11 +7,11 @@
 from __future__ import annotations
 
 import torch
-from moemesh.kernels import mla_decode, mla_prefill
 
 from bench.bench_mla import RANK, SCALE, decode_inputs
 from bench.bench_prefill import SCALE as PREFILL_SCALE
 from bench.bench_prefill import inputs as prefill_inputs
+from moemesh.kernels import mla_decode, mla_prefill
 
 
 def main() -> None:

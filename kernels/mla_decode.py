@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
 from moemesh.kernels.dispatch import interpreting, use_triton
 from moemesh.kernels.paged_kv import fp8_dequant_rows, fp8_group_size, fp8_row_bytes
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
 from moemesh.kernels.dispatch import interpreting, use_triton
 
 LOG2E = 1.4426950408889634

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
 from moemesh.kernels.dispatch import use_triton
 
 BLOCK_A = 128  # assignments per program in the histogram / position kernels

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from moemesh.kernels.dispatch import use_triton
 from moemesh.kernels.rope import RopeTables, check_tables, rotate_pairs
 from moemesh.kernels.rope import reference as rope_reference

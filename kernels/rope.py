@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
 from moemesh.kernels.dispatch import use_triton
 
 

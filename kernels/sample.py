@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
 from moemesh.kernels.dispatch import use_triton
 
 _MASK32 = 0xFFFFFFFF

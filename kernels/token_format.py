@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
 from moemesh.kernels.dispatch import use_triton
 from moemesh.kernels.fp8_quant import _act_quant_kernel, act_quant_reference
 

@@ -45,6 +45,10 @@ class Sampler:
             return []
         device = logits.device
         params = [r.params for r in rows]
+        if all(p.greedy and not _has_penalty(p) and p.logprobs is None for p in params):
+            # The common all-greedy step: the lowest index of each row's max, as `sample` picks it, without
+            # building sampling tensors (on CPU the sampler's filtering pass is half of a small model's step).
+            return [SampledToken(t, None) for t in logits.argmax(dim=-1).tolist()]
         floats = torch.tensor(
             [
                 [p.temperature for p in params],

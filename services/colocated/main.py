@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from moemesh.services.decode.main import serve
-
 from moemesh.config.mesh import WorkerConfig
+from moemesh.services.decode.main import serve
 
 
 def main(args: argparse.Namespace) -> int:

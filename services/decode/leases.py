@@ -21,10 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from moemesh.kernels import unpack_kv
-from moemesh.services.engine_loop import EngineLoop
 
 from moemesh.engine.engine import KvReservation
+from moemesh.kernels import unpack_kv
+from moemesh.services.engine_loop import EngineLoop
 from moemesh.transport.errors import LeaseRefused
 from moemesh.transport.kv import KvLayout, KvReceiver, KvTarget, Lease, LeaseKey
 from moemesh.transport.kv_wire import ChunkHeader

@@ -6,14 +6,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 
+from moemesh._proto.v1 import worker_pb2_grpc
+from moemesh.config.mesh import WorkerConfig
 from moemesh.services.decode.leases import LeaseTable
 from moemesh.services.decode.servicer import DecodeServicer
 from moemesh.services.decode.worker import DecodeWorker
 from moemesh.services.engine_loop import EngineLoop, load_engine, stop_ucx, ucx_options
 from moemesh.services.registration import run_worker_server
-
-from moemesh._proto.v1 import worker_pb2_grpc
-from moemesh.config.mesh import WorkerConfig
 from moemesh.transport.channels import aio_channel
 from moemesh.transport.kv_ucx import UcxKvReceiver
 from moemesh.transport.peers import PeerSet, WorkerInfo

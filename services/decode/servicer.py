@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+from moemesh._proto.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from moemesh.services.decode.worker import DecodeJob, DecodeWorker
 from moemesh.services.sampling import FINISH_REASONS, sampling_from_proto
-
-from moemesh._proto.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from moemesh.transport.errors import InvalidArgument, map_errors
 from moemesh.transport.peers import WorkerInfo
 

@@ -24,14 +24,14 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 
 import grpc
-from moemesh.services.decode.leases import LeaseTable, OpenLease
-from moemesh.services.engine_loop import EngineLoop
-from moemesh.services.sampling import sampling_to_proto
 
 from moemesh._proto.v1 import worker_pb2, worker_pb2_grpc
 from moemesh.config.mesh import WorkerConfig
 from moemesh.engine.engine import KvReservation, RequestOutput
 from moemesh.engine.sampling_params import SamplingParams
+from moemesh.services.decode.leases import LeaseTable, OpenLease
+from moemesh.services.engine_loop import EngineLoop
+from moemesh.services.sampling import sampling_to_proto
 from moemesh.transport.errors import MeshError, Unavailable, from_rpc_error
 from moemesh.transport.peers import PeerSet, WorkerInfo
 from moemesh.transport.registry import LoadReport

@@ -8,13 +8,12 @@ import asyncio
 import logging
 import math
 
-from moemesh.services.gateway.servicer import GatewayServicer
-from moemesh.services.gateway.worker import Gateway
-
 from moemesh._proto.v1 import gateway_pb2_grpc, worker_pb2_grpc
 from moemesh.config.mesh import GatewayConfig
 from moemesh.model.config import ModelConfig
 from moemesh.model.tokenizer import Tokenizer
+from moemesh.services.gateway.servicer import GatewayServicer
+from moemesh.services.gateway.worker import Gateway
 from moemesh.transport.channels import aio_channel
 from moemesh.transport.registry import Membership, RegistryServicer
 from moemesh.transport.server import MeshServer, ServerOptions, serve_until_signalled

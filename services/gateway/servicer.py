@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from moemesh.services.gateway.worker import Gateway
-
 from moemesh._proto.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from moemesh.services.gateway.worker import Gateway
 from moemesh.transport.errors import InvalidArgument, map_errors
 
 _FINISH = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH}

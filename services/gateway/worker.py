@@ -24,12 +24,12 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import grpc
-from moemesh.services.sampling import sampling_from_proto, sampling_to_proto, without_stop_strings
 
 from moemesh._proto.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from moemesh.config.mesh import GatewayConfig
 from moemesh.engine.sampling_params import SamplingParams
 from moemesh.model.tokenizer import IncrementalDetokenizer, Tokenizer
+from moemesh.services.sampling import sampling_from_proto, sampling_to_proto, without_stop_strings
 from moemesh.transport.errors import InvalidArgument, ResourceExhausted, Unavailable, from_rpc_error
 from moemesh.transport.peers import WorkerInfo
 from moemesh.transport.registry import Membership

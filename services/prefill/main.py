@@ -6,13 +6,12 @@ import argparse
 import asyncio
 import logging
 
+from moemesh._proto.v1 import worker_pb2_grpc
+from moemesh.config.mesh import WorkerConfig
 from moemesh.services.engine_loop import EngineLoop, load_engine, stop_ucx, ucx_options
 from moemesh.services.prefill.servicer import PrefillServicer
 from moemesh.services.prefill.worker import PrefillWorker
 from moemesh.services.registration import run_worker_server
-
-from moemesh._proto.v1 import worker_pb2_grpc
-from moemesh.config.mesh import WorkerConfig
 from moemesh.transport.kv_ucx import UcxKvSender
 from moemesh.transport.peers import HandshakeAcceptor, WorkerInfo
 from moemesh.transport.server import MeshServer, ServerOptions

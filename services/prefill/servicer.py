@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+from moemesh._proto.v1 import worker_pb2, worker_pb2_grpc
 from moemesh.services.prefill.worker import PrefillWorker
 from moemesh.services.sampling import sampling_from_proto
-
-from moemesh._proto.v1 import worker_pb2, worker_pb2_grpc
 from moemesh.transport.errors import map_errors
 from moemesh.transport.kv import KvTarget, LeaseKey
 from moemesh.transport.peers import HandshakeAcceptor

@@ -27,12 +27,12 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from moemesh.kernels import pack_kv
-from moemesh.services.engine_loop import EngineLoop
 
 from moemesh.engine.engine import RequestOutput
 from moemesh.engine.sampling_params import SamplingParams
+from moemesh.kernels import pack_kv
 from moemesh.model.batch import ForwardBatch
+from moemesh.services.engine_loop import EngineLoop
 from moemesh.transport.errors import LeaseRefused
 from moemesh.transport.kv import KvSender, KvTarget, LeaseKey
 from moemesh.transport.registry import LoadReport

@@ -9,11 +9,11 @@ import logging
 
 import pytest
 import torch
-from moemesh.services.decode.leases import LeaseTable
-from moemesh.services.engine_loop import EngineLoop, load_engine
 
 from moemesh.config.engine import EngineConfig
 from moemesh.config.mesh import WorkerConfig
+from moemesh.services.decode.leases import LeaseTable
+from moemesh.services.engine_loop import EngineLoop, load_engine
 from moemesh.transport.errors import LeaseRefused
 from tests.integration.mesh_tiny import build_tiny
 

@@ -7,9 +7,9 @@ import importlib
 
 import pytest
 import torch
+
 from moemesh.kernels.dispatch import interpreting
 from moemesh.kernels.fp8_quant import act_quant, act_quant_reference, weight_quant_reference
-
 from tests.kernels.checks import assert_close, assert_fp8_equal
 
 # the package exports functions under the modules' names: take the modules themselves

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from moemesh.kernels.dispatch import interpreting
 from moemesh.kernels.fp8_quant import (
     act_quant,
@@ -12,7 +13,6 @@ from moemesh.kernels.fp8_quant import (
     weight_quant,
     weight_quant_reference,
 )
-
 from tests.kernels.checks import assert_close, assert_fp8_equal
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from moemesh.kernels import mla_decode
 from moemesh.kernels.mla_decode import DecodeConfig, reference
 from moemesh.kernels.paged_kv import fp8_row_bytes, store_kv_reference
-
 from tests.kernels.checks import assert_close
 
 

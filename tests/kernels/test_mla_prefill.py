@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from moemesh.kernels import merge_attn_states, mla_prefill
 from moemesh.kernels.mla_prefill import PrefillConfig, Prefix, reference
-
 from tests.kernels.checks import assert_close
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from moemesh.kernels import (
     RouteConfig,
     act_quant,

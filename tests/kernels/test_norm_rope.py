@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from moemesh.kernels import add_rms_norm, rms_norm, rope, store_kv
 from moemesh.kernels.dispatch import interpreting
 from moemesh.kernels.paged_kv import store_kv_reference
 from moemesh.kernels.rms_norm import reference as norm_reference
 from moemesh.kernels.rope import RopeTables
 from moemesh.kernels.rope import reference as rope_reference
-
 from tests.kernels.checks import assert_close
 
 

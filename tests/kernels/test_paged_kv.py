@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from moemesh.kernels import pack_kv, store_kv, unpack_kv
 from moemesh.kernels.dispatch import interpreting
 from moemesh.kernels.paged_kv import (
@@ -14,7 +15,6 @@ from moemesh.kernels.paged_kv import (
     pack_kv_reference,
     store_kv_reference,
 )
-
 from tests.kernels.checks import assert_close
 
 

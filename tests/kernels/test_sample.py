@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from moemesh.kernels.sample import (
     SamplingTensors,
     _penalize,
@@ -15,7 +16,6 @@ from moemesh.kernels.sample import (
     token_counts,
     uniforms,
 )
-
 from tests.kernels.checks import assert_close
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"

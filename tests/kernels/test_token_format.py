@@ -6,9 +6,9 @@ import importlib
 
 import pytest
 import torch
+
 from moemesh.kernels.dispatch import interpreting
 from moemesh.kernels.fp8_quant import act_quant_reference
-
 from tests.kernels.checks import assert_close, assert_fp8_equal
 
 tf = importlib.import_module("moemesh.kernels.token_format")

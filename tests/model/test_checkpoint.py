@@ -7,10 +7,10 @@ import logging
 
 import pytest
 import torch
-from moemesh.kernels import weight_dequant, weight_quant
 from safetensors.torch import load_file, save_file
 
 from moemesh import LLM
+from moemesh.kernels import weight_dequant, weight_quant
 from moemesh.model.checkpoint import CheckpointError, load_model, save_checkpoint
 from moemesh.model.config import ConfigError
 from tests.model.tiny import build_hf, save_hf

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from moemesh.kernels import pack_kv, unpack_kv
 
 from moemesh import LLM, SamplingParams
 from moemesh.config.engine import EngineConfig
 from moemesh.engine.engine import KvProgress
 from moemesh.engine.request import FinishReason
+from moemesh.kernels import pack_kv, unpack_kv
 from moemesh.model.moe import LocalExperts
 from tests.model.test_generate_engine import assert_no_leaks, prompts
 from tests.model.tiny import build_hf, save_hf

@@ -8,8 +8,8 @@ import time
 
 import pytest
 import torch
-from moemesh.kernels.paged_kv import pack_kv, unpack_kv
 
+from moemesh.kernels.paged_kv import pack_kv, unpack_kv
 from moemesh.transport.kv import KvLayout, KvTarget, Lease, LeaseKey
 from moemesh.transport.kv_loopback import LoopbackFabric
 from moemesh.transport.kv_wire import ChunkHeader
