@@ -21,7 +21,7 @@ $(VENV)/.stamp: pyproject.toml Makefile
 # The whole mesh (gateway, prefill and decode processes) on the demo model, one request streamed through the SDK,
 # then it keeps serving until Ctrl-C (which stops every process).
 run: setup
-	$(PY) -m moemesh.cli up --model demo --topology pd --demo-prompt "The old man and the sea"
+	$(PY) -m moemesh.cli up --model demo --topology pd --demo-prompt "To Sherlock Holmes she is always"
 
 # Two CPU lanes: the kernels run their Triton code under the interpreter (TRITON_INTERPRET must be set before
 # triton is imported, so it gets its own process); everything else runs the torch paths.

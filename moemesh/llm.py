@@ -2,7 +2,7 @@
 
 from moemesh import LLM, SamplingParams
 llm = LLM("models/demo")
-print(llm.generate(["The old man"], SamplingParams(max_tokens=32))[0].text)
+print(llm.generate(["To Sherlock Holmes she is always"], SamplingParams(max_tokens=32))[0].text)
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The asyncio client: the same API as `Client`, awaited.
 
 async with AsyncClient("localhost:50051") as client:
-    async for chunk in client.generate(prompt="The old man", max_tokens=32):
+    async for chunk in client.generate(prompt="To Sherlock Holmes she is always", max_tokens=32):
         print(chunk.text, end="")
 """
 

@@ -2,7 +2,7 @@
 
 from moemesh.sdk import Client
 with Client("localhost:50051") as client:
-    for chunk in client.generate(prompt="The old man", max_tokens=32, temperature=0):
+    for chunk in client.generate(prompt="To Sherlock Holmes she is always", max_tokens=32, temperature=0):
         print(chunk.text, end="", flush=True)
 """
 
