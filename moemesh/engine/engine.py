@@ -111,6 +111,11 @@ class Engine:
         self.model_config = mc = model.config
         self.tokenizer = tokenizer
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
+        if self.max_model_len > mc.max_position_embeddings:  # the model's RoPE tables end there
+            raise ValueError(
+                f"max_model_len={self.max_model_len} exceeds the model's "
+                f"max_position_embeddings={mc.max_position_embeddings}"
+            )
         weight = model.model.embed_tokens.weight
         self.device, self.dtype = weight.device, weight.dtype
         self.memory_plan = self._plan_memory()

@@ -129,3 +129,9 @@ def test_memory_planner_rejects_a_pool_smaller_than_one_request(hf_and_dir):
         make_llm(path, num_kv_pages=10)
     with pytest.raises(ValueError, match="kv_cache_memory_bytes|give the cache more memory"):
         make_llm(path, kv_cache_memory_bytes=4096)
+
+
+def test_max_model_len_beyond_the_models_positions_is_refused(hf_and_dir):
+    _, path = hf_and_dir
+    with pytest.raises(ValueError, match="max_model_len=513 exceeds the model's max_position_embeddings=512"):
+        make_llm(path, max_model_len=513)
