@@ -169,12 +169,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
         try:
             with Client(args.target) as client:
-                print(args.prompt, end="", flush=True)
-                for chunk in client.generate(prompt=args.prompt, **sampling):
-                    print(chunk.text, end="", flush=True)
+                for i, chunk in enumerate(client.generate(prompt=args.prompt, **sampling)):
+                    print((args.prompt if i == 0 else "") + chunk.text, end="", flush=True)
             print()
         except InvalidRequest as err:
-            print(f"\nerror: {err}", file=sys.stderr)
+            print(f"error: {err}", file=sys.stderr)
             return 2
         return 0
     from moemesh import LLM, SamplingParams
