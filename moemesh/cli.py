@@ -41,6 +41,8 @@ def _add_up(subparsers: argparse._SubParsersAction) -> None:
         help="once ready, stream this prompt through the SDK (what `make run` does), then serve",
     )
     p.add_argument("--demo-max-tokens", type=int, default=48, metavar="N")
+    p.add_argument("--keep-going", action="store_true",
+                   help="a worker that dies is reported and the rest keep serving (default: stop the mesh)")  # fmt: skip
     p.set_defaults(func=_cmd_up)
 
 
@@ -64,7 +66,9 @@ def _cmd_up(args: argparse.Namespace) -> int:
         hint = " (train it: python tools/train_demo.py)" if args.model == "demo" else ""
         print(f"error: {err}{hint}", file=sys.stderr)
         return 2
-    supervisor = Supervisor(plan_children(options), startup_timeout_s=args.startup_timeout)
+    supervisor = Supervisor(
+        plan_children(options), startup_timeout_s=args.startup_timeout, keep_going=args.keep_going
+    )
     target = f"{options.host}:{options.port}"
     ready = f"ready on {target} (http on {options.host}:{options.http_port})"
     on_ready = None

@@ -111,7 +111,10 @@ class Supervisor:
         stop_grace_s: float = 10.0,
         python: str = sys.executable,
         out: TextIO | None = None,
+        keep_going: bool = False,
     ) -> None:
+        """keep_going: a worker that exits is reported and the mesh keeps serving without it (the gateway
+        migrates or retries around it); only the gateway's exit, or a signal, stops the mesh."""
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
             raise ValueError(f"child names must be distinct, got {names}")
@@ -120,7 +123,9 @@ class Supervisor:
         self.stop_grace_s = stop_grace_s
         self.python = python
         self.out = out or sys.stdout
+        self.keep_going = keep_going
         self.children: list[Child] = []
+        self._lost: set[str] = set()  # workers that exited while keep_going
         self._stop = threading.Event()
         self._stop_signal: int | None = None
 
@@ -205,7 +210,12 @@ class Supervisor:
         while not self._stop.wait(0.2):
             for child in self.children:
                 code = child.process.poll()
-                if code is not None:
+                if code is not None and self.keep_going and child.spec.name != "gateway":
+                    if child.spec.name not in self._lost:
+                        self._lost.add(child.spec.name)
+                        print(f"warning: {child.spec.name} (pid {child.pid}) exited with {code}; the mesh "
+                              "keeps serving without it (--keep-going)", file=sys.stderr, flush=True)  # fmt: skip
+                elif code is not None:
                     print(f"error: {child.spec.name} (pid {child.pid}) exited with {code}" + _tail(child),
                           file=sys.stderr, flush=True)  # fmt: skip
                     return 1

@@ -8,7 +8,9 @@ then continuous-batch decode on the engine and stream its tokens.
   `PrefillWorker.Prefill` with the `KvTarget` (the client's deadline bounds it), wait until every byte landed
   (P sends layer by layer as its chunks finish, straight into the leased pages), check the byte count, then
   `add_prefilled` with P's first token.
-  If P is unreachable the request is prefilled here instead. On a cancel or a failure while P may still
+  If P is lost (UNAVAILABLE) its lease is ended (a late write from it is refused) and the request is
+  re-leased under a new lease and sent to another handshaken prefill worker it has not tried; only when none
+  is left is it prefilled here. On a cancel or a failure while P may still
   write: `Abort` on P (its acknowledgement means it writes no more), then the lease is closed (the inbox
   refuses later writes), and only then do the pages return to the pool.
 * then its outputs stream from the EngineLoop; leaving early aborts it in the engine.
@@ -115,24 +117,35 @@ class DecodeWorker:
     async def _admit(self, job: DecodeJob, time_remaining: Callable[[], float | None]) -> int | None:
         """Queues the request in the engine; returns the first token when a prefill worker sampled it."""
         peer = None if self.config.force_local_prefill or job.generated_ids else job.prefill_worker
-        if peer is not None:
+        tried: list[str] = []
+        while peer is not None:
             reservation = await self.loop.call(self.engine.reserve_kv, job.request_id, job.prompt_ids)
             missing = len(job.prompt_ids) - reservation.num_cached_tokens
-            if missing > self.config.local_prefill_tokens:
-                try:
-                    first_token_id = await self._prefill_remote(job, peer, reservation, time_remaining)
-                    self.num_remote_prefills += 1
-                    return first_token_id
-                except Unavailable as err:  # P is lost: D prefills the request itself
-                    log.warning("prefill worker %s unavailable (%s); prefilling %s here", peer.worker_id, err,
-                                job.request_id)  # fmt: skip
-            else:
+            if missing <= self.config.local_prefill_tokens:
                 await self.loop.call(self.engine.cancel_reservation, reservation)
+                break
+            try:
+                first_token_id = await self._prefill_remote(job, peer, reservation, time_remaining)
+                self.num_remote_prefills += 1
+                return first_token_id
+            except Unavailable as err:  # P is lost; its lease is closed (and the pages freed) already
+                tried.append(peer.worker_id)
+                peer = self._other_prefill(tried)
+                then = f"retrying on {peer.worker_id}" if peer else "prefilling it here"
+                log.warning("prefill worker %s unavailable for %s (%s); %s", tried[-1], job.request_id, err,
+                            then)  # fmt: skip
         self.num_local_prefills += 1
         await self.loop.call(
             self.engine.add_request, job.prompt_ids, job.params, job.request_id, output_ids=job.generated_ids
         )
         return None
+
+    def _other_prefill(self, tried: list[str]) -> WorkerInfo | None:
+        """A handshaken prefill worker not in `tried` (the registry's members first, in their order)."""
+        live = {m.worker_id for m in self.members if m.role == "prefill"}
+        ready = [m for wid, m in self.peers.ready.items() if wid not in tried]
+        ready.sort(key=lambda m: m.worker_id not in live)
+        return ready[0] if ready else None
 
     async def _prefill_remote(
         self,

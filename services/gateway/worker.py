@@ -11,6 +11,11 @@
    incrementally (UTF-8 safe) and checked for stop strings — text that could still begin a stop string is
    held back; a match ends the request with "stop" and cancels D's call. Leaving early (client cancel)
    cancels D's call, which cancels P's.
+5. Migration: when D's stream fails with UNAVAILABLE (D lost, connection dropped), D leaves the membership
+   (a live one registers again with its next heartbeat) and the request goes to another D with the prompt
+   plus every token relayed so far (`generated_token_ids`; that D prefills both itself and continues), so the
+   client's stream goes on with no gap and no duplicate. At most `MAX_MIGRATIONS` times, then UNAVAILABLE.
+   A client cancel, a deadline or any other status is never migrated.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import itertools
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -36,6 +41,7 @@ from moemesh.transport.registry import Membership
 
 log = logging.getLogger(__name__)
 DECODE_ROLES = ("decode", "colocated")
+MAX_MIGRATIONS = 2  # decode workers a request may move to after the first one is lost
 
 
 @dataclass(frozen=True)
@@ -124,13 +130,18 @@ class Gateway:
 
     # -- routing --------------------------------------------------------------------------------------------
 
-    async def pick(self) -> Route:
+    async def pick(self, lost: Sequence[str] = ()) -> Route:
+        """lost: decode workers this request already lost (migration); with none other left, UNAVAILABLE at
+        once rather than after `pick_timeout_s`."""
         deadline = time.monotonic() + self.config.pick_timeout_s
         while True:
             self.membership.expire()
-            decodes = [m for role in DECODE_ROLES for m in self.membership.members(role)]
+            decodes = [m for role in DECODE_ROLES for m in self.membership.members(role)
+                       if m.worker_id not in lost]  # fmt: skip
             if decodes:
                 break
+            if lost:
+                raise Unavailable(f"lost decode worker(s) {', '.join(lost)} and no other is registered")
             if time.monotonic() >= deadline:
                 raise Unavailable("no decode worker is registered")
             await asyncio.sleep(0.1)
@@ -171,25 +182,50 @@ class Gateway:
             )
         self.inflight += 1
         try:
-            route = await self.pick()
-            self._decode_inflight[route.decode.worker_id] += 1
-            self._decode_picks[route.decode.worker_id] += 1
-            try:
-                async for delta in self._relay(job, route, time_remaining):
-                    yield delta
-            finally:
-                self._decode_inflight[route.decode.worker_id] -= 1
+            progress = _Progress(
+                _StopText(job.params.stop),
+                IncrementalDetokenizer(self.tokenizer, job.prompt_ids) if self.tokenizer else None,
+            )
+            lost: list[str] = []
+            while True:
+                route = await self.pick(lost)
+                decode_id = route.decode.worker_id
+                self._decode_inflight[decode_id] += 1
+                self._decode_picks[decode_id] += 1
+                try:
+                    async for delta in self._relay(job, route, progress, time_remaining):
+                        yield delta
+                    return
+                except Unavailable as err:
+                    lost.append(decode_id)
+                    self.membership.deregister(decode_id)  # a live one registers again on its next heartbeat
+                    if len(lost) > MAX_MIGRATIONS:
+                        raise Unavailable(
+                            f"{job.request_id}: lost decode workers {', '.join(lost)} after "
+                            f"{len(progress.generated)} tokens; gave up after {MAX_MIGRATIONS} migrations "
+                            f"(last error: {err})"
+                        ) from None
+                    log.warning("%s: decode worker %s lost after %d tokens (%s); migrating", job.request_id,
+                                decode_id, len(progress.generated), err)  # fmt: skip
+                finally:
+                    self._decode_inflight[decode_id] -= 1
         finally:
             self.inflight -= 1
 
     async def _relay(
-        self, job: GenerateJob, route: Route, time_remaining: Callable[[], float | None]
+        self,
+        job: GenerateJob,
+        route: Route,
+        progress: _Progress,
+        time_remaining: Callable[[], float | None],
     ) -> AsyncIterator[Delta]:
+        """One attempt on `route.decode`, resuming after `progress.generated` (empty on the first)."""
         request = worker_pb2.DecodeRequest(
             request_id=job.request_id, prompt_token_ids=job.prompt_ids,
             sampling=sampling_to_proto(without_stop_strings(job.params)),
+            generated_token_ids=progress.generated,
         )  # fmt: skip
-        if route.prefill is not None:
+        if route.prefill is not None and not progress.generated:  # a migrated request is prefilled on D
             request.prefill.CopyFrom(
                 worker_pb2.PrefillPeer(
                     worker_id=route.prefill.worker_id, grpc_address=route.prefill.grpc_address
@@ -198,29 +234,38 @@ class Gateway:
             self._prefill_sent[route.prefill.worker_id] += len(job.prompt_ids)
         stub = worker_pb2_grpc.DecodeWorkerStub(self.channel(route.decode.grpc_address))
         call = stub.Generate(request, timeout=time_remaining())
-        text = _StopText(job.params.stop)
-        detok = IncrementalDetokenizer(self.tokenizer, job.prompt_ids) if self.tokenizer else None
-        num_tokens = 0
+        text = progress.text
         try:
             async for chunk in call:
                 tokens = list(chunk.token_ids)
-                num_tokens += len(tokens)
+                progress.generated += tokens
                 # A "stop" from D is EOS or a stop token id: that last token adds no text (as in the engine).
                 texted = tokens[:-1] if chunk.finish_reason == common_pb2.FINISH_REASON_STOP else tokens
-                if detok is not None:
+                if progress.detok is not None:
                     for token in texted:
-                        text.add(detok.add(token))
+                        text.add(progress.detok.add(token))
                 reason = _FINISH.get(chunk.finish_reason)
                 if text.stopped:
                     reason = "stop"
                 new_text = text.take(final=reason is not None)
-                yield Delta(tokens, new_text, reason, list(chunk.logprobs), len(job.prompt_ids), num_tokens)
+                yield Delta(tokens, new_text, reason, list(chunk.logprobs), len(job.prompt_ids),
+                            len(progress.generated))  # fmt: skip
                 if reason is not None:
                     return
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
         finally:
             call.cancel()  # no-op once the stream ended; otherwise D (and P) stop the request
+
+
+@dataclass
+class _Progress:
+    """What one request has relayed so far, kept across migrations: the tokens (what the next D resumes
+    after), the stop-string matcher and the detokenizer."""
+
+    text: _StopText
+    detok: IncrementalDetokenizer | None
+    generated: list[int] = field(default_factory=list)
 
 
 _FINISH = {

@@ -82,6 +82,21 @@ class Mesh:
                 return leased
             time.sleep(0.1)
 
+    def kill(self, name: str, timeout_s: float = 10.0) -> None:
+        """SIGKILLs one worker (a mesh started with keep_going=True serves on) and waits until `up` reaped it;
+        it leaves `workers`, so `leased_pages` / `wait_settled` ask only the survivors."""
+        pid = self.pids[name]
+        os.kill(pid, signal.SIGKILL)
+        self.workers.pop(name, None)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"{name} (pid {pid}) was not reaped in {timeout_s} s")
+
     def stop(self) -> int:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)
@@ -94,8 +109,9 @@ class Mesh:
 
 def start_mesh(model_dir: Path | str, topology: str, *, num_decode: int = 1, num_prefill: int = 1,
                knobs: dict[str, str] | None = None, torch_threads: int | None = None,
-               timeout_s: float = 120.0) -> Mesh:  # fmt: skip
-    """Starts `moemesh up` and waits for `ready on`. knobs: MOEMESH_* environment (default TINY_ENV)."""
+               timeout_s: float = 120.0, keep_going: bool = False) -> Mesh:  # fmt: skip
+    """Starts `moemesh up` and waits for `ready on`. knobs: MOEMESH_* environment (default TINY_ENV);
+    keep_going: `up --keep-going` (a killed worker does not stop the mesh)."""
     from moemesh.supervisor import free_ports
 
     port, http_port = free_ports(2)
@@ -104,6 +120,8 @@ def start_mesh(model_dir: Path | str, topology: str, *, num_decode: int = 1, num
             "--http-port", str(http_port), "--startup-timeout", str(timeout_s)]  # fmt: skip
     if torch_threads is not None:
         argv += ["--torch-threads", str(torch_threads)]
+    if keep_going:
+        argv.append("--keep-going")
     full_env = {
         **os.environ,
         "UCX_TLS": "tcp,self",

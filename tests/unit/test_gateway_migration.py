@@ -1,0 +1,108 @@
+"""The gateway's migration loop against fake decode workers on real gRPC servers: a stream that fails with
+UNAVAILABLE moves to another D carrying the tokens relayed so far, at most MAX_MIGRATIONS times; other
+statuses are never migrated."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from moemesh._proto.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from moemesh.config.mesh import GatewayConfig
+from moemesh.engine.sampling_params import SamplingParams
+from moemesh.services.gateway.worker import MAX_MIGRATIONS, Gateway, GenerateJob
+from moemesh.transport.errors import InvalidArgument, Unavailable
+from moemesh.transport.peers import WorkerInfo
+from moemesh.transport.registry import Membership
+
+
+class FakeDecode(worker_pb2_grpc.DecodeWorkerServicer):
+    """Streams the next token (100 + how many the request already has), then either ends the request with
+    "length" at `max_tokens` or fails with `fail_with` (None: keeps streaming)."""
+
+    def __init__(self, fail_with: grpc.StatusCode | None) -> None:
+        self.fail_with = fail_with
+        self.seen: list[list[int]] = []  # generated_token_ids of each call
+
+    async def Generate(self, request, context):
+        generated = list(request.generated_token_ids)
+        self.seen.append(list(generated))
+        while True:
+            token = 100 + len(generated)
+            generated.append(token)
+            done = len(generated) == request.sampling.max_tokens
+            reason = common_pb2.FINISH_REASON_LENGTH if done else common_pb2.FINISH_REASON_UNSPECIFIED
+            yield worker_pb2.DecodeChunk(token_ids=[token], finish_reason=reason)
+            if done:
+                return
+            if self.fail_with is not None:
+                await context.abort(self.fail_with, "decode worker going away")
+
+
+async def _run(fakes: list[FakeDecode], max_tokens: int = 6) -> tuple[list[int], BaseException | None]:
+    servers, membership = [], Membership(heartbeat_interval_s=60)
+    for i, fake in enumerate(fakes):
+        server = grpc.aio.server()
+        worker_pb2_grpc.add_DecodeWorkerServicer_to_server(fake, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        servers.append(server)
+        membership.register(WorkerInfo(f"decode-{i}", "decode", f"127.0.0.1:{port}"))
+    gateway = Gateway(
+        GatewayConfig(pick_timeout_s=0.2), membership, None, 320, 512, grpc.aio.insecure_channel
+    )
+    job = GenerateJob("r1", [1, 2, 3], SamplingParams(max_tokens=max_tokens))
+    tokens, error = [], None
+    try:
+        async for delta in gateway.generate(job, lambda: 10.0):
+            tokens += delta.token_ids
+    except Exception as err:  # noqa: BLE001 - returned for the test to check
+        error = err
+    finally:
+        await gateway.close()
+        for server in servers:
+            await server.stop(None)
+    assert gateway.inflight == 0
+    return tokens, error
+
+
+def test_lost_decode_worker_resumes_on_another_with_the_tokens_so_far():
+    fakes = [
+        FakeDecode(grpc.StatusCode.UNAVAILABLE),
+        FakeDecode(grpc.StatusCode.UNAVAILABLE),
+        FakeDecode(None),
+    ]
+    tokens, error = asyncio.run(_run(fakes))
+    assert error is None
+    assert tokens == [100, 101, 102, 103, 104, 105]  # no gap, no duplicate
+    calls = sorted((seen for fake in fakes for seen in fake.seen), key=len)
+    assert calls == [[], [100], [100, 101]]  # each D got the prompt plus everything relayed before it
+
+
+def test_migrations_are_bounded_then_unavailable():
+    fakes = [FakeDecode(grpc.StatusCode.UNAVAILABLE) for _ in range(MAX_MIGRATIONS + 2)]
+    tokens, error = asyncio.run(_run(fakes, max_tokens=20))
+    assert isinstance(error, Unavailable)
+    assert f"gave up after {MAX_MIGRATIONS} migrations" in str(error)
+    assert tokens == [100 + i for i in range(MAX_MIGRATIONS + 1)]
+    assert sum(len(fake.seen) for fake in fakes) == MAX_MIGRATIONS + 1
+
+
+def test_no_other_decode_worker_is_unavailable_at_once():
+    tokens, error = asyncio.run(_run([FakeDecode(grpc.StatusCode.UNAVAILABLE)]))
+    assert isinstance(error, Unavailable)
+    assert "lost decode worker(s) decode-0 and no other is registered" in str(error)
+    assert tokens == [100]
+
+
+@pytest.mark.parametrize("code", [grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.DEADLINE_EXCEEDED])
+def test_other_failures_are_not_migrated(code):
+    fakes = [FakeDecode(code), FakeDecode(None)]
+    tokens, error = asyncio.run(_run(fakes))
+    assert error is not None and not isinstance(error, Unavailable)
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        assert isinstance(error, InvalidArgument)
+    assert tokens == [100]
+    assert sum(len(fake.seen) for fake in fakes) == 1
