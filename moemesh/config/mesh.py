@@ -15,6 +15,7 @@ environment. `moemesh serve <role>` hands its parsed flags (and the flags it did
     KV crc32 per chunk             --kv-checksum                 MOEMESH_KV_CHECKSUM
     heartbeat interval             --heartbeat-s                 MOEMESH_HEARTBEAT_S
     worker silent this long dropped --worker-timeout-s (gateway)    MOEMESH_WORKER_TIMEOUT_S
+    moves after a lost decode      --max-migrations (gateway)    MOEMESH_MAX_MIGRATIONS
     torch intra-op threads         --torch-threads               MOEMESH_TORCH_THREADS
     UCX transports ("" = any)      --ucx-transports              MOEMESH_UCX_TRANSPORTS
     UCX network devices ("" = all) --ucx-net-devices             MOEMESH_UCX_NET_DEVICES
@@ -152,11 +153,13 @@ class GatewayConfig:
     # A worker silent this long is dropped. Generous: a worker's heartbeat can wait behind a long engine step
     # on a busy CPU, and dropping a live worker strands its requests' routing.
     worker_timeout_s: float = 5.0
+    max_migrations: int = 2  # decode workers a request may move to after the first one is lost
 
     def __post_init__(self) -> None:
         _check(
             [
                 ("max_inflight", self.max_inflight >= 1, "must be >= 1"),
+                ("max_migrations", self.max_migrations >= 0, "must be >= 0"),
                 ("heartbeat_s", self.heartbeat_s > 0, "must be > 0"),
                 ("worker_timeout_s", self.worker_timeout_s >= self.heartbeat_s, "must be >= heartbeat_s"),
                 ("pick_timeout_s", self.pick_timeout_s >= 0, "must be >= 0"),
@@ -181,11 +184,12 @@ class GatewayConfig:
         p.add_argument(
             "--worker-timeout-s", type=float, default=float(env.get("MOEMESH_WORKER_TIMEOUT_S", 5.0))
         )
+        p.add_argument("--max-migrations", type=int, default=int(env.get("MOEMESH_MAX_MIGRATIONS", 2)))
         extra = p.parse_args(list(getattr(args, "extra", []) or []))
         return cls(
             host=args.host, port=args.port, model=args.model, topology=args.topology,
             max_inflight=extra.max_inflight, heartbeat_s=extra.heartbeat_s,
-            worker_timeout_s=extra.worker_timeout_s,
+            worker_timeout_s=extra.worker_timeout_s, max_migrations=extra.max_migrations,
         )  # fmt: skip
 
 

@@ -14,7 +14,7 @@
 5. Migration: when D's stream fails with UNAVAILABLE (D lost, connection dropped), D leaves the membership
    (a live one registers again with its next heartbeat) and the request goes to another D with the prompt
    plus every token relayed so far (`generated_token_ids`; that D prefills both itself and continues), so the
-   client's stream goes on with no gap and no duplicate. At most `MAX_MIGRATIONS` times, then UNAVAILABLE.
+   client's stream goes on with no gap and no duplicate. At most `GatewayConfig.max_migrations` times, then UNAVAILABLE.
    A client cancel, a deadline or any other status is never migrated.
 """
 
@@ -41,7 +41,6 @@ from moemesh.transport.registry import Membership
 
 log = logging.getLogger(__name__)
 DECODE_ROLES = ("decode", "colocated")
-MAX_MIGRATIONS = 2  # decode workers a request may move to after the first one is lost
 
 
 @dataclass(frozen=True)
@@ -199,10 +198,10 @@ class Gateway:
                 except Unavailable as err:
                     lost.append(decode_id)
                     self.membership.deregister(decode_id)  # a live one registers again on its next heartbeat
-                    if len(lost) > MAX_MIGRATIONS:
+                    if len(lost) > self.config.max_migrations:
                         raise Unavailable(
                             f"{job.request_id}: lost decode workers {', '.join(lost)} after "
-                            f"{len(progress.generated)} tokens; gave up after {MAX_MIGRATIONS} migrations "
+                            f"{len(progress.generated)} tokens; gave up after {self.config.max_migrations} migrations "
                             f"(last error: {err})"
                         ) from None
                     log.warning("%s: decode worker %s lost after %d tokens (%s); migrating", job.request_id,

@@ -1,5 +1,5 @@
 """The gateway's migration loop against fake decode workers on real gRPC servers: a stream that fails with
-UNAVAILABLE moves to another D carrying the tokens relayed so far, at most MAX_MIGRATIONS times; other
+UNAVAILABLE moves to another D carrying the tokens relayed so far, at most GatewayConfig.max_migrations times; other
 statuses are never migrated."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 from moemesh._proto.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from moemesh.config.mesh import GatewayConfig
 from moemesh.engine.sampling_params import SamplingParams
-from moemesh.services.gateway.worker import MAX_MIGRATIONS, Gateway, GenerateJob
+from moemesh.services.gateway.worker import Gateway, GenerateJob
 from moemesh.transport.errors import InvalidArgument, Unavailable
 from moemesh.transport.peers import WorkerInfo
 from moemesh.transport.registry import Membership
@@ -82,12 +82,12 @@ def test_lost_decode_worker_resumes_on_another_with_the_tokens_so_far():
 
 
 def test_migrations_are_bounded_then_unavailable():
-    fakes = [FakeDecode(grpc.StatusCode.UNAVAILABLE) for _ in range(MAX_MIGRATIONS + 2)]
+    fakes = [FakeDecode(grpc.StatusCode.UNAVAILABLE) for _ in range(GatewayConfig().max_migrations + 2)]
     tokens, error = asyncio.run(_run(fakes, max_tokens=20))
     assert isinstance(error, Unavailable)
-    assert f"gave up after {MAX_MIGRATIONS} migrations" in str(error)
-    assert tokens == [100 + i for i in range(MAX_MIGRATIONS + 1)]
-    assert sum(len(fake.seen) for fake in fakes) == MAX_MIGRATIONS + 1
+    assert f"gave up after {GatewayConfig().max_migrations} migrations" in str(error)
+    assert tokens == [100 + i for i in range(GatewayConfig().max_migrations + 1)]
+    assert sum(len(fake.seen) for fake in fakes) == GatewayConfig().max_migrations + 1
 
 
 def test_no_other_decode_worker_is_unavailable_at_once():
