@@ -26,21 +26,15 @@ from moemesh.engine.engine import KvReservation
 from moemesh.kernels import unpack_kv
 from moemesh.services.engine_loop import EngineLoop
 from moemesh.transport.errors import LeaseRefused
-from moemesh.transport.kv import KvLayout, KvReceiver, KvTarget, Lease, LeaseKey
+from moemesh.transport.kv import KvLayout, KvReceiver, KvTarget, Lease, LeaseKey, PagedKvSink
 from moemesh.transport.kv_wire import ChunkHeader
 
 log = logging.getLogger(__name__)
 
 
-class EngineKvSink:
-    """A KvSink over the engine's per-layer caches `[num_pages, page_size, kv_dim]`: bytes land in a staging
-    buffer on the cache's device, then `unpack_kv` scatters them into the lease's pages."""
-
-    def __init__(self, caches: list[torch.Tensor]) -> None:
-        self.caches = caches
-
-    def buffer_for(self, lease: Lease, header: ChunkHeader) -> torch.Tensor:
-        return torch.empty(header.num_bytes, dtype=torch.uint8, device=self.caches[header.layer].device)
+class EngineKvSink(PagedKvSink):
+    """`PagedKvSink` over the engine's per-layer caches `[num_pages, page_size, kv_dim]` whose scatter is the
+    `unpack_kv` kernel (transport may not import kernels, so the plain index_copy_ stays there)."""
 
     def commit(self, lease: Lease, header: ChunkHeader, buffer: torch.Tensor) -> None:
         cache = self.caches[header.layer]

@@ -9,28 +9,12 @@ import time
 import pytest
 import torch
 
-from moemesh.kernels.paged_kv import pack_kv, unpack_kv
+from moemesh.kernels.paged_kv import pack_kv
+from moemesh.services.decode.leases import EngineKvSink  # the decode service's sink: unpack_kv
 from moemesh.transport.kv import KvLayout, KvTarget, Lease, LeaseKey
 from moemesh.transport.kv_loopback import LoopbackFabric
-from moemesh.transport.kv_wire import ChunkHeader
 
 PAGE_SIZE, ROW, LAYERS = 8, 576, 3  # 576 = kv_lora_rank 512 + rope 64
-
-
-class UnpackSink:
-    """What the decode service will pass: receive into staging, scatter with the unpack kernel."""
-
-    def __init__(self, caches: list[torch.Tensor]) -> None:
-        self.caches = caches
-
-    def buffer_for(self, lease: Lease, header: ChunkHeader) -> torch.Tensor:
-        return torch.empty(header.num_bytes, dtype=torch.uint8, device=self.caches[header.layer].device)
-
-    def commit(self, lease: Lease, header: ChunkHeader, buffer: torch.Tensor) -> None:
-        cache = self.caches[header.layer]
-        pages = buffer.view(cache.dtype).view(header.num_pages, PAGE_SIZE, ROW)
-        ids = torch.tensor(lease.page_ids[header.first_page : header.first_page + header.num_pages])
-        unpack_kv(pages, cache, ids)
 
 
 @pytest.mark.parametrize("kind", ["loopback", "ucx"])
@@ -53,7 +37,7 @@ def test_pack_send_unpack_reproduces_the_prefill_pages_on_decode(kind):
         address = await receiver.start()
         try:
             target = KvTarget("r", LeaseKey(1, 1), address, tuple(d_pages), PAGE_SIZE, layout)
-            receiver.inbox.expect(Lease.for_target(target, time.monotonic() + 30), UnpackSink(d_caches))
+            receiver.inbox.expect(Lease.for_target(target, time.monotonic() + 30), EngineKvSink(d_caches))
             skip = target.first_page
             ids = torch.tensor(p_pages[skip:])
             await asyncio.gather(
