@@ -233,6 +233,8 @@ def test_idle_workers_do_not_spin(pd_mesh):
     """UCX progress runs in ucxx's thread with its notifier thread: nothing polls while idle (the blocking mode
     spun ~0.5 core per worker with a receive pending)."""
     pids = {name: pd_mesh.pids[name] for name in pd_mesh.workers}
+    pd_mesh.wait_settled()  # the previous test's requests are done everywhere: what follows is idle time
+    time.sleep(0.5)
     before = {name: _cpu_ticks(pid) for name, pid in pids.items()}
     time.sleep(2.0)
     used = {
