@@ -74,7 +74,13 @@ class Membership:
         self.heartbeat_interval_s = heartbeat_interval_s
         self.expiry_s = heartbeat_interval_s * expiry_intervals
         self.clock = clock
+        self.started_s = clock()
         self._members: dict[str, _Member] = {}
+
+    def settling(self) -> bool:
+        """True until one expiry window has passed since the table started: until then a live worker may be
+        missing from it (after a gateway restart each worker re-registers on its next heartbeat)."""
+        return self.clock() - self.started_s < self.expiry_s
 
     def register(self, info: WorkerInfo) -> list[WorkerInfo]:
         """Adds (or replaces) a worker; returns the membership, itself included."""
@@ -127,13 +133,16 @@ class RegistryServicer(worker_pb2_grpc.RegistryServicer):
         members = self.membership.register(WorkerInfo.from_proto(request.worker))
         interval_ms = int(self.membership.heartbeat_interval_s * 1000)
         return worker_pb2.RegisterResponse(
-            heartbeat_interval_ms=interval_ms, peers=[m.to_proto() for m in members]
-        )
+            heartbeat_interval_ms=interval_ms, peers=[m.to_proto() for m in members],
+            settling=self.membership.settling(),
+        )  # fmt: skip
 
     @map_errors
     async def Heartbeat(self, request, context):
         known, members = self.membership.heartbeat(LoadReport.from_proto(request))
-        return worker_pb2.HeartbeatResponse(known=known, peers=[m.to_proto() for m in members])
+        return worker_pb2.HeartbeatResponse(
+            known=known, peers=[m.to_proto() for m in members], settling=self.membership.settling()
+        )
 
     @map_errors
     async def Deregister(self, request, context):
@@ -143,7 +152,9 @@ class RegistryServicer(worker_pb2_grpc.RegistryServicer):
 
 class RegistryClient:
     """A worker's registration loop. `load()` makes its current LoadReport; `on_members(members)` gets every
-    membership the registry answers with (an async callback, awaited in the loop)."""
+    membership the registry answers with (an async callback, awaited in the loop). While the registry is
+    settling (it just restarted and not every live worker has re-registered), members it has not heard from
+    yet are kept from the last membership rather than reported gone."""
 
     def __init__(
         self,
@@ -162,6 +173,7 @@ class RegistryClient:
         self.timeout_s = timeout_s
         self.registered = asyncio.Event()
         self.num_registrations = 0
+        self._last_members: dict[str, WorkerInfo] = {}
 
     async def run(self) -> None:
         """Registers, then heartbeats until cancelled. Never raises for a lost or restarted registry."""
@@ -177,12 +189,12 @@ class RegistryClient:
                     self.num_registrations += 1
                     self.registered.set()
                     known = True
-                    await self._deliver(reply.peers)
+                    await self._deliver(reply.peers, reply.settling)
                 else:
                     reply = await self.stub.Heartbeat(self.load().to_proto(), timeout=self.timeout_s)
                     known = reply.known
                     if known:
-                        await self._deliver(reply.peers)
+                        await self._deliver(reply.peers, reply.settling)
                     else:
                         log.warning("the registry forgot %s; registering again", self.me.worker_id)
                         continue
@@ -201,6 +213,10 @@ class RegistryClient:
         except grpc.RpcError as err:
             log.warning("could not deregister %s: %s", self.me.worker_id, err.code().name)
 
-    async def _deliver(self, peers) -> None:
+    async def _deliver(self, peers, settling: bool) -> None:
+        members = {m.worker_id: m for m in map(WorkerInfo.from_proto, peers)}
+        if settling:
+            members = {**self._last_members, **members}
+        self._last_members = members
         if self.on_members is not None:
-            await self.on_members([WorkerInfo.from_proto(p) for p in peers])
+            await self.on_members(list(members.values()))

@@ -41,13 +41,14 @@ def test_membership_tracks_heartbeats_and_drops_silent_workers():
     d = WorkerInfo("decode-0", "decode", "h:3", "h:4", FINGERPRINT)
     assert table.register(p) == [p]
     assert table.register(d) == [p, d]
+    assert table.settling()  # younger than its 3 s expiry window: a restarted table may lack live workers
     clock.now = 2.0
     known, members = table.heartbeat(LoadReport("decode-0", "decode", num_free_pages=90, num_total_pages=100))
     assert known and members == [p, d]
     assert table.load("decode-0").num_free_pages == 90 and table.load("prefill-0") is None
     clock.now = 3.5  # prefill-0 silent for 3.5 s > 3 intervals
     known, members = table.heartbeat(LoadReport("decode-0", "decode"))
-    assert known and members == [d]
+    assert known and members == [d] and not table.settling()
     assert table.heartbeat(LoadReport("prefill-0", "prefill")) == (False, [])
     table.deregister("decode-0")
     assert table.members() == []

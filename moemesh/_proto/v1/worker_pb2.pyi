@@ -221,20 +221,24 @@ class RegisterRequest(_message.Message):
     def __init__(self, worker: _Optional[_Union[WorkerInfo, _Mapping]] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("heartbeat_interval_ms", "peers")
+    __slots__ = ("heartbeat_interval_ms", "peers", "settling")
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     PEERS_FIELD_NUMBER: _ClassVar[int]
+    SETTLING_FIELD_NUMBER: _ClassVar[int]
     heartbeat_interval_ms: int
     peers: _containers.RepeatedCompositeFieldContainer[WorkerInfo]
-    def __init__(self, heartbeat_interval_ms: _Optional[int] = ..., peers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ...) -> None: ...
+    settling: bool
+    def __init__(self, heartbeat_interval_ms: _Optional[int] = ..., peers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., settling: _Optional[bool] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("peers", "known")
+    __slots__ = ("peers", "known", "settling")
     PEERS_FIELD_NUMBER: _ClassVar[int]
     KNOWN_FIELD_NUMBER: _ClassVar[int]
+    SETTLING_FIELD_NUMBER: _ClassVar[int]
     peers: _containers.RepeatedCompositeFieldContainer[WorkerInfo]
     known: bool
-    def __init__(self, peers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., known: _Optional[bool] = ...) -> None: ...
+    settling: bool
+    def __init__(self, peers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., known: _Optional[bool] = ..., settling: _Optional[bool] = ...) -> None: ...
 
 class DeregisterRequest(_message.Message):
     __slots__ = ("worker_id",)
