@@ -1,19 +1,26 @@
 """The loop a worker runs its engine in, shared by the prefill, decode and colocated services.
 
 The engine is single-threaded and its `step()` blocks for a whole forward. `EngineLoop.run()` (a TaskGroup
-task) runs each step in a thread while holding `lock`; everything else that touches the engine
-(`reserve_kv`, `add_request`, `abort`, ...) goes through `call()`, which takes the same lock, so it lands
-between two steps. asyncio.Lock is fair, so a waiting call gets in before the next step.
+task) starts one engine thread that steps back to back while there is work; everything else that changes
+the engine (`reserve_kv`, `add_request`, `abort`, ...) goes through `call()`, which queues it for that thread,
+so it lands between two steps (every command waiting runs before the next step). A step's outputs are posted
+to the event loop (per-request queues, `subscribe`), which streams them; see `drain_s` for when the next step
+starts.
 
-Outputs go to per-request queues (`subscribe`); `on_step(outputs)` hooks run under the lock right after a
-step, before anything else can touch the engine (the prefill worker packs newly computed pages there).
+`on_step(outputs)` hooks run in the event loop right after a step while the engine thread waits for them,
+before anything else can touch the engine (the prefill worker packs newly computed pages there).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
+import contextlib
 import hashlib
 import logging
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -93,22 +100,59 @@ def stop_ucx() -> None:
         log.info("UCX reset at exit: %s", str(err).splitlines()[0])
 
 
-class EngineLoop:
-    """Owns the engine's thread of control. Lifecycle: `run()` in a TaskGroup until cancelled."""
+@dataclass
+class _Command:
+    fn: Callable[..., Any]
+    args: tuple
+    kwargs: dict
+    future: asyncio.Future
+    started: bool = False
 
-    def __init__(self, engine: Engine) -> None:
+
+class EngineLoop:
+    """Owns the engine's thread of control. Lifecycle: `run()` in a TaskGroup until cancelled.
+
+    drain_s: after posting a step's outputs, the engine thread waits up to this long for the event loop to
+    stream them (until it has gone `DRAIN_TURNS` turns of its own) before starting the next step. On CPU both
+    threads are Python under one GIL: event-loop work running *during* a step costs the step far more than it
+    costs between two steps (every torch op hands the GIL back and forth), so draining first is faster.
+    0 = do not wait (GPU steps mostly wait for the device with the GIL released)."""
+
+    DRAIN_TURNS = 4
+
+    def __init__(self, engine: Engine, drain_s: float | None = None) -> None:
         self.engine = engine
-        self.lock = asyncio.Lock()
+        self.drain_s = drain_s if drain_s is not None else (0.0 if engine.device.type == "cuda" else 0.005)
         self.on_step: list[Callable[[list[RequestOutput]], None]] = []
         self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
-        self._wake = asyncio.Event()
+        self._commands: collections.deque[_Command] = collections.deque()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._event_loop: asyncio.AbstractEventLoop | None = None
 
     async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Runs fn(*args) on the engine between two steps; wakes the loop (fn may have added work)."""
-        async with self.lock:
-            result = fn(*args, **kwargs)
-        self._wake.set()
-        return result
+        """Runs fn(*args) on the engine's thread between two steps (inline while `run()` is not running).
+        A caller cancelled before fn started leaves it unrun; once it started, the caller gets its result and
+        the cancellation is delivered at its next await (as if it came right after)."""
+        if self._thread is None:
+            return fn(*args, **kwargs)
+        command = _Command(fn, args, kwargs, self._loop().create_future())
+        with self._cond:
+            self._commands.append(command)
+            self._cond.notify()
+        try:
+            return await asyncio.shield(command.future)
+        except asyncio.CancelledError:
+            with self._cond:
+                if not command.started:
+                    self._commands.remove(command)
+                    raise
+            result = await command.future  # it ran or is running: its result must reach the caller
+            task = asyncio.current_task()
+            if task is not None:
+                task.cancel()
+            return result
 
     def subscribe(self, request_id: str) -> asyncio.Queue[RequestOutput | BaseException]:
         """A queue of the request's outputs; subscribe before adding the request. unsubscribe when done."""
@@ -120,27 +164,127 @@ class EngineLoop:
         self._queues.pop(request_id, None)
 
     async def run(self) -> None:
-        while True:
-            if not self.engine.has_unfinished():
-                self._wake.clear()
-                await self._wake.wait()
-            async with self.lock:
-                try:
-                    outputs = await asyncio.to_thread(self.engine.step)
-                except Exception as err:  # a failed step fails its requests, not the worker
-                    log.exception("engine step failed")
-                    self._fail_all(err)
-                    continue
-                for hook in self.on_step:
-                    hook(outputs)
-            for out in outputs:
-                queue = self._queues.get(out.request_id)
-                if queue is not None:
-                    queue.put_nowait(out)
-            if not outputs and not self.engine.num_running:
-                await asyncio.sleep(0.01)  # nothing admissible yet (pages short): let others free some
+        """Starts the engine thread and returns only when cancelled (then stops the thread after its step)."""
+        if self._thread is not None:
+            raise RuntimeError("EngineLoop.run() is already running")
+        self._event_loop = asyncio.get_running_loop()
+        self._stopping = False
+        ended: asyncio.Future[None] = self._event_loop.create_future()
+        thread = threading.Thread(target=self._main, args=(ended,), name="engine", daemon=True)
+        self._thread = thread
+        thread.start()
+        try:
+            await asyncio.shield(ended)
+        finally:
+            with self._cond:
+                self._stopping = True
+                self._cond.notify_all()
+            await asyncio.to_thread(thread.join)
+            self._thread = None
+            with self._cond:
+                leftover, self._commands = list(self._commands), collections.deque()
+            for command in leftover:
+                if not command.future.done():
+                    command.future.set_exception(RuntimeError("the engine loop stopped"))
+
+    # -- the engine thread --------------------------------------------------------------------------------------
+
+    def _main(self, ended: asyncio.Future[None]) -> None:
+        try:
+            while self._turn():
+                pass
+        except BaseException as err:  # a bug in the loop itself: never leave run() waiting on a dead thread
+            log.exception("the engine loop crashed")
+            self._post(lambda err=err: ended.done() or ended.set_exception(err))
+        else:
+            self._post(lambda: ended.done() or ended.set_result(None))
+
+    def _turn(self) -> bool:
+        """The commands waiting, then one step if there is work. False once stopping."""
+        with self._cond:
+            while not self._stopping and not self._commands and not self.engine.has_unfinished():
+                self._cond.wait()
+            if self._stopping:
+                return False
+            commands, self._commands = list(self._commands), collections.deque()
+            for command in commands:
+                command.started = True
+        for command in commands:
+            self._run_command(command)
+        if not self.engine.has_unfinished():
+            return True
+        try:
+            outputs = self.engine.step()
+        except Exception as err:  # a failed step fails its requests, not the worker
+            log.exception("engine step failed")
+            self._post(lambda err=err: self._fail_all(err))
+            return True
+        if self.on_step:  # the hooks run in the event loop, before anything else touches the engine
+            self._wait(asyncio.run_coroutine_threadsafe(self._run_hooks(outputs), self._loop()), None)
+        if outputs:
+            drained = concurrent.futures.Future()
+            self._post(lambda: self._deliver(outputs, drained))
+            if self.drain_s > 0:
+                self._wait(drained, self.drain_s)
+        elif not self.engine.num_running:  # nothing admissible yet (pages short): let others free some
+            with self._cond:
+                if not self._commands:
+                    self._cond.wait(0.01)
+        return True
+
+    def _wait(self, future: concurrent.futures.Future, timeout_s: float | None) -> None:
+        """Waits for a future the event loop completes, up to timeout_s (None: until done or stopping)."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while not self._stopping:
+            left = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
+            if left <= 0:
+                return
+            try:
+                future.result(timeout=left)
+                return
+            except concurrent.futures.TimeoutError:
+                continue
+            except Exception:
+                log.exception("an on_step hook failed")
+                return
+
+    def _run_command(self, command: _Command) -> None:
+        try:
+            result = command.fn(*command.args, **command.kwargs)
+        except BaseException as err:
+            self._post(lambda err=err: command.future.done() or command.future.set_exception(err))
+        else:
+            self._post(lambda: command.future.done() or command.future.set_result(result))
+
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        assert self._event_loop is not None
+        return self._event_loop
+
+    def _post(self, fn: Callable[[], object]) -> None:
+        with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody is left to tell
+            self._loop().call_soon_threadsafe(fn)
+
+    # -- the event loop -------------------------------------------------------------------------------------------
+
+    async def _run_hooks(self, outputs: list[RequestOutput]) -> None:
+        for hook in self.on_step:
+            hook(outputs)
+
+    def _deliver(self, outputs: list[RequestOutput], drained: concurrent.futures.Future) -> None:
+        for out in outputs:
+            queue = self._queues.get(out.request_id)
+            if queue is not None:
+                queue.put_nowait(out)
+        asyncio.ensure_future(self._mark_drained(drained))
+
+    async def _mark_drained(self, drained: concurrent.futures.Future) -> None:
+        for _ in range(self.DRAIN_TURNS):  # the consumers woken above run, write, and see their writes done
+            await asyncio.sleep(0)
+        drained.set_result(None)
 
     def _fail_all(self, err: Exception) -> None:
         for rid, queue in list(self._queues.items()):
             queue.put_nowait(err)
-            self.engine.abort(rid)
+            with self._cond:
+                self._commands.append(_Command(self.engine.abort, (rid,), {}, self._loop().create_future()))
+                self._cond.notify()

@@ -1,0 +1,214 @@
+"""EngineLoop: the engine thread steps while the event loop streams; calls land between steps; a cancelled
+call either never ran or hands back its result; a failed step fails its requests; hooks see every step."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from moemesh.engine.engine import RequestOutput
+from moemesh.services.engine_loop import EngineLoop
+
+
+class FakeEngine:
+    """Requests that each need `n` steps; every step emits one token per request. Records what ran where."""
+
+    def __init__(self, step_s: float = 0.0) -> None:
+        self.device = SimpleNamespace(type="cpu")
+        self.step_s = step_s
+        self.left: dict[str, int] = {}
+        self.emitted: dict[str, int] = {}
+        self.log: list[tuple[str, ...]] = []
+        self.threads: set[str] = set()
+        self.fail_next = False
+        self.in_step = False
+
+    @property
+    def num_running(self) -> int:
+        return len(self.left)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.left)
+
+    def add(self, rid: str, n: int) -> str:
+        assert not self.in_step, "a command ran during a step"
+        self.threads.add(threading.current_thread().name)
+        self.left[rid], self.emitted[rid] = n, 0
+        self.log.append(("add", rid))
+        return rid
+
+    def abort(self, rid: str) -> None:
+        assert not self.in_step
+        self.left.pop(rid, None)
+        self.log.append(("abort", rid))
+
+    def step(self) -> list[RequestOutput]:
+        self.in_step = True
+        try:
+            self.threads.add(threading.current_thread().name)
+            time.sleep(self.step_s)
+            if self.fail_next:
+                self.fail_next = False
+                raise RuntimeError("the forward blew up")
+            outputs = []
+            for rid in list(self.left):
+                self.emitted[rid] += 1
+                self.left[rid] -= 1
+                done = self.left[rid] == 0
+                if done:
+                    del self.left[rid]
+                ids = tuple(range(self.emitted[rid]))
+                outputs.append(RequestOutput(rid, (ids[-1],), ids, "", done))
+            self.log.append(("step", len(outputs)))
+            return outputs
+        finally:
+            self.in_step = False
+
+
+async def _collect(loop: EngineLoop, queue: asyncio.Queue) -> list[int]:
+    tokens = []
+    while True:
+        out = await queue.get()
+        if isinstance(out, BaseException):
+            raise out
+        tokens += out.new_token_ids
+        if out.finished:
+            return tokens
+
+
+def test_steps_run_on_the_engine_thread_and_stream_every_token():
+    engine = FakeEngine(step_s=0.002)
+
+    async def body():
+        loop = EngineLoop(engine)
+        runner = asyncio.ensure_future(loop.run())
+        await asyncio.sleep(0)  # run() started its thread
+        try:
+            queues = {rid: loop.subscribe(rid) for rid in ("a", "b")}
+            assert await loop.call(engine.add, "a", 5) == "a"
+            await loop.call(engine.add, "b", 3)
+            got = await asyncio.gather(*(_collect(loop, q) for q in queues.values()))
+        finally:
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
+        assert got == [[0, 1, 2, 3, 4], [0, 1, 2]]
+        assert engine.threads == {"engine"}  # commands and steps: one thread, never the event loop's
+        assert loop._thread is None  # stopped with run()
+
+    asyncio.run(asyncio.wait_for(body(), 10))
+
+
+def test_call_runs_inline_without_a_running_loop():
+    engine = FakeEngine()
+    assert asyncio.run(EngineLoop(engine).call(engine.add, "x", 1)) == "x"
+    assert engine.threads == {threading.current_thread().name}
+
+
+def test_a_call_cancelled_before_it_ran_never_runs():
+    engine = FakeEngine(step_s=0.05)
+
+    async def body():
+        loop = EngineLoop(engine)
+        runner = asyncio.ensure_future(loop.run())
+        try:
+            await loop.call(engine.add, "long", 4)  # the thread is now in 50 ms steps
+            await asyncio.sleep(0.01)
+            pending = asyncio.ensure_future(loop.call(engine.add, "never", 1))
+            await asyncio.sleep(0)  # queued behind the running step
+            pending.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await pending
+            await asyncio.sleep(0.15)
+        finally:
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
+        assert ("add", "never") not in engine.log
+
+    asyncio.run(asyncio.wait_for(body(), 10))
+
+
+def test_a_call_cancelled_while_running_returns_its_result_and_then_cancels():
+    engine = FakeEngine()
+    started, release = threading.Event(), threading.Event()
+
+    def slow_reserve() -> str:
+        started.set()
+        release.wait(5)
+        return "pages-7"
+
+    async def body():
+        loop = EngineLoop(engine)
+        runner = asyncio.ensure_future(loop.run())
+        seen = []
+
+        async def caller():
+            seen.append(await loop.call(slow_reserve))  # the result arrives although we were cancelled
+            await asyncio.sleep(1)  # ...and the cancellation lands at the next await
+            seen.append("not reached")
+
+        try:
+            task = asyncio.ensure_future(caller())
+            await asyncio.to_thread(started.wait, 5)
+            task.cancel()
+            await asyncio.sleep(0.01)
+            release.set()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        finally:
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
+        assert seen == ["pages-7"]
+
+    asyncio.run(asyncio.wait_for(body(), 10))
+
+
+def test_a_failed_step_fails_its_requests_and_the_loop_serves_on():
+    engine = FakeEngine()
+
+    async def body():
+        loop = EngineLoop(engine)
+        runner = asyncio.ensure_future(loop.run())
+        try:
+            queue = loop.subscribe("doomed")
+            engine.fail_next = True
+            await loop.call(engine.add, "doomed", 3)
+            with pytest.raises(RuntimeError, match="the forward blew up"):
+                await _collect(loop, queue)
+            loop.unsubscribe("doomed")
+            queue = loop.subscribe("fine")
+            await loop.call(engine.add, "fine", 2)
+            assert await _collect(loop, queue) == [0, 1]
+        finally:
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
+        assert ("abort", "doomed") in engine.log
+
+    asyncio.run(asyncio.wait_for(body(), 10))
+
+
+def test_hooks_run_in_the_event_loop_after_each_step_before_the_next():
+    engine = FakeEngine()
+
+    async def body():
+        loop = EngineLoop(engine)
+        event_loop_thread = threading.current_thread().name
+        seen: list[tuple[str, int, bool]] = []
+        loop.on_step.append(
+            lambda outputs: seen.append((threading.current_thread().name, len(outputs), engine.in_step))
+        )
+        runner = asyncio.ensure_future(loop.run())
+        try:
+            queue = loop.subscribe("r")
+            await loop.call(engine.add, "r", 3)
+            await _collect(loop, queue)
+        finally:
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
+        assert seen == [(event_loop_thread, 1, False)] * 3
+        assert [e for e in engine.log if e[0] == "step"] == [("step", 1)] * 3
+
+    asyncio.run(asyncio.wait_for(body(), 10))
