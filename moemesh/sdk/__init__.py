@@ -17,7 +17,7 @@ from moemesh.sdk.errors import (
     Unauthenticated,
     Unavailable,
 )
-from moemesh.sdk.messages import Chunk, Completion, Sampling, TokenLogprob, Usage
+from moemesh.sdk.messages import Chunk, Completion, Sampling, TokenLogprob, TtftBreakdown, Usage
 
 __all__ = [
     "Client",
@@ -28,6 +28,7 @@ __all__ = [
     "Completion",
     "Sampling",
     "TokenLogprob",
+    "TtftBreakdown",
     "Usage",
     "MoemeshError",
     "InvalidRequest",

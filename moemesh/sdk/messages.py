@@ -22,10 +22,23 @@ class TokenLogprob:
 
 
 @dataclass(frozen=True)
+class TtftBreakdown:
+    """Where the time to first token went, in milliseconds; each span measured by one server process."""
+
+    remote_prefill: bool  # a prefill worker computed the prompt (else the decode worker did)
+    queue_ms: float  # decode worker: arrival -> KV pages reserved
+    prefill_ms: float  # the prompt's forward (its wait for a batch included)
+    kv_transfer_ms: float  # prefill worker: forward's end -> last KV chunk acknowledged (not overlapped)
+    handoff_ms: float  # decode worker: the rest of its wait for the KV (RPC hops, checks)
+    first_decode_step_ms: float  # decode worker: KV in its pages -> its first decoded token
+
+
+@dataclass(frozen=True)
 class Usage:
     prompt_tokens: int
     completion_tokens: int
     cached_prompt_tokens: int = 0
+    ttft: TtftBreakdown | None = None
 
 
 @dataclass(frozen=True)
@@ -169,7 +182,12 @@ def chunk_from_proto(msg: gateway_pb2.GenerateChunk) -> Chunk:
     usage = None
     if msg.HasField("usage"):
         u = msg.usage
-        usage = Usage(u.prompt_tokens, u.completion_tokens, u.cached_prompt_tokens)
+        ttft = None
+        if u.HasField("ttft"):
+            t = u.ttft
+            ttft = TtftBreakdown(t.remote_prefill, t.queue_ms, t.prefill_ms, t.kv_transfer_ms, t.handoff_ms,
+                                 t.first_decode_step_ms)  # fmt: skip
+        usage = Usage(u.prompt_tokens, u.completion_tokens, u.cached_prompt_tokens, ttft)
     finish = FINISH_REASONS.get(msg.finish_reason)
     return Chunk(list(msg.token_ids), msg.text, finish, logprobs_from_proto(msg.logprobs), usage)
 

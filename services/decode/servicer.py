@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from moemesh._proto.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from moemesh.services.decode.worker import DecodeJob, DecodeWorker
+from moemesh.services.decode.worker import DecodeJob, DecodeWorker, TtftTiming
 from moemesh.services.sampling import FINISH_REASONS, sampling_from_proto
 from moemesh.transport.errors import InvalidArgument, map_errors
 from moemesh.transport.peers import WorkerInfo
@@ -29,7 +29,8 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
             peer = WorkerInfo(request.prefill.worker_id, "prefill", request.prefill.grpc_address)
         job = DecodeJob(request.request_id, prompt, params, peer, tuple(request.generated_token_ids))
         num_tokens = 0
-        async for out in self.worker.generate(job, context.time_remaining):
+        timing = TtftTiming()
+        async for out in self.worker.generate(job, context.time_remaining, timing):
             num_tokens += len(out.new_token_ids)
             chunk = worker_pb2.DecodeChunk(token_ids=out.new_token_ids)
             for sampled in out.logprobs:
@@ -39,8 +40,9 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
             if out.finished:
                 chunk.finish_reason = FINISH_REASONS.get(out.finish_reason, common_pb2.FINISH_REASON_STOP)
                 chunk.usage.CopyFrom(
-                    common_pb2.Usage(prompt_tokens=len(prompt), completion_tokens=num_tokens)
-                )
+                    common_pb2.Usage(prompt_tokens=len(prompt), completion_tokens=num_tokens,
+                                     ttft=common_pb2.TtftBreakdown(**vars(timing)))
+                )  # fmt: skip
             yield chunk
 
     @map_errors

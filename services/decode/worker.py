@@ -51,6 +51,18 @@ class DecodeJob:
     generated_ids: tuple[int, ...] = ()  # migration: tokens produced elsewhere
 
 
+@dataclass
+class TtftTiming:
+    """Where one request's time to first token went (common.proto `TtftBreakdown`), filled by `generate`."""
+
+    remote_prefill: bool = False
+    queue_ms: float = 0.0
+    prefill_ms: float = 0.0
+    kv_transfer_ms: float = 0.0
+    handoff_ms: float = 0.0
+    first_decode_step_ms: float = 0.0
+
+
 class DecodeWorker:
     def __init__(self, config: WorkerConfig, loop: EngineLoop, leases: LeaseTable, peers: PeerSet) -> None:
         self.config = config
@@ -70,20 +82,30 @@ class DecodeWorker:
             await self.peers.sync(members)
 
     async def generate(
-        self, job: DecodeJob, time_remaining: Callable[[], float | None]
+        self, job: DecodeJob, time_remaining: Callable[[], float | None], timing: TtftTiming | None = None
     ) -> AsyncIterator[RequestOutput]:
-        """Yields the request's outputs until the finished one. Closing the iterator aborts the request."""
+        """Yields the request's outputs until the finished one. Closing the iterator aborts the request.
+        `timing` gets the TTFT breakdown, complete once the first output of the engine was yielded."""
         rid = job.request_id
         queue = self.loop.subscribe(rid)
         finished = False
+        timing = timing if timing is not None else TtftTiming()
         try:
-            first_token_id = await self._admit(job, time_remaining)
+            first_token_id = await self._admit(job, time_remaining, timing)
+            admitted_s = time.monotonic()
             emitted = len(job.generated_ids)  # output_ids[:emitted] were streamed already (or elsewhere)
             if first_token_id is not None:  # P sampled it; the engine's outputs start after it
                 emitted += 1
                 yield RequestOutput(rid, (first_token_id,), (*job.generated_ids, first_token_id), "", False)
             while not finished:
                 out = await queue.get()
+                if admitted_s:  # the engine's first output: a decode step after P's KV, or the local prefill
+                    elapsed_ms = 1000 * (time.monotonic() - admitted_s)
+                    if timing.remote_prefill:
+                        timing.first_decode_step_ms = elapsed_ms
+                    else:
+                        timing.prefill_ms = elapsed_ms
+                    admitted_s = 0.0
                 logprobs = list(out.logprobs) if not isinstance(out, BaseException) else []
                 while not isinstance(out, BaseException) and not out.finished and not queue.empty():
                     out = queue.get_nowait()  # behind the engine: one chunk for every output already here
@@ -114,20 +136,29 @@ class DecodeWorker:
 
     # -- admission ------------------------------------------------------------------------------------------
 
-    async def _admit(self, job: DecodeJob, time_remaining: Callable[[], float | None]) -> int | None:
+    async def _admit(
+        self, job: DecodeJob, time_remaining: Callable[[], float | None], timing: TtftTiming
+    ) -> int | None:
         """Queues the request in the engine; returns the first token when a prefill worker sampled it."""
+        arrived_s = time.monotonic()
         peer = None if self.config.force_local_prefill or job.generated_ids else job.prefill_worker
         tried: list[str] = []
         while peer is not None:
             reservation = await self.loop.call(self.engine.reserve_kv, job.request_id, job.prompt_ids)
+            timing.queue_ms = 1000 * (time.monotonic() - arrived_s)
             missing = len(job.prompt_ids) - reservation.num_cached_tokens
             if missing <= self.config.local_prefill_tokens:
                 await self.loop.call(self.engine.cancel_reservation, reservation)
                 break
             try:
-                first_token_id = await self._prefill_remote(job, peer, reservation, time_remaining)
+                called_s = time.monotonic()
+                result = await self._prefill_remote(job, peer, reservation, time_remaining)
                 self.num_remote_prefills += 1
-                return first_token_id
+                timing.remote_prefill = True
+                timing.prefill_ms, timing.kv_transfer_ms = result.prefill_ms, result.kv_transfer_ms
+                waited_ms = 1000 * (time.monotonic() - called_s)
+                timing.handoff_ms = max(0.0, waited_ms - result.prefill_ms - result.kv_transfer_ms)
+                return result.first_token_id
             except Unavailable as err:  # P is lost; its lease is closed (and the pages freed) already
                 tried.append(peer.worker_id)
                 peer = self._other_prefill(tried)
@@ -135,6 +166,7 @@ class DecodeWorker:
                 log.warning("prefill worker %s unavailable for %s (%s); %s", tried[-1], job.request_id, err,
                             then)  # fmt: skip
         self.num_local_prefills += 1
+        timing.queue_ms = 1000 * (time.monotonic() - arrived_s)
         await self.loop.call(
             self.engine.add_request, job.prompt_ids, job.params, job.request_id, output_ids=job.generated_ids
         )
@@ -153,7 +185,7 @@ class DecodeWorker:
         peer: WorkerInfo,
         reservation: KvReservation,
         time_remaining: Callable[[], float | None],
-    ) -> int:
+    ) -> worker_pb2.PrefillResult:
         try:
             channel = await self._channel(peer)
         except BaseException:
@@ -189,7 +221,7 @@ class DecodeWorker:
                     reservation, job.prompt_ids, result.first_token_id, job.params
                 )
             )
-            return result.first_token_id
+            return result
         except BaseException:
             await asyncio.shield(self._give_up(lease, stub, p_done))
             raise

@@ -60,6 +60,7 @@ class Delta:
     logprobs: list = field(default_factory=list)  # common_pb2.TokenLogprob, relayed as D sent them
     num_prompt_tokens: int = 0
     num_completion_tokens: int = 0
+    ttft: common_pb2.TtftBreakdown | None = None  # on the last chunk, as the decode worker measured it
 
 
 @dataclass(frozen=True)
@@ -247,8 +248,9 @@ class Gateway:
                 if text.stopped:
                     reason = "stop"
                 new_text = text.take(final=reason is not None)
+                ttft = chunk.usage.ttft if chunk.usage.HasField("ttft") else None
                 yield Delta(tokens, new_text, reason, list(chunk.logprobs), len(job.prompt_ids),
-                            len(progress.generated))  # fmt: skip
+                            len(progress.generated), ttft)  # fmt: skip
                 if reason is not None:
                     return
         except grpc.RpcError as err:

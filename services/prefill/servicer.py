@@ -26,6 +26,8 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
             num_prompt_tokens=outcome.num_prompt_tokens,
             num_cached_tokens=target.num_skip_tokens,
             kv_bytes_sent=outcome.kv_bytes_sent,
+            prefill_ms=outcome.prefill_ms,
+            kv_transfer_ms=outcome.kv_transfer_ms,
         )
 
     @map_errors

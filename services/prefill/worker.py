@@ -55,6 +55,7 @@ class _Job:
     next_page: list[int]  # per layer: first page not yet packed (index into the prompt's pages)
     chunks: asyncio.Queue[_Chunk | None] = field(default_factory=asyncio.Queue)  # None: all packed
     first_token_id: int | None = None
+    forward_done_s: float = 0.0  # monotonic time the prompt's forward ended (its first token was sampled)
     num_chunks: int = 0
     num_chunks_in_forward: int = 0  # packed by a layer hook while the forward went on
     aborted: bool = False
@@ -66,6 +67,8 @@ class PrefillOutcome:
     first_token_id: int
     num_prompt_tokens: int
     kv_bytes_sent: int
+    prefill_ms: float = 0.0  # arrival -> the forward's end
+    kv_transfer_ms: float = 0.0  # the forward's end -> the last chunk acknowledged
 
 
 class PrefillWorker:
@@ -95,6 +98,7 @@ class PrefillWorker:
             raise ValueError(f"kv_target has {len(target.page_ids)} pages, the prompt needs {num_pages}")
         job = _Job(target, len(prompt), next_page=[target.first_page] * self.num_layers)
         self.jobs[rid] = job
+        arrived_s = time.monotonic()
         sends: list[asyncio.Task[int]] = []
         try:
             await self.loop.call(self.engine.add_request, prompt, params, rid, prefill_only=True)
@@ -109,7 +113,12 @@ class PrefillWorker:
             if job.aborted:
                 raise LeaseRefused(f"request {rid} was aborted by the decode worker")
             assert job.first_token_id is not None
-            outcome = PrefillOutcome(job.first_token_id, len(prompt), sum(t.result() for t in sends))
+            acked_s = time.monotonic()
+            outcome = PrefillOutcome(
+                job.first_token_id, len(prompt), sum(t.result() for t in sends),
+                prefill_ms=1000 * (job.forward_done_s - arrived_s),
+                kv_transfer_ms=1000 * max(0.0, acked_s - job.forward_done_s),
+            )  # fmt: skip
             log.info("%s: prefilled %d tokens, %d bytes of KV sent in %d layer chunks (%d packed inside the "
                      "forward)", rid, len(prompt), outcome.kv_bytes_sent, job.num_chunks,
                      job.num_chunks_in_forward)  # fmt: skip
@@ -206,6 +215,7 @@ class PrefillWorker:
                     if chunk is not None:
                         job.chunks.put_nowait(chunk)
                 job.first_token_id = out.kv.first_token_id
+                job.forward_done_s = time.monotonic()
                 job.chunks.put_nowait(None)
             self.engine.release_handoff(rid)  # the packed copies are what is sent
         for rid, job in self.jobs.items():

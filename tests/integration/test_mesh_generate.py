@@ -125,6 +125,38 @@ def test_one_request_to_each_decode_worker_equals_llm_generate(pd_mesh, llm):
         assert_same_as_llm(pd_mesh.address, llm, [(ids, n)])
 
 
+async def _timed_stream(address: str, ids: list[int], n: int) -> tuple[list[float], object]:
+    """Seconds from the call to each chunk, and the last chunk's usage."""
+    async with AsyncClient(address, timeout_s=60) as client:
+        start, times, usage = time.monotonic(), [], None
+        async for chunk in client.generate(token_ids=ids, max_tokens=n, temperature=0, ignore_eos=True):
+            times += [time.monotonic() - start] * len(chunk.token_ids)
+            usage = chunk.usage or usage
+        return times, usage
+
+
+@pytest.mark.parametrize("mesh_name", ["pd1_mesh", "colocated_mesh"])
+def test_usage_reports_where_the_time_to_first_token_went(mesh_name, request):
+    """The breakdown's spans are each measured by one worker: together they fit inside what the client saw
+    until the second token (the first decoded on D), and each is a real, positive duration."""
+    mesh = request.getfixturevalue(mesh_name)
+    ids, _ = mixed_prompts(1, seed=11)[0]
+    times, usage = asyncio.run(_timed_stream(mesh.address, ids, 4))
+    assert len(times) == 4 and usage.completion_tokens == 4
+    t = usage.ttft
+    spans_ms = t.queue_ms + t.prefill_ms + t.kv_transfer_ms + t.handoff_ms + t.first_decode_step_ms
+    if mesh_name == "pd1_mesh":
+        assert t.remote_prefill
+        assert t.prefill_ms > 0 and t.first_decode_step_ms > 0 and t.kv_transfer_ms >= 0 and t.handoff_ms >= 0
+        assert spans_ms <= 1000 * times[1], (t, times)
+        # the first token came from P: the client had it before D's first decode step was done
+        assert t.queue_ms + t.prefill_ms + t.kv_transfer_ms <= 1000 * times[0], (t, times)
+    else:
+        assert not t.remote_prefill
+        assert t.prefill_ms > 0 and t.kv_transfer_ms == t.handoff_ms == t.first_decode_step_ms == 0
+        assert spans_ms <= 1000 * times[0], (t, times)
+
+
 def test_a_prefix_cached_on_decode_is_not_sent_again(pd1_mesh, llm):
     """The second time, D's prefix cache holds the prompt's full pages: P sends only the rest (KvTarget's
     tokens to skip) and the output is still the same."""

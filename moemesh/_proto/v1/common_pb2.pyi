@@ -65,11 +65,29 @@ class TokenLogprob(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens", "cached_prompt_tokens")
+    __slots__ = ("prompt_tokens", "completion_tokens", "cached_prompt_tokens", "ttft")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TTFT_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
     cached_prompt_tokens: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ...) -> None: ...
+    ttft: TtftBreakdown
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ..., ttft: _Optional[_Union[TtftBreakdown, _Mapping]] = ...) -> None: ...
+
+class TtftBreakdown(_message.Message):
+    __slots__ = ("remote_prefill", "queue_ms", "prefill_ms", "kv_transfer_ms", "handoff_ms", "first_decode_step_ms")
+    REMOTE_PREFILL_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_MS_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSFER_MS_FIELD_NUMBER: _ClassVar[int]
+    HANDOFF_MS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_DECODE_STEP_MS_FIELD_NUMBER: _ClassVar[int]
+    remote_prefill: bool
+    queue_ms: float
+    prefill_ms: float
+    kv_transfer_ms: float
+    handoff_ms: float
+    first_decode_step_ms: float
+    def __init__(self, remote_prefill: _Optional[bool] = ..., queue_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., kv_transfer_ms: _Optional[float] = ..., handoff_ms: _Optional[float] = ..., first_decode_step_ms: _Optional[float] = ...) -> None: ...
