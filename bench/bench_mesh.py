@@ -9,6 +9,8 @@ drives it), on the demo model, CPU, at concurrency 1 and 32. Target (issue 6): m
 * TPOT of a request: (time of its last token - time of its first token) / (tokens - 1); the table gives the
   mean over requests, plus TTFT and the wall time of the whole batch. The mesh side measures at the client
   (SDK), so it includes the gateway's detokenization and two gRPC hops per token.
+* TTFT breakdown of the mesh: the mean of each request's `usage.ttft` spans (queue on D, prefill on P, the
+  KV transfer's tail after P's forward, the handoff, D's first decode step), next to TTFT at the client.
 
     python -m bench.bench_mesh [--model demo|DIR] [--new-tokens 64] [--out DIR]
 """
@@ -70,12 +72,17 @@ def run_in_process(llm, prompts: list[list[int]], new_tokens: int, concurrency: 
     return _merge(results)
 
 
-async def _stream(client, prompt: list[int], new_tokens: int, start: float) -> list[float]:
+TTFT_SPANS = ("queue_ms", "prefill_ms", "kv_transfer_ms", "handoff_ms", "first_decode_step_ms")
+
+
+async def _stream(client, prompt: list[int], new_tokens: int, start: float, ttfts: list) -> list[float]:
     times: list[float] = []
     async for chunk in client.generate(
         token_ids=prompt, max_tokens=new_tokens, temperature=0, ignore_eos=True
     ):
         times += [time.monotonic() - start] * len(chunk.token_ids)
+        if chunk.usage is not None and chunk.usage.ttft is not None:
+            ttfts.append(chunk.usage.ttft)
     return times
 
 
@@ -83,14 +90,19 @@ def run_mesh(address: str, prompts: list[list[int]], new_tokens: int, concurrenc
     from moemesh.sdk import AsyncClient
 
     async def body() -> dict:
-        results = []
+        results, ttfts = [], []
         async with AsyncClient(address, timeout_s=600) as client:
             for wave in range(0, len(prompts), concurrency):
                 batch = prompts[wave : wave + concurrency]
                 start = time.monotonic()
-                times = await asyncio.gather(*(_stream(client, p, new_tokens, start) for p in batch))
+                times = await asyncio.gather(*(_stream(client, p, new_tokens, start, ttfts) for p in batch))
                 results.append(summarize(times, 0.0, time.monotonic() - start))
-        return _merge(results)
+        merged = _merge(results)
+        merged["ttft_breakdown_ms"] = {
+            span: statistics.mean(getattr(t, span) for t in ttfts) for span in TTFT_SPANS
+        }
+        merged["remote_prefills"] = sum(t.remote_prefill for t in ttfts)
+        return merged
 
     return asyncio.run(body())
 
@@ -146,8 +158,14 @@ def main() -> None:
                      "in_process_same_threads_tpot_ms": by_threads[c, remote_threads[c]]["tpot_ms"],
                      "ratio_same_threads": remote[c]["tpot_ms"] / by_threads[c, remote_threads[c]]["tpot_ms"],
                      "in_process_ttft_ms": local[c]["ttft_ms"], "mesh_ttft_ms": remote[c]["ttft_ms"],
-                     "in_process_wall_s": local[c]["wall_s"], "mesh_wall_s": remote[c]["wall_s"]})  # fmt: skip
-    print_table(rows, list(rows[0]))
+                     "in_process_wall_s": local[c]["wall_s"], "mesh_wall_s": remote[c]["wall_s"],
+                     "mesh_ttft_breakdown_ms": remote[c]["ttft_breakdown_ms"],
+                     "mesh_remote_prefills": remote[c]["remote_prefills"]})  # fmt: skip
+    print_table(rows, [k for k in rows[0] if k != "mesh_ttft_breakdown_ms"])
+    for row in rows:
+        spans = ", ".join(f"{k[:-3]} {v:.1f}" for k, v in row["mesh_ttft_breakdown_ms"].items())
+        print(f"mesh TTFT at concurrency {row['concurrency']}: {row['mesh_ttft_ms']:.1f} ms at the client; "
+              f"mean spans (ms): {spans}")  # fmt: skip
     ratio_32 = rows[-1]["ratio"]
     verdict = "meets" if ratio_32 <= TARGET_RATIO_AT_32 else "misses"
     print(
