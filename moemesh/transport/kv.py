@@ -214,20 +214,37 @@ class KvSink(Protocol):
 
 class PagedKvSink:
     """A KvSink over per-layer caches `[num_pages, page_size, ...]` (any dtype): receives into a staging
-    buffer on the cache's device, then index_copy_ into the lease's pages."""
+    buffer on the cache's device, then scatters it into the lease's pages (`scatter`; index_copy_ here).
+
+    On CUDA the scatter is queued, not done, when commit returns, and UCX writes the next staging buffer outside
+    torch's streams: a buffer freed at once could be handed to the next chunk and overwritten before the queued
+    scatter read it. So each staging buffer is kept until an event recorded after its scatter has passed. The
+    page ids go up through pinned memory without blocking (a pageable copy would wait for the whole stream,
+    i.e. for a forward in flight)."""
 
     def __init__(self, caches: list[torch.Tensor]) -> None:
         self.caches = caches
+        self._in_flight: list[tuple[torch.cuda.Event, torch.Tensor, torch.Tensor]] = []
 
     def buffer_for(self, lease: Lease, header: ChunkHeader) -> torch.Tensor:
+        self._in_flight = [entry for entry in self._in_flight if not entry[0].query()]
         return torch.empty(header.num_bytes, dtype=torch.uint8, device=self.caches[header.layer].device)
 
     def commit(self, lease: Lease, header: ChunkHeader, buffer: torch.Tensor) -> None:
         cache = self.caches[header.layer]
-        pages = cache.view(cache.shape[0], -1).view(torch.uint8)  # [num_pages, page_bytes]
         ids = lease.page_ids[header.first_page : header.first_page + header.num_pages]
-        index = torch.tensor(ids, dtype=torch.long, device=cache.device)
-        pages.index_copy_(0, index, buffer.view(header.num_pages, -1))
+        index = torch.tensor(ids, dtype=torch.long)
+        if cache.is_cuda:
+            index = index.pin_memory().to(cache.device, non_blocking=True)
+        self.scatter(cache, index, buffer.view(header.num_pages, -1))
+        if cache.is_cuda:
+            done = torch.cuda.Event()
+            done.record()
+            self._in_flight.append((done, buffer, index))
+
+    def scatter(self, cache: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
+        """rows `[n, page_bytes]` uint8 into pages `index` of `cache`."""
+        cache.view(cache.shape[0], -1).view(torch.uint8).index_copy_(0, index, rows)
 
 
 class KvSender(Protocol):

@@ -27,7 +27,6 @@ from moemesh.kernels import unpack_kv
 from moemesh.services.engine_loop import EngineLoop
 from moemesh.transport.errors import LeaseRefused
 from moemesh.transport.kv import KvLayout, KvReceiver, KvTarget, Lease, LeaseKey, PagedKvSink
-from moemesh.transport.kv_wire import ChunkHeader
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +35,8 @@ class EngineKvSink(PagedKvSink):
     """`PagedKvSink` over the engine's per-layer caches `[num_pages, page_size, kv_dim]` whose scatter is the
     `unpack_kv` kernel (transport may not import kernels, so the plain index_copy_ stays there)."""
 
-    def commit(self, lease: Lease, header: ChunkHeader, buffer: torch.Tensor) -> None:
-        cache = self.caches[header.layer]
-        ids = lease.page_ids[header.first_page : header.first_page + header.num_pages]
-        index = torch.tensor(ids, dtype=torch.long, device=cache.device)
-        pages = buffer.view(cache.dtype).view(header.num_pages, *cache.shape[1:])
-        unpack_kv(pages, cache, index)
+    def scatter(self, cache: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
+        unpack_kv(rows.view(cache.dtype).view(rows.shape[0], *cache.shape[1:]), cache, index)
 
 
 @dataclass(eq=False)
