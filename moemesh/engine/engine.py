@@ -85,6 +85,7 @@ class RequestOutput:
     finish_reason: FinishReason | None = None
     logprobs: tuple[SampledToken, ...] = ()  # per new token, when the request asked for logprobs
     kv: KvHandoff | None = None  # prefill-only requests: where their KV is
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache, not this worker's compute
 
 
 @dataclass
@@ -219,7 +220,8 @@ class Engine:
         if done:
             del self._tracked[rid]
         logprobs = tuple(t.logprobs[-len(new) :]) if t.params.logprobs is not None else ()
-        return RequestOutput(rid, new, tuple(req.output_ids), t.text, done, req.finish_reason, logprobs, kv)
+        return RequestOutput(rid, new, tuple(req.output_ids), t.text, done, req.finish_reason, logprobs, kv,
+                             req.num_cached_prompt_tokens)  # fmt: skip
 
     # -- accounting -----------------------------------------------------------------------------------------
 
@@ -262,6 +264,7 @@ class Engine:
         req = self._new_request(prompt_ids, params, reservation.request_id, (first_token_id,), False)
         req.page_ids = list(reservation.page_ids)
         req.num_computed_tokens = len(prompt_ids)
+        req.num_cached_prompt_tokens = reservation.num_cached_tokens
         t = self._tracked[req.request_id]
         done = self.scheduler.stop_reason(req, first_token_id)
         if done is None and t.detok is not None and t.params.stop and any(s in t.text for s in t.params.stop):

@@ -43,6 +43,7 @@ class Request:
     num_hashed_pages: int = 0  # leading pages registered in the prefix cache
     last_page_hash: int = 0  # chained hash of page num_hashed_pages - 1
     prefill_target: int = 0  # len(token_ids) when the current prefill began (for the counters)
+    num_cached_prompt_tokens: int = 0  # prompt tokens the prefix cache supplied at its (last) admission
 
     def __post_init__(self):
         self.token_ids: list[int] = list(self.prompt_ids) + list(self.output_ids)

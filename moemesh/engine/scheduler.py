@@ -186,6 +186,8 @@ class Scheduler:
         if req.num_computed_tokens == 0:
             hits = self.pool.match_prefix(req.token_ids, (req.num_tokens - 1) // self.page_size)
         computed = max(req.num_computed_tokens, len(hits) * self.page_size)
+        if req.num_computed_tokens == 0:
+            req.num_cached_prompt_tokens = min(len(hits) * self.page_size, req.num_prompt_tokens)
         n = min(req.num_tokens - computed, budget)
         need = self._pages_for(computed + n) - len(req.page_ids) - len(hits)
         if need > self.pool.num_available - self.pool.num_evictable_in(hits):

@@ -41,6 +41,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
                 chunk.finish_reason = FINISH_REASONS.get(out.finish_reason, common_pb2.FINISH_REASON_STOP)
                 chunk.usage.CopyFrom(
                     common_pb2.Usage(prompt_tokens=len(prompt), completion_tokens=num_tokens,
+                                     cached_prompt_tokens=out.num_cached_tokens,
                                      ttft=common_pb2.TtftBreakdown(**vars(timing)))
                 )  # fmt: skip
             yield chunk

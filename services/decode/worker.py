@@ -91,12 +91,14 @@ class DecodeWorker:
         finished = False
         timing = timing if timing is not None else TtftTiming()
         try:
-            first_token_id = await self._admit(job, time_remaining, timing)
+            prefilled = await self._admit(job, time_remaining, timing)
             admitted_s = time.monotonic()
             emitted = len(job.generated_ids)  # output_ids[:emitted] were streamed already (or elsewhere)
-            if first_token_id is not None:  # P sampled it; the engine's outputs start after it
+            if prefilled is not None:  # P sampled the first token; the engine's outputs start after it
                 emitted += 1
-                yield RequestOutput(rid, (first_token_id,), (*job.generated_ids, first_token_id), "", False)
+                first = prefilled.first_token_id
+                yield RequestOutput(rid, (first,), (*job.generated_ids, first), "", False,
+                                    num_cached_tokens=prefilled.num_cached_tokens)  # fmt: skip
             while not finished:
                 out = await queue.get()
                 if admitted_s:  # the engine's first output: a decode step after P's KV, or the local prefill
@@ -115,10 +117,10 @@ class DecodeWorker:
                 finished = out.finished
                 new = tuple(out.output_ids[emitted:])
                 emitted = len(out.output_ids)
-                if new or finished:
-                    yield replace(
-                        out, new_token_ids=new, logprobs=tuple(logprobs[-len(new) :]) if new else ()
-                    )
+                if new or finished:  # the prompt's cached tokens: where it was computed (P's cache, or ours)
+                    cached = out.num_cached_tokens if prefilled is None else prefilled.num_cached_tokens
+                    logprobs = logprobs[-len(new) :] if new else []
+                    yield replace(out, new_token_ids=new, logprobs=tuple(logprobs), num_cached_tokens=cached)
         finally:
             self.loop.unsubscribe(rid)
             if not finished:
@@ -138,8 +140,8 @@ class DecodeWorker:
 
     async def _admit(
         self, job: DecodeJob, time_remaining: Callable[[], float | None], timing: TtftTiming
-    ) -> int | None:
-        """Queues the request in the engine; returns the first token when a prefill worker sampled it."""
+    ) -> worker_pb2.PrefillResult | None:
+        """Queues the request in the engine; returns the prefill worker's result (its first token) if one ran it."""
         arrived_s = time.monotonic()
         peer = None if self.config.force_local_prefill or job.generated_ids else job.prefill_worker
         tried: list[str] = []
@@ -158,7 +160,7 @@ class DecodeWorker:
                 timing.prefill_ms, timing.kv_transfer_ms = result.prefill_ms, result.kv_transfer_ms
                 waited_ms = 1000 * (time.monotonic() - called_s)
                 timing.handoff_ms = max(0.0, waited_ms - result.prefill_ms - result.kv_transfer_ms)
-                return result.first_token_id
+                return result
             except Unavailable as err:  # P is lost; its lease is closed (and the pages freed) already
                 tried.append(peer.worker_id)
                 peer = self._other_prefill(tried)

@@ -38,7 +38,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             if delta.finish_reason is not None:
                 chunk.finish_reason = _FINISH[delta.finish_reason]
                 chunk.usage.CopyFrom(common_pb2.Usage(prompt_tokens=delta.num_prompt_tokens,
-                                                      completion_tokens=delta.num_completion_tokens))  # fmt: skip
+                                                      completion_tokens=delta.num_completion_tokens,
+                                                      cached_prompt_tokens=delta.num_cached_prompt_tokens))  # fmt: skip
                 if delta.ttft is not None:
                     chunk.usage.ttft.CopyFrom(delta.ttft)
             yield chunk

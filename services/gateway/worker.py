@@ -61,6 +61,7 @@ class Delta:
     num_prompt_tokens: int = 0
     num_completion_tokens: int = 0
     ttft: common_pb2.TtftBreakdown | None = None  # on the last chunk, as the decode worker measured it
+    num_cached_prompt_tokens: int = 0  # on the last chunk
 
 
 @dataclass(frozen=True)
@@ -250,7 +251,7 @@ class Gateway:
                 new_text = text.take(final=reason is not None)
                 ttft = chunk.usage.ttft if chunk.usage.HasField("ttft") else None
                 yield Delta(tokens, new_text, reason, list(chunk.logprobs), len(job.prompt_ids),
-                            len(progress.generated), ttft)  # fmt: skip
+                            len(progress.generated), ttft, chunk.usage.cached_prompt_tokens)  # fmt: skip
                 if reason is not None:
                     return
         except grpc.RpcError as err:

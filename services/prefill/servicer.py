@@ -24,7 +24,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
             request_id=target.request_id,
             first_token_id=outcome.first_token_id,
             num_prompt_tokens=outcome.num_prompt_tokens,
-            num_cached_tokens=target.num_skip_tokens,
+            num_cached_tokens=outcome.num_cached_tokens,
             kv_bytes_sent=outcome.kv_bytes_sent,
             prefill_ms=outcome.prefill_ms,
             kv_transfer_ms=outcome.kv_transfer_ms,

@@ -56,6 +56,7 @@ class _Job:
     chunks: asyncio.Queue[_Chunk | None] = field(default_factory=asyncio.Queue)  # None: all packed
     first_token_id: int | None = None
     forward_done_s: float = 0.0  # monotonic time the prompt's forward ended (its first token was sampled)
+    num_cached_tokens: int = 0  # prompt tokens this worker's prefix cache supplied (not recomputed)
     num_chunks: int = 0
     num_chunks_in_forward: int = 0  # packed by a layer hook while the forward went on
     aborted: bool = False
@@ -67,6 +68,7 @@ class PrefillOutcome:
     first_token_id: int
     num_prompt_tokens: int
     kv_bytes_sent: int
+    num_cached_tokens: int = 0  # prompt tokens from this worker's prefix cache
     prefill_ms: float = 0.0  # arrival -> the forward's end
     kv_transfer_ms: float = 0.0  # the forward's end -> the last chunk acknowledged
 
@@ -115,7 +117,7 @@ class PrefillWorker:
             assert job.first_token_id is not None
             acked_s = time.monotonic()
             outcome = PrefillOutcome(
-                job.first_token_id, len(prompt), sum(t.result() for t in sends),
+                job.first_token_id, len(prompt), sum(t.result() for t in sends), job.num_cached_tokens,
                 prefill_ms=1000 * (job.forward_done_s - arrived_s),
                 kv_transfer_ms=1000 * max(0.0, acked_s - job.forward_done_s),
             )  # fmt: skip
@@ -216,6 +218,7 @@ class PrefillWorker:
                         job.chunks.put_nowait(chunk)
                 job.first_token_id = out.kv.first_token_id
                 job.forward_done_s = time.monotonic()
+                job.num_cached_tokens = out.num_cached_tokens
                 job.chunks.put_nowait(None)
             self.engine.release_handoff(rid)  # the packed copies are what is sent
         for rid, job in self.jobs.items():

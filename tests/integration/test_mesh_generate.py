@@ -157,6 +157,18 @@ def test_usage_reports_where_the_time_to_first_token_went(mesh_name, request):
         assert spans_ms <= 1000 * times[0], (t, times)
 
 
+@pytest.mark.parametrize("mesh_name", ["pd1_mesh", "colocated_mesh"])
+def test_usage_counts_the_prompt_tokens_the_prefix_cache_supplied(mesh_name, request):
+    """The second time, the worker that computes the prompt (P, or the colocated worker) has its 7 full pages
+    of 8 cached: usage says 56 of the 61 prompt tokens were not recomputed."""
+    mesh = request.getfixturevalue(mesh_name)
+    prompt = [(11 * i) % 297 + 2 for i in range(61)]
+    with Client(mesh.address, timeout_s=60) as client:
+        usages = [client.complete(token_ids=prompt, max_tokens=3, temperature=0).usage for _ in range(2)]
+    assert [u.cached_prompt_tokens for u in usages] == [0, 56]
+    assert [u.prompt_tokens for u in usages] == [61, 61] and [u.completion_tokens for u in usages] == [3, 3]
+
+
 def test_a_prefix_cached_on_decode_is_not_sent_again(pd1_mesh, llm):
     """The second time, D's prefix cache holds the prompt's full pages: P sends only the rest (KvTarget's
     tokens to skip) and the output is still the same."""
