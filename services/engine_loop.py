@@ -4,8 +4,8 @@ The engine is single-threaded and its `step()` blocks for a whole forward. `Engi
 task) starts one engine thread that steps back to back while there is work; everything else that changes
 the engine (`reserve_kv`, `add_request`, `abort`, ...) goes through `call()`, which queues it for that thread,
 so it lands between two steps (every command waiting runs before the next step). A step's outputs are posted
-to the event loop (per-request queues, `subscribe`), which streams them; see `drain_s` for when the next step
-starts.
+to the event loop (per-request queues, `subscribe`), which streams them; on CPU the two take turns (see
+`EngineLoop`).
 
 `on_step(outputs)` hooks run in the event loop right after a step while the engine thread waits for them,
 before anything else can touch the engine (the prefill worker packs newly computed pages there).
@@ -112,17 +112,26 @@ class _Command:
 class EngineLoop:
     """Owns the engine's thread of control. Lifecycle: `run()` in a TaskGroup until cancelled.
 
-    drain_s: after posting a step's outputs, the engine thread waits up to this long for the event loop to
-    stream them (until it has gone `DRAIN_TURNS` turns of its own) before starting the next step. On CPU both
-    threads are Python under one GIL: event-loop work running *during* a step costs the step far more than it
-    costs between two steps (every torch op hands the GIL back and forth), so draining first is faster.
-    0 = do not wait (GPU steps mostly wait for the device with the GIL released)."""
+    On CPU the engine thread and the event loop are both Python under one GIL, and every torch op of a step
+    hands the GIL back and forth: event-loop work (gRPC streaming) done *during* a step cost the step 20-30 %
+    more than the same work done between steps. So on CPU (the defaults follow the engine's device):
+    * exclusive: the event loop is parked (blocked, GIL released) for the length of each step; gRPC's core
+      threads keep the sockets moving meanwhile, and the loop catches up between steps. Not while
+      `loop_needed()` says the loop has latency-bound work (a decode worker receiving KV: parking it would
+      hold every chunk's completion for a step); a prefill worker is never exclusive (its loop sends each
+      layer's KV while the forward goes on);
+    * drain_s: after posting a step's outputs the engine thread waits up to this long for the event loop to
+      stream them (`DRAIN_TURNS` turns of its own) before the next step, so tokens leave before it, not after.
+    On CUDA neither (a step mostly waits for the device with the GIL released; the loop overlaps it)."""
 
     DRAIN_TURNS = 4
 
-    def __init__(self, engine: Engine, drain_s: float | None = None) -> None:
+    def __init__(self, engine: Engine, drain_s: float | None = None, exclusive: bool | None = None) -> None:
         self.engine = engine
-        self.drain_s = drain_s if drain_s is not None else (0.0 if engine.device.type == "cuda" else 0.005)
+        on_cpu = engine.device.type != "cuda"
+        self.drain_s = drain_s if drain_s is not None else (0.005 if on_cpu else 0.0)
+        self.exclusive = exclusive if exclusive is not None else on_cpu
+        self.loop_needed: Callable[[], bool] = lambda: False
         self.on_step: list[Callable[[list[RequestOutput]], None]] = []
         self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._commands: collections.deque[_Command] = collections.deque()
@@ -213,12 +222,16 @@ class EngineLoop:
             self._run_command(command)
         if not self.engine.has_unfinished():
             return True
+        resume = self._park_event_loop() if self.exclusive and not self.loop_needed() else None
         try:
             outputs = self.engine.step()
         except Exception as err:  # a failed step fails its requests, not the worker
             log.exception("engine step failed")
             self._post(lambda err=err: self._fail_all(err))
             return True
+        finally:
+            if resume is not None:
+                resume.set()
         if self.on_step:  # the hooks run in the event loop, before anything else touches the engine
             self._wait(asyncio.run_coroutine_threadsafe(self._run_hooks(outputs), self._loop()), None)
         if outputs:
@@ -247,6 +260,19 @@ class EngineLoop:
             except Exception:
                 log.exception("an on_step hook failed")
                 return
+
+    def _park_event_loop(self) -> threading.Event:
+        """Has the event loop block (GIL released) until the returned event is set; waits up to drain_s for it
+        to get there (a busy loop parks later, or finds the event set already)."""
+        parked, resume = threading.Event(), threading.Event()
+
+        def park() -> None:
+            parked.set()
+            resume.wait(timeout=5.0)
+
+        self._post(park)
+        parked.wait(timeout=max(self.drain_s, 0.001))
+        return resume
 
     def _run_command(self, command: _Command) -> None:
         try:

@@ -31,6 +31,7 @@ async def serve(config: WorkerConfig) -> int:
         await receiver.start()
     server = MeshServer(ServerOptions(host=config.host, port=config.port, grace_s=2.0))
     leases = LeaseTable(loop, receiver, loaded.kv_layout, config.lease_ttl_s)
+    loop.loop_needed = lambda: bool(leases.leases)  # KV coming in: keep the loop running during steps
     ucx_address = "" if config.force_local_prefill else receiver.address
     me = WorkerInfo(config.worker_id, config.role, "", ucx_address, loaded.fingerprint)
     peers = PeerSet(me, aio_channel)

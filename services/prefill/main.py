@@ -25,7 +25,7 @@ def main(args: argparse.Namespace) -> int:
 
 async def serve(config: WorkerConfig) -> int:
     loaded = await asyncio.to_thread(load_engine, config)
-    loop = EngineLoop(loaded.engine)
+    loop = EngineLoop(loaded.engine, exclusive=False)  # its event loop sends KV while the forward goes on
     sender = UcxKvSender(ucx_options(config), checksum=config.kv_checksum, timeout_s=config.lease_ttl_s)
     worker = PrefillWorker(config.worker_id, loop, sender)
     server = MeshServer(ServerOptions(host=config.host, port=config.port, grace_s=2.0))

@@ -212,3 +212,39 @@ def test_hooks_run_in_the_event_loop_after_each_step_before_the_next():
         assert [e for e in engine.log if e[0] == "step"] == [("step", 1)] * 3
 
     asyncio.run(asyncio.wait_for(body(), 10))
+
+
+@pytest.mark.parametrize("exclusive", [True, False])
+def test_on_cpu_the_event_loop_is_parked_while_a_step_runs(exclusive):
+    """A ticker in the event loop stalls for a whole 200 ms step when steps are exclusive (the CPU default),
+    and keeps ticking through it when they are not (CUDA)."""
+    engine = FakeEngine(step_s=0.2)
+
+    async def body() -> float:
+        loop = EngineLoop(engine, exclusive=exclusive)
+        assert EngineLoop(engine).exclusive  # the fake engine is on CPU
+        runner = asyncio.ensure_future(loop.run())
+        ticks: list[float] = []
+
+        async def ticker():
+            while True:
+                ticks.append(time.monotonic())
+                await asyncio.sleep(0.002)
+
+        tick_task = asyncio.ensure_future(ticker())
+        try:
+            queue = loop.subscribe("r")
+            await asyncio.sleep(0.02)
+            await loop.call(engine.add, "r", 3)
+            assert await _collect(loop, queue) == [0, 1, 2]
+        finally:
+            for task in (runner, tick_task):
+                task.cancel()
+            await asyncio.gather(runner, tick_task, return_exceptions=True)
+        return max(b - a for a, b in zip(ticks, ticks[1:], strict=False))
+
+    longest_gap_s = asyncio.run(asyncio.wait_for(body(), 10))
+    if exclusive:
+        assert longest_gap_s >= 0.19
+    else:
+        assert longest_gap_s < 0.1
