@@ -7,6 +7,7 @@ from dataclasses import replace
 
 from moemesh._proto.v1 import common_pb2
 from moemesh.engine.request import FinishReason
+from moemesh.engine.sampler import SampledToken
 from moemesh.engine.sampling_params import SamplingParams
 from moemesh.transport.errors import InvalidArgument
 
@@ -55,3 +56,14 @@ def sampling_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
 def without_stop_strings(params: SamplingParams) -> SamplingParams:
     """The gateway matches stop strings itself (on its detokenized text); workers need not."""
     return replace(params, stop=())
+
+
+def logprob_to_proto(sampled: SampledToken) -> common_pb2.TokenLogprob:
+    return common_pb2.TokenLogprob(
+        token_id=sampled.token_id, logprob=sampled.logprob or 0.0,
+        top=[common_pb2.TopLogprob(token_id=t, logprob=lp) for t, lp in sampled.top_logprobs],
+    )  # fmt: skip
+
+
+def logprob_from_proto(msg: common_pb2.TokenLogprob) -> SampledToken:
+    return SampledToken(msg.token_id, msg.logprob, tuple((t.token_id, t.logprob) for t in msg.top))

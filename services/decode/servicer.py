@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from moemesh._proto.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from moemesh.services.decode.worker import DecodeJob, DecodeWorker, TtftTiming
-from moemesh.services.sampling import FINISH_REASONS, sampling_from_proto
+from moemesh.services.sampling import FINISH_REASONS, logprob_to_proto, sampling_from_proto
 from moemesh.transport.errors import InvalidArgument, map_errors
 from moemesh.transport.peers import WorkerInfo
 
@@ -33,10 +33,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         async for out in self.worker.generate(job, context.time_remaining, timing):
             num_tokens += len(out.new_token_ids)
             chunk = worker_pb2.DecodeChunk(token_ids=out.new_token_ids)
-            for sampled in out.logprobs:
-                chunk.logprobs.add(token_id=sampled.token_id, logprob=sampled.logprob,
-                                   top=[common_pb2.TopLogprob(token_id=t, logprob=lp)
-                                        for t, lp in sampled.top_logprobs])  # fmt: skip
+            chunk.logprobs.extend(logprob_to_proto(sampled) for sampled in out.logprobs)
             if out.finished:
                 chunk.finish_reason = FINISH_REASONS.get(out.finish_reason, common_pb2.FINISH_REASON_STOP)
                 chunk.usage.CopyFrom(

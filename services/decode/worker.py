@@ -33,7 +33,7 @@ from moemesh.engine.engine import KvReservation, RequestOutput
 from moemesh.engine.sampling_params import SamplingParams
 from moemesh.services.decode.leases import LeaseTable, OpenLease
 from moemesh.services.engine_loop import EngineLoop
-from moemesh.services.sampling import sampling_to_proto
+from moemesh.services.sampling import logprob_from_proto, sampling_to_proto
 from moemesh.transport.errors import MeshError, Unavailable, from_rpc_error
 from moemesh.transport.peers import PeerSet, WorkerInfo
 from moemesh.transport.registry import LoadReport
@@ -97,7 +97,12 @@ class DecodeWorker:
             if prefilled is not None:  # P sampled the first token; the engine's outputs start after it
                 emitted += 1
                 first = prefilled.first_token_id
-                yield RequestOutput(rid, (first,), (*job.generated_ids, first), "", False,
+                logprobs = (
+                    (logprob_from_proto(prefilled.first_logprob),)
+                    if prefilled.HasField("first_logprob")
+                    else ()
+                )
+                yield RequestOutput(rid, (first,), (*job.generated_ids, first), "", False, logprobs=logprobs,
                                     num_cached_tokens=prefilled.num_cached_tokens)  # fmt: skip
             while not finished:
                 out = await queue.get()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from moemesh._proto.v1 import worker_pb2, worker_pb2_grpc
 from moemesh.services.prefill.worker import PrefillWorker
-from moemesh.services.sampling import sampling_from_proto
+from moemesh.services.sampling import logprob_to_proto, sampling_from_proto
 from moemesh.transport.errors import map_errors
 from moemesh.transport.kv import KvTarget, LeaseKey
 from moemesh.transport.peers import HandshakeAcceptor
@@ -20,7 +20,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
         target = KvTarget.from_proto(request.kv_target)
         params = sampling_from_proto(request.sampling, default_max_tokens=1)
         outcome = await self.worker.prefill(list(request.token_ids), params, target)
-        return worker_pb2.PrefillResult(
+        result = worker_pb2.PrefillResult(
             request_id=target.request_id,
             first_token_id=outcome.first_token_id,
             num_prompt_tokens=outcome.num_prompt_tokens,
@@ -29,6 +29,9 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
             prefill_ms=outcome.prefill_ms,
             kv_transfer_ms=outcome.kv_transfer_ms,
         )
+        if outcome.first_logprob is not None:
+            result.first_logprob.CopyFrom(logprob_to_proto(outcome.first_logprob))
+        return result
 
     @map_errors
     async def Abort(self, request, context):

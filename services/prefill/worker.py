@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moemesh.engine.engine import RequestOutput
+from moemesh.engine.sampler import SampledToken
 from moemesh.engine.sampling_params import SamplingParams
 from moemesh.kernels import pack_kv
 from moemesh.model.batch import ForwardBatch
@@ -57,6 +58,7 @@ class _Job:
     first_token_id: int | None = None
     forward_done_s: float = 0.0  # monotonic time the prompt's forward ended (its first token was sampled)
     num_cached_tokens: int = 0  # prompt tokens this worker's prefix cache supplied (not recomputed)
+    first_logprob: SampledToken | None = None  # when the request asked for logprobs
     num_chunks: int = 0
     num_chunks_in_forward: int = 0  # packed by a layer hook while the forward went on
     aborted: bool = False
@@ -69,6 +71,7 @@ class PrefillOutcome:
     num_prompt_tokens: int
     kv_bytes_sent: int
     num_cached_tokens: int = 0  # prompt tokens from this worker's prefix cache
+    first_logprob: SampledToken | None = None
     prefill_ms: float = 0.0  # arrival -> the forward's end
     kv_transfer_ms: float = 0.0  # the forward's end -> the last chunk acknowledged
 
@@ -118,7 +121,7 @@ class PrefillWorker:
             acked_s = time.monotonic()
             outcome = PrefillOutcome(
                 job.first_token_id, len(prompt), sum(t.result() for t in sends), job.num_cached_tokens,
-                prefill_ms=1000 * (job.forward_done_s - arrived_s),
+                job.first_logprob, prefill_ms=1000 * (job.forward_done_s - arrived_s),
                 kv_transfer_ms=1000 * max(0.0, acked_s - job.forward_done_s),
             )  # fmt: skip
             log.info("%s: prefilled %d tokens, %d bytes of KV sent in %d layer chunks (%d packed inside the "
@@ -219,6 +222,7 @@ class PrefillWorker:
                 job.first_token_id = out.kv.first_token_id
                 job.forward_done_s = time.monotonic()
                 job.num_cached_tokens = out.num_cached_tokens
+                job.first_logprob = out.logprobs[0] if out.logprobs else None
                 job.chunks.put_nowait(None)
             self.engine.release_handoff(rid)  # the packed copies are what is sent
         for rid, job in self.jobs.items():

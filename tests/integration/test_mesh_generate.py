@@ -169,6 +169,22 @@ def test_usage_counts_the_prompt_tokens_the_prefix_cache_supplied(mesh_name, req
     assert [u.prompt_tokens for u in usages] == [61, 61] and [u.completion_tokens for u in usages] == [3, 3]
 
 
+@pytest.mark.parametrize("mesh_name", ["pd1_mesh", "colocated_mesh"])
+def test_logprobs_through_the_mesh_equal_llm_generate(mesh_name, request, llm):
+    """One logprob per token, the first one included when P sampled it, equal to in-process `LLM.generate`."""
+    mesh = request.getfixturevalue(mesh_name)
+    ids, _ = mixed_prompts(1, seed=23)[0]
+    with Client(mesh.address, timeout_s=60) as client:
+        got = client.complete(token_ids=ids, max_tokens=5, temperature=0, logprobs=3)
+    want = llm.generate([ids], SamplingParams(max_tokens=5, logprobs=3))[0]
+    assert got.token_ids == want.token_ids
+    assert [lp.token_id for lp in got.logprobs] == got.token_ids
+    for mine, ref in zip(got.logprobs, want.logprobs, strict=True):
+        assert mine.logprob == pytest.approx(ref.logprob, abs=1e-4)
+        assert [t for t, _ in mine.top] == [t for t, _ in ref.top]
+        assert [v for _, v in mine.top] == pytest.approx([v for _, v in ref.top], abs=1e-4)
+
+
 def test_a_prefix_cached_on_decode_is_not_sent_again(pd1_mesh, llm):
     """The second time, D's prefix cache holds the prompt's full pages: P sends only the rest (KvTarget's
     tokens to skip) and the output is still the same."""
