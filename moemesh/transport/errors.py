@@ -125,9 +125,20 @@ def from_rpc_error(err: grpc.RpcError) -> MeshError:
     """The exception for a failed call to another service (so D sees `Unavailable` when P is lost)."""
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     details = err.details() if hasattr(err, "details") else str(err)
-    kind = _EXCEPTION_FOR_CODE.get(code, MeshError)
-    exc = kind(details or code.name)
-    return exc
+    return from_status(code, details)
+
+
+def from_status(code: grpc.StatusCode, message: str) -> MeshError:
+    """The exception for a status received as data (a failed request's event on a multiplexed stream)."""
+    return _EXCEPTION_FOR_CODE.get(code, MeshError)(message or code.name)
+
+
+def status_code_number(code: grpc.StatusCode) -> int:
+    return code.value[0]
+
+
+def status_code_from_number(number: int) -> grpc.StatusCode:
+    return next((c for c in grpc.StatusCode if c.value[0] == number), grpc.StatusCode.UNKNOWN)
 
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -1,12 +1,27 @@
-"""DecodeWorker RPCs: proto <-> `DecodeJob` / `RequestOutput`; exceptions -> status codes (`map_errors`)."""
+"""DecodeWorker RPCs: proto <-> `DecodeJob` / `RequestOutput`; exceptions -> status codes (`map_errors`).
+
+`Generate` serves one request per call. `Session` serves many over one bidirectional stream (what the gateway
+uses): each started request runs as its own task, exactly as `Generate` would run it, and a writer sends
+whatever chunks are ready as one `SessionUpdate` — after a decode step, one message for the whole batch
+instead of one per request. A request's failure is an error event on the stream, not the stream's end.
+"""
 
 from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
 
 from moemesh._proto.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from moemesh.services.decode.worker import DecodeJob, DecodeWorker, TtftTiming
 from moemesh.services.sampling import FINISH_REASONS, logprob_to_proto, sampling_from_proto
-from moemesh.transport.errors import InvalidArgument, map_errors
+from moemesh.transport.errors import InvalidArgument, map_errors, status_code_number, status_for
 from moemesh.transport.peers import WorkerInfo
+
+log = logging.getLogger(__name__)
+_END = object()  # the session's requests are all done and its client closed its side
 
 
 class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
@@ -16,6 +31,38 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
 
     @map_errors
     async def Generate(self, request, context):
+        async for chunk in self._chunks(request, context.time_remaining):
+            yield chunk
+
+    async def Session(self, request_iterator, context):
+        out: asyncio.Queue = asyncio.Queue()
+        tasks: dict[str, asyncio.Task] = {}
+        reader = asyncio.ensure_future(self._read_session(request_iterator, out, tasks))
+        try:
+            ending = False
+            while not ending:
+                events = [await out.get()]
+                while not out.empty():
+                    events.append(out.get_nowait())
+                ending = _END in events
+                events = [e for e in events if e is not _END]
+                if events:
+                    yield worker_pb2.SessionUpdate(events=events)
+        finally:
+            reader.cancel()
+            for task in tasks.values():
+                task.cancel()
+            await asyncio.gather(reader, *tasks.values(), return_exceptions=True)
+
+    @map_errors
+    async def GetLoad(self, request, context):
+        return self.worker.load().to_proto()
+
+    # -- one request ----------------------------------------------------------------------------------------
+
+    async def _chunks(
+        self, request: worker_pb2.DecodeRequest, time_remaining: Callable[[], float | None]
+    ) -> AsyncIterator[worker_pb2.DecodeChunk]:
         prompt = list(request.prompt_token_ids)
         if not prompt:
             raise InvalidArgument("prompt_token_ids=[] must be non-empty")
@@ -30,7 +77,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         job = DecodeJob(request.request_id, prompt, params, peer, tuple(request.generated_token_ids))
         num_tokens = 0
         timing = TtftTiming()
-        async for out in self.worker.generate(job, context.time_remaining, timing):
+        async for out in self.worker.generate(job, time_remaining, timing):
             num_tokens += len(out.new_token_ids)
             chunk = worker_pb2.DecodeChunk(token_ids=out.new_token_ids)
             chunk.logprobs.extend(logprob_to_proto(sampled) for sampled in out.logprobs)
@@ -43,6 +90,57 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
                 )  # fmt: skip
             yield chunk
 
-    @map_errors
-    async def GetLoad(self, request, context):
-        return self.worker.load().to_proto()
+    # -- the session ----------------------------------------------------------------------------------------
+
+    async def _read_session(
+        self, request_iterator, out: asyncio.Queue, tasks: dict[str, asyncio.Task]
+    ) -> None:
+        """Starts and cancels requests as the client asks; once it closed its side and every request is done,
+        tells the writer to end the stream."""
+        try:
+            async for message in request_iterator:
+                kind = message.WhichOneof("kind")
+                if kind == "start":
+                    rid = message.start.request_id
+                    if rid in tasks:
+                        out.put_nowait(
+                            _error_event(rid, InvalidArgument(f"request_id={rid!r} is already running"))
+                        )
+                        continue
+                    tasks[rid] = asyncio.ensure_future(self._serve(message.start, out))
+                    tasks[rid].add_done_callback(lambda _, rid=rid: tasks.pop(rid, None))
+                elif kind == "cancel" and message.cancel in tasks:
+                    tasks[message.cancel].cancel()
+            await asyncio.gather(*tasks.values(), return_exceptions=True)
+        finally:
+            out.put_nowait(_END)
+
+    async def _serve(self, request: worker_pb2.DecodeRequest, out: asyncio.Queue) -> None:
+        rid = request.request_id
+        deadline = time.monotonic() + request.timeout_s if request.timeout_s > 0 else None
+
+        def time_remaining() -> float | None:
+            return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+        try:
+            timeout = asyncio.timeout(request.timeout_s) if deadline is not None else contextlib.nullcontext()
+            async with timeout:
+                async for chunk in self._chunks(request, time_remaining):
+                    out.put_nowait(worker_pb2.SessionEvent(request_id=rid, chunk=chunk))
+        except asyncio.CancelledError:
+            raise
+        except TimeoutError:
+            out.put_nowait(
+                _error_event(rid, TimeoutError(f"request {rid} ran past its {request.timeout_s:.3g} s"))
+            )
+        except Exception as exc:
+            out.put_nowait(_error_event(rid, exc))
+
+
+def _error_event(request_id: str, exc: BaseException) -> worker_pb2.SessionEvent:
+    code, message = status_for(exc)
+    if code.name == "INTERNAL":
+        log.error("request %s failed", request_id, exc_info=exc)
+    return worker_pb2.SessionEvent(
+        request_id=request_id, status_code=status_code_number(code), status_message=message
+    )

@@ -30,12 +30,13 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from moemesh._proto.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from moemesh._proto.v1 import common_pb2, worker_pb2
 from moemesh.config.mesh import GatewayConfig
 from moemesh.engine.sampling_params import SamplingParams
 from moemesh.model.tokenizer import IncrementalDetokenizer, Tokenizer
+from moemesh.services.gateway.sessions import DecodeSession
 from moemesh.services.sampling import sampling_from_proto, sampling_to_proto, without_stop_strings
-from moemesh.transport.errors import InvalidArgument, ResourceExhausted, Unavailable, from_rpc_error
+from moemesh.transport.errors import InvalidArgument, ResourceExhausted, Unavailable
 from moemesh.transport.peers import WorkerInfo
 from moemesh.transport.registry import Membership
 
@@ -91,6 +92,7 @@ class Gateway:
         self._decode_picks: Counter[str] = Counter()  # last tie-break: idle workers take turns
         self._prefill_sent: Counter[str] = Counter()  # prompt tokens sent since the last load report
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._sessions: dict[str, DecodeSession] = {}
         self._ids = itertools.count()
 
     # -- validation -----------------------------------------------------------------------------------------
@@ -162,12 +164,23 @@ class Gateway:
         queued = load.num_queued_tokens if load else 0
         return queued + self._prefill_sent[member.worker_id], self._prefill_sent[member.worker_id]
 
+    def session(self, decode: WorkerInfo) -> DecodeSession:
+        """The multiplexed stream to a decode worker (one per address, reopened after it broke)."""
+        if decode.grpc_address not in self._sessions:
+            self._sessions[decode.grpc_address] = DecodeSession(
+                self.channel(decode.grpc_address), decode.worker_id
+            )
+        return self._sessions[decode.grpc_address]
+
     def channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
             self._channels[address] = self.channel_factory(address)
         return self._channels[address]
 
     async def close(self) -> None:
+        for session in self._sessions.values():
+            await session.close()
+        self._sessions.clear()
         for channel in self._channels.values():
             await channel.close()
         self._channels.clear()
@@ -233,11 +246,13 @@ class Gateway:
                 )
             )
             self._prefill_sent[route.prefill.worker_id] += len(job.prompt_ids)
-        stub = worker_pb2_grpc.DecodeWorkerStub(self.channel(route.decode.grpc_address))
-        call = stub.Generate(request, timeout=time_remaining())
+        remaining_s = time_remaining()
+        if remaining_s is not None:
+            request.timeout_s = max(remaining_s, 1e-3)
+        chunks = self.session(route.decode).run(request)
         text = progress.text
         try:
-            async for chunk in call:
+            async for chunk in chunks:
                 tokens = list(chunk.token_ids)
                 progress.generated += tokens
                 # A "stop" from D is EOS or a stop token id: that last token adds no text (as in the engine).
@@ -254,10 +269,8 @@ class Gateway:
                             len(progress.generated), ttft, chunk.usage.cached_prompt_tokens)  # fmt: skip
                 if reason is not None:
                     return
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from None
         finally:
-            call.cancel()  # no-op once the stream ended; otherwise D (and P) stop the request
+            await chunks.aclose()  # before the last chunk: D (and P) stop the request
 
 
 @dataclass

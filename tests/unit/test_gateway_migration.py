@@ -1,6 +1,6 @@
-"""The gateway's migration loop against fake decode workers on real gRPC servers: a stream that fails with
-UNAVAILABLE moves to another D carrying the tokens relayed so far, at most GatewayConfig.max_migrations times; other
-statuses are never migrated."""
+"""The gateway's migration loop against fake decode workers on real gRPC servers (their multiplexed Session
+streams): a stream that fails with UNAVAILABLE moves its request to another D carrying the tokens relayed so
+far, at most GatewayConfig.max_migrations times; a request's other errors are never migrated."""
 
 from __future__ import annotations
 
@@ -19,26 +19,40 @@ from moemesh.transport.registry import Membership
 
 
 class FakeDecode(worker_pb2_grpc.DecodeWorkerServicer):
-    """Streams the next token (100 + how many the request already has), then either ends the request with
-    "length" at `max_tokens` or fails with `fail_with` (None: keeps streaming)."""
+    """A decode worker's Session: for each started request, streams the next token (100 + how many the request
+    already has), then either ends it with "length" at `max_tokens` or fails after the first token with
+    `fail_with`: UNAVAILABLE ends the whole stream (a dying worker), another code is that request's error
+    event (None: keeps streaming)."""
 
     def __init__(self, fail_with: grpc.StatusCode | None) -> None:
         self.fail_with = fail_with
-        self.seen: list[list[int]] = []  # generated_token_ids of each call
+        self.seen: list[list[int]] = []  # generated_token_ids of each started request
 
-    async def Generate(self, request, context):
-        generated = list(request.generated_token_ids)
-        self.seen.append(list(generated))
-        while True:
-            token = 100 + len(generated)
-            generated.append(token)
-            done = len(generated) == request.sampling.max_tokens
-            reason = common_pb2.FINISH_REASON_LENGTH if done else common_pb2.FINISH_REASON_UNSPECIFIED
-            yield worker_pb2.DecodeChunk(token_ids=[token], finish_reason=reason)
-            if done:
-                return
-            if self.fail_with is not None:
-                await context.abort(self.fail_with, "decode worker going away")
+    async def Session(self, request_iterator, context):
+        async for message in request_iterator:
+            if message.WhichOneof("kind") != "start":
+                continue
+            request = message.start
+            generated = list(request.generated_token_ids)
+            self.seen.append(list(generated))
+            while True:
+                token = 100 + len(generated)
+                generated.append(token)
+                done = len(generated) == request.sampling.max_tokens
+                reason = common_pb2.FINISH_REASON_LENGTH if done else common_pb2.FINISH_REASON_UNSPECIFIED
+                chunk = worker_pb2.DecodeChunk(token_ids=[token], finish_reason=reason)
+                yield worker_pb2.SessionUpdate(
+                    events=[worker_pb2.SessionEvent(request_id=request.request_id, chunk=chunk)]
+                )
+                if done:
+                    break
+                if self.fail_with == grpc.StatusCode.UNAVAILABLE:
+                    await context.abort(self.fail_with, "decode worker going away")
+                if self.fail_with is not None:
+                    failed = worker_pb2.SessionEvent(request_id=request.request_id, status_code=self.fail_with.value[0],
+                                                     status_message="the request failed")  # fmt: skip
+                    yield worker_pb2.SessionUpdate(events=[failed])
+                    break
 
 
 async def _run(fakes: list[FakeDecode], max_tokens: int = 6) -> tuple[list[int], BaseException | None]:

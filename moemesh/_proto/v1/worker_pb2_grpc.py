@@ -41,6 +41,11 @@ class DecodeWorkerStub:
                 request_serializer=moemesh_dot_v1_dot_worker__pb2.DecodeRequest.SerializeToString,
                 response_deserializer=moemesh_dot_v1_dot_worker__pb2.DecodeChunk.FromString,
                 _registered_method=True)
+        self.Session = channel.stream_stream(
+                '/moemesh.v1.DecodeWorker/Session',
+                request_serializer=moemesh_dot_v1_dot_worker__pb2.SessionRequest.SerializeToString,
+                response_deserializer=moemesh_dot_v1_dot_worker__pb2.SessionUpdate.FromString,
+                _registered_method=True)
         self.GetLoad = channel.unary_unary(
                 '/moemesh.v1.DecodeWorker/GetLoad',
                 request_serializer=moemesh_dot_v1_dot_worker__pb2.GetLoadRequest.SerializeToString,
@@ -61,6 +66,15 @@ class DecodeWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Session(self, request_iterator, context):
+        """Many requests over one stream (the gateway keeps one per decode worker): the chunks every request got
+        from a decode step travel in one SessionUpdate, not one message each. A request ends with its last chunk
+        (a finish_reason) or an error event; `cancel` aborts one request; ending the stream aborts all of them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetLoad(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -74,6 +88,11 @@ def add_DecodeWorkerServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=moemesh_dot_v1_dot_worker__pb2.DecodeRequest.FromString,
                     response_serializer=moemesh_dot_v1_dot_worker__pb2.DecodeChunk.SerializeToString,
+            ),
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=moemesh_dot_v1_dot_worker__pb2.SessionRequest.FromString,
+                    response_serializer=moemesh_dot_v1_dot_worker__pb2.SessionUpdate.SerializeToString,
             ),
             'GetLoad': grpc.unary_unary_rpc_method_handler(
                     servicer.GetLoad,
@@ -110,6 +129,33 @@ class DecodeWorker:
             '/moemesh.v1.DecodeWorker/Generate',
             moemesh_dot_v1_dot_worker__pb2.DecodeRequest.SerializeToString,
             moemesh_dot_v1_dot_worker__pb2.DecodeChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Session(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/moemesh.v1.DecodeWorker/Session',
+            moemesh_dot_v1_dot_worker__pb2.SessionRequest.SerializeToString,
+            moemesh_dot_v1_dot_worker__pb2.SessionUpdate.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,149 @@
+"""`DecodeWorker.Session` over real gRPC: many requests on one stream, a decode step's chunks for all of them in
+one message; a cancel, a deadline or a bad request ends that request alone; the gateway's `DecodeSession`
+reads it back as per-request chunk streams."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from moemesh._proto.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from moemesh.engine.engine import RequestOutput
+from moemesh.engine.request import FinishReason
+from moemesh.services.decode.servicer import DecodeServicer
+from moemesh.services.gateway.sessions import DecodeSession
+from moemesh.transport.errors import DeadlineExceeded, InvalidArgument, Unavailable
+
+
+class SteppingWorker:
+    """A decode worker whose engine steps every 20 ms: each running request gets one token per step."""
+
+    def __init__(self) -> None:
+        self.step = asyncio.Event()
+        self.aborted: list[str] = []
+
+    async def tick(self) -> None:
+        while True:
+            await asyncio.sleep(0.02)
+            self.step.set()
+            self.step.clear()
+
+    async def generate(self, job, time_remaining, timing=None):
+        tokens: list[int] = []
+        try:
+            while len(tokens) < job.params.max_tokens:
+                await self.step.wait()
+                tokens.append(len(tokens) + 7)
+                done = len(tokens) == job.params.max_tokens
+                yield RequestOutput(job.request_id, (tokens[-1],), tuple(tokens), "", done,
+                                    FinishReason.LENGTH if done else None)  # fmt: skip
+        finally:
+            if len(tokens) < job.params.max_tokens:
+                self.aborted.append(job.request_id)
+
+
+def _start(rid: str, max_tokens: int, prompt=(1, 2, 3), timeout_s: float = 0.0) -> worker_pb2.SessionRequest:
+    request = worker_pb2.DecodeRequest(request_id=rid, prompt_token_ids=list(prompt), timeout_s=timeout_s,
+                                       sampling=common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0))  # fmt: skip
+    return worker_pb2.SessionRequest(start=request)
+
+
+async def _serve(worker: SteppingWorker) -> tuple[grpc.aio.Server, str]:
+    server = grpc.aio.server()
+    worker_pb2_grpc.add_DecodeWorkerServicer_to_server(DecodeServicer(worker, max_model_len=64), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+def test_one_message_per_step_carries_every_request_and_errors_stay_per_request():
+    async def body():
+        worker = SteppingWorker()
+        ticker = asyncio.ensure_future(worker.tick())
+        server, address = await _serve(worker)
+        channel = grpc.aio.insecure_channel(address)
+        try:
+            call = worker_pb2_grpc.DecodeWorkerStub(channel).Session()
+            for i in range(8):
+                await call.write(_start(f"r{i}", 4))
+            await call.write(_start("bad", 4, prompt=()))  # INVALID_ARGUMENT for it alone
+            await call.write(_start("slow", 50, timeout_s=0.15))  # DEADLINE_EXCEEDED for it alone
+            await call.write(_start("gone", 50))
+            tokens: dict[str, list[int]] = {}
+            errors: dict[str, tuple[int, str]] = {}
+            updates, cancelled = 0, False
+            async for update in call:
+                updates += 1
+                for event in update.events:
+                    if event.status_code:
+                        errors[event.request_id] = (event.status_code, event.status_message)
+                    else:
+                        tokens.setdefault(event.request_id, []).extend(event.chunk.token_ids)
+                if not cancelled and len(tokens.get("gone", [])) >= 2:
+                    await call.write(worker_pb2.SessionRequest(cancel="gone"))
+                    cancelled = True
+                if len(errors) == 2 and all(len(tokens.get(f"r{i}", [])) == 4 for i in range(8)):
+                    break
+            for _ in range(100):  # the cancel reached D: its generator was closed
+                if "gone" in worker.aborted:
+                    break
+                await asyncio.sleep(0.02)
+            call.cancel()
+        finally:
+            ticker.cancel()
+            await channel.close()
+            await server.stop(None)
+        assert all(tokens[f"r{i}"] == [7, 8, 9, 10] for i in range(8))
+        chunks = sum(len(t) for t in tokens.values())
+        assert updates * 3 < chunks, (updates, chunks)  # several requests' chunks per message
+        assert errors["bad"] == (
+            grpc.StatusCode.INVALID_ARGUMENT.value[0],
+            "prompt_token_ids=[] must be non-empty",
+        )
+        assert (
+            errors["slow"][0] == grpc.StatusCode.DEADLINE_EXCEEDED.value[0] and "0.15 s" in errors["slow"][1]
+        )
+        assert "gone" not in errors and sorted(worker.aborted) == ["gone", "slow"]
+
+    asyncio.run(asyncio.wait_for(body(), 20))
+
+
+def test_the_gateway_side_reads_chunks_back_per_request_and_a_lost_worker_fails_them_all():
+    async def body():
+        worker = SteppingWorker()
+        ticker = asyncio.ensure_future(worker.tick())
+        server, address = await _serve(worker)
+        channel = grpc.aio.insecure_channel(address)
+        session = DecodeSession(channel, "decode-0")
+
+        async def collect(request: worker_pb2.SessionRequest) -> list[int]:
+            return [t async for chunk in session.run(request.start) for t in chunk.token_ids]
+
+        try:
+            assert await asyncio.gather(*(collect(_start(f"r{i}", 3)) for i in range(4))) == [[7, 8, 9]] * 4
+            with pytest.raises(InvalidArgument, match=r"prompt_token_ids=\[\] must be non-empty"):
+                await collect(_start("bad", 3, prompt=()))
+            with pytest.raises(DeadlineExceeded):
+                await collect(_start("slow", 50, timeout_s=0.1))
+            stream = session.run(_start("early-exit", 50).start)  # leaving early cancels it on D
+            assert (await anext(stream)).token_ids == [7]
+            await stream.aclose()
+            for _ in range(50):
+                if "early-exit" in worker.aborted:
+                    break
+                await asyncio.sleep(0.02)
+            assert "early-exit" in worker.aborted
+            long = [asyncio.ensure_future(collect(_start(f"l{i}", 500))) for i in range(3)]
+            await asyncio.sleep(0.1)
+            await server.stop(None)  # the decode worker goes away mid-stream
+            results = await asyncio.gather(*long, return_exceptions=True)
+            assert all(isinstance(r, Unavailable) for r in results), results
+        finally:
+            ticker.cancel()
+            await session.close()
+            await channel.close()
+            await server.stop(None)
+
+    asyncio.run(asyncio.wait_for(body(), 20))
