@@ -107,6 +107,7 @@ class _Command:
     kwargs: dict
     future: asyncio.Future
     started: bool = False
+    done_s: float = 0.0  # time.monotonic() when fn returned on the engine thread
 
 
 class EngineLoop:
@@ -144,14 +145,20 @@ class EngineLoop:
         """Runs fn(*args) on the engine's thread between two steps (inline while `run()` is not running).
         A caller cancelled before fn started leaves it unrun; once it started, the caller gets its result and
         the cancellation is delivered at its next await (as if it came right after)."""
+        result, _ = await self.call_at(fn, *args, **kwargs)
+        return result
+
+    async def call_at(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> tuple[T, float]:
+        """`call`, and the time.monotonic() at which fn returned on the engine thread (the caller may resume
+        a step later on CPU, where the event loop is parked while a step runs)."""
         if self._thread is None:
-            return fn(*args, **kwargs)
+            return fn(*args, **kwargs), time.monotonic()
         command = _Command(fn, args, kwargs, self._loop().create_future())
         with self._cond:
             self._commands.append(command)
             self._cond.notify()
         try:
-            return await asyncio.shield(command.future)
+            return await asyncio.shield(command.future), command.done_s
         except asyncio.CancelledError:
             with self._cond:
                 if not command.started:
@@ -161,7 +168,7 @@ class EngineLoop:
             task = asyncio.current_task()
             if task is not None:
                 task.cancel()
-            return result
+            return result, command.done_s
 
     def subscribe(self, request_id: str) -> asyncio.Queue[RequestOutput | BaseException]:
         """A queue of the request's outputs; subscribe before adding the request. unsubscribe when done."""
@@ -277,6 +284,7 @@ class EngineLoop:
     def _run_command(self, command: _Command) -> None:
         try:
             result = command.fn(*command.args, **command.kwargs)
+            command.done_s = time.monotonic()
         except BaseException as err:
             self._post(lambda err=err: command.future.done() or command.future.set_exception(err))
         else:

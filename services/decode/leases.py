@@ -53,15 +53,17 @@ class OpenLease:
     def key(self) -> LeaseKey:
         return self.target.lease
 
-    async def adopt(self, add: Callable[[], object]) -> None:
-        """Every byte landed: end the inbox lease, then hand the pages to the engine (`add`, under its lock).
-        Raises LeaseRefused when the lease was closed meanwhile (the reaper)."""
+    async def adopt(self, add: Callable[[], object]) -> float:
+        """Every byte landed: end the inbox lease, then hand the pages to the engine (`add`, on its thread).
+        Returns when `add` ran there (time.monotonic()). Raises LeaseRefused when the lease was closed meanwhile
+        (the reaper)."""
         async with self._lock:
             if self.ended:
                 raise LeaseRefused(f"lease {self.key} of {self.reservation.request_id} was closed")
             await self._end()
-            await self.table.loop.call(add)
+            _, added_s = await self.table.loop.call_at(add)
             self.adopted = True
+            return added_s
 
     async def close(self) -> None:
         """Idempotent: end the inbox lease (waits for in-flight writes), then free the pages."""

@@ -91,8 +91,7 @@ class DecodeWorker:
         finished = False
         timing = timing if timing is not None else TtftTiming()
         try:
-            prefilled = await self._admit(job, time_remaining, timing)
-            admitted_s = time.monotonic()
+            prefilled, admitted_s = await self._admit(job, time_remaining, timing)
             emitted = len(job.generated_ids)  # output_ids[:emitted] were streamed already (or elsewhere)
             if prefilled is not None:  # P sampled the first token; the engine's outputs start after it
                 emitted += 1
@@ -145,27 +144,30 @@ class DecodeWorker:
 
     async def _admit(
         self, job: DecodeJob, time_remaining: Callable[[], float | None], timing: TtftTiming
-    ) -> worker_pb2.PrefillResult | None:
-        """Queues the request in the engine; returns the prefill worker's result (its first token) if one ran it."""
+    ) -> tuple[worker_pb2.PrefillResult | None, float]:
+        """Queues the request in the engine. Returns the prefill worker's result (its first token) if one ran
+        it, and when the engine took the request (time.monotonic(), on the engine thread)."""
         arrived_s = time.monotonic()
         peer = None if self.config.force_local_prefill or job.generated_ids else job.prefill_worker
         tried: list[str] = []
         while peer is not None:
-            reservation = await self.loop.call(self.engine.reserve_kv, job.request_id, job.prompt_ids)
-            timing.queue_ms = 1000 * (time.monotonic() - arrived_s)
+            reservation, reserved_s = await self.loop.call_at(
+                self.engine.reserve_kv, job.request_id, job.prompt_ids
+            )
+            timing.queue_ms = 1000 * (reserved_s - arrived_s)
             missing = len(job.prompt_ids) - reservation.num_cached_tokens
             if missing <= self.config.local_prefill_tokens:
                 await self.loop.call(self.engine.cancel_reservation, reservation)
                 break
             try:
                 called_s = time.monotonic()
-                result = await self._prefill_remote(job, peer, reservation, time_remaining)
+                result, adopted_s = await self._prefill_remote(job, peer, reservation, time_remaining)
                 self.num_remote_prefills += 1
                 timing.remote_prefill = True
                 timing.prefill_ms, timing.kv_transfer_ms = result.prefill_ms, result.kv_transfer_ms
-                waited_ms = 1000 * (time.monotonic() - called_s)
+                waited_ms = 1000 * (adopted_s - called_s)
                 timing.handoff_ms = max(0.0, waited_ms - result.prefill_ms - result.kv_transfer_ms)
-                return result
+                return result, adopted_s
             except Unavailable as err:  # P is lost; its lease is closed (and the pages freed) already
                 tried.append(peer.worker_id)
                 peer = self._other_prefill(tried)
@@ -173,11 +175,11 @@ class DecodeWorker:
                 log.warning("prefill worker %s unavailable for %s (%s); %s", tried[-1], job.request_id, err,
                             then)  # fmt: skip
         self.num_local_prefills += 1
-        timing.queue_ms = 1000 * (time.monotonic() - arrived_s)
-        await self.loop.call(
+        _, queued_s = await self.loop.call_at(
             self.engine.add_request, job.prompt_ids, job.params, job.request_id, output_ids=job.generated_ids
         )
-        return None
+        timing.queue_ms = 1000 * (queued_s - arrived_s)
+        return None, queued_s
 
     def _other_prefill(self, tried: list[str]) -> WorkerInfo | None:
         """A handshaken prefill worker not in `tried` (the registry's members first, in their order)."""
@@ -192,7 +194,8 @@ class DecodeWorker:
         peer: WorkerInfo,
         reservation: KvReservation,
         time_remaining: Callable[[], float | None],
-    ) -> worker_pb2.PrefillResult:
+    ) -> tuple[worker_pb2.PrefillResult, float]:
+        """P's result and when the engine adopted the KV (engine thread's time.monotonic())."""
         try:
             channel = await self._channel(peer)
         except BaseException:
@@ -223,12 +226,12 @@ class DecodeWorker:
                 raise MeshError(
                     f"{job.request_id}: received {progress.bytes_received} KV bytes, P sent {result.kv_bytes_sent}"
                 )
-            await lease.adopt(
+            adopted_s = await lease.adopt(
                 lambda: self.engine.add_prefilled(
                     reservation, job.prompt_ids, result.first_token_id, job.params
                 )
             )
-            return result
+            return result, adopted_s
         except BaseException:
             await asyncio.shield(self._give_up(lease, stub, p_done))
             raise

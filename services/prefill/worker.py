@@ -130,9 +130,11 @@ class PrefillWorker:
             return outcome
         finally:
             del self.jobs[rid]
+            finished = job.first_token_id is not None and not job.aborted  # the engine is done with it
             job.aborted = True
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self.loop.call(self.engine.abort, rid))  # no-op once it finished
+            if not finished:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self.loop.call(self.engine.abort, rid))
             job.stopped.set()
 
     async def abort(self, request_id: str, lease: LeaseKey, timeout_s: float = 10.0) -> bool:
