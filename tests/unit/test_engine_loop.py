@@ -248,3 +248,29 @@ def test_on_cpu_the_event_loop_is_parked_while_a_step_runs(exclusive):
         assert longest_gap_s >= 0.19
     else:
         assert longest_gap_s < 0.1
+
+
+def test_call_at_tells_when_the_engine_ran_the_call_not_when_the_caller_resumed():
+    """With steps exclusive, the caller resumes only after the step that follows its call; `call_at` gives the
+    engine thread's time, which the TTFT breakdown measures from."""
+    engine = FakeEngine(step_s=0.1)
+
+    async def body() -> tuple[float, float]:
+        loop = EngineLoop(engine, exclusive=True)
+        runner = asyncio.ensure_future(loop.run())
+        await asyncio.sleep(0)
+        try:
+            queue = loop.subscribe("a")
+            await loop.call(engine.add, "a", 4)  # steps of 100 ms from now on
+            await asyncio.sleep(0.05)
+            rid, ran_s = await loop.call_at(engine.add, "b", 1)
+            resumed_s = time.monotonic()
+            assert rid == "b"
+            await _collect(loop, queue)
+        finally:
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
+        return ran_s, resumed_s
+
+    ran_s, resumed_s = asyncio.run(asyncio.wait_for(body(), 10))
+    assert resumed_s - ran_s >= 0.08  # a whole step between the call running and its caller resuming
