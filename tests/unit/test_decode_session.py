@@ -5,6 +5,8 @@ reads it back as per-request chunk streams."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -50,21 +52,27 @@ def _start(rid: str, max_tokens: int, prompt=(1, 2, 3), timeout_s: float = 0.0) 
     return worker_pb2.SessionRequest(start=request)
 
 
-async def _serve(worker: SteppingWorker) -> tuple[grpc.aio.Server, str]:
+@contextlib.asynccontextmanager
+async def _decode_server() -> AsyncIterator[tuple[SteppingWorker, grpc.aio.Server, grpc.aio.Channel]]:
+    """A stepping worker behind a real DecodeServicer on a real port, and a channel to it."""
+    worker = SteppingWorker()
+    ticker = asyncio.ensure_future(worker.tick())
     server = grpc.aio.server()
     worker_pb2_grpc.add_DecodeWorkerServicer_to_server(DecodeServicer(worker, max_model_len=64), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    return server, f"127.0.0.1:{port}"
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield worker, server, channel
+    finally:
+        ticker.cancel()
+        await channel.close()
+        await server.stop(None)
 
 
 def test_one_message_per_step_carries_every_request_and_errors_stay_per_request():
     async def body():
-        worker = SteppingWorker()
-        ticker = asyncio.ensure_future(worker.tick())
-        server, address = await _serve(worker)
-        channel = grpc.aio.insecure_channel(address)
-        try:
+        async with _decode_server() as (worker, _, channel):
             call = worker_pb2_grpc.DecodeWorkerStub(channel).Session()
             for i in range(8):
                 await call.write(_start(f"r{i}", 4))
@@ -91,10 +99,6 @@ def test_one_message_per_step_carries_every_request_and_errors_stay_per_request(
                     break
                 await asyncio.sleep(0.02)
             call.cancel()
-        finally:
-            ticker.cancel()
-            await channel.close()
-            await server.stop(None)
         assert all(tokens[f"r{i}"] == [7, 8, 9, 10] for i in range(8))
         chunks = sum(len(t) for t in tokens.values())
         assert updates * 3 < chunks, (updates, chunks)  # several requests' chunks per message
@@ -112,16 +116,12 @@ def test_one_message_per_step_carries_every_request_and_errors_stay_per_request(
 
 def test_the_gateway_side_reads_chunks_back_per_request_and_a_lost_worker_fails_them_all():
     async def body():
-        worker = SteppingWorker()
-        ticker = asyncio.ensure_future(worker.tick())
-        server, address = await _serve(worker)
-        channel = grpc.aio.insecure_channel(address)
-        session = DecodeSession(channel, "decode-0")
+        async with _decode_server() as (worker, server, channel):
+            session = DecodeSession(channel, "decode-0")
 
-        async def collect(request: worker_pb2.SessionRequest) -> list[int]:
-            return [t async for chunk in session.run(request.start) for t in chunk.token_ids]
+            async def collect(request: worker_pb2.SessionRequest) -> list[int]:
+                return [t async for chunk in session.run(request.start) for t in chunk.token_ids]
 
-        try:
             assert await asyncio.gather(*(collect(_start(f"r{i}", 3)) for i in range(4))) == [[7, 8, 9]] * 4
             with pytest.raises(InvalidArgument, match=r"prompt_token_ids=\[\] must be non-empty"):
                 await collect(_start("bad", 3, prompt=()))
@@ -140,10 +140,6 @@ def test_the_gateway_side_reads_chunks_back_per_request_and_a_lost_worker_fails_
             await server.stop(None)  # the decode worker goes away mid-stream
             results = await asyncio.gather(*long, return_exceptions=True)
             assert all(isinstance(r, Unavailable) for r in results), results
-        finally:
-            ticker.cancel()
             await session.close()
-            await channel.close()
-            await server.stop(None)
 
     asyncio.run(asyncio.wait_for(body(), 20))
