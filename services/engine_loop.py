@@ -242,9 +242,9 @@ class EngineLoop:
         if self.on_step:  # the hooks run in the event loop, before anything else touches the engine
             self._wait(asyncio.run_coroutine_threadsafe(self._run_hooks(outputs), self._loop()), None)
         if outputs:
-            drained = concurrent.futures.Future()
+            drained = concurrent.futures.Future() if self.drain_s > 0 else None
             self._post(lambda: self._deliver(outputs, drained))
-            if self.drain_s > 0:
+            if drained is not None:
                 self._wait(drained, self.drain_s)
         elif not self.engine.num_running:  # nothing admissible yet (pages short): let others free some
             with self._cond:
@@ -304,12 +304,13 @@ class EngineLoop:
         for hook in self.on_step:
             hook(outputs)
 
-    def _deliver(self, outputs: list[RequestOutput], drained: concurrent.futures.Future) -> None:
+    def _deliver(self, outputs: list[RequestOutput], drained: concurrent.futures.Future | None) -> None:
         for out in outputs:
             queue = self._queues.get(out.request_id)
             if queue is not None:
                 queue.put_nowait(out)
-        asyncio.ensure_future(self._mark_drained(drained))
+        if drained is not None:
+            asyncio.ensure_future(self._mark_drained(drained))
 
     async def _mark_drained(self, drained: concurrent.futures.Future) -> None:
         for _ in range(self.DRAIN_TURNS):  # the consumers woken above run, write, and see their writes done

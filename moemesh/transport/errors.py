@@ -133,12 +133,15 @@ def from_status(code: grpc.StatusCode, message: str) -> MeshError:
     return _EXCEPTION_FOR_CODE.get(code, MeshError)(message or code.name)
 
 
+_CODE_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+
+
 def status_code_number(code: grpc.StatusCode) -> int:
     return code.value[0]
 
 
 def status_code_from_number(number: int) -> grpc.StatusCode:
-    return next((c for c in grpc.StatusCode if c.value[0] == number), grpc.StatusCode.UNKNOWN)
+    return _CODE_BY_NUMBER.get(number, grpc.StatusCode.UNKNOWN)
 
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 from moemesh._proto.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from moemesh.services.decode.worker import DecodeJob, DecodeWorker, TtftTiming
+from moemesh.services.decode.worker import DecodeJob, DecodeWorker
 from moemesh.services.sampling import FINISH_REASONS, logprob_to_proto, sampling_from_proto
 from moemesh.transport.errors import InvalidArgument, map_errors, status_code_number, status_for
 from moemesh.transport.peers import WorkerInfo
@@ -76,7 +76,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
             peer = WorkerInfo(request.prefill.worker_id, "prefill", request.prefill.grpc_address)
         job = DecodeJob(request.request_id, prompt, params, peer, tuple(request.generated_token_ids))
         num_tokens = 0
-        timing = TtftTiming()
+        timing = common_pb2.TtftBreakdown()
         async for out in self.worker.generate(job, time_remaining, timing):
             num_tokens += len(out.new_token_ids)
             chunk = worker_pb2.DecodeChunk(token_ids=out.new_token_ids)
@@ -86,7 +86,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
                 chunk.usage.CopyFrom(
                     common_pb2.Usage(prompt_tokens=len(prompt), completion_tokens=num_tokens,
                                      cached_prompt_tokens=out.num_cached_tokens,
-                                     ttft=common_pb2.TtftBreakdown(**vars(timing)))
+                                     ttft=timing)
                 )  # fmt: skip
             yield chunk
 

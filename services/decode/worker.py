@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 
 import grpc
 
-from moemesh._proto.v1 import worker_pb2, worker_pb2_grpc
+from moemesh._proto.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from moemesh.config.mesh import WorkerConfig
 from moemesh.engine.engine import KvReservation, RequestOutput
 from moemesh.engine.sampling_params import SamplingParams
@@ -51,18 +51,6 @@ class DecodeJob:
     generated_ids: tuple[int, ...] = ()  # migration: tokens produced elsewhere
 
 
-@dataclass
-class TtftTiming:
-    """Where one request's time to first token went (common.proto `TtftBreakdown`), filled by `generate`."""
-
-    remote_prefill: bool = False
-    queue_ms: float = 0.0
-    prefill_ms: float = 0.0
-    kv_transfer_ms: float = 0.0
-    handoff_ms: float = 0.0
-    first_decode_step_ms: float = 0.0
-
-
 class DecodeWorker:
     def __init__(self, config: WorkerConfig, loop: EngineLoop, leases: LeaseTable, peers: PeerSet) -> None:
         self.config = config
@@ -82,14 +70,17 @@ class DecodeWorker:
             await self.peers.sync(members)
 
     async def generate(
-        self, job: DecodeJob, time_remaining: Callable[[], float | None], timing: TtftTiming | None = None
+        self,
+        job: DecodeJob,
+        time_remaining: Callable[[], float | None],
+        timing: common_pb2.TtftBreakdown | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yields the request's outputs until the finished one. Closing the iterator aborts the request.
         `timing` gets the TTFT breakdown, complete once the first output of the engine was yielded."""
         rid = job.request_id
         queue = self.loop.subscribe(rid)
         finished = False
-        timing = timing if timing is not None else TtftTiming()
+        timing = timing if timing is not None else common_pb2.TtftBreakdown()
         try:
             prefilled, admitted_s = await self._admit(job, time_remaining, timing)
             emitted = len(job.generated_ids)  # output_ids[:emitted] were streamed already (or elsewhere)
@@ -143,7 +134,7 @@ class DecodeWorker:
     # -- admission ------------------------------------------------------------------------------------------
 
     async def _admit(
-        self, job: DecodeJob, time_remaining: Callable[[], float | None], timing: TtftTiming
+        self, job: DecodeJob, time_remaining: Callable[[], float | None], timing: common_pb2.TtftBreakdown
     ) -> tuple[worker_pb2.PrefillResult | None, float]:
         """Queues the request in the engine. Returns the prefill worker's result (its first token) if one ran
         it, and when the engine took the request (time.monotonic(), on the engine thread)."""

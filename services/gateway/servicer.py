@@ -37,11 +37,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 chunk.request_id, first = job.request_id, False
             if delta.finish_reason is not None:
                 chunk.finish_reason = _FINISH[delta.finish_reason]
-                chunk.usage.CopyFrom(common_pb2.Usage(prompt_tokens=delta.num_prompt_tokens,
-                                                      completion_tokens=delta.num_completion_tokens,
-                                                      cached_prompt_tokens=delta.num_cached_prompt_tokens))  # fmt: skip
-                if delta.ttft is not None:
-                    chunk.usage.ttft.CopyFrom(delta.ttft)
+                if delta.decode_usage is not None:  # cached tokens and the TTFT breakdown, as D measured them
+                    chunk.usage.CopyFrom(delta.decode_usage)
+                chunk.usage.prompt_tokens = (
+                    delta.num_prompt_tokens
+                )  # counted here: a migrated request spans Ds
+                chunk.usage.completion_tokens = delta.num_completion_tokens
             yield chunk
 
     @map_errors

@@ -61,8 +61,7 @@ class Delta:
     logprobs: list = field(default_factory=list)  # common_pb2.TokenLogprob, relayed as D sent them
     num_prompt_tokens: int = 0
     num_completion_tokens: int = 0
-    ttft: common_pb2.TtftBreakdown | None = None  # on the last chunk, as the decode worker measured it
-    num_cached_prompt_tokens: int = 0  # on the last chunk
+    decode_usage: common_pb2.Usage | None = None  # on the last chunk: what the decode worker reported
 
 
 @dataclass(frozen=True)
@@ -264,9 +263,9 @@ class Gateway:
                 if text.stopped:
                     reason = "stop"
                 new_text = text.take(final=reason is not None)
-                ttft = chunk.usage.ttft if chunk.usage.HasField("ttft") else None
+                usage = chunk.usage if chunk.HasField("usage") else None
                 yield Delta(tokens, new_text, reason, list(chunk.logprobs), len(job.prompt_ids),
-                            len(progress.generated), ttft, chunk.usage.cached_prompt_tokens)  # fmt: skip
+                            len(progress.generated), usage)  # fmt: skip
                 if reason is not None:
                     return
         finally:
