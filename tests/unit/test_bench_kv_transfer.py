@@ -15,7 +15,7 @@ import torch
 
 pytest.importorskip("ucxx", reason="ucxx is in the [server] extra")
 
-from bench.bench_kv_transfer import PAGE_BYTES, POISON, Setup, make_kv, pages_intact  # noqa: E402
+from bench.kv_transfer_child import PAGE_BYTES, POISON, Setup, make_kv, pages_intact  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
