@@ -13,6 +13,12 @@ import importlib
 import logging
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from moemesh import tls_certs
+
+if TYPE_CHECKING:
+    from moemesh.supervisor import UpOptions
 
 SERVE_ROLES = ("gateway", "prefill", "decode", "colocated", "expert", "health")
 
@@ -41,12 +47,14 @@ def _add_up(subparsers: argparse._SubParsersAction) -> None:
         help="once ready, stream this prompt through the SDK (what `make run` does), then serve",
     )
     p.add_argument("--demo-max-tokens", type=int, default=48, metavar="N")
+    _add_security_flags(p, "every process of the mesh")
     p.add_argument("--keep-going", action="store_true",
                    help="a worker that dies is reported and the rest keep serving (default: stop the mesh)")  # fmt: skip
     p.set_defaults(func=_cmd_up)
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
+    from moemesh.config.security import SecurityConfig
     from moemesh.supervisor import Supervisor, UpOptions, plan_children
 
     try:
@@ -54,6 +62,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
             model=args.model, topology=args.topology, num_prefill=args.prefill, num_decode=args.decode,
             num_expert=args.experts, device=args.device, host=args.host, port=args.port,
             http_port=args.http_port, torch_threads=args.torch_threads,
+            security=SecurityConfig.from_values(args.tls_dir, args.api_keys),
         )  # fmt: skip
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -67,22 +76,27 @@ def _cmd_up(args: argparse.Namespace) -> int:
         print(f"error: {err}{hint}", file=sys.stderr)
         return 2
     supervisor = Supervisor(
-        plan_children(options), startup_timeout_s=args.startup_timeout, keep_going=args.keep_going
-    )
+        plan_children(options), startup_timeout_s=args.startup_timeout, keep_going=args.keep_going,
+        tls=options.security.tls_files(),
+    )  # fmt: skip
     target = f"{options.host}:{options.port}"
     ready = f"ready on {target} (http on {options.host}:{options.http_port})"
     on_ready = None
     if args.demo_prompt:
-        on_ready = functools.partial(_demo_request, target, args.demo_prompt, args.demo_max_tokens)
+        on_ready = functools.partial(_demo_request, target, args.demo_prompt, args.demo_max_tokens, options)
     return supervisor.run(ready, on_ready)
 
 
-def _demo_request(target: str, prompt: str, max_tokens: int) -> None:
-    """Streams one greedy request through the SDK, printing text as it arrives (`make run`)."""
-    from moemesh.sdk import Client, MoemeshError
+def _demo_request(target: str, prompt: str, max_tokens: int, options: UpOptions) -> None:
+    """Streams one greedy request through the SDK, printing text as it arrives (`make run`); with the mesh's
+    own certificate and first API key when those are on."""
+    from moemesh.sdk import Client, MoemeshError, TlsOptions
 
+    security = options.security
+    keys = security.api_keys()
+    tls = TlsOptions.from_dir(security.tls_dir) if security.tls_dir else None
     try:
-        with Client(target, timeout_s=300) as client:
+        with Client(target, timeout_s=300, api_key=keys[0] if keys else None, tls=tls) as client:
             print(f"\n--- demo request through the SDK ({target}):\n{prompt}", end="", flush=True)
             for chunk in client.generate(prompt=prompt, max_tokens=max_tokens, temperature=0):
                 print(chunk.text, end="", flush=True)
@@ -109,7 +123,17 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--topology", default="pd", help="gateway only")
     p.add_argument("--parent-pid", type=int, default=0, help="exit when this process dies (set by `up`)")
     p.add_argument("--log-level", default="INFO")
+    _add_security_flags(p, "this process")
     p.set_defaults(func=_cmd_serve)
+
+
+def _add_security_flags(p: argparse.ArgumentParser, who: str) -> None:
+    p.add_argument("--tls-dir", default=None, metavar="DIR",
+                   help=f"mutual TLS for {who}: DIR holds ca.crt, tls.crt, tls.key (moemesh make-certs; "
+                        "env MOEMESH_TLS_DIR)")  # fmt: skip
+    p.add_argument("--api-keys", default=None, metavar="FILE",
+                   help="the gateway accepts only clients sending one of FILE's keys (one per line) as "
+                        "'authorization: Bearer KEY' (env MOEMESH_API_KEYS_FILE)")  # fmt: skip
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -196,7 +220,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 # --- main -------------------------------------------------------------------------------------------------
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_up, _add_serve, _add_generate]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_up,
+    _add_serve,
+    _add_generate,
+    tls_certs.add_parser,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

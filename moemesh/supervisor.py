@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TextIO
 
+from moemesh.config.security import SecurityConfig, TlsFiles
 from moemesh.transport.channels import wait_until_serving
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,7 @@ class Supervisor:
         python: str = sys.executable,
         out: TextIO | None = None,
         keep_going: bool = False,
+        tls: TlsFiles | None = None,
     ) -> None:
         """keep_going: a worker that exits is reported and the mesh keeps serving without it (the gateway
         migrates or retries around it); only the gateway's exit, or a signal, stops the mesh."""
@@ -124,6 +126,7 @@ class Supervisor:
         self.python = python
         self.out = out or sys.stdout
         self.keep_going = keep_going
+        self.tls = tls  # the health checks' client identity when the mesh runs mutual TLS
         self.children: list[Child] = []
         self._lost: set[str] = set()  # workers that exited while keep_going
         self._stop = threading.Event()
@@ -165,7 +168,7 @@ class Supervisor:
                     raise StartupError(
                         f"{child.spec.name} not healthy after {self.startup_timeout_s} s" + _tail(child)
                     )
-                if wait_until_serving(child.spec.address, timeout_s=min(1.0, remaining)):
+                if wait_until_serving(child.spec.address, timeout_s=min(1.0, remaining), tls=self.tls):
                     break
 
     def stop(self) -> None:
@@ -269,6 +272,7 @@ class UpOptions:
     port: int = 50051
     http_port: int = 8000
     torch_threads: int | None = None  # per worker; None: on CPU the cores split among the workers
+    security: SecurityConfig = field(default_factory=SecurityConfig)  # mutual TLS, API keys
 
     def __post_init__(self) -> None:
         if self.torch_threads is not None and self.torch_threads < 1:
@@ -296,8 +300,12 @@ def plan_children(options: UpOptions) -> list[ChildSpec]:
         roles += [("expert", f"expert-{i}") for i in range(o.num_expert)]
     ports = free_ports(len(roles), o.host)
     common = ("--host", o.host, "--model", o.model, "--device", o.device)
+    if o.security.tls_dir:
+        common += ("--tls-dir", o.security.tls_dir)
     gateway_args = ("gateway", *common, "--port", str(o.port), "--http-port", str(o.http_port),
                     "--topology", o.topology)  # fmt: skip
+    if o.security.api_keys_file:
+        gateway_args += ("--api-keys", o.security.api_keys_file)
     specs = [ChildSpec("gateway", gateway_args, o.port, o.host)]
     threads = o.torch_threads
     if threads is None and o.device == "cpu":  # OpenMP threads of several workers must not fight for cores

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from moemesh.config.mesh import WorkerConfig
-from moemesh.transport.channels import aio_channel
+from moemesh.transport.channels import MeshChannels
 from moemesh.transport.peers import WorkerInfo
 from moemesh.transport.registry import LoadReport, RegistryClient
 from moemesh.transport.server import MeshServer, serve_until_signalled
@@ -26,7 +26,8 @@ async def run_worker_server(
     on_members: Callable[[list[WorkerInfo]], Awaitable[None]] | None = None,
 ) -> None:
     """`server` is started; `background` coroutines run until the worker stops (their failure stops it)."""
-    channel = aio_channel(config.registry) if config.registry else None
+    channels = MeshChannels(config.security.tls_files())
+    channel = channels(config.registry) if config.registry else None
     client = RegistryClient(channel, me, load, on_members) if channel is not None else None
     try:
         async with asyncio.TaskGroup() as tg:

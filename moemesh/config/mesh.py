@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from moemesh.config.engine import EngineConfig
+from moemesh.config.security import SecurityConfig
 
 DEMO_DIR = Path(__file__).resolve().parent.parent.parent / "models" / "demo"
 DTYPES = ("auto", "float32", "bfloat16")
@@ -82,6 +83,7 @@ class WorkerConfig:
     torch_threads: int = 0
     ucx_transports: str = "tcp,self"  # UCX_TLS; "" lets UCX pick (cuda_ipc, rc, ... on GPU machines)
     ucx_net_devices: str = "lo"  # UCX_NET_DEVICES; "" = all
+    security: SecurityConfig = field(default_factory=SecurityConfig)  # mutual TLS (docs/security.md)
 
     def __post_init__(self) -> None:
         _check(
@@ -136,6 +138,7 @@ class WorkerConfig:
             torch_threads=extra.torch_threads,
             ucx_transports=extra.ucx_transports,
             ucx_net_devices=extra.ucx_net_devices,
+            security=security_from_args(args, env),
         )
 
 
@@ -154,6 +157,7 @@ class GatewayConfig:
     # on a busy CPU, and dropping a live worker strands its requests' routing.
     worker_timeout_s: float = 5.0
     max_migrations: int = 2  # decode workers a request may move to after the first one is lost
+    security: SecurityConfig = field(default_factory=SecurityConfig)  # mutual TLS, API keys
 
     def __post_init__(self) -> None:
         _check(
@@ -190,7 +194,13 @@ class GatewayConfig:
             host=args.host, port=args.port, model=args.model, topology=args.topology,
             max_inflight=extra.max_inflight, heartbeat_s=extra.heartbeat_s,
             worker_timeout_s=extra.worker_timeout_s, max_migrations=extra.max_migrations,
+            security=security_from_args(args, env),
         )  # fmt: skip
+
+
+def security_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> SecurityConfig:
+    """`serve`'s --tls-dir / --api-keys over MOEMESH_TLS_DIR / MOEMESH_API_KEYS_FILE."""
+    return SecurityConfig.from_values(getattr(args, "tls_dir", None), getattr(args, "api_keys", None), env)
 
 
 def _optional_int(value: str | None) -> int | None:

@@ -18,6 +18,7 @@ from moemesh.sdk.errors import (
     Unavailable,
 )
 from moemesh.sdk.messages import Chunk, Completion, Sampling, TokenLogprob, TtftBreakdown, Usage
+from moemesh.sdk.tls import TlsOptions
 
 __all__ = [
     "Client",
@@ -27,6 +28,7 @@ __all__ = [
     "Chunk",
     "Completion",
     "Sampling",
+    "TlsOptions",
     "TokenLogprob",
     "TtftBreakdown",
     "Usage",

@@ -16,6 +16,7 @@ from moemesh._proto.v1 import gateway_pb2, gateway_pb2_grpc
 from moemesh.sdk.client import CHANNEL_OPTIONS
 from moemesh.sdk.errors import error_from_rpc
 from moemesh.sdk.messages import Chunk, Collector, Completion, build_request, chunk_from_proto
+from moemesh.sdk.tls import TlsOptions
 
 
 class AsyncStream(AsyncIterator[Chunk]):
@@ -72,11 +73,22 @@ class AsyncStream(AsyncIterator[Chunk]):
 class AsyncClient:
     """A grpc.aio connection to a gateway; create and use it inside one event loop, `aclose()` at the end."""
 
-    def __init__(self, target: str, *, timeout_s: float | None = None, api_key: str | None = None) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout_s: float | None = None,
+        api_key: str | None = None,
+        tls: TlsOptions | None = None,
+    ) -> None:
         self.target = target
         self.timeout_s = timeout_s
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
-        self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        if tls is None:
+            self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        else:
+            options = CHANNEL_OPTIONS + tls.channel_options()
+            self._channel = grpc.aio.secure_channel(target, tls.credentials(), options=options)
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
 
     def generate(

@@ -18,6 +18,7 @@ import grpc
 from moemesh._proto.v1 import gateway_pb2, gateway_pb2_grpc
 from moemesh.sdk.errors import error_from_rpc
 from moemesh.sdk.messages import Chunk, Collector, Completion, build_request, chunk_from_proto
+from moemesh.sdk.tls import TlsOptions
 
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
 
@@ -80,14 +81,25 @@ class Client:
     """A connection to a moemesh gateway. Thread-safe; close() (or `with`) releases the channel.
 
     timeout_s bounds each call (a gRPC deadline that every hop of the mesh honours); api_key is sent as
-    `authorization: Bearer <key>`.
+    `authorization: Bearer <key>`; tls connects with TLS (`TlsOptions.from_dir("certs/client")`).
     """
 
-    def __init__(self, target: str, *, timeout_s: float | None = None, api_key: str | None = None) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout_s: float | None = None,
+        api_key: str | None = None,
+        tls: TlsOptions | None = None,
+    ) -> None:
         self.target = target
         self.timeout_s = timeout_s
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
-        self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        if tls is None:
+            self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        else:
+            options = CHANNEL_OPTIONS + tls.channel_options()
+            self._channel = grpc.secure_channel(target, tls.credentials(), options=options)
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
 
     def generate(

@@ -4,10 +4,13 @@ registry use."""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from moemesh.config.security import TlsFiles
+from moemesh.transport.security import channel_credentials, mesh_channel_options
 from moemesh.transport.server import MAX_MESSAGE_BYTES
 
 CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
@@ -26,6 +29,26 @@ def aio_channel(target: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(target, options=list(CHANNEL_OPTIONS))
 
 
+@dataclass(frozen=True)
+class MeshChannels:
+    """Opens channels to other mesh services: plain, or mutual TLS with this process's certificate.
+    `MeshChannels(tls)` is itself the `(target) -> grpc.aio.Channel` factory the workers take."""
+
+    tls: TlsFiles | None = None
+
+    def __call__(self, target: str) -> grpc.aio.Channel:
+        if self.tls is None:
+            return aio_channel(target)
+        options = [*CHANNEL_OPTIONS, *mesh_channel_options(self.tls)]
+        return grpc.aio.secure_channel(target, channel_credentials(self.tls), options=options)
+
+    def sync(self, target: str) -> grpc.Channel:
+        if self.tls is None:
+            return insecure_channel(target)
+        options = [*CHANNEL_OPTIONS, *mesh_channel_options(self.tls)]
+        return grpc.secure_channel(target, channel_credentials(self.tls), options=options)
+
+
 def health_status(channel: grpc.Channel, service: str = "", timeout_s: float = 1.0) -> str:
     """One of SERVING, NOT_SERVING, SERVICE_UNKNOWN, or UNREACHABLE (no answer within timeout_s)."""
     stub = health_pb2_grpc.HealthStub(channel)
@@ -38,10 +61,12 @@ def health_status(channel: grpc.Channel, service: str = "", timeout_s: float = 1
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
-def wait_until_serving(target: str, timeout_s: float, service: str = "", poll_s: float = 0.05) -> bool:
+def wait_until_serving(
+    target: str, timeout_s: float, service: str = "", poll_s: float = 0.05, tls: TlsFiles | None = None
+) -> bool:
     """Polls target's health until SERVING; False when timeout_s passes first."""
     deadline = time.monotonic() + timeout_s
-    with insecure_channel(target) as channel:
+    with MeshChannels(tls).sync(target) as channel:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:

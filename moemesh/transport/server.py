@@ -19,6 +19,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from moemesh.config.security import TlsFiles
+from moemesh.transport.security import AccessInterceptor, AccessPolicy, server_credentials
+
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 64 << 20  # token-id prompts and the gRPC expert fallback; KV pages go over UCX
@@ -31,6 +34,8 @@ class ServerOptions:
     grace_s: float = 5.0
     max_message_bytes: int = MAX_MESSAGE_BYTES
     extra_options: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
+    tls: TlsFiles | None = None  # mutual TLS: callers must present a certificate of the mesh's CA
+    access: AccessPolicy | None = None  # who may call which service (API keys, mesh peers only)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -53,7 +58,9 @@ class MeshServer:
 
     def __init__(self, options: ServerOptions | None = None) -> None:
         self.options = options or ServerOptions()
-        self._server = grpc.aio.server(options=self.options.channel_options())
+        access = self.options.access
+        interceptors = [AccessInterceptor(access)] if access is not None else []
+        self._server = grpc.aio.server(options=self.options.channel_options(), interceptors=interceptors)
         self._health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         self._service_names: list[str] = []
@@ -80,7 +87,13 @@ class MeshServer:
         """Binds and starts serving RPCs; health stays NOT_SERVING until set_serving(). Returns the port."""
         names = [*self._service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
         reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], self._server)
-        port = self._server.add_insecure_port(f"{self.options.host}:{self.options.port}")
+        bind = f"{self.options.host}:{self.options.port}"
+        tls = self.options.tls
+        port = (
+            self._server.add_secure_port(bind, server_credentials(tls))
+            if tls
+            else self._server.add_insecure_port(bind)
+        )
         if port == 0:
             raise OSError(f"could not bind {self.options.host}:{self.options.port}")
         self._port = port

@@ -13,9 +13,10 @@ from moemesh.services.decode.servicer import DecodeServicer
 from moemesh.services.decode.worker import DecodeWorker
 from moemesh.services.engine_loop import EngineLoop, load_engine, stop_ucx, ucx_options
 from moemesh.services.registration import run_worker_server
-from moemesh.transport.channels import aio_channel
+from moemesh.transport.channels import MeshChannels
 from moemesh.transport.kv_ucx import UcxKvReceiver
 from moemesh.transport.peers import PeerSet, WorkerInfo
+from moemesh.transport.security import MeshSecurity
 from moemesh.transport.server import MeshServer, ServerOptions
 
 
@@ -24,17 +25,22 @@ def main(args: argparse.Namespace) -> int:
 
 
 async def serve(config: WorkerConfig) -> int:
+    security = MeshSecurity.from_config(config.security)
     loaded = await asyncio.to_thread(load_engine, config)
     loop = EngineLoop(loaded.engine)
     receiver = UcxKvReceiver(host=config.host, options=ucx_options(config))
     if not config.force_local_prefill:
         await receiver.start()
-    server = MeshServer(ServerOptions(host=config.host, port=config.port, grace_s=2.0))
+    server = MeshServer(
+        ServerOptions(
+            host=config.host, port=config.port, grace_s=2.0, tls=security.tls, access=security.access()
+        )
+    )
     leases = LeaseTable(loop, receiver, loaded.kv_layout, config.lease_ttl_s)
     loop.loop_needed = lambda: bool(leases.leases)  # KV coming in: keep the loop running during steps
     ucx_address = "" if config.force_local_prefill else receiver.address
     me = WorkerInfo(config.worker_id, config.role, "", ucx_address, loaded.fingerprint)
-    peers = PeerSet(me, aio_channel)
+    peers = PeerSet(me, MeshChannels(security.tls))
     worker = DecodeWorker(config, loop, leases, peers)
     servicer = DecodeServicer(worker, loaded.engine.max_model_len)
     server.add(worker_pb2_grpc.add_DecodeWorkerServicer_to_server, servicer, "moemesh.v1.DecodeWorker")

@@ -14,8 +14,9 @@ from moemesh.model.config import ModelConfig
 from moemesh.model.tokenizer import Tokenizer
 from moemesh.services.gateway.servicer import GatewayServicer
 from moemesh.services.gateway.worker import Gateway
-from moemesh.transport.channels import aio_channel
+from moemesh.transport.channels import MeshChannels
 from moemesh.transport.registry import Membership, RegistryServicer
+from moemesh.transport.security import MeshSecurity
 from moemesh.transport.server import MeshServer, ServerOptions, serve_until_signalled
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 async def serve(config: GatewayConfig) -> int:
+    security = MeshSecurity.from_config(config.security)
     model_dir = config.model_dir
     model_config = ModelConfig.from_file(model_dir / "config.json")
     tokenizer = Tokenizer(model_dir, model_config) if (model_dir / "tokenizer.json").is_file() else None
@@ -34,8 +36,16 @@ async def serve(config: GatewayConfig) -> int:
         expiry_intervals=max(1, math.ceil(config.worker_timeout_s / config.heartbeat_s)),
     )
     gateway = Gateway(config, membership, tokenizer, model_config.vocab_size,
-                      model_config.max_position_embeddings, aio_channel)  # fmt: skip
-    server = MeshServer(ServerOptions(host=config.host, port=config.port, grace_s=2.0))
+                      model_config.max_position_embeddings, MeshChannels(security.tls))  # fmt: skip
+    server = MeshServer(
+        ServerOptions(
+            host=config.host,
+            port=config.port,
+            grace_s=2.0,
+            tls=security.tls,
+            access=security.access(("moemesh.v1.Gateway",)),
+        )
+    )
     server.add(gateway_pb2_grpc.add_GatewayServicer_to_server, GatewayServicer(gateway), "moemesh.v1.Gateway")
     server.add(
         worker_pb2_grpc.add_RegistryServicer_to_server, RegistryServicer(membership), "moemesh.v1.Registry"

@@ -14,6 +14,7 @@ from moemesh.services.prefill.worker import PrefillWorker
 from moemesh.services.registration import run_worker_server
 from moemesh.transport.kv_ucx import UcxKvSender
 from moemesh.transport.peers import HandshakeAcceptor, WorkerInfo
+from moemesh.transport.security import MeshSecurity
 from moemesh.transport.server import MeshServer, ServerOptions
 
 log = logging.getLogger(__name__)
@@ -24,11 +25,16 @@ def main(args: argparse.Namespace) -> int:
 
 
 async def serve(config: WorkerConfig) -> int:
+    security = MeshSecurity.from_config(config.security)
     loaded = await asyncio.to_thread(load_engine, config)
     loop = EngineLoop(loaded.engine, exclusive=False)  # its event loop sends KV while the forward goes on
     sender = UcxKvSender(ucx_options(config), checksum=config.kv_checksum, timeout_s=config.lease_ttl_s)
     worker = PrefillWorker(config.worker_id, loop, sender)
-    server = MeshServer(ServerOptions(host=config.host, port=config.port, grace_s=2.0))
+    server = MeshServer(
+        ServerOptions(
+            host=config.host, port=config.port, grace_s=2.0, tls=security.tls, access=security.access()
+        )
+    )
     acceptor = HandshakeAcceptor(WorkerInfo(config.worker_id, "prefill", "", "", loaded.fingerprint), sender)
     servicer = PrefillServicer(worker, acceptor)
     server.add(worker_pb2_grpc.add_PrefillWorkerServicer_to_server, servicer, "moemesh.v1.PrefillWorker")

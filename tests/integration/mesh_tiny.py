@@ -62,9 +62,14 @@ class Mesh:
     workers: dict[str, str]
     pids: dict[str, int]
     lines: list[str] = field(default_factory=list)
+    tls_dir: str | None = None  # a mutual-TLS mesh: asks the workers with the mesh's own certificate
 
     def load(self, name: str) -> worker_pb2.LoadReport:
-        with grpc.insecure_channel(self.workers[name]) as channel:
+        from moemesh.config.security import SecurityConfig
+        from moemesh.transport.channels import MeshChannels
+
+        tls = SecurityConfig(tls_dir=self.tls_dir or "").tls_files()
+        with MeshChannels(tls).sync(self.workers[name]) as channel:
             stub = (worker_pb2_grpc.PrefillWorkerStub if name.startswith("prefill")
                     else worker_pb2_grpc.DecodeWorkerStub)(channel)  # fmt: skip
             return stub.GetLoad(worker_pb2.GetLoadRequest(), timeout=5)
@@ -109,9 +114,11 @@ class Mesh:
 
 def start_mesh(model_dir: Path | str, topology: str, *, num_decode: int = 1, num_prefill: int = 1,
                knobs: dict[str, str] | None = None, torch_threads: int | None = None,
-               timeout_s: float = 120.0, keep_going: bool = False) -> Mesh:  # fmt: skip
+               timeout_s: float = 120.0, keep_going: bool = False, tls_dir: str | None = None,
+               api_keys_file: str | None = None) -> Mesh:  # fmt: skip
     """Starts `moemesh up` and waits for `ready on`. knobs: MOEMESH_* environment (default TINY_ENV);
-    keep_going: `up --keep-going` (a killed worker does not stop the mesh)."""
+    keep_going: `up --keep-going` (a killed worker does not stop the mesh); tls_dir / api_keys_file: `up
+    --tls-dir` / `--api-keys`."""
     from moemesh.supervisor import free_ports
 
     port, http_port = free_ports(2)
@@ -122,6 +129,10 @@ def start_mesh(model_dir: Path | str, topology: str, *, num_decode: int = 1, num
         argv += ["--torch-threads", str(torch_threads)]
     if keep_going:
         argv.append("--keep-going")
+    if tls_dir:
+        argv += ["--tls-dir", tls_dir]
+    if api_keys_file:
+        argv += ["--api-keys", api_keys_file]
     full_env = {
         **os.environ,
         "UCX_TLS": "tcp,self",
@@ -130,7 +141,7 @@ def start_mesh(model_dir: Path | str, topology: str, *, num_decode: int = 1, num
     }
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env,
                                cwd=ROOT, bufsize=1)  # fmt: skip
-    mesh = Mesh(process, f"127.0.0.1:{port}", {}, {})
+    mesh = Mesh(process, f"127.0.0.1:{port}", {}, {}, tls_dir=tls_dir)
     ready = threading.Event()
 
     def pump() -> None:
