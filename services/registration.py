@@ -17,6 +17,38 @@ from moemesh.transport.server import MeshServer, serve_until_signalled
 log = logging.getLogger(__name__)
 
 
+async def drain(
+    me: WorkerInfo,
+    server: MeshServer,
+    client: RegistryClient | None,
+    heartbeats: asyncio.Task | None,
+    load: Callable[[], LoadReport],
+    grace_s: float,
+    poll_s: float = 0.05,
+) -> None:
+    """On SIGTERM: leave the mesh (no new requests are routed here), say NOT_SERVING, then wait until no
+    request runs, waits or holds pages, `grace_s` at most. What is left is cancelled when the server stops:
+    the gateway migrates a decode worker's requests, a decode worker retries a prefill worker's elsewhere."""
+    if heartbeats is not None:
+        heartbeats.cancel()
+    if client is not None:
+        await client.deregister()
+    await server.set_serving(False)
+    deadline = asyncio.get_running_loop().time() + grace_s
+    while True:
+        report = load()
+        busy = (report.num_running_requests + report.num_queued_requests + report.num_queued_tokens
+                + report.num_total_pages - report.num_free_pages)  # fmt: skip
+        if busy == 0:
+            log.info("%s drained", me.worker_id)
+            return
+        if asyncio.get_running_loop().time() >= deadline:
+            log.warning("%s: drain grace of %s s over with %d requests running and %d waiting; stopping",
+                        me.worker_id, grace_s, report.num_running_requests, report.num_queued_requests)  # fmt: skip
+            return
+        await asyncio.sleep(poll_s)
+
+
 async def run_worker_server(
     config: WorkerConfig,
     server: MeshServer,
@@ -32,13 +64,16 @@ async def run_worker_server(
     try:
         async with asyncio.TaskGroup() as tg:
             tasks = [tg.create_task(coro) for coro in background]
+            heartbeats = None
             if client is not None:
-                tasks.append(tg.create_task(client.run()))
+                heartbeats = tg.create_task(client.run())
                 await client.registered.wait()
                 log.info("%s registered with %s", me.worker_id, config.registry)
-            await serve_until_signalled(server)
-            if client is not None:
-                await client.deregister()
+
+            async def leave() -> None:
+                await drain(me, server, client, heartbeats, load, config.drain_grace_s)
+
+            await serve_until_signalled(server, drain=leave)
             for task in tasks:
                 task.cancel()
     finally:

@@ -20,6 +20,7 @@ environment. `moemesh serve <role>` hands its parsed flags (and the flags it did
     UCX transports ("" = any)      --ucx-transports              MOEMESH_UCX_TRANSPORTS
     UCX network devices ("" = all) --ucx-net-devices             MOEMESH_UCX_NET_DEVICES
     gateway in-flight limit        --max-inflight                MOEMESH_MAX_INFLIGHT
+    drain on SIGTERM, at most      --drain-grace-s               MOEMESH_DRAIN_GRACE_S
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ class WorkerConfig:
     torch_threads: int = 0
     ucx_transports: str = "tcp,self"  # UCX_TLS; "" lets UCX pick (cuda_ipc, rc, ... on GPU machines)
     ucx_net_devices: str = "lo"  # UCX_NET_DEVICES; "" = all
+    drain_grace_s: float = 30.0  # on SIGTERM: leave the mesh, then let requests finish this long at most
     security: SecurityConfig = field(default_factory=SecurityConfig)  # mutual TLS (docs/security.md)
 
     def __post_init__(self) -> None:
@@ -100,6 +102,7 @@ class WorkerConfig:
                 ("lease_ttl_s", self.lease_ttl_s > 0, "must be > 0"),
                 ("reaper_interval_s", self.reaper_interval_s > 0, "must be > 0"),
                 ("heartbeat_s", self.heartbeat_s > 0, "must be > 0"),
+                ("drain_grace_s", self.drain_grace_s >= 0, "must be >= 0"),
             ],
             self,
         )
@@ -138,6 +141,7 @@ class WorkerConfig:
             torch_threads=extra.torch_threads,
             ucx_transports=extra.ucx_transports,
             ucx_net_devices=extra.ucx_net_devices,
+            drain_grace_s=extra.drain_grace_s,
             security=security_from_args(args, env),
         )
 
@@ -228,4 +232,5 @@ def _worker_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument("--torch-threads", type=int, default=int(env.get("MOEMESH_TORCH_THREADS", 0)))
     p.add_argument("--ucx-transports", default=env.get("MOEMESH_UCX_TRANSPORTS", "tcp,self"))
     p.add_argument("--ucx-net-devices", default=env.get("MOEMESH_UCX_NET_DEVICES", "lo"))
+    p.add_argument("--drain-grace-s", type=float, default=float(env.get("MOEMESH_DRAIN_GRACE_S", 30.0)))
     return p

@@ -10,7 +10,7 @@ ready (model loaded, registered) -> ... -> `await server.stop()` (health says NO
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,8 +121,13 @@ class MeshServer:
             await self._health.set(name, status)
 
 
-async def serve_until_signalled(server: MeshServer, signals: tuple[int, ...] | None = None) -> int:
-    """Marks `server` SERVING, blocks until SIGINT or SIGTERM (or the server terminates), then stops it
+async def serve_until_signalled(
+    server: MeshServer,
+    signals: tuple[int, ...] | None = None,
+    drain: Callable[[], Awaitable[None]] | None = None,
+) -> int:
+    """Marks `server` SERVING, blocks until SIGINT or SIGTERM (or the server terminates), awaits `drain()`
+    (a worker leaves the mesh and lets its requests finish, the server still answering), then stops it
     gracefully. Returns the signal number that stopped it, or 0. The caller has already started it."""
     import asyncio
     import signal
@@ -144,6 +149,8 @@ async def serve_until_signalled(server: MeshServer, signals: tuple[int, ...] | N
         term_wait = asyncio.ensure_future(server.wait_for_termination())
         await asyncio.wait({stop_wait, term_wait}, return_when=asyncio.FIRST_COMPLETED)
         stop_wait.cancel()
+        if drain is not None and not term_wait.done():
+            await drain()
         log.info("stopping grpc server on %s (signal %s)", server.address, which[0] if which else "none")
         await server.stop()  # cancelling wait_for_termination first would cancel this shutdown too
         await term_wait

@@ -52,8 +52,10 @@ async def serve(config: GatewayConfig) -> int:
     )
     await server.start()
     try:
-        async with asyncio.TaskGroup():  # the gateway has no background loop of its own yet
+        async with asyncio.TaskGroup() as tg:
+            watcher = tg.create_task(gateway.watch_sessions(config.heartbeat_s))
             await serve_until_signalled(server)
+            watcher.cancel()
     finally:
         await gateway.close()
     return 0

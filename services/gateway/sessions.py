@@ -66,6 +66,16 @@ class DecodeSession:
                 with contextlib.suppress(MeshError):
                     await asyncio.shield(self._write(call, worker_pb2.SessionRequest(cancel=rid)))
 
+    @property
+    def num_active(self) -> int:
+        """Requests running on this session's stream now."""
+        return len(self._streams)
+
+    def abort(self) -> None:
+        """Breaks the stream (its requests fail with Unavailable and migrate); the next run() reopens it."""
+        if self._call is not None:
+            self._call.cancel()
+
     async def close(self) -> None:
         if self._call is not None:
             self._call.cancel()

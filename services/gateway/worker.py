@@ -176,6 +176,20 @@ class Gateway:
             self._channels[address] = self.channel_factory(address)
         return self._channels[address]
 
+    async def watch_sessions(self, interval_s: float) -> None:
+        """Every interval_s: a decode worker that dropped out of the membership (it missed its heartbeats for
+        `worker_timeout_s`: stopped, hung or cut off, with its socket still open) has its session broken, so
+        its requests migrate now rather than when TCP keepalive gives up (30 s)."""
+        while True:
+            await asyncio.sleep(interval_s)
+            self.membership.expire()
+            live = {m.worker_id for m in self.membership.members()}
+            for session in list(self._sessions.values()):
+                if session.num_active and session.name not in live:
+                    log.warning("decode worker %s left the membership with %d requests in flight; migrating "
+                                "them", session.name, session.num_active)  # fmt: skip
+                    session.abort()
+
     async def close(self) -> None:
         for session in self._sessions.values():
             await session.close()
