@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from moemesh.config.engine import EngineConfig
+from moemesh.config.mesh import resolve_model_dir
 from moemesh.engine.engine import Engine, RequestOutput
 from moemesh.engine.sampling_params import SamplingParams
 from moemesh.model.batch import ForwardBatch
@@ -40,13 +41,6 @@ class Logprob:
     token_id: int
     logprob: float  # raw log-probability under the model (before penalties and temperature)
     top: tuple[tuple[int, float], ...]  # the top-n (token id, logprob), best first
-
-
-def resolve_model_dir(model: str | Path) -> Path:
-    path = DEMO_DIR if str(model) == "demo" else Path(model)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"model directory {path} has no config.json")
-    return path
 
 
 def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:

@@ -34,13 +34,21 @@ from pathlib import Path
 from moemesh.config.engine import EngineConfig
 from moemesh.config.security import SecurityConfig
 
+# The demo checkpoint: `models/demo` in a source checkout (and an editable install); the data-only package
+# `moemesh.demo` in an installed wheel (setup.py ships it there).
 DEMO_DIR = Path(__file__).resolve().parent.parent.parent / "models" / "demo"
+WHEEL_DEMO_DIR = Path(__file__).resolve().parent.parent / "demo"
 DTYPES = ("auto", "float32", "bfloat16")
 
 
-def resolve_model_dir(model: str) -> Path:
+def demo_dir() -> Path:
+    """Where the demo checkpoint lies: the source checkout's when there is one, else the installed wheel's."""
+    return DEMO_DIR if (DEMO_DIR / "config.json").is_file() else WHEEL_DEMO_DIR
+
+
+def resolve_model_dir(model: str | Path) -> Path:
     """'demo' is the bundled checkpoint; anything else is a directory with a config.json."""
-    path = DEMO_DIR if model == "demo" else Path(model)
+    path = demo_dir() if str(model) == "demo" else Path(model)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"model directory {path} has no config.json")
     return path
