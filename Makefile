@@ -6,7 +6,10 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 PYTEST_CPU := -m "not gpu and not multi_gpu" -p no:cacheprovider
 
-.PHONY: setup run test test-fast test-gpu bench proto lint helm-lint clean
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE ?= moemesh
+
+.PHONY: setup run test test-fast test-gpu bench proto lint helm-lint image clean
 
 setup: $(VENV)/.stamp
 
@@ -28,6 +31,21 @@ run: setup
 test: setup
 	TRITON_INTERPRET=1 $(PY) -m pytest tests/kernels $(PYTEST_CPU) -q
 	$(PY) -m pytest tests $(PYTEST_CPU) --ignore=tests/kernels -q
+
+# The quick lane (about a minute): unit and chart tests, no kernels under the interpreter, no meshes, nothing slow.
+test-fast: setup
+	$(PY) -m pytest tests/unit tests/helm -m "not gpu and not multi_gpu and not slow" -p no:cacheprovider -q
+
+# The Helm chart rendered by real Helm (embedded, offline) for every value set, strict lint, every object checked
+# against Kubernetes' schemas, the commands the pods and images run checked against the CLI, hadolint.
+helm-lint: setup
+	$(PY) -m pytest tests/helm $(PYTEST_CPU) -q
+
+# The CUDA 13 image (moemesh:VERSION) and the CPU one (moemesh:VERSION-cpu), where a Docker engine runs.
+image:
+	@docker info > /dev/null 2>&1 || { echo "make image: no Docker engine answers here (docker info failed)" >&2; exit 1; }
+	docker build -f Dockerfile -t $(IMAGE):$(VERSION) .
+	docker build -f Dockerfile.cpu -t $(IMAGE):$(VERSION)-cpu .
 
 test-gpu:
 	python3 -m pytest tests -m "gpu" -q
