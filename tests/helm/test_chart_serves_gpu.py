@@ -1,0 +1,79 @@
+"""On a CUDA machine: the default chart's pods, as processes on one host, serve. The gateway, prefill and decode
+commands are taken from the rendered Deployments (only the addresses change: every pod has its own IP there,
+here they share 127.0.0.1 on free ports) with the prefill/decode ConfigMap as the environment — so UCX runs
+with the chart's defaults (no transport or device restriction: UCX picks cuda_ipc / TCP itself) — and a greedy
+request through the SDK returns the in-process engine's tokens."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from moemesh.supervisor import ChildSpec, Supervisor, free_ports
+from tests.helm.chart import NAME, rendered
+
+pytestmark = pytest.mark.gpu
+# longer than the decode worker's local_prefill_tokens (16), so the prefill pod computes it and sends the KV
+PROMPT = (
+    "To Sherlock Holmes she is always the woman. I have seldom heard him mention her under any other name. "
+    "In his eyes she eclipses and predominates the whole of her sex."
+)
+
+
+def _local(args: list[str], port: int, gateway: str, worker_id: str) -> tuple[str, ...]:
+    """The pod's args with this host's addresses; the metrics port dropped (one per pod there)."""
+    out, skip = [], False
+    for i, arg in enumerate(args):
+        if skip:
+            skip = False
+            continue
+        previous = args[i - 1] if i else ""
+        if arg == "--http-port" and args[0] != "gateway":
+            skip = True
+            continue
+        if previous == "--port":
+            arg = str(port)
+        elif previous == "--registry":
+            arg = gateway
+        elif previous == "--host":
+            arg = "127.0.0.1"
+        elif previous == "--http-port":
+            arg = str(free_ports(1)[0])
+        out.append(re.sub(r"\$\(POD_NAME\)", worker_id, arg))
+    return tuple(out)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_default_charts_commands_serve_on_a_gpu(monkeypatch):
+    serve_the_charts_commands("default", "cuda", monkeypatch)
+
+
+def serve_the_charts_commands(value_set: str, device: str, monkeypatch) -> None:
+    from moemesh import LLM, SamplingParams
+    from moemesh.sdk import Client
+
+    r = rendered(value_set)
+    for key, value in r.of("ConfigMap")[f"{NAME}-decode"]["data"].items():
+        monkeypatch.setenv(key, value)
+    assert r.of("ConfigMap")[f"{NAME}-prefill"]["data"] == r.of("ConfigMap")[f"{NAME}-decode"]["data"]
+    ports = dict(zip(("gateway", "prefill", "decode"), free_ports(3), strict=True))
+    gateway = f"127.0.0.1:{ports['gateway']}"
+    specs = []
+    for role, port in ports.items():
+        args = r.container(role)["args"]
+        pairs = set(zip(args, args[1:], strict=False))
+        assert args[0] == "serve" and (role == "gateway" or ("--device", device) in pairs)
+        specs.append(ChildSpec(role, _local(args[1:], port, gateway, f"{role}-0"), port))
+    supervisor = Supervisor(specs, startup_timeout_s=300)
+    try:
+        supervisor.start()
+        supervisor.wait_ready()
+        with Client(gateway, timeout_s=120) as client:
+            chunks = list(client.generate(prompt=PROMPT, max_tokens=16, temperature=0))
+        expected = LLM("demo", device=device).generate([PROMPT], SamplingParams(max_tokens=16))[0]
+        assert [t for c in chunks for t in c.token_ids] == expected.token_ids
+        assert chunks[-1].usage.ttft.remote_prefill  # the prompt went through the prefill pod's command
+    finally:
+        supervisor.stop()
