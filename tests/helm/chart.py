@@ -128,3 +128,26 @@ def _validator(kind: str, api_version: str, kubernetes: str):
 def validate(obj: dict, kubernetes: str) -> None:
     """Raises jsonschema.ValidationError (naming the field) when `obj` is not a valid object of its kind."""
     _validator(obj["kind"], obj["apiVersion"], kubernetes).validate(obj)
+
+
+DEFAULT_COMMANDS = Path(__file__).with_name("default_commands.json")
+
+
+def pod_commands(value_set: str) -> dict[str, dict]:
+    """role -> {"args": the container's args, "env": its ConfigMap}: what each pod of a value set runs."""
+    r = rendered(value_set)
+    config_maps = {name: obj.get("data") or {} for name, obj in r.of("ConfigMap").items()}
+    out = {}
+    for name, deployment in r.of("Deployment").items():
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        (source,) = container["envFrom"]
+        role = name.removeprefix(f"{NAME}-")
+        out[role] = {"args": container["args"], "env": config_maps[source["configMapRef"]["name"]]}
+    return out
+
+
+if __name__ == "__main__":  # python -m tests.helm.chart: rewrite default_commands.json (the GPU test's input)
+    import json
+
+    DEFAULT_COMMANDS.write_text(json.dumps(pod_commands("default"), indent=2, sort_keys=True) + "\n")
+    print(f"wrote {DEFAULT_COMMANDS}")

@@ -6,13 +6,25 @@ refuses."""
 from __future__ import annotations
 
 import base64
+import json
 
 import helm_python as helm
 import jsonschema
 import kubernetes_validate
 import pytest
 
-from tests.helm.chart import CHART, NAME, RELEASE, VALUE_SETS, chart, render, rendered, validate
+from tests.helm.chart import (
+    CHART,
+    DEFAULT_COMMANDS,
+    NAME,
+    RELEASE,
+    VALUE_SETS,
+    chart,
+    pod_commands,
+    render,
+    rendered,
+    validate,
+)
 
 KUBERNETES = kubernetes_validate.latest_version()  # the newest Kubernetes the validator knows
 TOP_LEVEL_KEYS = {
@@ -305,3 +317,10 @@ def test_the_schema_refuses_bad_values_naming_the_field(values, message):
     with pytest.raises(helm.HelmValuesError) as caught:
         render(values)
     assert message in str(caught.value)
+
+
+def test_default_commands_json_is_the_default_render():
+    """The GPU test serves these commands (no Helm there); regenerate with `python -m tests.helm.chart`."""
+    assert json.loads(DEFAULT_COMMANDS.read_text()) == pod_commands("default"), (
+        "tests/helm/default_commands.json is stale: python -m tests.helm.chart"
+    )

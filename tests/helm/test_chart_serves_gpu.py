@@ -1,18 +1,22 @@
 """On a CUDA machine: the default chart's pods, as processes on one host, serve. The gateway, prefill and decode
-commands are taken from the rendered Deployments (only the addresses change: every pod has its own IP there,
+commands are those of the rendered Deployments (default_commands.json, which test_chart.py keeps equal to a
+fresh render: the GPU machines have no Helm) (only the addresses change: every pod has its own IP there,
 here they share 127.0.0.1 on free ports) with the prefill/decode ConfigMap as the environment — so UCX runs
 with the chart's defaults (no transport or device restriction: UCX picks cuda_ipc / TCP itself) — and a greedy
 request through the SDK returns the in-process engine's tokens."""
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
 
 from moemesh.supervisor import ChildSpec, Supervisor, free_ports
-from tests.helm.chart import NAME, rendered
+
+DEFAULT_COMMANDS = Path(__file__).with_name("default_commands.json")
 
 pytestmark = pytest.mark.gpu
 # longer than the decode worker's local_prefill_tokens (16), so the prefill pod computes it and sends the KV
@@ -47,22 +51,22 @@ def _local(args: list[str], port: int, gateway: str, worker_id: str) -> tuple[st
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_the_default_charts_commands_serve_on_a_gpu(monkeypatch):
-    serve_the_charts_commands("default", "cuda", monkeypatch)
+    serve_the_charts_commands(json.loads(DEFAULT_COMMANDS.read_text()), "cuda", monkeypatch)
 
 
-def serve_the_charts_commands(value_set: str, device: str, monkeypatch) -> None:
+def serve_the_charts_commands(commands: dict[str, dict], device: str, monkeypatch) -> None:
+    """commands: role -> {"args", "env"} (tests.helm.chart.pod_commands)."""
     from moemesh import LLM, SamplingParams
     from moemesh.sdk import Client
 
-    r = rendered(value_set)
-    for key, value in r.of("ConfigMap")[f"{NAME}-decode"]["data"].items():
+    for key, value in commands["decode"]["env"].items():
         monkeypatch.setenv(key, value)
-    assert r.of("ConfigMap")[f"{NAME}-prefill"]["data"] == r.of("ConfigMap")[f"{NAME}-decode"]["data"]
+    assert commands["prefill"]["env"] == commands["decode"]["env"]
     ports = dict(zip(("gateway", "prefill", "decode"), free_ports(3), strict=True))
     gateway = f"127.0.0.1:{ports['gateway']}"
     specs = []
     for role, port in ports.items():
-        args = r.container(role)["args"]
+        args = commands[role]["args"]
         pairs = set(zip(args, args[1:], strict=False))
         assert args[0] == "serve" and (role == "gateway" or ("--device", device) in pairs)
         specs.append(ChildSpec(role, _local(args[1:], port, gateway, f"{role}-0"), port))
