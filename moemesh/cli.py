@@ -220,11 +220,19 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 # --- main -------------------------------------------------------------------------------------------------
 
+
+def _add_bench(subparsers: argparse._SubParsersAction) -> None:
+    from moemesh.benchmark.cli import add_parser
+
+    add_parser(subparsers)
+
+
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_up,
     _add_serve,
     _add_generate,
     tls_certs.add_parser,
+    _add_bench,
 ]
 
 

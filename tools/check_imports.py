@@ -19,12 +19,14 @@ ALLOWED: dict[str, set[str]] = {
     "config": set(),
     "telemetry": set(),
     "sdk": {"_proto"},
+    "benchmark": {"sdk"},  # the client side of `moemesh bench`
     "_proto": set(),
 }
 # Third-party modules a subpackage must never import.
 FORBIDDEN_EXTERNAL: dict[str, set[str]] = {
     "engine": {"grpc", "ucxx"},
     "sdk": {"torch", "triton", "numpy"},
+    "benchmark": {"torch", "triton", "numpy"},
     "kernels": {"grpc", "ucxx"},
     "model": {"grpc", "ucxx"},
     "config": {"torch"},

@@ -17,7 +17,7 @@ from moemesh.sdk.errors import (
     Unauthenticated,
     Unavailable,
 )
-from moemesh.sdk.messages import Chunk, Completion, Sampling, TokenLogprob, TtftBreakdown, Usage
+from moemesh.sdk.messages import Chunk, Completion, ModelInfo, Sampling, TokenLogprob, TtftBreakdown, Usage
 from moemesh.sdk.tls import TlsOptions
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "AsyncStream",
     "Chunk",
     "Completion",
+    "ModelInfo",
     "Sampling",
     "TlsOptions",
     "TokenLogprob",

@@ -15,7 +15,7 @@ import grpc
 from moemesh._proto.v1 import gateway_pb2, gateway_pb2_grpc
 from moemesh.sdk.client import CHANNEL_OPTIONS
 from moemesh.sdk.errors import error_from_rpc
-from moemesh.sdk.messages import Chunk, Collector, Completion, build_request, chunk_from_proto
+from moemesh.sdk.messages import Chunk, Collector, Completion, ModelInfo, build_request, chunk_from_proto
 from moemesh.sdk.tls import TlsOptions
 
 
@@ -120,6 +120,11 @@ class AsyncClient:
     async def list_models(self) -> list[str]:
         reply = await self._unary(self._stub.ListModels, gateway_pb2.ListModelsRequest())
         return [m.id for m in reply.models]
+
+    async def models(self) -> list[ModelInfo]:
+        """list_models with each model's context length and vocabulary size."""
+        reply = await self._unary(self._stub.ListModels, gateway_pb2.ListModelsRequest())
+        return [ModelInfo(m.id, m.max_context_tokens, m.vocab_size) for m in reply.models]
 
     async def aclose(self) -> None:
         await self._channel.close()

@@ -17,7 +17,7 @@ import grpc
 
 from moemesh._proto.v1 import gateway_pb2, gateway_pb2_grpc
 from moemesh.sdk.errors import error_from_rpc
-from moemesh.sdk.messages import Chunk, Collector, Completion, build_request, chunk_from_proto
+from moemesh.sdk.messages import Chunk, Collector, Completion, ModelInfo, build_request, chunk_from_proto
 from moemesh.sdk.tls import TlsOptions
 
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
@@ -136,6 +136,11 @@ class Client:
 
     def list_models(self) -> list[str]:
         return [m.id for m in self._unary(self._stub.ListModels, gateway_pb2.ListModelsRequest()).models]
+
+    def models(self) -> list[ModelInfo]:
+        """list_models with each model's context length and vocabulary size."""
+        reply = self._unary(self._stub.ListModels, gateway_pb2.ListModelsRequest())
+        return [ModelInfo(m.id, m.max_context_tokens, m.vocab_size) for m in reply.models]
 
     def close(self) -> None:
         self._channel.close()

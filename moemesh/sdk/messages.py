@@ -53,6 +53,15 @@ class Chunk:
 
 
 @dataclass(frozen=True)
+class ModelInfo:
+    """A model the gateway serves (ListModels)."""
+
+    id: str
+    max_context_tokens: int  # prompt + output tokens of one request
+    vocab_size: int
+
+
+@dataclass(frozen=True)
 class Completion:
     token_ids: list[int]
     text: str
