@@ -139,6 +139,9 @@ class OpenAIBackend:
                     return
                 yield event
 
+    async def aclose(self) -> None:
+        await self._session.close()
+
 
 def sse_event(raw: bytes) -> StreamEvent | str | None:
     """One line of a completions event stream: a StreamEvent, "[DONE]", or None (blank, comment, other field).

@@ -31,7 +31,8 @@ class KernelRow:
 
 def _mla_decode(d: dict) -> list[KernelRow]:
     rows = [KernelRow("mla_decode", f"b{r['batch']} ctx{r['ctx']} bf16", f"{r['bf16_us']:.1f} us",
-                      r["torch_us"] / r["bf16_us"], "torch absorbed MLA", r["bf16_pct_copy"] / 100, "copy bw")
+                      r["torch_us"] / r["bf16_us"] if r.get("torch_us") else None, "torch absorbed MLA",
+                      r["bf16_pct_copy"] / 100, "copy bw")
             for r in d.get("decode", [])]  # fmt: skip
     rows += [KernelRow("mla_pack", f"{r['op']} {r['pages']}p", f"{r['us']:.1f} us", None, "-",
                        r["pct_copy"] / 100, "copy bw") for r in d.get("pack", [])]  # fmt: skip
@@ -47,8 +48,8 @@ def _mla_prefill(d: dict) -> list[KernelRow]:
 def _fp8_gemm(d: dict) -> list[KernelRow]:
     top = d.get("scaled_mm_8192_tflops")
     rows = [KernelRow("fp8_grouped", f"e{r['experts']} m{r['rows']} n{r['n']} k{r['k']}",
-                      f"{r['ours_tflops']:.0f} TFLOP/s", r["ratio"], "peer grouped GEMM",
-                      r["ours_tflops"] / top if top else None, "torch._scaled_mm 8192^3")
+                      f"{r['ours_tflops']:.0f} TFLOP/s", r["ratio"], "torch._scaled_grouped_mm",
+                      r["ours_tflops"] / top if top else None, "torch._scaled_mm at 8192^3")
             for r in d.get("contiguous", [])]  # fmt: skip
     rows += [KernelRow("fp8_dense", f"{r['proj']} m{r['m']}", f"{r['ours_us']:.1f} us", r["speedup"],
                        "torch._scaled_mm", None, "-") for r in d.get("dense", [])]  # fmt: skip
@@ -57,7 +58,7 @@ def _fp8_gemm(d: dict) -> list[KernelRow]:
 
 def _moe_route(d: dict) -> list[KernelRow]:
     return [KernelRow("moe_route", f"{r['op']} t{r['tokens']}", f"{r['ours_us']:.1f} us", r["speedup"],
-                      "torch", None, "-") for r in d.get("rows", [])]  # fmt: skip
+                      "plain torch", None, "-") for r in d.get("rows", [])]  # fmt: skip
 
 
 def _sample(d: dict) -> list[KernelRow]:

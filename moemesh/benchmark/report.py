@@ -67,6 +67,8 @@ def ratios(ours: dict, peer: dict) -> dict:
     """ours / peer for every numeric metric the table shows (throughputs: > 1 is better; latencies: < 1)."""
     out = {}
     for key in TABLE_KEYS:
+        if key in ("completed", "failed", "duration"):
+            continue
         a, b = ours.get(key), peer.get(key)
         if isinstance(a, int | float) and isinstance(b, int | float) and b:
             out[key] = a / b

@@ -113,16 +113,16 @@ class Mesh:
 def start_mesh(model_dir: Path | str, topology: str, *, num_decode: int = 1, num_prefill: int = 1,
                knobs: dict[str, str] | None = None, torch_threads: int | None = None,
                timeout_s: float = 120.0, keep_going: bool = False, tls_dir: str | None = None,
-               api_keys_file: str | None = None) -> Mesh:  # fmt: skip
+               api_keys_file: str | None = None, device: str = "cpu") -> Mesh:  # fmt: skip
     """Starts `moemesh up` and waits for `ready on`. knobs: MOEMESH_* environment (default TINY_ENV);
     keep_going: `up --keep-going` (a killed worker does not stop the mesh); tls_dir / api_keys_file: `up
-    --tls-dir` / `--api-keys`."""
+    --tls-dir` / `--api-keys`; device: `up --device`."""
     from moemesh.supervisor import free_ports
 
     port, http_port = free_ports(2)
     argv = [sys.executable, "-m", "moemesh.cli", "up", "--model", str(model_dir), "--topology", topology,
             "--decode", str(num_decode), "--prefill", str(num_prefill), "--port", str(port),
-            "--http-port", str(http_port), "--startup-timeout", str(timeout_s)]  # fmt: skip
+            "--http-port", str(http_port), "--startup-timeout", str(timeout_s), "--device", device]  # fmt: skip
     if torch_threads is not None:
         argv += ["--torch-threads", str(torch_threads)]
     if keep_going:

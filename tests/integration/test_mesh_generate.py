@@ -307,3 +307,32 @@ def test_idle_workers_do_not_spin(pd_mesh):
         name: (_cpu_ticks(pid) - before[name]) / os.sysconf("SC_CLK_TCK") / 2.0 for name, pid in pids.items()
     }
     assert all(cores < 0.15 for cores in used.values()), used
+
+
+def test_bench_serve_against_the_mesh_completes_every_request_with_every_token(pd1_mesh, tmp_path):
+    """`moemesh bench serve` through the SDK: a single run and a two-rate sweep, JSON + PNG written."""
+    import json
+    import subprocess
+    import sys
+
+    def bench(out, *args: str) -> dict:
+        argv = [sys.executable, "-m", "moemesh.cli", "bench", "serve", "--target", pd1_mesh.address,
+                "--num-prompts", "6", "--input-len", "20", "--output-len", "8", "--range-ratio", "0",
+                "--no-progress", "--result-file", str(out), *args]  # fmt: skip
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        return json.loads(out.read_text())
+
+    single = bench(tmp_path / "one.json", "--request-rate", "40", "--slo-ttft-ms", "60000")
+    assert {"name", "card", "date", "commit", "config", "metrics", "peer", "ratio"} <= single.keys()
+    m = single["metrics"]
+    assert (m["completed"], m["failed"], m["total_input_tokens"], m["total_output_tokens"]) == (6, 0, 120, 48)
+    assert m["request_goodput"] == pytest.approx(m["request_throughput"])
+    assert 0 < m["median_ttft_ms"] <= m["p99_ttft_ms"] <= m["p99_e2el_ms"]
+    sweep = bench(tmp_path / "sweep.json", "--sweep", "40,inf", "--concurrency", "3")
+    assert [(r["request_rate"], r["completed"], r["total_output_tokens"]) for r in sweep["metrics"]] == [
+        (40.0, 6, 48),
+        ("inf", 6, 48),
+    ]
+    assert pd1_mesh.wait_settled() == {name: 0 for name in pd1_mesh.workers}
