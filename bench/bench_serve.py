@@ -4,7 +4,7 @@ client through the SDK), each workload swept over request rates. Metrics as `moe
 (vLLM's names); `ratio` = each deployment's metric / the peer's at the same rate.
 
 * CPU (default): the demo model, 32 prompts of 64 tokens, 64 new tokens each, rates 4, 8, 16 and inf; the
-  engine's default knobs on every side.
+  engine's default knobs on every side, one torch thread in every process (`--torch-threads`).
 * CUDA (`--device cuda`): V2-Lite shapes with random weights (`--model DIR`, built there when empty; `--fp8`
   for DeepSeek FP8 blocks), colocated and pd with both processes on the one GPU (16 GB of KV each), 512-token
   prompts with 128 new tokens swept over rates, and a prefill-heavy mix; the peer is colocated.
@@ -86,11 +86,12 @@ def run_in_process(model: str, device: str, workloads: list[Workload]) -> dict:
     return result
 
 
-def run_mesh(model: str, topology: str, device: str, workloads: list[Workload], knobs: dict) -> dict:
+def run_mesh(model: str, topology: str, device: str, workloads: list[Workload], knobs: dict,
+             threads: int | None) -> dict:  # fmt: skip
     from moemesh.sdk import Client
     from tests.integration.mesh_tiny import start_mesh
 
-    mesh = start_mesh(model, topology, knobs=knobs, device=device, timeout_s=600)
+    mesh = start_mesh(model, topology, knobs=knobs, device=device, timeout_s=600, torch_threads=threads)
     try:
         with Client(mesh.address) as client:
             vocab = client.models()[0].vocab_size
@@ -119,6 +120,9 @@ def main() -> None:
     parser.add_argument("--peer", default=None, help="the deployment the ratios divide by")
     parser.add_argument("--workload", action="append", default=None, metavar="NAME:IN:OUT:N:R1/R2/...")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--torch-threads", type=int, default=None, metavar="N",
+                        help="torch threads of every process (in-process and each worker); cpu default 1: on a "
+                             "shared or small box more threads spin in OpenMP barriers")  # fmt: skip
     parser.add_argument("--name", default=None)
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
@@ -139,6 +143,9 @@ def main() -> None:
             ensure(Path(args.model or f"/tmp/v2-lite-{'fp8' if args.fp8 else 'bf16'}"), args.fp8, args.layers)
         )
     knobs = GPU_KNOBS if cuda else {}
+    threads = args.torch_threads or (None if cuda else 1)
+    if threads:
+        torch.set_num_threads(threads)
     card = torch.cuda.get_device_name() if cuda else "cpu"
     meta = header(name, card)  # the load average before the run
     metrics, seconds = {}, {}
@@ -148,7 +155,7 @@ def main() -> None:
             if topology == "in-process":
                 metrics[topology] = run_in_process(model, args.device, workloads)
             else:
-                metrics[topology] = run_mesh(model, topology, args.device, workloads, knobs)
+                metrics[topology] = run_mesh(model, topology, args.device, workloads, knobs, threads)
         except Exception as err:  # noqa: BLE001 - one failed deployment must not lose the others' numbers
             metrics[topology] = {"error": f"{type(err).__name__}: {err}"}
             print(f"{topology}: FAILED: {metrics[topology]['error']}")
@@ -173,7 +180,7 @@ def report(args, meta, name, model, topologies, peer, workloads, metrics, second
         print_table(rows)
     config = {"model": model, "device": args.device, "fp8_checkpoint": args.fp8, "layers": args.layers,
               "topologies": topologies, "knobs": GPU_KNOBS if args.device == "cuda" else "engine defaults",
-              "torch_threads_in_process": torch.get_num_threads(), "seed": args.seed,
+              "torch_threads_per_process": torch.get_num_threads(), "seed": args.seed,
               "workloads": [{"name": w.name, "num_prompts": w.synth.num_prompts, "input_len": w.synth.input_len,
                              "output_len": w.synth.output_len, "request_rates": list(w.rates)} for w in workloads],
               "seconds_per_topology": seconds, "client": "SDK (grpc.aio) in this process; sampling greedy, ignore_eos"}  # fmt: skip
