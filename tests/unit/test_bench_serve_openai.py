@@ -96,7 +96,8 @@ def test_openai_stream_counts_every_token_and_writes_json_and_png(server, tmp_pa
     assert m["request_goodput"] == pytest.approx(m["request_throughput"])
     assert m["mean_tpot_ms"] >= 2.0  # the server sleeps 2 ms before each token
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    sent = server.bodies[-6:]  # the warm-up request came first
+    sent = server.bodies[-6:]  # the 4 warm-up requests came first
+    assert len(server.bodies) == 4 + 6
     assert all(b["model"] == "fake-model" and len(b["prompt"]) == 10 and b["max_tokens"] == 7 for b in sent)
     assert all(b["ignore_eos"] is True and b["stream_options"] == {"include_usage": True} for b in sent)
 
