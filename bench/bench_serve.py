@@ -194,7 +194,8 @@ def report(args, meta, name, model, topologies, peer, workloads, metrics, second
         curves = {t: sanitize(metrics[t][w.name]) for t in topologies if "error" not in metrics[t]}
         png = Path(args.out) / (f"{name}.png" if i == 0 else f"{name}-{w.name}.png")
         title = (f"{w.name}: {w.synth.num_prompts} x ({w.synth.input_len} in, {w.synth.output_len} new), {model}, "
-                 f"{meta['card']}, {meta['commit']}")  # fmt: skip
+                 f"{meta['card']}, {meta['commit']}, load avg {meta['client_host_load_avg_1_5_15'][0]} -> "
+                 f"{load_after[0]}")  # fmt: skip
         print("wrote", plot_sweep(png, curves, title))
 
 

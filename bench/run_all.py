@@ -2,9 +2,11 @@
 summary line per benchmark at the end (`make bench`). Results land in bench/results/ (or --out) as each
 benchmark writes them: JSON + PNG with card, date and commit.
 
-* always: `bench_mesh` (CPU, demo model: the pd mesh against the in-process engine);
+* always: `bench_mesh` (CPU, demo model: the pd mesh against the in-process engine) and `bench_serve` (CPU, demo
+  model: in-process vs colocated vs pd at several request rates);
 * with one CUDA GPU: MLA decode + pack/unpack, MLA prefill, FP8 GEMMs, MoE routing, sampling, the engine
-  (BF16 and FP8, against transformers), and `pytest -m gpu` first (a benchmark of wrong kernels is worthless);
+  (BF16 and FP8, against transformers), the serving benchmark at V2-Lite shapes (colocated and pd on the one
+  GPU, BF16 and FP8), and `pytest -m gpu` first (a benchmark of wrong kernels is worthless);
 * with two or more: the P -> D KV transfer over UCX against NCCL.
 
     python -m bench.run_all [--only mesh,mla,...] [--skip-tests] [--out DIR] [--quick]
@@ -38,6 +40,9 @@ JOBS = (
     Job("engine", ("-m", "bench.bench_engine", "--fp8"), 1, 1800),
     Job("kv_transfer", ("-m", "bench.bench_kv_transfer", "--device", "cuda"), 2, 900),
     Job("mesh", ("-m", "bench.bench_mesh"), 0, 900, ()),
+    Job("serve", ("-m", "bench.bench_serve"), 0, 900, ()),
+    Job("serve_gpu", ("-m", "bench.bench_serve", "--device", "cuda"), 1, 900, ()),
+    Job("serve_gpu_fp8", ("-m", "bench.bench_serve", "--device", "cuda", "--fp8"), 1, 900, ()),
 )
 
 

@@ -14,9 +14,10 @@ def _names(jobs) -> list[str]:
 
 def test_a_cpu_machine_runs_the_mesh_bench_and_says_why_it_skips_the_rest():
     run, skipped = plan(None, skip_tests=False, gpus=0)
-    assert _names(run) == ["mesh"]
+    assert _names(run) == ["mesh", "serve"]
     assert dict(skipped)["kv_transfer"] == "needs 2 CUDA GPU(s), this machine has 0"
     assert dict(skipped)["mla"] == "needs 1 CUDA GPU(s), this machine has 0"
+    assert dict(skipped)["serve_gpu"] == "needs 1 CUDA GPU(s), this machine has 0"
     assert len(run) + len(skipped) == len(JOBS)
 
 
