@@ -77,9 +77,10 @@ class GrpcBackend:
 class OpenAIBackend:
     """An OpenAI-compatible server: `base_url` is http://HOST:PORT or http://HOST:PORT/v1.
 
-    Prompts go as token-id arrays (the completions API accepts them) or text; each streamed chunk counts as
-    as many tokens as its `logprobs.tokens` lists when present, else one per chunk with text; the final
-    `usage` (stream_options.include_usage) gives the exact counts."""
+    Prompts go as token-id arrays (the completions API accepts them) or text. Each streamed chunk with a
+    choice counts as as many tokens as its `logprobs.tokens` lists when present, else one (as vLLM's
+    benchmark counts: a chunk whose token's text is held back still marks the token's arrival); the final
+    `usage` chunk (stream_options.include_usage) gives the exact count, which TPOT uses."""
 
     name = "openai"
 
@@ -158,6 +159,7 @@ def sse_event(raw: bytes) -> StreamEvent | str | None:
     num_tokens = 0
     for choice in msg.get("choices") or []:
         tokens = (choice.get("logprobs") or {}).get("tokens")
-        num_tokens += len(tokens) if tokens is not None else int(bool(choice.get("text")))
+        # vLLM's rule: a chunk with a choice is (at least) a token
+        num_tokens += len(tokens) if tokens is not None else 1
     usage = msg.get("usage") or {}
     return StreamEvent(num_tokens, usage.get("prompt_tokens"), usage.get("completion_tokens"))

@@ -131,6 +131,11 @@ def test_sse_lines_of_an_openai_completions_stream():
     assert sse_event(b"data: " + json.dumps(chunk).encode() + b"\n") == StreamEvent(1)
     with_logprobs = {"choices": [{"text": "ab", "logprobs": {"tokens": ["a", "b"]}}]}
     assert sse_event(b"data: " + json.dumps(with_logprobs).encode()) == StreamEvent(2)
+    held_back = {
+        "choices": [{"index": 0, "text": ""}],
+        "usage": None,
+    }  # a token whose text waits for its rest
+    assert sse_event(b"data: " + json.dumps(held_back).encode()) == StreamEvent(1)
     usage = {"choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 8}}
     assert sse_event(b"data: " + json.dumps(usage).encode()) == StreamEvent(0, 12, 8)
     assert sse_event(b"data: [DONE]\n") == "[DONE]"
