@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -38,6 +39,7 @@ class DecodeSession:
         self._reader: asyncio.Task | None = None
         self._streams: dict[str, tuple[grpc.aio.StreamStreamCall, asyncio.Queue]] = {}
         self._write_lock = asyncio.Lock()
+        self.last_heard_s = time.monotonic()  # the last message from D, or the last request started
 
     async def run(self, request: worker_pb2.DecodeRequest) -> AsyncIterator[worker_pb2.DecodeChunk]:
         rid = request.request_id
@@ -46,6 +48,7 @@ class DecodeSession:
         queue: asyncio.Queue = asyncio.Queue()
         call, ended = self._open(), False
         self._streams[rid] = (call, queue)
+        self.last_heard_s = time.monotonic()
         try:
             await self._write(call, worker_pb2.SessionRequest(start=request))
             while True:
@@ -100,6 +103,7 @@ class DecodeSession:
         error: BaseException = Unavailable(f"decode worker {self.name} ended its session")
         try:
             async for update in call:
+                self.last_heard_s = time.monotonic()
                 for event in update.events:
                     stream = self._streams.get(event.request_id)
                     if stream is not None and stream[0] is call:

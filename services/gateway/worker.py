@@ -178,14 +178,19 @@ class Gateway:
 
     async def watch_sessions(self, interval_s: float) -> None:
         """Every interval_s: a decode worker that dropped out of the membership (it missed its heartbeats for
-        `worker_timeout_s`: stopped, hung or cut off, with its socket still open) has its session broken, so
-        its requests migrate now rather than when TCP keepalive gives up (30 s)."""
+        `worker_timeout_s`: stopped, hung or cut off, with its socket still open) and whose session has been
+        silent as long, while requests run on it, has its session broken, so its requests migrate now rather
+        than when TCP keepalive gives up (30 s). A live worker on an overloaded host may miss heartbeats, but it
+        still streams its steps: its session stays."""
+        timeout_s = self.config.worker_timeout_s
         while True:
             await asyncio.sleep(interval_s)
             self.membership.expire()
             live = {m.worker_id for m in self.membership.members()}
+            now = time.monotonic()
             for session in list(self._sessions.values()):
-                if session.num_active and session.name not in live:
+                silent = now - session.last_heard_s > timeout_s
+                if session.num_active and session.name not in live and silent:
                     log.warning("decode worker %s left the membership with %d requests in flight; migrating "
                                 "them", session.name, session.num_active)  # fmt: skip
                     session.abort()
