@@ -36,7 +36,9 @@ def _add_up(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051, help="the gateway's gRPC port")
-    p.add_argument("--http-port", type=int, default=8000, help="OpenAI-compatible HTTP, /metrics, /traces")
+    p.add_argument("--http-port", type=int, default=8000,
+                   help="the gateway's HTTP port: OpenAI-compatible /v1 API and /metrics (default 8000); each "
+                   "worker serves /metrics on a free port, printed at start; 0 = no HTTP")  # fmt: skip
     p.add_argument("--startup-timeout", type=float, default=300.0, metavar="S")
     p.add_argument("--torch-threads", type=int, default=None, metavar="N",
                    help="torch threads per worker (default on CPU: the cores split among the workers)")  # fmt: skip
@@ -80,7 +82,10 @@ def _cmd_up(args: argparse.Namespace) -> int:
         tls=options.security.tls_files(),
     )  # fmt: skip
     target = f"{options.host}:{options.port}"
-    ready = f"ready on {target} (http on {options.host}:{options.http_port})"
+    ready = f"ready on {target}"
+    if options.http_port:
+        http = f"http://{options.host}:{options.http_port}"
+        ready += f" (OpenAI-compatible HTTP on {http}/v1, metrics on {http}/metrics)"
     on_ready = None
     if args.demo_prompt:
         on_ready = functools.partial(_demo_request, target, args.demo_prompt, args.demo_max_tokens, options)
@@ -119,7 +124,8 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     p.add_argument("--registry", default="", metavar="HOST:PORT", help="the gateway workers register with")
     p.add_argument("--worker-id", default="")
-    p.add_argument("--http-port", type=int, default=0, help="gateway only")
+    p.add_argument("--http-port", type=int, default=0,
+                   help="HTTP port: /metrics (the gateway's also serves the OpenAI-compatible /v1 API); 0 = off")  # fmt: skip
     p.add_argument("--topology", default="pd", help="gateway only")
     p.add_argument("--parent-pid", type=int, default=0, help="exit when this process dies (set by `up`)")
     p.add_argument("--log-level", default="INFO")
@@ -145,6 +151,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.role == "health":
         if args.extra:
             print(f"error: unrecognized arguments: {' '.join(args.extra)}", file=sys.stderr)
+            return 2
+        if args.http_port:
+            print("error: --http-port: the health role serves gRPC health only", file=sys.stderr)
             return 2
         return asyncio.run(_serve_health_only(args.host, args.port))
     try:

@@ -42,10 +42,15 @@ class ChildSpec:
     serve_args: tuple[str, ...]
     port: int
     host: str = "127.0.0.1"
+    http_port: int = 0  # its HTTP port (/metrics; the gateway's also serves the OpenAI API); 0 = none
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def metrics_url(self) -> str | None:
+        return f"http://{self.host}:{self.http_port}/metrics" if self.http_port else None
 
 
 @dataclass
@@ -155,7 +160,10 @@ class Supervisor:
             child = Child(spec, process)
             self.children.append(child)
             threading.Thread(target=self._pump, args=(child,), name=f"log-{spec.name}", daemon=True).start()
-            print(f"started {spec.name} pid={process.pid} on {spec.address}", file=self.out, flush=True)
+            metrics = f" (metrics {spec.metrics_url})" if spec.metrics_url else ""
+            print(
+                f"started {spec.name} pid={process.pid} on {spec.address}{metrics}", file=self.out, flush=True
+            )
 
     def wait_ready(self) -> None:
         """Blocks until every child's health says SERVING; StartupError when one exits or time runs out."""
@@ -256,6 +264,7 @@ def _tail(child: Child) -> str:
 
 
 TOPOLOGIES = ("colocated", "pd", "pd-experts")
+METRICS_ROLES = ("prefill", "decode", "colocated")  # the roles that serve /metrics on --http-port
 
 
 @dataclass(frozen=True)
@@ -270,7 +279,7 @@ class UpOptions:
     device: str = "cpu"
     host: str = "127.0.0.1"
     port: int = 50051
-    http_port: int = 8000
+    http_port: int = 8000  # the gateway's; workers get free ports for their /metrics; 0: no HTTP anywhere
     torch_threads: int | None = None  # per worker; None: on CPU the cores split among the workers
     security: SecurityConfig = field(default_factory=SecurityConfig)  # mutual TLS, API keys
 
@@ -282,6 +291,8 @@ class UpOptions:
         for name in ("num_prefill", "num_decode", "num_expert"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if not 0 <= self.http_port <= 65535:
+            raise ValueError(f"http_port={self.http_port} must be in [0, 65535] (0 = no HTTP)")
         if self.device not in ("cpu", "cuda", "auto"):
             raise ValueError(f"device={self.device!r} must be 'cpu', 'cuda' or 'auto'")
 
@@ -298,7 +309,8 @@ def plan_children(options: UpOptions) -> list[ChildSpec]:
         roles += [("decode", f"decode-{i}") for i in range(o.num_decode)]
     if o.topology == "pd-experts":
         roles += [("expert", f"expert-{i}") for i in range(o.num_expert)]
-    ports = free_ports(len(roles), o.host)
+    chosen = free_ports(2 * len(roles), o.host)  # one call: gRPC and HTTP ports all distinct
+    ports, http_ports = chosen[: len(roles)], (chosen[len(roles) :] if o.http_port else [0] * len(roles))
     common = ("--host", o.host, "--model", o.model, "--device", o.device)
     if o.security.tls_dir:
         common += ("--tls-dir", o.security.tls_dir)
@@ -306,13 +318,17 @@ def plan_children(options: UpOptions) -> list[ChildSpec]:
                     "--topology", o.topology)  # fmt: skip
     if o.security.api_keys_file:
         gateway_args += ("--api-keys", o.security.api_keys_file)
-    specs = [ChildSpec("gateway", gateway_args, o.port, o.host)]
+    specs = [ChildSpec("gateway", gateway_args, o.port, o.host, o.http_port)]
     threads = o.torch_threads
     if threads is None and o.device == "cpu":  # OpenMP threads of several workers must not fight for cores
         threads = max(1, (os.cpu_count() or 1) // len(roles))
-    for (role, name), port in zip(roles, ports, strict=True):
+    for (role, name), port, http_port in zip(roles, ports, http_ports, strict=True):
         args = (role, *common, "--port", str(port), "--registry", gateway, "--worker-id", name)
         if threads is not None and role != "expert":
             args += ("--torch-threads", str(threads))
-        specs.append(ChildSpec(name, args, port, o.host))
+        if role not in METRICS_ROLES:
+            http_port = 0
+        if http_port:
+            args += ("--http-port", str(http_port))
+        specs.append(ChildSpec(name, args, port, o.host, http_port))
     return specs

@@ -94,10 +94,12 @@ class WorkerConfig:
     ucx_net_devices: str = "lo"  # UCX_NET_DEVICES; "" = all
     drain_grace_s: float = 30.0  # on SIGTERM: leave the mesh, then let requests finish this long at most
     security: SecurityConfig = field(default_factory=SecurityConfig)  # mutual TLS (docs/security.md)
+    http_port: int = 0  # /metrics; 0 = no HTTP
 
     def __post_init__(self) -> None:
         _check(
             [
+                ("http_port", 0 <= self.http_port <= 65535, "must be in [0, 65535] (0 = off)"),
                 ("torch_threads", self.torch_threads >= 0, "must be >= 0 (0 = torch's default)"),
                 (
                     "role",
@@ -151,6 +153,7 @@ class WorkerConfig:
             ucx_net_devices=extra.ucx_net_devices,
             drain_grace_s=extra.drain_grace_s,
             security=security_from_args(args, env),
+            http_port=getattr(args, "http_port", 0) or 0,
         )
 
 
@@ -170,10 +173,12 @@ class GatewayConfig:
     worker_timeout_s: float = 5.0
     max_migrations: int = 2  # decode workers a request may move to after the first one is lost
     security: SecurityConfig = field(default_factory=SecurityConfig)  # mutual TLS, API keys
+    http_port: int = 0  # OpenAI-compatible HTTP and /metrics; 0 = no HTTP
 
     def __post_init__(self) -> None:
         _check(
             [
+                ("http_port", 0 <= self.http_port <= 65535, "must be in [0, 65535] (0 = off)"),
                 ("max_inflight", self.max_inflight >= 1, "must be >= 1"),
                 ("max_migrations", self.max_migrations >= 0, "must be >= 0"),
                 ("heartbeat_s", self.heartbeat_s > 0, "must be > 0"),
@@ -207,6 +212,7 @@ class GatewayConfig:
             max_inflight=extra.max_inflight, heartbeat_s=extra.heartbeat_s,
             worker_timeout_s=extra.worker_timeout_s, max_migrations=extra.max_migrations,
             security=security_from_args(args, env),
+            http_port=getattr(args, "http_port", 0) or 0,
         )  # fmt: skip
 
 

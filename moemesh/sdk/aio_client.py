@@ -15,7 +15,18 @@ import grpc
 from moemesh._proto.v1 import gateway_pb2, gateway_pb2_grpc
 from moemesh.sdk.client import CHANNEL_OPTIONS
 from moemesh.sdk.errors import error_from_rpc
-from moemesh.sdk.messages import Chunk, Collector, Completion, ModelInfo, build_request, chunk_from_proto
+from moemesh.sdk.messages import (
+    HEALTH_CHECK_METHOD,
+    HEALTH_SERVING,
+    Chunk,
+    Collector,
+    Completion,
+    ModelInfo,
+    build_request,
+    chunk_from_proto,
+    decode_health_status,
+    encode_health_request,
+)
 from moemesh.sdk.tls import TlsOptions
 
 
@@ -53,7 +64,7 @@ class AsyncStream(AsyncIterator[Chunk]):
             raise
         if msg.request_id:
             self.request_id = msg.request_id
-        chunk = chunk_from_proto(msg)
+        chunk = chunk_from_proto(msg, self.request_id)
         if chunk.finish_reason is not None:
             self._finished = True
         return chunk
@@ -90,6 +101,11 @@ class AsyncClient:
             options = CHANNEL_OPTIONS + tls.channel_options()
             self._channel = grpc.aio.secure_channel(target, tls.credentials(), options=options)
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
+        self._health = self._channel.unary_unary(
+            HEALTH_CHECK_METHOD,
+            request_serializer=encode_health_request,
+            response_deserializer=decode_health_status,
+        )
 
     def generate(
         self,
@@ -116,6 +132,18 @@ class AsyncClient:
     async def tokenize(self, text: str, *, model: str = "", add_special_tokens: bool = False) -> list[int]:
         request = gateway_pb2.TokenizeRequest(model=model, text=text, add_special_tokens=add_special_tokens)
         return list((await self._unary(self._stub.Tokenize, request)).token_ids)
+
+    async def health(self, service: str = "") -> bool:
+        """The gateway's gRPC health service (grpc.health.v1): True when it reports SERVING for `service`
+        ("" = the whole server), False otherwise (NOT_SERVING while it starts or stops, an unknown service).
+        Raises Unavailable when the gateway cannot be reached."""
+        try:
+            status = await self._health(service, timeout=self.timeout_s, metadata=self._metadata)
+        except grpc.RpcError as err:
+            if err.code() is grpc.StatusCode.NOT_FOUND:  # no such service
+                return False
+            raise error_from_rpc(err) from None
+        return status == HEALTH_SERVING
 
     async def list_models(self) -> list[str]:
         reply = await self._unary(self._stub.ListModels, gateway_pb2.ListModelsRequest())

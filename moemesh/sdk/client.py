@@ -17,7 +17,18 @@ import grpc
 
 from moemesh._proto.v1 import gateway_pb2, gateway_pb2_grpc
 from moemesh.sdk.errors import error_from_rpc
-from moemesh.sdk.messages import Chunk, Collector, Completion, ModelInfo, build_request, chunk_from_proto
+from moemesh.sdk.messages import (
+    HEALTH_CHECK_METHOD,
+    HEALTH_SERVING,
+    Chunk,
+    Collector,
+    Completion,
+    ModelInfo,
+    build_request,
+    chunk_from_proto,
+    decode_health_status,
+    encode_health_request,
+)
 from moemesh.sdk.tls import TlsOptions
 
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
@@ -52,7 +63,7 @@ class Stream(Iterator[Chunk]):
             raise error_from_rpc(err) from None
         if msg.request_id:
             self.request_id = msg.request_id
-        chunk = chunk_from_proto(msg)
+        chunk = chunk_from_proto(msg, self.request_id)
         if chunk.finish_reason is not None:
             self._finished = True
         return chunk
@@ -101,6 +112,11 @@ class Client:
             options = CHANNEL_OPTIONS + tls.channel_options()
             self._channel = grpc.secure_channel(target, tls.credentials(), options=options)
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
+        self._health = self._channel.unary_unary(
+            HEALTH_CHECK_METHOD,
+            request_serializer=encode_health_request,
+            response_deserializer=decode_health_status,
+        )
 
     def generate(
         self,
@@ -133,6 +149,18 @@ class Client:
     def tokenize(self, text: str, *, model: str = "", add_special_tokens: bool = False) -> list[int]:
         request = gateway_pb2.TokenizeRequest(model=model, text=text, add_special_tokens=add_special_tokens)
         return list(self._unary(self._stub.Tokenize, request).token_ids)
+
+    def health(self, service: str = "") -> bool:
+        """The gateway's gRPC health service (grpc.health.v1): True when it reports SERVING for `service`
+        ("" = the whole server), False otherwise (NOT_SERVING while it starts or stops, an unknown service).
+        Raises Unavailable when the gateway cannot be reached."""
+        try:
+            status = self._health(service, timeout=self.timeout_s, metadata=self._metadata)
+        except grpc.RpcError as err:
+            if err.code() is grpc.StatusCode.NOT_FOUND:  # no such service
+                return False
+            raise error_from_rpc(err) from None
+        return status == HEALTH_SERVING
 
     def list_models(self) -> list[str]:
         return [m.id for m in self._unary(self._stub.ListModels, gateway_pb2.ListModelsRequest()).models]

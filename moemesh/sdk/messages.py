@@ -50,6 +50,7 @@ class Chunk:
     finish_reason: str | None = None  # None until the last chunk, then "stop" or "length"
     logprobs: list[TokenLogprob] | None = None
     usage: Usage | None = None  # on the last chunk
+    request_id: str = ""  # the gateway's id of the request (the client's own when it chose one)
 
 
 @dataclass(frozen=True)
@@ -187,7 +188,8 @@ def build_request(
     return request
 
 
-def chunk_from_proto(msg: gateway_pb2.GenerateChunk) -> Chunk:
+def chunk_from_proto(msg: gateway_pb2.GenerateChunk, request_id: str = "") -> Chunk:
+    """request_id: the stream's (the server sends it on the first chunk only)."""
     usage = None
     if msg.HasField("usage"):
         u = msg.usage
@@ -198,7 +200,8 @@ def chunk_from_proto(msg: gateway_pb2.GenerateChunk) -> Chunk:
                                  t.first_decode_step_ms)  # fmt: skip
         usage = Usage(u.prompt_tokens, u.completion_tokens, u.cached_prompt_tokens, ttft)
     finish = FINISH_REASONS.get(msg.finish_reason)
-    return Chunk(list(msg.token_ids), msg.text, finish, logprobs_from_proto(msg.logprobs), usage)
+    return Chunk(list(msg.token_ids), msg.text, finish, logprobs_from_proto(msg.logprobs), usage,
+                 msg.request_id or request_id)  # fmt: skip
 
 
 class Collector:
@@ -225,3 +228,50 @@ class Collector:
         return Completion(
             self.token_ids, text, self.finish_reason, self.logprobs or None, self.usage, request_id
         )
+
+
+# grpc.health.v1 (the standard health service every moemesh server offers), encoded by hand so the SDK needs
+# no grpcio-health-checking: HealthCheckRequest {string service = 1}, HealthCheckResponse {enum status = 1}.
+HEALTH_CHECK_METHOD = "/grpc.health.v1.Health/Check"
+HEALTH_SERVING = 1
+
+
+def encode_health_request(service: str) -> bytes:
+    data = service.encode()
+    if not data:
+        return b""
+    return b"\x0a" + _varint(len(data)) + data
+
+
+def decode_health_status(data: bytes) -> int:
+    """The `status` field of a HealthCheckResponse (0 = UNKNOWN when absent)."""
+    i = 0
+    while i < len(data):
+        key, i = _read_varint(data, i)
+        if key & 7 != 0:  # only the varint field 1 is defined; a server never sends another
+            raise ServerError(f"unexpected field {key >> 3} in a health response", "INTERNAL")
+        value, i = _read_varint(data, i)
+        if key >> 3 == 1:
+            return value
+    return 0
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        out.append(low | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _read_varint(data: bytes, i: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        if i >= len(data):
+            raise ServerError("truncated health response", "INTERNAL")
+        byte = data[i]
+        value |= (byte & 0x7F) << shift
+        i, shift = i + 1, shift + 7
+        if not byte & 0x80:
+            return value, i

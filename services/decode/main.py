@@ -12,7 +12,9 @@ from moemesh.services.decode.leases import LeaseTable
 from moemesh.services.decode.servicer import DecodeServicer
 from moemesh.services.decode.worker import DecodeWorker
 from moemesh.services.engine_loop import EngineLoop, load_engine, stop_ucx, ucx_options
+from moemesh.services.metrics_http import engine_stats, metrics_app, serve_http, worker_registry
 from moemesh.services.registration import run_worker_server
+from moemesh.telemetry.metrics import DecodeMetrics
 from moemesh.transport.channels import MeshChannels
 from moemesh.transport.kv_ucx import UcxKvReceiver
 from moemesh.transport.peers import PeerSet, WorkerInfo
@@ -42,13 +44,20 @@ async def serve(config: WorkerConfig) -> int:
     me = WorkerInfo(config.worker_id, config.role, "", ucx_address, loaded.fingerprint)
     peers = PeerSet(me, MeshChannels(security.tls))
     worker = DecodeWorker(config, loop, leases, peers)
-    servicer = DecodeServicer(worker, loaded.engine.max_model_len)
+
+    def pages_leased() -> int:  # reserved for a prefill worker's writes, not yet adopted by the engine
+        return sum(len(lease.reservation.page_ids) for lease in list(leases.leases.values()))
+
+    stats = engine_stats(loaded.engine, pages_leased)
+    registry = worker_registry(config.role, loaded.model_id, config.device, stats)
+    servicer = DecodeServicer(worker, loaded.engine.max_model_len, DecodeMetrics(registry))
     server.add(worker_pb2_grpc.add_DecodeWorkerServicer_to_server, servicer, "moemesh.v1.DecodeWorker")
     await server.start()
     me = WorkerInfo(config.worker_id, config.role, server.address, ucx_address, loaded.fingerprint)
     background = [loop.run(), leases.reap(config.reaper_interval_s)]
     try:
-        await run_worker_server(config, server, me, worker.load, background, worker.on_members)
+        async with serve_http(metrics_app(registry), config.host, config.http_port):
+            await run_worker_server(config, server, me, worker.load, background, worker.on_members)
     finally:
         await peers.close()
         if not config.force_local_prefill:

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from moemesh._proto.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from moemesh.services.decode.worker import DecodeJob, DecodeWorker
 from moemesh.services.sampling import FINISH_REASONS, logprob_to_proto, sampling_from_proto
+from moemesh.telemetry.metrics import DecodeMetrics
 from moemesh.transport.errors import InvalidArgument, map_errors, status_code_number, status_for
 from moemesh.transport.peers import WorkerInfo
 
@@ -25,9 +26,12 @@ _END = object()  # the session's requests are all done and its client closed its
 
 
 class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
-    def __init__(self, worker: DecodeWorker, max_model_len: int) -> None:
+    def __init__(
+        self, worker: DecodeWorker, max_model_len: int, metrics: DecodeMetrics | None = None
+    ) -> None:
         self.worker = worker
         self.max_model_len = max_model_len
+        self.metrics = metrics
 
     @map_errors
     async def Generate(self, request, context):
@@ -78,6 +82,8 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         num_tokens = 0
         timing = common_pb2.TtftBreakdown()
         async for out in self.worker.generate(job, time_remaining, timing):
+            if num_tokens == 0 and self.metrics is not None:  # the first output: the request was queued
+                self.metrics.queue_time.observe(timing.queue_ms / 1000)
             num_tokens += len(out.new_token_ids)
             chunk = worker_pb2.DecodeChunk(token_ids=out.new_token_ids)
             chunk.logprobs.extend(logprob_to_proto(sampled) for sampled in out.logprobs)

@@ -1,10 +1,12 @@
 """`moemesh serve gateway`: composes the gateway — tokenizer, the Registry (membership + load reports), the
-public Gateway service; serves until SIGTERM / SIGINT."""
+public Gateway service, the HTTP port (OpenAI-compatible routes and /metrics, when `http_port` is set);
+serves until SIGTERM / SIGINT."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import logging
 import math
 
@@ -12,14 +14,18 @@ from moemesh._proto.v1 import gateway_pb2_grpc, worker_pb2_grpc
 from moemesh.config.mesh import GatewayConfig
 from moemesh.model.config import ModelConfig
 from moemesh.model.tokenizer import Tokenizer
+from moemesh.services.gateway.http import api_key_check, build_http_app
 from moemesh.services.gateway.servicer import GatewayServicer
 from moemesh.services.gateway.worker import Gateway
+from moemesh.services.metrics_http import serve_http
+from moemesh.telemetry.metrics import GatewayMetrics, new_registry, register_build_info
 from moemesh.transport.channels import MeshChannels
 from moemesh.transport.registry import Membership, RegistryServicer
 from moemesh.transport.security import MeshSecurity
 from moemesh.transport.server import MeshServer, ServerOptions, serve_until_signalled
 
 log = logging.getLogger(__name__)
+ROLES = ("prefill", "decode", "colocated", "expert")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -35,8 +41,13 @@ async def serve(config: GatewayConfig) -> int:
         heartbeat_interval_s=config.heartbeat_s,
         expiry_intervals=max(1, math.ceil(config.worker_timeout_s / config.heartbeat_s)),
     )
+    registry = new_registry()
+    register_build_info(registry, version=importlib.metadata.version("moemesh"), role="gateway",
+                        model=config.model_id, device="")  # fmt: skip
+    metrics = GatewayMetrics(registry)
     gateway = Gateway(config, membership, tokenizer, model_config.vocab_size,
-                      model_config.max_position_embeddings, MeshChannels(security.tls))  # fmt: skip
+                      model_config.max_position_embeddings, MeshChannels(security.tls), metrics)  # fmt: skip
+    metrics.register_live(registry, lambda: gateway.inflight, lambda: _members_by_role(membership))
     server = MeshServer(
         ServerOptions(
             host=config.host,
@@ -52,10 +63,18 @@ async def serve(config: GatewayConfig) -> int:
     )
     await server.start()
     try:
-        async with asyncio.TaskGroup() as tg:
+        http = build_http_app(gateway, registry, authenticate=api_key_check(security.api_keys))
+        async with asyncio.TaskGroup() as tg, serve_http(http, config.host, config.http_port):
             watcher = tg.create_task(gateway.watch_sessions(config.heartbeat_s))
             await serve_until_signalled(server)
             watcher.cancel()
     finally:
         await gateway.close()
     return 0
+
+
+def _members_by_role(membership: Membership) -> dict[str, int]:
+    counts = dict.fromkeys(ROLES, 0)
+    for member in membership.members():
+        counts[member.role] = counts.get(member.role, 0) + 1
+    return counts

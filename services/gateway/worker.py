@@ -36,7 +36,8 @@ from moemesh.engine.sampling_params import SamplingParams
 from moemesh.model.tokenizer import IncrementalDetokenizer, Tokenizer
 from moemesh.services.gateway.sessions import DecodeSession
 from moemesh.services.sampling import sampling_from_proto, sampling_to_proto, without_stop_strings
-from moemesh.transport.errors import InvalidArgument, ResourceExhausted, Unavailable
+from moemesh.telemetry.metrics import GatewayMetrics, new_registry
+from moemesh.transport.errors import InvalidArgument, ResourceExhausted, Unavailable, status_for
 from moemesh.transport.peers import WorkerInfo
 from moemesh.transport.registry import Membership
 
@@ -79,7 +80,9 @@ class Gateway:
         vocab_size: int,
         max_context_tokens: int,
         channel_factory: Callable[[str], grpc.aio.Channel],
+        metrics: GatewayMetrics | None = None,
     ) -> None:
+        """metrics: where request latencies and counts go (a private registry's when None)."""
         self.config = config
         self.membership = membership
         self.tokenizer = tokenizer
@@ -93,6 +96,11 @@ class Gateway:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._sessions: dict[str, DecodeSession] = {}
         self._ids = itertools.count()
+        self.metrics = metrics if metrics is not None else GatewayMetrics(new_registry())
+
+    def new_request_id(self) -> str:
+        """An id for a request whose client sent none (gRPC and HTTP draw from the same counter)."""
+        return f"gw-{next(self._ids)}"
 
     # -- validation -----------------------------------------------------------------------------------------
 
@@ -128,7 +136,7 @@ class Gateway:
                 f"prompt has {len(prompt)} tokens, must be < max_context_tokens={self.max_context_tokens}"
             )
         params = sampling_from_proto(sampling, default_max_tokens=self.max_context_tokens - len(prompt))
-        return GenerateJob(request_id or f"gw-{next(self._ids)}", prompt, params)
+        return GenerateJob(request_id or self.new_request_id(), prompt, params)
 
     # -- routing --------------------------------------------------------------------------------------------
 
@@ -206,6 +214,27 @@ class Gateway:
     # -- the stream -----------------------------------------------------------------------------------------
 
     async def generate(
+        self, job: GenerateJob, time_remaining: Callable[[], float | None]
+    ) -> AsyncIterator[Delta]:
+        """The request's deltas, the last with its finish_reason; observed in `self.metrics` (TTFT, gaps
+        between tokens, duration, token counts; failures by status, a consumer that left as CANCELLED)."""
+        timer, finished = self.metrics.request(), False
+        try:
+            async for delta in self._migrating(job, time_remaining):
+                timer.tokens(len(delta.token_ids))
+                if delta.finish_reason is not None:
+                    timer.finished(delta.finish_reason, delta.num_prompt_tokens)
+                    finished = True
+                yield delta
+        except (GeneratorExit, asyncio.CancelledError):
+            if not finished:
+                timer.failed("CANCELLED")
+            raise
+        except Exception as exc:
+            timer.failed(status_for(exc)[0].name)
+            raise
+
+    async def _migrating(
         self, job: GenerateJob, time_remaining: Callable[[], float | None]
     ) -> AsyncIterator[Delta]:
         if self.inflight >= self.config.max_inflight:

@@ -9,9 +9,11 @@ import logging
 from moemesh._proto.v1 import worker_pb2_grpc
 from moemesh.config.mesh import WorkerConfig
 from moemesh.services.engine_loop import EngineLoop, load_engine, stop_ucx, ucx_options
+from moemesh.services.metrics_http import engine_stats, metrics_app, serve_http, worker_registry
 from moemesh.services.prefill.servicer import PrefillServicer
 from moemesh.services.prefill.worker import PrefillWorker
 from moemesh.services.registration import run_worker_server
+from moemesh.telemetry.metrics import PrefillMetrics
 from moemesh.transport.kv_ucx import UcxKvSender
 from moemesh.transport.peers import HandshakeAcceptor, WorkerInfo
 from moemesh.transport.security import MeshSecurity
@@ -36,12 +38,14 @@ async def serve(config: WorkerConfig) -> int:
         )
     )
     acceptor = HandshakeAcceptor(WorkerInfo(config.worker_id, "prefill", "", "", loaded.fingerprint), sender)
-    servicer = PrefillServicer(worker, acceptor)
+    registry = worker_registry("prefill", loaded.model_id, config.device, engine_stats(loaded.engine))
+    servicer = PrefillServicer(worker, acceptor, PrefillMetrics(registry))
     server.add(worker_pb2_grpc.add_PrefillWorkerServicer_to_server, servicer, "moemesh.v1.PrefillWorker")
     await server.start()
     me = WorkerInfo(config.worker_id, "prefill", server.address, "", loaded.fingerprint)
     try:
-        await run_worker_server(config, server, me, worker.load, [loop.run()])
+        async with serve_http(metrics_app(registry), config.host, config.http_port):
+            await run_worker_server(config, server, me, worker.load, [loop.run()])
     finally:
         await sender.close()
         stop_ucx()

@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from moemesh.sdk import AsyncClient, InvalidRequest, Overloaded
-from tests.unit.test_sdk_client import EOS, gateway  # noqa: F401  (the fixture)
+from moemesh.sdk import AsyncClient, InvalidRequest, Overloaded, Unavailable
+from tests.unit.test_sdk_client import EOS, gateway, socket_port  # noqa: F401  (the fixture)
 
 
 def run(coro):
@@ -61,3 +61,23 @@ def test_async_cancel_ends_iteration_and_reaches_the_server(gateway):  # noqa: F
     first, rest = run(body())
     assert first.token_ids == [100] and rest == []
     assert servicer.cancelled.wait(5)
+
+
+def test_async_health_and_request_ids(gateway):  # noqa: F811
+    _, target = gateway
+
+    async def body():
+        async with AsyncClient(target, timeout_s=5) as client:
+            serving = (await client.health(), await client.health("moemesh.v1.Gateway"))
+            chunks = [c async for c in client.generate(prompt="hi", max_tokens=2, request_id="a-1")]
+            result = await client.complete(prompt="hi", max_tokens=1)
+        with socket_port() as port:
+            async with AsyncClient(f"127.0.0.1:{port}", timeout_s=2) as client:
+                with pytest.raises(Unavailable):
+                    await client.health()
+        return serving, chunks, result
+
+    serving, chunks, result = run(body())
+    assert serving == (True, False)
+    assert [c.request_id for c in chunks] == ["a-1"] * 3
+    assert result.request_id == "r1"

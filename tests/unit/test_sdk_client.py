@@ -10,6 +10,7 @@ from concurrent import futures
 
 import grpc
 import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from moemesh._proto.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from moemesh.sdk import Client, InvalidRequest, Overloaded, ServerError, Unavailable
@@ -41,6 +42,7 @@ class FakeGateway(gateway_pb2_grpc.GatewayServicer):
         limit = sampling.max_tokens if sampling.HasField("max_tokens") else 1000
         eos_after = 5 if request.text != "slow" else 1 << 30
         text = ""
+        rid = {"request_id": request.request_id or "r1"}  # on the first chunk only, as the gateway does
         for step in range(limit):
             if request.text == "slow":
                 time.sleep(0.01)
@@ -49,10 +51,11 @@ class FakeGateway(gateway_pb2_grpc.GatewayServicer):
             text += piece
             if any(s in text for s in sampling.stop) or token == EOS:
                 yield gateway_pb2.GenerateChunk(
-                    token_ids=[token], finish_reason=common_pb2.FINISH_REASON_STOP, request_id="r1"
+                    token_ids=[token], finish_reason=common_pb2.FINISH_REASON_STOP, **rid
                 )
                 return
-            yield gateway_pb2.GenerateChunk(token_ids=[token], text=piece, request_id="r1")
+            yield gateway_pb2.GenerateChunk(token_ids=[token], text=piece, **rid)
+            rid = {}
         yield gateway_pb2.GenerateChunk(finish_reason=common_pb2.FINISH_REASON_LENGTH)
 
     @map_errors
@@ -68,6 +71,10 @@ def gateway():
     servicer = FakeGateway()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=[("grpc.so_reuseport", 0)])
     gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server)
+    health_servicer = health.HealthServicer()
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_servicer.set("moemesh.v1.Gateway", health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
@@ -170,6 +177,30 @@ def test_dropping_the_stream_cancels_it(gateway):
         next(stream)
         del stream
         assert servicer.cancelled.wait(5), "dropping the stream did not cancel the call"
+
+
+def test_every_chunk_and_the_completion_carry_the_request_id(gateway):
+    _, target = gateway
+    with Client(target) as client:
+        stream = client.generate(prompt="hi", max_tokens=3, request_id="mine-7")
+        chunks = list(stream)
+        result = client.complete(prompt="hi", max_tokens=2)
+    assert [c.request_id for c in chunks] == ["mine-7"] * 4 and stream.request_id == "mine-7"
+    assert result.request_id == "r1"  # the server's id when the client chose none
+
+
+def test_health_says_serving_or_not_and_raises_when_unreachable(gateway):
+    _, target = gateway
+    with Client(target, timeout_s=5) as client:
+        assert client.health() is True
+        assert client.health("moemesh.v1.Gateway") is False  # NOT_SERVING
+        assert client.health("no.such.Service") is False  # NOT_FOUND
+    with (
+        socket_port() as port,
+        Client(f"127.0.0.1:{port}", timeout_s=2) as client,
+        pytest.raises(Unavailable),
+    ):
+        client.health()
 
 
 def test_tokenize_and_list_models(gateway):
