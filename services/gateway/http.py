@@ -64,7 +64,10 @@ HTTP_STATUS: dict[grpc.StatusCode, tuple[int, str]] = {
 }
 # The mesh's field names in its messages -> the request field a client sent.
 _PARAM_NAMES = {"token_ids": "prompt", "prompt": "prompt", "sampling.stop": "stop"}
-_PARAM = re.compile(r"^([a-z_][a-z_.]*)(?:=| has )")
+_PARAM = re.compile(r"^([a-z_][a-z_.]*)(?:\[\d+\])?(?:=| has )")
+# Where the middleware keeps the request id (aiohttp >= 3.12 wants typed keys; older ones take a string).
+_ID_KEY: Any = web.RequestKey("request_id", str) if hasattr(web, "RequestKey") else "request_id"
+_CHAT_KEY: Any = web.RequestKey("chat", bool) if hasattr(web, "RequestKey") else "chat"
 
 
 def build_http_app(
@@ -90,14 +93,14 @@ def build_http_app(
 
 def request_id_of(request: web.Request) -> str:
     """The request id the middleware gave this HTTP request (also for routes added by other modules)."""
-    return request["request_id"]
+    return request[_ID_KEY]
 
 
 def _front_door(gateway: Gateway, authenticate: Authenticate | None) -> Any:
     @web.middleware
     async def middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
         given = request.headers.get(REQUEST_ID_HEADER)
-        request["request_id"] = given if given and _REQUEST_ID.fullmatch(given) else gateway.new_request_id()
+        request[_ID_KEY] = given if given and _REQUEST_ID.fullmatch(given) else gateway.new_request_id()
         try:
             if given and not _REQUEST_ID.fullmatch(given):
                 raise _BadHeader(given)
@@ -115,9 +118,9 @@ def _front_door(gateway: Gateway, authenticate: Authenticate | None) -> Any:
                 exc.status, error_json(message, kind, None, exc.reason.lower().replace(" ", "_"))
             )
         except Exception as exc:
-            response = error_response(exc, request.get("chat", False))
+            response = error_response(exc, request.get(_CHAT_KEY, False))
         if not response.prepared:
-            response.headers[REQUEST_ID_HEADER] = request["request_id"]
+            response.headers[REQUEST_ID_HEADER] = request[_ID_KEY]
         return response
 
     return middleware
@@ -182,7 +185,7 @@ class OpenAIRoutes:
         return await self._serve(request, parse_completion(await _body(request)))
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        request["chat"] = True
+        request[_CHAT_KEY] = True
         return await self._serve(request, parse_chat(await _body(request), self._render_chat))
 
     def _render_chat(self, messages: list[dict[str, str]]) -> str:
