@@ -121,6 +121,21 @@ def test_logprobs_seed_and_n(mesh, oai):
     assert info.value.status_code == 400 and info.value.body["param"] == "n"
 
 
+def test_a_client_that_disconnects_mid_stream_cancels_the_request_on_every_worker(mesh, oai):
+    failed_before = value(scrape(mesh.metrics["gateway"]), "moemesh_requests_failed_total", code="CANCELLED")
+    stream = oai.completions.create(model=mesh.model, prompt=PROMPT, max_tokens=400, temperature=0, stream=True,
+                                    extra_body={"ignore_eos": True})  # fmt: skip
+    received = [next(stream).choices[0].text for _ in range(3)]
+    stream.close()  # the connection drops with ~400 tokens to go
+    assert len(received) == 3
+    _wait_settled(mesh)
+    gateway = scrape(mesh.metrics["gateway"])
+    assert value(gateway, "moemesh_requests_failed_total", code="CANCELLED") == failed_before + 1
+    assert value(gateway, "moemesh_gateway_requests_inflight") == 0
+    decode = scrape(mesh.metrics["decode-0"])
+    assert value(decode, "moemesh_kv_pages_used") == 0 and value(decode, "moemesh_requests_running") == 0
+
+
 def scrape(url: str) -> dict[str, dict[tuple, float]]:
     import urllib.request
 

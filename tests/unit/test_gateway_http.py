@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 
 import aiohttp
 import openai
@@ -18,11 +19,11 @@ from moemesh.config.mesh import DEMO_DIR, GatewayConfig
 from moemesh.model.tokenizer import Tokenizer
 from moemesh.services.gateway.http import build_http_app, request_id_of
 from moemesh.services.gateway.openai_schema import parse_chat, plain_chat
-from moemesh.services.gateway.worker import Gateway
+from moemesh.services.gateway.worker import Delta, Gateway
 from moemesh.services.metrics_http import serve_http
 from moemesh.supervisor import free_ports
 from moemesh.telemetry.metrics import GatewayMetrics, new_registry
-from moemesh.transport.errors import Unauthenticated
+from moemesh.transport.errors import Unauthenticated, Unavailable
 from moemesh.transport.registry import Membership
 
 
@@ -142,6 +143,36 @@ def test_mesh_errors_map_to_503_429_504_with_the_request_id():
                 request_id="deadline-1",
             )  # fmt: skip
             assert (err.status_code, err.body["code"]) == (504, "deadline_exceeded")
+
+    run(body())
+
+
+def test_a_stream_that_fails_after_its_first_token_ends_with_an_error_event_and_done():
+    async def body():
+        async with front() as (base, gateway, registry):
+
+            async def lost_after_one_token(job, time_remaining):  # D is lost with no other to migrate to
+                yield Delta([5], "Holmes", None)
+                raise Unavailable("lost decode worker(s) decode-0 and no other is registered")
+
+            gateway._migrating = lost_after_one_token
+            stream = await client(base).completions.create(model="demo", prompt="hi", stream=True)
+            texts = []
+            with pytest.raises(openai.APIError, match="lost decode worker"):
+                async for chunk in stream:
+                    texts.append(chunk.choices[0].text)
+            assert texts == ["Holmes"]
+            payload = {"model": "demo", "prompt": "hi", "stream": True}
+            async with (
+                aiohttp.ClientSession() as http,
+                http.post(base + "/v1/completions", json=payload) as r,
+            ):
+                assert r.status == 200 and r.headers["Content-Type"] == "text/event-stream"
+                events = [e for e in (await r.text()).split("\n\n") if e]
+            assert events[-1] == "data: [DONE]"
+            error = json.loads(events[-2].removeprefix("data: "))["error"]
+            assert (error["type"], error["code"]) == ("service_unavailable_error", "unavailable")
+            assert scrape(registry)["moemesh_requests_failed_total"] == {(("code", "UNAVAILABLE"),): 2.0}
 
     run(body())
 
