@@ -1,6 +1,6 @@
 """The gateway's HTTP front in this process (a real Gateway with the demo tokenizer, no workers registered),
 driven by the real `openai` client: every error's status, OpenAI error shape and `param`; X-Request-Id on
-every response; the auth hook (401); routes other modules add; chat prompts through the checkpoint's template
+every response; API keys (401); routes other modules add; chat prompts through the checkpoint's template
 or the plain one; failures counted in /metrics."""
 
 from __future__ import annotations
@@ -17,14 +17,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from moemesh.config.mesh import DEMO_DIR, GatewayConfig
 from moemesh.model.tokenizer import Tokenizer
-from moemesh.services.gateway.http import build_http_app, request_id_of
+from moemesh.services.gateway.http import api_key_check, build_http_app, request_id_of
 from moemesh.services.gateway.openai_schema import parse_chat, plain_chat
 from moemesh.services.gateway.worker import Delta, Gateway
 from moemesh.services.metrics_http import serve_http
 from moemesh.supervisor import free_ports
 from moemesh.telemetry.metrics import GatewayMetrics, new_registry
-from moemesh.transport.errors import Unauthenticated, Unavailable
+from moemesh.transport.errors import Unavailable
 from moemesh.transport.registry import Membership
+from moemesh.transport.security import ApiKeys
 
 
 def run(coro):
@@ -177,23 +178,35 @@ def test_a_stream_that_fails_after_its_first_token_ends_with_an_error_event_and_
     run(body())
 
 
-def test_auth_hook_answers_401_and_extra_routes_are_mounted():
-    async def authenticate(request: web.Request) -> None:
-        if request.path.startswith("/v1/") and request.headers.get("Authorization") != "Bearer sesame":
-            raise Unauthenticated("a valid API key is required")
-
+def test_api_keys_answer_401_without_the_key_and_extra_routes_are_mounted():
     async def extra(request: web.Request) -> web.Response:
         return web.json_response({"request_id": request_id_of(request)})
 
+    keys = api_key_check(ApiKeys(["sesame"]))  # what the gateway's --api-keys installs
+    assert api_key_check(ApiKeys([])) is None  # no keys: no check
+
     async def body():
-        async with front(authenticate=authenticate, extra_routes=[web.get("/extra", extra)]) as (base, _, _):
-            err = await expect_error(openai.AuthenticationError, client(base).models.list())
-            assert (err.status_code, err.body["type"]) == (401, "authentication_error")
+        async with front(authenticate=keys, extra_routes=[web.get("/extra", extra)]) as (base, _, _):
+            for wrong in ("none", "sesame2"):
+                err = await expect_error(
+                    openai.AuthenticationError, client(base, api_key=wrong).models.list()
+                )
+                assert (err.status_code, err.body["type"]) == (401, "authentication_error")
+                assert "sesame" not in err.body["message"]
+            err = await expect_error(
+                openai.AuthenticationError, client(base).completions.create(model="demo", prompt="hi")
+            )
+            assert "Authorization: Bearer <key>" in err.body["message"]
             models = await client(base, api_key="sesame").models.list()
             assert [m.id for m in models.data] == ["demo"]
-            async with aiohttp.ClientSession() as http, http.get(base + "/extra") as r:
-                assert r.status == 200
-                assert (await r.json())["request_id"] == r.headers["X-Request-Id"]
+            async with aiohttp.ClientSession() as http:
+                async with http.get(base + "/extra") as r:  # added routes sit behind the same check
+                    assert r.status == 401
+                async with http.get(base + "/extra", headers={"Authorization": "Bearer sesame"}) as r:
+                    assert r.status == 200
+                    assert (await r.json())["request_id"] == r.headers["X-Request-Id"]
+                async with http.get(base + "/metrics") as r:  # scrapes need no key
+                    assert r.status == 200 and "moemesh_requests_failed_total" in await r.text()
 
     run(body())
 
