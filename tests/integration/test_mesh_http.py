@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import time
 
 import openai
@@ -222,3 +224,23 @@ def _wait_settled(mesh, timeout_s: float = 30.0) -> None:
         ):
             return
         time.sleep(0.1)
+
+
+def test_bench_serve_through_the_openai_front_counts_every_token(mesh, tmp_path):
+    """`moemesh bench serve --openai-url` against this front: every request completes with every token."""
+    out = tmp_path / "oai.json"
+    argv = [sys.executable, "-m", "moemesh.cli", "bench", "serve", "--openai-url", mesh.http + "/v1",
+            "--model", mesh.model, "--vocab-size", "320", "--num-prompts", "5", "--input-len", "12",
+            "--output-len", "6", "--range-ratio", "0", "--request-rate", "inf", "--no-progress",
+            "--result-file", str(out)]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    m = json.loads(out.read_text())["metrics"]
+    assert (m["completed"], m["failed"], m["total_input_tokens"], m["total_output_tokens"]) == (5, 0, 60, 30)
+    assert 0 < m["median_ttft_ms"] <= m["p99_e2el_ms"]
+    _wait_settled(mesh)
+    # OpenAI's /v1/models has no vocabulary size: without --vocab-size, synthetic prompts cannot be drawn.
+    argv = [a for a in argv if a not in ("--vocab-size", "320")]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "the server does not report its vocabulary size: pass --vocab-size" in done.stderr
