@@ -42,6 +42,9 @@ def _add_up(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--startup-timeout", type=float, default=300.0, metavar="S")
     p.add_argument("--torch-threads", type=int, default=None, metavar="N",
                    help="torch threads per worker (default on CPU: the cores split among the workers)")  # fmt: skip
+    p.add_argument("--gpu-memory-fraction", action="append", default=[], metavar="[ROLE=]F",
+                   help="CUDA: a worker's share of its GPU's memory, for every role or one (prefill=0.3); "
+                   "default 0.9 split evenly among the workers sharing a GPU")  # fmt: skip
     p.add_argument(
         "--demo-prompt",
         default="",
@@ -56,6 +59,7 @@ def _add_up(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
+    from moemesh.config.devices import parse_fractions
     from moemesh.config.security import SecurityConfig
     from moemesh.supervisor import Supervisor, UpOptions, plan_children
 
@@ -65,7 +69,9 @@ def _cmd_up(args: argparse.Namespace) -> int:
             num_expert=args.experts, device=args.device, host=args.host, port=args.port,
             http_port=args.http_port, torch_threads=args.torch_threads,
             security=SecurityConfig.from_values(args.tls_dir, args.api_keys),
+            gpu_memory_fractions=tuple(parse_fractions(args.gpu_memory_fraction).items()),
         )  # fmt: skip
+        specs = plan_children(options)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -78,7 +84,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         print(f"error: {err}{hint}", file=sys.stderr)
         return 2
     supervisor = Supervisor(
-        plan_children(options), startup_timeout_s=args.startup_timeout, keep_going=args.keep_going,
+        specs, startup_timeout_s=args.startup_timeout, keep_going=args.keep_going,
         tls=options.security.tls_files(),
     )  # fmt: skip
     target = f"{options.host}:{options.port}"

@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TextIO
 
+from moemesh.config.devices import plan_devices
 from moemesh.config.security import SecurityConfig, TlsFiles
 from moemesh.transport.channels import wait_until_serving
 
@@ -43,6 +44,7 @@ class ChildSpec:
     port: int
     host: str = "127.0.0.1"
     http_port: int = 0  # its HTTP port (/metrics; the gateway's also serves the OpenAI API); 0 = none
+    env: tuple[tuple[str, str], ...] = ()  # set in the child's environment (CUDA_VISIBLE_DEVICES)
 
     @property
     def address(self) -> str:
@@ -150,6 +152,7 @@ class Supervisor:
             ]
             process = subprocess.Popen(
                 argv,
+                env={**os.environ, **dict(spec.env)} if spec.env else None,
                 process_group=0,  # its own group: Ctrl-C on the terminal reaches the parent only
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
@@ -282,6 +285,8 @@ class UpOptions:
     http_port: int = 8000  # the gateway's; workers get free ports for their /metrics; 0: no HTTP anywhere
     torch_threads: int | None = None  # per worker; None: on CPU the cores split among the workers
     security: SecurityConfig = field(default_factory=SecurityConfig)  # mutual TLS, API keys
+    # per role ("prefill" -> 0.3; moemesh/config/devices.py): its share of its GPU instead of an even split
+    gpu_memory_fractions: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if self.torch_threads is not None and self.torch_threads < 1:
@@ -297,8 +302,19 @@ class UpOptions:
             raise ValueError(f"device={self.device!r} must be 'cpu', 'cuda' or 'auto'")
 
 
-def plan_children(options: UpOptions) -> list[ChildSpec]:
-    """The role processes of one mesh, gateway first (so stop() closes the front door first)."""
+def count_gpus() -> int:
+    """GPUs this process may use (torch's count honours CUDA_VISIBLE_DEVICES; NVML, no CUDA context)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES") == "":
+        return 0
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def plan_children(options: UpOptions, num_gpus: int | None = None) -> list[ChildSpec]:
+    """The role processes of one mesh, gateway first (so stop() closes the front door first). On CUDA each
+    worker gets a GPU and a share of its memory (`plan_devices`); num_gpus None counts this machine's.
+    ValueError when device='cuda' finds no GPU or the fractions overcommit one."""
     o = options
     gateway = f"{o.host}:{o.port}"
     roles: list[tuple[str, str]] = []  # (role, name)
@@ -311,7 +327,10 @@ def plan_children(options: UpOptions) -> list[ChildSpec]:
         roles += [("expert", f"expert-{i}") for i in range(o.num_expert)]
     chosen = free_ports(2 * len(roles), o.host)  # one call: gRPC and HTTP ports all distinct
     ports, http_ports = chosen[: len(roles)], (chosen[len(roles) :] if o.http_port else [0] * len(roles))
-    common = ("--host", o.host, "--model", o.model, "--device", o.device)
+    if num_gpus is None:
+        num_gpus = 0 if o.device == "cpu" else count_gpus()
+    device = ("cuda" if num_gpus else "cpu") if o.device == "auto" else o.device
+    common = ("--host", o.host, "--model", o.model, "--device", device)
     if o.security.tls_dir:
         common += ("--tls-dir", o.security.tls_dir)
     gateway_args = ("gateway", *common, "--port", str(o.port), "--http-port", str(o.http_port),
@@ -320,9 +339,11 @@ def plan_children(options: UpOptions) -> list[ChildSpec]:
         gateway_args += ("--api-keys", o.security.api_keys_file)
     specs = [ChildSpec("gateway", gateway_args, o.port, o.host, o.http_port)]
     threads = o.torch_threads
-    if threads is None and o.device == "cpu":  # OpenMP threads of several workers must not fight for cores
+    if threads is None and device == "cpu":  # OpenMP threads of several workers must not fight for cores
         threads = max(1, (os.cpu_count() or 1) // len(roles))
-    for (role, name), port, http_port in zip(roles, ports, http_ports, strict=True):
+    placements = plan_devices([role for role, _ in roles], device, num_gpus, dict(o.gpu_memory_fractions),
+                              os.environ.get("CUDA_VISIBLE_DEVICES"))  # fmt: skip
+    for (role, name), port, http_port, place in zip(roles, ports, http_ports, placements, strict=True):
         args = (role, *common, "--port", str(port), "--registry", gateway, "--worker-id", name)
         if threads is not None and role != "expert":
             args += ("--torch-threads", str(threads))
@@ -330,5 +351,6 @@ def plan_children(options: UpOptions) -> list[ChildSpec]:
             http_port = 0
         if http_port:
             args += ("--http-port", str(http_port))
-        specs.append(ChildSpec(name, args, port, o.host, http_port))
+        args += place.serve_args if role != "expert" else ()
+        specs.append(ChildSpec(name, args, port, o.host, http_port, place.env))
     return specs

@@ -17,6 +17,7 @@ environment. `moemesh serve <role>` hands its parsed flags (and the flags it did
     worker silent this long dropped --worker-timeout-s (gateway)    MOEMESH_WORKER_TIMEOUT_S
     moves after a lost decode      --max-migrations (gateway)    MOEMESH_MAX_MIGRATIONS
     torch intra-op threads         --torch-threads               MOEMESH_TORCH_THREADS
+    share of the GPU's memory      --gpu-memory-fraction         MOEMESH_GPU_MEMORY_FRACTION
     UCX transports ("" = any)      --ucx-transports              MOEMESH_UCX_TRANSPORTS
     UCX network devices ("" = all) --ucx-net-devices             MOEMESH_UCX_NET_DEVICES
     gateway in-flight limit        --max-inflight                MOEMESH_MAX_INFLIGHT
@@ -39,6 +40,10 @@ from moemesh.config.security import SecurityConfig
 DEMO_DIR = Path(__file__).resolve().parent.parent.parent / "models" / "demo"
 WHEEL_DEMO_DIR = Path(__file__).resolve().parent.parent / "demo"
 DTYPES = ("auto", "float32", "bfloat16")
+# UCX_TLS by device: TCP on loopback moves host memory; on CUDA, cuda_copy / cuda_ipc move device memory
+# (between processes on one GPU or NVLink peers) and sm carries the small headers and acks.
+CPU_UCX_TRANSPORTS = "tcp,self"
+CUDA_UCX_TRANSPORTS = "tcp,self,sm,cuda_copy,cuda_ipc"
 
 
 def demo_dir() -> Path:
@@ -90,7 +95,7 @@ class WorkerConfig:
     kv_checksum: bool = False
     heartbeat_s: float = 0.5
     torch_threads: int = 0
-    ucx_transports: str = "tcp,self"  # UCX_TLS; "" lets UCX pick (cuda_ipc, rc, ... on GPU machines)
+    ucx_transports: str = CPU_UCX_TRANSPORTS  # UCX_TLS; "" lets UCX pick. from_args: by device
     ucx_net_devices: str = "lo"  # UCX_NET_DEVICES; "" = all
     drain_grace_s: float = 30.0  # on SIGTERM: leave the mesh, then let requests finish this long at most
     security: SecurityConfig = field(default_factory=SecurityConfig)  # mutual TLS (docs/security.md)
@@ -121,6 +126,12 @@ class WorkerConfig:
     def model_dir(self) -> Path:
         return resolve_model_dir(self.model)
 
+    @property
+    def ucx_moves_device_memory(self) -> bool:
+        """Whether the UCX transports named can move CUDA memory ("" lets UCX pick: assumed yes)."""
+        names = {t.strip() for t in self.ucx_transports.split(",")}
+        return not self.ucx_transports or bool(names & {"cuda_copy", "cuda_ipc", "cuda", "rc", "rc_x", "dc"})
+
     @classmethod
     def from_args(cls, args: argparse.Namespace, env: Mapping[str, str] | None = None) -> WorkerConfig:
         """From `moemesh serve <role>`'s flags; `args.extra` holds the worker flags of the table above."""
@@ -132,7 +143,12 @@ class WorkerConfig:
             max_num_batched_tokens=extra.max_num_batched_tokens,
             num_kv_pages=extra.num_kv_pages,
             kv_cache_memory_bytes=extra.kv_cache_bytes,
+            gpu_memory_utilization=extra.gpu_memory_fraction,
         )
+        transports = extra.ucx_transports
+        if transports is None:
+            # "auto" by hand keeps TCP; `moemesh up` resolves auto to cuda or cpu before starting workers
+            transports = CUDA_UCX_TRANSPORTS if args.device == "cuda" else CPU_UCX_TRANSPORTS
         return cls(
             role=args.role,
             worker_id=args.worker_id or f"{args.role}-{args.port}",
@@ -149,7 +165,7 @@ class WorkerConfig:
             kv_checksum=extra.kv_checksum,
             heartbeat_s=extra.heartbeat_s,
             torch_threads=extra.torch_threads,
-            ucx_transports=extra.ucx_transports,
+            ucx_transports=transports,
             ucx_net_devices=extra.ucx_net_devices,
             drain_grace_s=extra.drain_grace_s,
             security=security_from_args(args, env),
@@ -244,7 +260,10 @@ def _worker_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     p.add_argument("--heartbeat-s", type=float, default=float(env.get("MOEMESH_HEARTBEAT_S", 0.5)))
     p.add_argument("--torch-threads", type=int, default=int(env.get("MOEMESH_TORCH_THREADS", 0)))
-    p.add_argument("--ucx-transports", default=env.get("MOEMESH_UCX_TRANSPORTS", "tcp,self"))
+    p.add_argument(
+        "--gpu-memory-fraction", type=float, default=float(env.get("MOEMESH_GPU_MEMORY_FRACTION", 0.9))
+    )
+    p.add_argument("--ucx-transports", default=env.get("MOEMESH_UCX_TRANSPORTS"))  # None: by device
     p.add_argument("--ucx-net-devices", default=env.get("MOEMESH_UCX_NET_DEVICES", "lo"))
     p.add_argument("--drain-grace-s", type=float, default=float(env.get("MOEMESH_DRAIN_GRACE_S", 30.0)))
     return p

@@ -29,6 +29,7 @@ from moemesh.model.batch import ForwardBatch
 from moemesh.model.network import DeepseekForCausalLM
 from moemesh.model.tokenizer import IncrementalDetokenizer, Tokenizer
 
+CUDA_CONTEXT_BYTES = 600 << 20  # a CUDA context + cuBLAS workspaces, outside torch's allocator
 DEFAULT_CPU_KV_BYTES = 1 << 30  # the KV budget on CPU when EngineConfig.kv_cache_memory_bytes is None
 GRAPH_MARGIN_BYTES = 512 << 20  # left free on CUDA for graph pools and allocator slack
 
@@ -359,5 +360,8 @@ class Engine:
         del cache
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
-        used_outside = total - free  # weights, CUDA context, other processes
-        return int(self.config.gpu_memory_utilization * total) - used_outside - peak - GRAPH_MARGIN_BYTES
+        # Our share of the card minus what we hold (weights, caching allocator, CUDA context): workers that
+        # share a GPU each get their own fraction, whatever the others took before us. Never more than is free.
+        ours = torch.cuda.memory_reserved(self.device) + CUDA_CONTEXT_BYTES
+        share = int(self.config.gpu_memory_utilization * total) - ours - peak - GRAPH_MARGIN_BYTES
+        return min(share, free - peak - GRAPH_MARGIN_BYTES)

@@ -1,0 +1,84 @@
+"""`moemesh up --device cuda`: the GPU and memory share each child gets, planned on CPU for 1, 2 and 4 GPUs."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from moemesh.config.devices import parse_fractions, plan_devices
+from moemesh.config.mesh import CPU_UCX_TRANSPORTS, CUDA_UCX_TRANSPORTS, WorkerConfig
+from moemesh.supervisor import UpOptions, plan_children
+
+
+def worker_env(specs) -> dict[str, tuple[dict[str, str], str | None]]:
+    """child name -> (its env, its --gpu-memory-fraction)."""
+    out = {}
+    for spec in specs[1:]:
+        args = list(spec.serve_args)
+        fraction = args[args.index("--gpu-memory-fraction") + 1] if "--gpu-memory-fraction" in args else None
+        out[spec.name] = (dict(spec.env), fraction)
+    return out
+
+
+def test_one_gpu_is_split_between_prefill_and_decode():
+    specs = plan_children(UpOptions(topology="pd", device="cuda", port=50200), num_gpus=1)
+    assert specs[0].env == () and "--gpu-memory-fraction" not in specs[0].serve_args  # the gateway
+    assert worker_env(specs) == {
+        "prefill-0": ({"CUDA_VISIBLE_DEVICES": "0"}, "0.45"),
+        "decode-0": ({"CUDA_VISIBLE_DEVICES": "0"}, "0.45"),
+    }
+    assert all("--torch-threads" not in s.serve_args for s in specs)  # the CPU split is for CPUs only
+    colocated = plan_children(UpOptions(topology="colocated", device="cuda", port=50201), num_gpus=1)
+    assert worker_env(colocated) == {"colocated-0": ({"CUDA_VISIBLE_DEVICES": "0"}, "0.9")}
+
+
+def test_two_and_four_gpus_give_each_worker_its_own():
+    two = plan_children(UpOptions(topology="pd", device="cuda", port=50202), num_gpus=2)
+    assert worker_env(two) == {
+        "prefill-0": ({"CUDA_VISIBLE_DEVICES": "0"}, "0.9"),
+        "decode-0": ({"CUDA_VISIBLE_DEVICES": "1"}, "0.9"),
+    }
+    four = plan_children(UpOptions(topology="pd", num_prefill=2, num_decode=4, device="cuda", port=50203),
+                         num_gpus=4)  # fmt: skip
+    env = worker_env(four)
+    # six workers on four GPUs: round-robin, the two GPUs holding two workers split them
+    assert [env[n][0]["CUDA_VISIBLE_DEVICES"] for n in env] == ["0", "1", "2", "3", "0", "1"]
+    assert [env[n][1] for n in env] == ["0.45", "0.45", "0.9", "0.9", "0.45", "0.45"]
+
+
+def test_per_role_fractions_and_the_parents_visible_devices():
+    fractions = parse_fractions(["prefill=0.3", "decode=0.6"])
+    plan = plan_devices(["prefill", "decode"], "cuda", 1, fractions, visible_devices="5,7")
+    assert [(p.env, p.gpu_memory_fraction) for p in plan] == [
+        ((("CUDA_VISIBLE_DEVICES", "5"),), 0.3),
+        ((("CUDA_VISIBLE_DEVICES", "5"),), 0.6),
+    ]
+    assert parse_fractions(["0.4"])["decode"] == 0.4
+    with pytest.raises(ValueError, match="GPU 0 \\(prefill, decode\\) would take 1.40 of it"):
+        plan_devices(["prefill", "decode"], "cuda", 1, parse_fractions(["0.7"]))
+    with pytest.raises(ValueError, match="role 'gateway' must be one of"):
+        parse_fractions(["gateway=0.5"])
+    with pytest.raises(ValueError, match="1.5 must be in \\(0, 1\\]"):
+        parse_fractions(["1.5"])
+    with pytest.raises(ValueError, match="no CUDA GPU is visible"):
+        plan_children(UpOptions(topology="pd", device="cuda", port=50204), num_gpus=0)
+    auto = plan_children(UpOptions(topology="pd", device="auto", port=50205), num_gpus=0)
+    assert all(s.env == () and s.serve_args[s.serve_args.index("--device") + 1] == "cpu" for s in auto)
+
+
+def test_worker_takes_its_fraction_and_ucx_transports_by_device():
+    def args(device: str, *extra: str) -> argparse.Namespace:
+        return argparse.Namespace(role="decode", worker_id="d", host="127.0.0.1", port=1, model="demo",
+                                  device=device, registry="", topology="pd", extra=list(extra))  # fmt: skip
+
+    cuda = WorkerConfig.from_args(args("cuda", "--gpu-memory-fraction", "0.45"), {})
+    assert cuda.engine.gpu_memory_utilization == 0.45
+    assert cuda.ucx_transports == CUDA_UCX_TRANSPORTS and cuda.ucx_moves_device_memory
+    cpu = WorkerConfig.from_args(args("cpu"), {})
+    assert cpu.ucx_transports == CPU_UCX_TRANSPORTS and not cpu.ucx_moves_device_memory
+    assert cpu.engine.gpu_memory_utilization == 0.9
+    forced = WorkerConfig.from_args(args("cuda"), {"MOEMESH_UCX_TRANSPORTS": "tcp,self"})
+    assert forced.ucx_transports == "tcp,self" and not forced.ucx_moves_device_memory
+    with pytest.raises(ValueError, match="gpu_memory_utilization=0.0 must be in"):
+        WorkerConfig.from_args(args("cuda", "--gpu-memory-fraction", "0"), {})
