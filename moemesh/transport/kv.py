@@ -31,11 +31,11 @@ from moemesh.transport.errors import IncompatiblePeer, InvalidArgument
 
 if TYPE_CHECKING:
     from moemesh.transport.kv_inbox import KvInbox
-    from moemesh.transport.kv_wire import ChunkHeader
+    from moemesh.transport.kv_wire import ChunkHeader, Segment
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: multi-layer chunks in segments, lease tokens
 _DTYPES = {
     "bf16": worker_pb2.KV_DTYPE_BF16,
     "fp8_e4m3": worker_pb2.KV_DTYPE_FP8_E4M3,
@@ -132,6 +132,7 @@ class KvTarget:
     layout: KvLayout
     traceparent: str = ""
     lease_deadline_unix_ms: int = 0
+    token: int = 0  # random per lease (D's); every chunk carries it
 
     def __post_init__(self) -> None:
         if self.num_skip_tokens % self.layout.page_size:
@@ -159,6 +160,7 @@ class KvTarget:
             layout=self.layout.to_proto(),
             traceparent=self.traceparent,
             lease_deadline_unix_ms=self.lease_deadline_unix_ms,
+            lease_token=self.token,
         )
 
     @classmethod
@@ -172,6 +174,7 @@ class KvTarget:
             layout=KvLayout.from_proto(msg.layout),
             traceparent=msg.traceparent,
             lease_deadline_unix_ms=msg.lease_deadline_unix_ms,
+            token=msg.lease_token,
         )
 
 
@@ -185,16 +188,22 @@ class Lease:
     layout: KvLayout
     deadline_s: float  # on the receiver's clock (time.monotonic unless injected)
     first_page: int = 0  # pages before this index are already on D and are not written
+    token: int = 0  # what every chunk must carry
+    ttl_s: float | None = None  # each chunk admitted or landed moves the deadline to now + ttl_s (if later)
+
+    @property
+    def num_pages_expected(self) -> int:
+        """(layer, page) cells the sender must cover before the lease is complete."""
+        return self.layout.num_layers * (len(self.page_ids) - self.first_page)
 
     @property
     def expected_bytes(self) -> int:
-        return self.layout.num_layers * (len(self.page_ids) - self.first_page) * self.layout.page_bytes
+        return self.num_pages_expected * self.layout.page_bytes
 
     @classmethod
-    def for_target(cls, target: KvTarget, deadline_s: float) -> Lease:
-        return cls(
-            target.lease, target.request_id, target.page_ids, target.layout, deadline_s, target.first_page
-        )
+    def for_target(cls, target: KvTarget, deadline_s: float, ttl_s: float | None = None) -> Lease:
+        return cls(target.lease, target.request_id, target.page_ids, target.layout, deadline_s,
+                   target.first_page, target.token, ttl_s)  # fmt: skip
 
 
 # --- where received bytes go ------------------------------------------------------------------------
@@ -203,44 +212,125 @@ class Lease:
 class KvSink(Protocol):
     """Where received bytes go; D's service provides it (the engine's cache + an unpack kernel)."""
 
-    def buffer_for(self, lease: Lease, header: ChunkHeader) -> torch.Tensor:
-        """A contiguous uint8 tensor of header.num_bytes to receive into (staging, or the pages themselves)."""
+    def buffers_for(self, lease: Lease, header: ChunkHeader, segments: list[Segment]) -> list[torch.Tensor]:
+        """A contiguous uint8 tensor of segment.num_bytes per segment to receive into: the destination pages
+        themselves, or staging."""
         ...
 
-    def commit(self, lease: Lease, header: ChunkHeader, buffer: torch.Tensor) -> None:
-        """The bytes have arrived and the lease is still live: make them the pages' content."""
+    def commit(
+        self, lease: Lease, header: ChunkHeader, segments: list[Segment], buffers: list[torch.Tensor]
+    ) -> None:
+        """The bytes have arrived and the lease is still live: make them the pages' content (scatter what was
+        staged; nothing for what landed in place)."""
         ...
+
+    def abandon(self, buffers: list[torch.Tensor]) -> None:
+        """The receive failed or was refused: staging may be reused (what it wrote in place is in leased pages
+        no one reads)."""
+        ...
+
+
+class StagingPool:
+    """Staging buffers of one device, made once and kept for the receiver's life: UCX writes them outside
+    torch's streams, so they must never go back to the caching allocator (it could hand the memory to a kernel
+    meanwhile). A buffer is taken for one chunk and free again once the scatter that reads it has run (a CUDA
+    event) — on CPU at once."""
+
+    def __init__(self, device: torch.device, min_bytes: int = 1 << 20) -> None:
+        self.device = device
+        self.min_bytes = min_bytes
+        self._free: list[torch.Tensor] = []
+        self._busy: list[tuple[torch.cuda.Event | None, torch.Tensor]] = []
+        self.num_allocated = 0
+
+    def take(self, num_bytes: int) -> torch.Tensor:
+        """A uint8 view of num_bytes from a free buffer (a new one, kept, when none is big enough)."""
+        self._reclaim()
+        fits = [b for b in self._free if b.numel() >= num_bytes]
+        if fits:
+            buffer = min(fits, key=torch.Tensor.numel)
+            self._free.remove(buffer)
+        else:
+            size = max(self.min_bytes, 1 << (num_bytes - 1).bit_length())
+            buffer = torch.empty(size, dtype=torch.uint8, device=self.device)
+            self.num_allocated += 1
+        self._busy.append((None, buffer))
+        return buffer[:num_bytes]
+
+    def give_back(self, view: torch.Tensor, after: torch.cuda.Event | None = None) -> None:
+        """`view` (from take) is free once `after` has passed (None: now). Anything else is ignored."""
+        for i, (_, buffer) in enumerate(self._busy):
+            if buffer.data_ptr() == view.data_ptr():
+                if after is None:
+                    del self._busy[i]
+                    self._free.append(buffer)
+                else:
+                    self._busy[i] = (after, buffer)
+                return
+
+    def _reclaim(self) -> None:
+        still = []
+        for event, buffer in self._busy:
+            if event is not None and event.query():
+                self._free.append(buffer)
+            else:
+                still.append((event, buffer))
+        self._busy = still
 
 
 class PagedKvSink:
-    """A KvSink over per-layer caches `[num_pages, page_size, ...]` (any dtype): receives into a staging
-    buffer on the cache's device, then scatters it into the lease's pages (`scatter`; index_copy_ here).
-
-    On CUDA the scatter is queued, not done, when commit returns, and UCX writes the next staging buffer outside
-    torch's streams: a buffer freed at once could be handed to the next chunk and overwritten before the queued
-    scatter read it. So each staging buffer is kept until an event recorded after its scatter has passed. The
-    page ids go up through pinned memory without blocking (a pageable copy would wait for the whole stream,
-    i.e. for a forward in flight)."""
+    """A KvSink over per-layer caches `[num_pages, page_size, ...]` (any dtype, contiguous). A one-layer
+    segment (a run of consecutive pages, `plan_segments`) is received straight into its pages; a segment of
+    several layers into a pooled staging buffer (`StagingPool`), then scattered per layer (`scatter`,
+    index_copy_ here). The page ids go up through pinned memory without blocking (a pageable copy would wait
+    for the whole stream, i.e. for a forward in flight); on CUDA a staging buffer is reused only after an
+    event recorded behind its scatter has passed."""
 
     def __init__(self, caches: list[torch.Tensor]) -> None:
         self.caches = caches
-        self._in_flight: list[tuple[torch.cuda.Event, torch.Tensor, torch.Tensor]] = []
+        self.staging = StagingPool(caches[0].device) if caches else None
+        self.num_direct_segments = 0
+        self.num_staged_segments = 0
 
-    def buffer_for(self, lease: Lease, header: ChunkHeader) -> torch.Tensor:
-        self._in_flight = [entry for entry in self._in_flight if not entry[0].query()]
-        return torch.empty(header.num_bytes, dtype=torch.uint8, device=self.caches[header.layer].device)
+    def buffers_for(self, lease: Lease, header: ChunkHeader, segments: list[Segment]) -> list[torch.Tensor]:
+        buffers = []
+        for seg in segments:
+            cache = self.caches[header.layer + seg.layer]
+            if seg.num_layers == 1 and cache.is_contiguous():
+                first = lease.page_ids[header.first_page + seg.page]
+                rows = cache.view(cache.shape[0], -1)[first : first + seg.num_pages]  # consecutive pages
+                buffers.append(rows.view(torch.uint8).view(-1))
+                self.num_direct_segments += 1
+            else:
+                assert self.staging is not None
+                buffers.append(self.staging.take(seg.num_bytes))
+                self.num_staged_segments += 1
+        return buffers
 
-    def commit(self, lease: Lease, header: ChunkHeader, buffer: torch.Tensor) -> None:
-        cache = self.caches[header.layer]
-        ids = lease.page_ids[header.first_page : header.first_page + header.num_pages]
-        index = torch.tensor(ids, dtype=torch.long)
-        if cache.is_cuda:
-            index = index.pin_memory().to(cache.device, non_blocking=True)
-        self.scatter(cache, index, buffer.view(header.num_pages, -1))
-        if cache.is_cuda:
-            done = torch.cuda.Event()
-            done.record()
-            self._in_flight.append((done, buffer, index))
+    def commit(
+        self, lease: Lease, header: ChunkHeader, segments: list[Segment], buffers: list[torch.Tensor]
+    ) -> None:
+        for seg, buffer in zip(segments, buffers, strict=True):
+            if seg.num_layers == 1 and self.caches[header.layer + seg.layer].is_contiguous():
+                continue  # landed in place
+            first = header.first_page + seg.page
+            ids = torch.tensor(lease.page_ids[first : first + seg.num_pages], dtype=torch.long)
+            rows = buffer.view(seg.num_layers, seg.num_pages, -1)
+            done = None
+            for i in range(seg.num_layers):
+                cache = self.caches[header.layer + seg.layer + i]
+                index = ids.pin_memory().to(cache.device, non_blocking=True) if cache.is_cuda else ids
+                self.scatter(cache, index, rows[i])
+            if buffer.is_cuda:
+                done = torch.cuda.Event()
+                done.record()
+            assert self.staging is not None
+            self.staging.give_back(buffer, done)
+
+    def abandon(self, buffers: list[torch.Tensor]) -> None:
+        if self.staging is not None:
+            for buffer in buffers:
+                self.staging.give_back(buffer)
 
     def scatter(self, cache: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
         """rows `[n, page_bytes]` uint8 into pages `index` of `cache`."""
@@ -254,9 +344,12 @@ class KvSender(Protocol):
         """Opens (and caches) the connection to a receiver — at handshake, not on a user's first request."""
         ...
 
-    async def send(self, target: KvTarget, layer: int, first_page: int, pages: torch.Tensor) -> int:
-        """Writes `pages` (contiguous, `[n, page_size, ...]` or any shape of n * page_bytes bytes; CPU or GPU)
-        as pages [first_page, first_page + n) of target's lease, one layer. Returns the bytes sent once the
+    async def send(
+        self, target: KvTarget, layer: int, first_page: int, pages: torch.Tensor, num_layers: int = 1
+    ) -> int:
+        """Writes `pages` (contiguous, `[num_layers, n, page_size, ...]` or any shape of num_layers * n *
+        page_bytes bytes, layer-major; CPU or GPU) as pages [first_page, first_page + n) of target's lease,
+        layers [layer, layer + num_layers). Returns the bytes sent once the
         receiver committed them. Raises LeaseRefused when the receiver refused them, Unavailable when it is
         unreachable, InvalidArgument for a chunk that does not fit the target."""
         ...

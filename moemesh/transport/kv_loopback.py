@@ -67,8 +67,12 @@ class LoopbackKvSender:
             raise Unavailable(f"no KV receiver at {address}")
         self._connected.add(address)
 
-    async def send(self, target: KvTarget, layer: int, first_page: int, pages: torch.Tensor) -> int:
-        header, data = make_header(target, layer, first_page, pages, next(self._ids), self.checksum)
+    async def send(
+        self, target: KvTarget, layer: int, first_page: int, pages: torch.Tensor, num_layers: int = 1
+    ) -> int:
+        header, data, segments = make_header(
+            target, layer, first_page, pages, next(self._ids), self.checksum, num_layers
+        )
         if target.address not in self._connected:
             await self.connect(target.address)
         receiver = self.fabric.receivers.get(target.address)
@@ -80,7 +84,8 @@ class LoopbackKvSender:
             raise LeaseRefused(str(err), err.reason) from None  # the receiver's message, as over UCX
         try:
             await asyncio.sleep(0)  # the bytes are "on the wire": the receiver's loop may run meanwhile
-            admission.buffer.copy_(data)
+            for seg, buffer in zip(segments, admission.buffers, strict=True):
+                buffer.copy_(data[seg.offset_bytes : seg.offset_bytes + seg.num_bytes])
         except BaseException:
             receiver.inbox.abandon(admission)
             raise

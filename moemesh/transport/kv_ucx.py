@@ -1,12 +1,16 @@
 """The KV sender and receiver over ucxx (see kv.py for the transfer's lifecycle, kv_wire.py for the bytes).
 
 Per chunk, on one endpoint P -> D (tags are scoped to the endpoint by ucxx, so two senders' ids never mix):
-    P: send header (HEADER_BYTES, tag TAG_HEADER) -> send payload (tag 4*id+2) -> recv ack (ACK_BYTES, tag 4*id+3)
-    D: recv header -> inbox.admit -> recv payload into the sink's buffer (or a scratch buffer when refused)
-       -> inbox.land -> send ack (accepted, or refused with the reason and message)
-A payload D does not get within `recv_timeout_s` aborts the endpoint (UCX cancels its requests, so nothing can
-land late). On P, `timeout_s` bounds each chunk's whole exchange: a stalled receiver costs one
-DeadlineExceeded, never a hang, and the next send reconnects.
+    P: send header (HEADER_BYTES, tag TAG_HEADER) -> send its segments (`plan_segments`: one per layer and run
+       of consecutive destination pages, tag _data_tag(id, i)), all at once -> recv ack (ACK_BYTES)
+    D: recv header -> inbox.admit -> recv every segment into the sink's buffers (the pages themselves, or
+       pooled staging) -> inbox.land -> send ack (accepted, or refused with the reason and message)
+A chunk of several layers and few page runs is a few large messages and one round trip. A refused header's
+segments are drained into one reused host buffer (never an allocation sized by the header); a header claiming
+more than MAX_CHUNK_BYTES or MAX_SEGMENTS is hostile: D drops the connection. A payload D does not get within
+`recv_timeout_s` aborts the endpoint (UCX cancels its requests, so nothing can land late). On P, `timeout_s`
+bounds each chunk's whole exchange: a stalled receiver costs one DeadlineExceeded, never a hang, and the next
+send reconnects.
 """
 
 from __future__ import annotations
@@ -27,8 +31,11 @@ from moemesh.transport.kv_inbox import KvInbox
 from moemesh.transport.kv_wire import (
     ACK_BYTES,
     HEADER_BYTES,
+    MAX_CHUNK_BYTES,
+    MAX_SEGMENTS,
     ChunkHeader,
     RefusalReason,
+    Segment,
     make_header,
     pack_ack,
     unpack_ack,
@@ -40,12 +47,15 @@ log = logging.getLogger(__name__)
 TAG_HEADER = 1
 
 
-def _data_tag(transfer_id: int) -> int:
-    return 4 * transfer_id + 2
+_SEGMENT_BITS = 12  # MAX_SEGMENTS < 2**12
+
+
+def _data_tag(transfer_id: int, segment: int = 0) -> int:
+    return 4 * ((transfer_id << _SEGMENT_BITS) + segment) + 2
 
 
 def _ack_tag(transfer_id: int) -> int:
-    return 4 * transfer_id + 3
+    return 4 * (transfer_id << _SEGMENT_BITS) + 3
 
 
 class UcxKvReceiver:
@@ -63,6 +73,9 @@ class UcxKvReceiver:
         self.recv_timeout_s = recv_timeout_s
         self.listener = UcxListener(self._serve, host, port, options)
         self._tasks: set[asyncio.Task] = set()
+        self._drain_buffer = torch.empty(0, dtype=torch.uint8)  # refused chunks' bytes go here, reused
+        self._drain_lock = asyncio.Lock()
+        self.num_hostile_headers = 0  # connections dropped for a header over the limits
 
     @property
     def address(self) -> str:
@@ -88,6 +101,12 @@ class UcxKvReceiver:
             except ValueError as err:
                 log.warning("closing a KV connection: %s", err)
                 return
+            if header.num_bytes > MAX_CHUNK_BYTES or not 1 <= header.num_segments <= MAX_SEGMENTS:
+                log.warning("closing a KV connection: a header for lease %s claims %d bytes in %d segments "
+                            "(at most %d in %d)", header.lease, header.num_bytes, header.num_segments,
+                            MAX_CHUNK_BYTES, MAX_SEGMENTS)  # fmt: skip
+                self.num_hostile_headers += 1
+                return
             task = asyncio.ensure_future(self._receive(ep, header))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -97,11 +116,10 @@ class UcxKvReceiver:
             admission = self.inbox.admit(header)
         except LeaseRefused as err:
             reason = RefusalReason(err.reason or RefusalReason.RECEIVER_ERROR)
-            scratch = torch.empty(header.num_bytes, dtype=torch.uint8)  # drain the payload, then refuse
-            if await self._recv_payload(ep, header, scratch):
+            if await self._drain(ep, header):
                 await self._ack(ep, header, reason, str(err))
             return
-        if not await self._recv_payload(ep, header, admission.buffer):
+        if not await self._recv_payload(ep, header, admission.buffers):
             self.inbox.abandon(admission)
             return
         try:
@@ -111,10 +129,24 @@ class UcxKvReceiver:
             return
         await self._ack(ep, header, RefusalReason.ACCEPTED, "")
 
-    async def _recv_payload(self, ep: Any, header: ChunkHeader, buffer: torch.Tensor) -> bool:
+    async def _drain(self, ep: Any, header: ChunkHeader) -> bool:
+        """A refused chunk's segments, one after the other, into the one reused host buffer (each segment is
+        at most header.num_bytes <= MAX_CHUNK_BYTES)."""
+        async with self._drain_lock:
+            if self._drain_buffer.numel() < header.num_bytes:
+                self._drain_buffer = torch.empty(header.num_bytes, dtype=torch.uint8)
+            for i in range(header.num_segments):
+                if not await self._recv_payload(ep, header, [self._drain_buffer], first_segment=i):
+                    return False
+            return True
+
+    async def _recv_payload(
+        self, ep: Any, header: ChunkHeader, buffers: list[torch.Tensor], first_segment: int = 0
+    ) -> bool:
         try:
-            recv = ep.recv(as_ucx_buffer(buffer), tag=_data_tag(header.transfer_id))
-            await asyncio.wait_for(recv, self.recv_timeout_s)
+            recvs = [ep.recv(as_ucx_buffer(b), tag=_data_tag(header.transfer_id, first_segment + i))
+                     for i, b in enumerate(buffers)]  # fmt: skip
+            await asyncio.wait_for(asyncio.gather(*recvs), self.recv_timeout_s)
             return True
         except Exception as err:
             # Abort: UCX cancels the endpoint's requests, so the buffer is never written after this.
@@ -145,12 +177,16 @@ class UcxKvSender:
     async def connect(self, address: str) -> None:
         await self.pool.get(address)
 
-    async def send(self, target: KvTarget, layer: int, first_page: int, pages: torch.Tensor) -> int:
-        header, data = make_header(target, layer, first_page, pages, next(self._ids), self.checksum)
+    async def send(
+        self, target: KvTarget, layer: int, first_page: int, pages: torch.Tensor, num_layers: int = 1
+    ) -> int:
+        header, data, segments = make_header(
+            target, layer, first_page, pages, next(self._ids), self.checksum, num_layers
+        )
         ep = await self.pool.get(target.address)
         # Shielded: once the header is out, the payload and the ack follow even if the caller is cancelled, so
         # the receiver never waits on a payload that cannot come. close() awaits what is still in flight.
-        exchange = asyncio.ensure_future(self._exchange(ep, target.address, header, data))
+        exchange = asyncio.ensure_future(self._exchange(ep, target.address, header, data, segments))
         self._inflight.add(exchange)
         exchange.add_done_callback(self._inflight.discard)
         _, reason, message = await asyncio.shield(exchange)
@@ -164,16 +200,18 @@ class UcxKvSender:
         await self.pool.close()
 
     async def _exchange(
-        self, ep: Any, address: str, header: ChunkHeader, data: torch.Tensor
+        self, ep: Any, address: str, header: ChunkHeader, data: torch.Tensor, segments: list[Segment]
     ) -> tuple[int, RefusalReason, str]:
         raw = torch.frombuffer(bytearray(header.pack()), dtype=torch.uint8)
         ack = torch.zeros(ACK_BYTES, dtype=torch.uint8)
 
         async def wire() -> None:
             await ep.send(as_ucx_buffer(raw), tag=TAG_HEADER)
-            await ep.send(
-                as_ucx_buffer(data), tag=_data_tag(header.transfer_id)
-            )  # rendezvous: D must progress
+            await asyncio.gather(*(  # rendezvous: D must progress
+                ep.send(as_ucx_buffer(data[s.offset_bytes : s.offset_bytes + s.num_bytes]),
+                        tag=_data_tag(header.transfer_id, i))
+                for i, s in enumerate(segments)
+            ))  # fmt: skip
             await ep.recv(as_ucx_buffer(ack), tag=_ack_tag(header.transfer_id))
 
         try:

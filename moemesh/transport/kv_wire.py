@@ -6,6 +6,7 @@ from __future__ import annotations
 import enum
 import struct
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -13,14 +14,20 @@ import torch
 from moemesh.transport.errors import InvalidArgument
 from moemesh.transport.kv import PROTOCOL_VERSION, KvTarget, LeaseKey
 
-_HEADER = struct.Struct(
-    "<4sHHQQQIIIQI"
-)  # magic, version, flags, transfer, lease, gen, layer, first, n, bytes, crc
+# magic, version, flags, transfer, lease, generation, token, first layer, layers, first page, pages, bytes,
+# segments, crc
+_HEADER = struct.Struct("<4sHHQQQQIIIIQII")
 _ACK = struct.Struct("<QIH")  # transfer id, RefusalReason (0 = accepted), message length; then the message
 HEADER_BYTES = _HEADER.size
 ACK_BYTES = 256
 _MAGIC = b"MMKV"
 _FLAG_CHECKSUM = 1
+# The most bytes one chunk may carry: the sender splits bigger transfers; a header claiming more is hostile
+# (the receiver drops the connection without allocating anything).
+MAX_CHUNK_BYTES = 64 << 20
+# A chunk goes as one message per (layer, run of consecutive destination pages) — received straight into
+# the pages — unless that would take more messages than this: then as one message into a staging buffer.
+MAX_SEGMENTS = 64
 
 
 class RefusalReason(enum.IntEnum):
@@ -34,36 +41,82 @@ class RefusalReason(enum.IntEnum):
     CHECKSUM = 7
     BAD_HEADER = 8
     RECEIVER_ERROR = 9  # the sink failed to give a buffer or to commit (a bug on D; logged there)
+    BAD_TOKEN = 10  # the chunk does not carry the lease's token (forged, or another mesh's)
 
 
 @dataclass(frozen=True)
 class ChunkHeader:
-    """Precedes each chunk's bytes: pages [first_page, first_page + num_pages) of the lease's page list, one
-    layer, `num_bytes` = num_pages * page_bytes. checksum is crc32 of the bytes, or None when not sent."""
+    """Precedes each chunk's bytes: layers [first_layer, first_layer + num_layers) of pages
+    [first_page, first_page + num_pages) of the lease's page list, layer-major, `num_bytes` = num_layers *
+    num_pages * page_bytes, sent as `num_segments` messages (`plan_segments`). `token` must be the lease's.
+    checksum is crc32 of the bytes in segment order, or None when not sent."""
 
     transfer_id: int
     lease: LeaseKey
-    layer: int
+    layer: int  # the first layer
     first_page: int
     num_pages: int
     num_bytes: int
     checksum: int | None = None
+    num_layers: int = 1
+    token: int = 0
+    num_segments: int = 1
+
+    @property
+    def layers(self) -> range:
+        return range(self.layer, self.layer + self.num_layers)
 
     def pack(self) -> bytes:
         flags = _FLAG_CHECKSUM if self.checksum is not None else 0
         return _HEADER.pack(
             _MAGIC, PROTOCOL_VERSION, flags, self.transfer_id, self.lease.lease_id, self.lease.generation,
-            self.layer, self.first_page, self.num_pages, self.num_bytes, self.checksum or 0,
+            self.token, self.layer, self.num_layers, self.first_page, self.num_pages, self.num_bytes,
+            self.num_segments, self.checksum or 0,
         )  # fmt: skip
 
     @classmethod
     def unpack(cls, data: bytes) -> ChunkHeader:
-        magic, version, flags, xfer, lease, gen, layer, first, n, nbytes, crc = _HEADER.unpack(data)
+        magic, version, flags, xfer, lease, gen, token, layer, layers, first, n, nbytes, segs, crc = (
+            _HEADER.unpack(data)
+        )
         if magic != _MAGIC or version != PROTOCOL_VERSION:
             raise ValueError(f"not a KV chunk header (magic={magic!r}, version={version})")
-        return cls(
-            xfer, LeaseKey(lease, gen), layer, first, n, nbytes, crc if flags & _FLAG_CHECKSUM else None
-        )
+        crc = crc if flags & _FLAG_CHECKSUM else None
+        return cls(xfer, LeaseKey(lease, gen), layer, first, n, nbytes, crc, layers, token, segs)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One message of a chunk: layers [layer, +num_layers) x chunk pages [page, +num_pages) (indices into the
+    chunk), at `offset_bytes` of the chunk's layer-major payload. Either one layer, or every page."""
+
+    layer: int
+    num_layers: int
+    page: int
+    num_pages: int
+    offset_bytes: int
+    num_bytes: int
+
+
+def plan_segments(
+    page_ids: Sequence[int], num_layers: int, page_bytes: int, max_segments: int = MAX_SEGMENTS
+) -> list[Segment]:
+    """How a chunk of `num_layers` layers of the destination pages `page_ids` goes on the wire: one message
+    per layer and run of consecutive page ids (each lands straight in its pages), or one message for all
+    when that would take more than `max_segments`. Sender and receiver compute it alike."""
+    runs, start = [], 0
+    for i in range(1, len(page_ids) + 1):
+        if i == len(page_ids) or page_ids[i] != page_ids[i - 1] + 1:
+            runs.append((start, i - start))
+            start = i
+    n = len(page_ids)
+    if len(runs) * num_layers > max_segments:
+        return [Segment(0, num_layers, 0, n, 0, num_layers * n * page_bytes)]
+    return [
+        Segment(layer, 1, page, count, (layer * n + page) * page_bytes, count * page_bytes)
+        for layer in range(num_layers)
+        for page, count in runs
+    ]
 
 
 def pack_ack(transfer_id: int, reason: RefusalReason, message: str = "") -> bytes:
@@ -91,22 +144,37 @@ def crc32(data: torch.Tensor) -> int:
 
 
 def make_header(
-    target: KvTarget, layer: int, first_page: int, pages: torch.Tensor, transfer_id: int, checksum: bool
-) -> tuple[ChunkHeader, torch.Tensor]:
-    """Checks a chunk on the sender's side; returns its header and its bytes."""
+    target: KvTarget,
+    layer: int,
+    first_page: int,
+    pages: torch.Tensor,
+    transfer_id: int,
+    checksum: bool,
+    num_layers: int = 1,
+) -> tuple[ChunkHeader, torch.Tensor, list[Segment]]:
+    """Checks a chunk on the sender's side (`pages`: num_layers x n pages, layer-major); returns its header,
+    its bytes and its segments."""
     data = as_bytes(pages)
     layout = target.layout
-    if not 0 <= layer < layout.num_layers:
-        raise InvalidArgument(f"layer={layer} must be in [0, {layout.num_layers})")
-    if data.numel() == 0 or data.numel() % layout.page_bytes:
+    if num_layers < 1 or not 0 <= layer <= layer + num_layers <= layout.num_layers:
+        raise InvalidArgument(f"layers [{layer}, {layer + num_layers}) must lie in [0, {layout.num_layers})")
+    layer_bytes = num_layers * layout.page_bytes
+    if data.numel() == 0 or data.numel() % layer_bytes:
         raise InvalidArgument(
-            f"chunk of {data.numel()} bytes must be a positive multiple of {layout.page_bytes}"
+            f"chunk of {data.numel()} bytes must be a positive multiple of {num_layers} x {layout.page_bytes}"
         )
-    num_pages = data.numel() // layout.page_bytes
+    if data.numel() > MAX_CHUNK_BYTES:
+        raise InvalidArgument(f"chunk of {data.numel()} bytes is over MAX_CHUNK_BYTES={MAX_CHUNK_BYTES}")
+    num_pages = data.numel() // layer_bytes
     if first_page < target.first_page or first_page + num_pages > len(target.page_ids):
         raise InvalidArgument(
             f"pages [{first_page}, {first_page + num_pages}) must lie in [{target.first_page}, "
             f"{len(target.page_ids)}) for lease {target.lease}"
         )
+    segments = plan_segments(
+        target.page_ids[first_page : first_page + num_pages], num_layers, layout.page_bytes
+    )
     crc = crc32(data) if checksum else None
-    return ChunkHeader(transfer_id, target.lease, layer, first_page, num_pages, data.numel(), crc), data
+    header = ChunkHeader(transfer_id, target.lease, layer, first_page, num_pages, data.numel(), crc, num_layers,
+                         target.token, len(segments))  # fmt: skip
+    return header, data, segments

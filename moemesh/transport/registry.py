@@ -37,12 +37,15 @@ class LoadReport:
     num_free_pages: int = 0
     num_total_pages: int = 0
     unix_ms: int = 0
+    num_remote_prefills: int = 0  # decode: requests whose KV a prefill worker sent
+    num_prefill_fallbacks: int = 0  # decode: requests meant for a prefill worker, prefilled here instead
 
     def to_proto(self) -> worker_pb2.LoadReport:
         return worker_pb2.LoadReport(
             worker_id=self.worker_id, role=ROLES[self.role], num_running_requests=self.num_running_requests,
             num_queued_requests=self.num_queued_requests, num_queued_tokens=self.num_queued_tokens,
             num_free_pages=self.num_free_pages, num_total_pages=self.num_total_pages, unix_ms=self.unix_ms,
+            num_remote_prefills=self.num_remote_prefills, num_prefill_fallbacks=self.num_prefill_fallbacks,
         )  # fmt: skip
 
     @classmethod
@@ -50,6 +53,7 @@ class LoadReport:
         return cls(
             msg.worker_id, _ROLE_NAMES.get(msg.role, ""), msg.num_running_requests, msg.num_queued_requests,
             msg.num_queued_tokens, msg.num_free_pages, msg.num_total_pages, msg.unix_ms,
+            msg.num_remote_prefills, msg.num_prefill_fallbacks,
         )  # fmt: skip
 
 

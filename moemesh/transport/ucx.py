@@ -186,3 +186,39 @@ class UcxEndpointPool:
             except Exception:  # an unresponsive peer: drop the connection
                 ep.abort()
         self._endpoints.clear()
+
+
+async def probe_device_memory(
+    options: UcxOptions, device: torch.device, timeout_s: float = 10.0
+) -> str | None:
+    """Sends 64 KiB of `device` memory to ourselves over UCX with `options` (what a KV transfer does) and
+    compares it. Returns None when it arrived intact, else why not (UCX built without CUDA, transports that
+    cannot carry device memory, ...). CPU memory is always fine over TCP; call it at start-up."""
+    if device.type == "cpu":
+        return None
+    sent = torch.arange(1 << 16, dtype=torch.int32, device=device).to(torch.uint8)
+    got = torch.zeros_like(sent)
+    done = asyncio.Event()
+
+    async def serve(ep: Any) -> None:
+        await ep.recv(as_ucx_buffer(got), tag=7)
+        done.set()
+
+    listener = UcxListener(serve, "127.0.0.1", 0, options)
+    pool = UcxEndpointPool(options)
+    try:
+        address = await listener.start()
+        ep = await pool.get(address)
+        torch.cuda.synchronize(device)
+        await asyncio.wait_for(ep.send(as_ucx_buffer(sent), tag=7), timeout_s)
+        await asyncio.wait_for(done.wait(), timeout_s)
+        if not torch.equal(sent, got):
+            return f"the bytes arrived changed (UCX_TLS={options.transports!r})"
+        return None
+    except Exception as err:
+        return f"{type(err).__name__}: {err} (UCX_TLS={options.transports!r})"
+    finally:
+        with contextlib.suppress(Exception):
+            await pool.close()
+        with contextlib.suppress(Exception):
+            await listener.close()

@@ -14,8 +14,8 @@ page. The reaper (`LeaseTable.reap`) closes leases past their deadline that nobo
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -80,7 +80,9 @@ class OpenLease:
 
 
 class LeaseTable:
-    """Lease ids are a per-worker counter (generation 1; a reused id would take a new generation)."""
+    """Lease ids and tokens are random (62 and 64 bits, `secrets`: no sender can guess another lease's), under
+    generation 1. A lease accepts writes for `ttl_s` (lease_ttl_s), renewed by every chunk admitted or landed:
+    a prefill worker that hangs pins its pages for at most ttl_s, then the reaper closes the lease."""
 
     def __init__(self, loop: EngineLoop, receiver: KvReceiver, layout: KvLayout, ttl_s: float) -> None:
         self.loop = loop
@@ -89,20 +91,20 @@ class LeaseTable:
         self.ttl_s = ttl_s
         self.sink = EngineKvSink(loop.engine.kv_caches)
         self.leases: dict[LeaseKey, OpenLease] = {}
-        self._ids = itertools.count(1)
         self.num_reaped = 0
 
-    def open(self, reservation: KvReservation, ttl_s: float | None = None) -> OpenLease:
-        """ttl_s: how long P may write (default the table's; D passes the request's remaining deadline)."""
-        key = LeaseKey(next(self._ids), 1)
-        ttl_s = self.ttl_s if ttl_s is None else ttl_s
-        deadline_s = time.monotonic() + ttl_s
+    def open(self, reservation: KvReservation) -> OpenLease:
+        """A lease over the reservation's pages, accepting writes for ttl_s from now (renewed by progress)."""
+        key = LeaseKey(secrets.randbits(62) + 1, 1)
+        while key in self.leases:
+            key = LeaseKey(secrets.randbits(62) + 1, 1)
+        deadline_s = time.monotonic() + self.ttl_s
         target = KvTarget(
             reservation.request_id, key, self.receiver.address, reservation.page_ids,
             reservation.num_cached_tokens, self.layout,
-            lease_deadline_unix_ms=int((time.time() + ttl_s) * 1000),
+            lease_deadline_unix_ms=int((time.time() + self.ttl_s) * 1000), token=secrets.randbits(64),
         )  # fmt: skip
-        self.receiver.inbox.expect(Lease.for_target(target, deadline_s), self.sink)
+        self.receiver.inbox.expect(Lease.for_target(target, deadline_s, self.ttl_s), self.sink)
         lease = OpenLease(self, reservation, target, deadline_s)
         self.leases[key] = lease
         return lease

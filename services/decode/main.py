@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 
 from moemesh._proto.v1 import worker_pb2_grpc
-from moemesh.config.mesh import WorkerConfig
+from moemesh.config.mesh import CUDA_UCX_TRANSPORTS, WorkerConfig
 from moemesh.services.decode.leases import LeaseTable
 from moemesh.services.decode.servicer import DecodeServicer
 from moemesh.services.decode.worker import DecodeWorker
@@ -20,6 +21,9 @@ from moemesh.transport.kv_ucx import UcxKvReceiver
 from moemesh.transport.peers import PeerSet, WorkerInfo
 from moemesh.transport.security import MeshSecurity
 from moemesh.transport.server import MeshServer, ServerOptions
+from moemesh.transport.ucx import probe_device_memory
+
+log = logging.getLogger(__name__)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -32,6 +36,10 @@ async def serve(config: WorkerConfig) -> int:
     loop = EngineLoop(loaded.engine)
     receiver = UcxKvReceiver(host=config.host, options=ucx_options(config))
     if not config.force_local_prefill:
+        problem = await probe_device_memory(receiver.listener.options, loaded.engine.device)
+        if problem is not None:  # said at start-up, not found later as every request prefilled here
+            log.error("UCX cannot receive %s memory: %s; KV transfers will fail and requests will be prefilled "
+                      "here (set --ucx-transports, e.g. %s)", loaded.engine.device, problem, CUDA_UCX_TRANSPORTS)  # fmt: skip
         await receiver.start()
     server = MeshServer(
         ServerOptions(

@@ -61,6 +61,9 @@ class DecodeWorker:
         self.members: list[WorkerInfo] = []
         self.num_remote_prefills = 0
         self.num_local_prefills = 0
+        self.num_prefill_fallbacks = (
+            0  # meant for a prefill worker, prefilled here (load report; logged once)
+        )
         self._sync_lock = asyncio.Lock()
 
     async def on_members(self, members: list[WorkerInfo]) -> None:
@@ -128,7 +131,8 @@ class DecodeWorker:
             self.config.worker_id, self.config.role, num_running_requests=stats["num_running"],
             num_queued_requests=stats["num_waiting"], num_queued_tokens=0,
             num_free_pages=stats["pages_free"] + stats["pages_cached"], num_total_pages=stats["pages_total"],
-            unix_ms=int(time.time() * 1000),
+            unix_ms=int(time.time() * 1000), num_remote_prefills=self.num_remote_prefills,
+            num_prefill_fallbacks=self.num_prefill_fallbacks,
         )  # fmt: skip
 
     # -- admission ------------------------------------------------------------------------------------------
@@ -163,8 +167,13 @@ class DecodeWorker:
                 tried.append(peer.worker_id)
                 peer = self._other_prefill(tried)
                 then = f"retrying on {peer.worker_id}" if peer else "prefilling it here"
-                log.warning("prefill worker %s unavailable for %s (%s); %s", tried[-1], job.request_id, err,
-                            then)  # fmt: skip
+                if peer is None:
+                    self.num_prefill_fallbacks += 1
+                first = peer is None and self.num_prefill_fallbacks == 1  # the cause, loud, once
+                log.log(logging.WARNING if peer or first else logging.DEBUG,
+                        "prefill worker %s unavailable for %s (%s); %s%s", tried[-1], job.request_id, err, then,
+                        " (the first local-prefill fallback; later ones are counted in the load report's "
+                        "num_prefill_fallbacks)" if first else "")  # fmt: skip
         self.num_local_prefills += 1
         _, queued_s = await self.loop.call_at(
             self.engine.add_request, job.prompt_ids, job.params, job.request_id, output_ids=job.generated_ids
@@ -192,9 +201,8 @@ class DecodeWorker:
         except BaseException:
             await self.loop.call(self.engine.cancel_reservation, reservation)
             raise
-        remaining_s = time_remaining()  # the lease lives as long as the request may
-        ttl_s = self.config.lease_ttl_s if remaining_s is None else remaining_s
-        lease = self.leases.open(reservation, ttl_s)
+        remaining_s = time_remaining()  # bounds the call; the lease lives lease_ttl_s, renewed by progress
+        lease = self.leases.open(reservation)
         stub = worker_pb2_grpc.PrefillWorkerStub(channel)
         request = worker_pb2.PrefillRequest(
             request_id=job.request_id, token_ids=job.prompt_ids, sampling=sampling_to_proto(job.params),
@@ -203,13 +211,11 @@ class DecodeWorker:
         p_done = False
         try:
             try:
-                result = await stub.Prefill(request, timeout=ttl_s)
+                result = await self._call_while_leased(stub.Prefill(request, timeout=remaining_s), lease)
             except grpc.RpcError as err:
                 raise from_rpc_error(err) from None
             p_done = True
-            progress = await self.leases.receiver.inbox.wait_complete(
-                lease.key, timeout_s=max(0.0, lease.deadline_s - time.monotonic())
-            )
+            progress = await self.leases.receiver.inbox.wait_complete(lease.key, timeout_s=time_remaining())
             log.info("%s: prefilled on %s, %d of %d prompt tokens' KV received in lease %s (%d bytes, P sent %d)",
                      job.request_id, peer.worker_id, len(job.prompt_ids) - reservation.num_cached_tokens,
                      len(job.prompt_ids), lease.key, progress.bytes_received, result.kv_bytes_sent)  # fmt: skip
@@ -226,6 +232,21 @@ class DecodeWorker:
         except BaseException:
             await asyncio.shield(self._give_up(lease, stub, p_done))
             raise
+
+    async def _call_while_leased(self, call, lease: OpenLease):
+        """Awaits P's answer, but no longer than the lease lives: a P that stops sending lets the lease expire
+        (LeaseRefused; the call is cancelled), so a hung P holds the pages for at most lease_ttl_s."""
+        answer = asyncio.ensure_future(call)
+        ended = asyncio.ensure_future(self.leases.receiver.inbox.wait_complete(lease.key))
+        try:
+            await asyncio.wait({answer, ended}, return_when=asyncio.FIRST_COMPLETED)
+            if not answer.done() and ended.exception() is not None:
+                raise ended.exception()
+            return await answer
+        finally:
+            for task in (answer, ended):
+                task.cancel()
+            await asyncio.gather(answer, ended, return_exceptions=True)
 
     async def _give_up(self, lease: OpenLease, stub: worker_pb2_grpc.PrefillWorkerStub, p_done: bool) -> None:
         """P may still write: have it acknowledge the abort, then end the lease and free the pages."""

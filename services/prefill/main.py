@@ -7,7 +7,7 @@ import asyncio
 import logging
 
 from moemesh._proto.v1 import worker_pb2_grpc
-from moemesh.config.mesh import WorkerConfig
+from moemesh.config.mesh import CUDA_UCX_TRANSPORTS, WorkerConfig
 from moemesh.services.engine_loop import EngineLoop, load_engine, stop_ucx, ucx_options
 from moemesh.services.metrics_http import engine_stats, metrics_app, serve_http, worker_registry
 from moemesh.services.prefill.servicer import PrefillServicer
@@ -18,6 +18,7 @@ from moemesh.transport.kv_ucx import UcxKvSender
 from moemesh.transport.peers import HandshakeAcceptor, WorkerInfo
 from moemesh.transport.security import MeshSecurity
 from moemesh.transport.server import MeshServer, ServerOptions
+from moemesh.transport.ucx import probe_device_memory
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,13 @@ async def serve(config: WorkerConfig) -> int:
     security = MeshSecurity.from_config(config.security)
     loaded = await asyncio.to_thread(load_engine, config)
     loop = EngineLoop(loaded.engine, exclusive=False)  # its event loop sends KV while the forward goes on
-    sender = UcxKvSender(ucx_options(config), checksum=config.kv_checksum, timeout_s=config.lease_ttl_s)
+    options = ucx_options(config)
+    problem = await probe_device_memory(options, loaded.engine.device)
+    if problem is not None:  # said at start-up, not found later as requests quietly prefilled on D
+        log.error("UCX cannot send %s memory: %s; every KV transfer will fail and decode workers will prefill "
+                  "locally (set --ucx-transports / MOEMESH_UCX_TRANSPORTS, e.g. %s)", loaded.engine.device, problem,
+                  CUDA_UCX_TRANSPORTS)  # fmt: skip
+    sender = UcxKvSender(options, checksum=config.kv_checksum, timeout_s=config.lease_ttl_s)
     worker = PrefillWorker(config.worker_id, loop, sender)
     server = MeshServer(
         ServerOptions(

@@ -1,19 +1,18 @@
-"""The prefill worker's loop: batched, chunked prefill on the engine, KV pushed into D's leased pages layer by
-layer while the forward goes on.
+"""The prefill worker's loop: batched, chunked prefill on the engine, KV pushed into D's leased pages as each
+engine step completes pages.
 
 One `prefill()` per request (the Prefill RPC):
 1. `add_request(prompt, params, prefill_only=True)`; the EngineLoop batches it with the other prompts and
    chunks it (max_num_batched_tokens).
-2. Layer by layer, inside the engine's forward: a torch forward hook on every decoder layer (`_layer_done`,
-   in the step's thread) finds each request of this forward (its next token's KV slot is in the batch's
-   slot mapping), packs that layer's pages the forward completes — full pages, and the last page once the
-   prompt is done — into a copy (`pack_kv`) and hands it to the event loop, which sends it at once while
-   the next layers compute.
-3. After the step (`_after_step`, under the engine lock): whatever a hook did not see is packed the same way
-   (a fallback: a forward hooks do not reach), the first token is taken and the request's own pages go back to
-   the pool (`release_handoff`): the copies are what is sent.
-4. `prefill()` has every layer chunk sent as soon as it is queued (a TaskGroup, many in flight), then returns
-   the first token.
+2. After each step (`_after_step`, an `on_step` hook: in the event loop, while the engine thread waits, so
+   nothing else touches the engine), every request's pages that step completed — full pages, and the last page
+   once the prompt is done — are packed for all layers at once (`pack_kv`, one launch per group of layers,
+   page ids uploaded from pinned memory without blocking) into chunks of up to MAX_CHUNK_BYTES, and queued.
+   A finished request's first token is taken and its own pages go back to the pool (`release_handoff`): the
+   packed copies are what is sent. The forward itself has no hook and no sync.
+3. `prefill()` sends each chunk as soon as its copy is done on the device (waited for off the event loop),
+   many in flight (a TaskGroup), then returns the first token. A chunk of several layers goes as one message
+   per layer and run of D's consecutive pages (`plan_segments`): a few large messages, one round trip.
 On `Abort`, a gRPC cancel, a `LeaseRefused` or any failure the request leaves the engine (its pages return)
 and nothing more is sent; `abort()` returns only once `prefill()` stopped sending.
 """
@@ -32,10 +31,10 @@ from moemesh.engine.engine import RequestOutput
 from moemesh.engine.sampler import SampledToken
 from moemesh.engine.sampling_params import SamplingParams
 from moemesh.kernels import pack_kv
-from moemesh.model.batch import ForwardBatch
 from moemesh.services.engine_loop import EngineLoop
 from moemesh.transport.errors import LeaseRefused
 from moemesh.transport.kv import KvSender, KvTarget, LeaseKey
+from moemesh.transport.kv_wire import MAX_CHUNK_BYTES
 from moemesh.transport.registry import LoadReport
 
 log = logging.getLogger(__name__)
@@ -43,9 +42,10 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class _Chunk:
-    layer: int
+    layer: int  # the first layer
+    num_layers: int
     first_page: int  # index into the target's page ids
-    pages: torch.Tensor  # [n, page_size, kv_dim], a copy
+    pages: torch.Tensor  # [num_layers, n, page_size, kv_dim], a copy
     ready: torch.cuda.Event | None = None  # CUDA: recorded after the copy
 
 
@@ -53,14 +53,13 @@ class _Chunk:
 class _Job:
     target: KvTarget
     num_prompt_tokens: int
-    next_page: list[int]  # per layer: first page not yet packed (index into the prompt's pages)
+    next_page: int  # first page not yet packed (index into the prompt's pages), for every layer
     chunks: asyncio.Queue[_Chunk | None] = field(default_factory=asyncio.Queue)  # None: all packed
     first_token_id: int | None = None
     forward_done_s: float = 0.0  # monotonic time the prompt's forward ended (its first token was sampled)
     num_cached_tokens: int = 0  # prompt tokens this worker's prefix cache supplied (not recomputed)
     first_logprob: SampledToken | None = None  # when the request asked for logprobs
     num_chunks: int = 0
-    num_chunks_in_forward: int = 0  # packed by a layer hook while the forward went on
     aborted: bool = False
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -77,20 +76,19 @@ class PrefillOutcome:
 
 
 class PrefillWorker:
-    def __init__(self, worker_id: str, loop: EngineLoop, sender: KvSender) -> None:
-        """Construct inside the running event loop (the layer hooks hand chunks to it)."""
+    def __init__(
+        self, worker_id: str, loop: EngineLoop, sender: KvSender, max_chunk_bytes: int = MAX_CHUNK_BYTES
+    ) -> None:
         self.worker_id = worker_id
         self.loop = loop
         self.engine = loop.engine
         self.sender = sender
+        self.max_chunk_bytes = max_chunk_bytes
         self.page_size = self.engine.config.page_size
-        self.num_layers = len(self.engine.kv_caches)
+        self.caches = self.engine.kv_caches
+        self.num_layers = len(self.caches)
         self.jobs: dict[str, _Job] = {}
-        self._event_loop = asyncio.get_running_loop()
-        self._forward_rows: tuple[ForwardBatch, dict[str, tuple[int, int]]] | None = None
         loop.on_step.append(self._after_step)
-        for i, layer in enumerate(self.engine.model.model.layers):
-            layer.register_forward_hook(lambda module, args, output, i=i: self._layer_done(i, args))
 
     async def prefill(self, prompt: list[int], params: SamplingParams, target: KvTarget) -> PrefillOutcome:
         """Runs the prompt, pushes its KV into target's lease, returns the first token. Raises LeaseRefused
@@ -101,7 +99,7 @@ class PrefillWorker:
         num_pages = -(-len(prompt) // self.page_size)
         if len(target.page_ids) != num_pages:
             raise ValueError(f"kv_target has {len(target.page_ids)} pages, the prompt needs {num_pages}")
-        job = _Job(target, len(prompt), next_page=[target.first_page] * self.num_layers)
+        job = _Job(target, len(prompt), next_page=target.first_page)
         self.jobs[rid] = job
         arrived_s = time.monotonic()
         sends: list[asyncio.Task[int]] = []
@@ -124,9 +122,8 @@ class PrefillWorker:
                 job.first_logprob, prefill_ms=1000 * (job.forward_done_s - arrived_s),
                 kv_transfer_ms=1000 * max(0.0, acked_s - job.forward_done_s),
             )  # fmt: skip
-            log.info("%s: prefilled %d tokens, %d bytes of KV sent in %d layer chunks (%d packed inside the "
-                     "forward)", rid, len(prompt), outcome.kv_bytes_sent, job.num_chunks,
-                     job.num_chunks_in_forward)  # fmt: skip
+            log.info("%s: prefilled %d tokens, %d bytes of KV sent in %d chunks of up to %d layers", rid,
+                     len(prompt), outcome.kv_bytes_sent, job.num_chunks, self._layers_per_chunk(1))  # fmt: skip
             return outcome
         finally:
             del self.jobs[rid]
@@ -149,7 +146,7 @@ class PrefillWorker:
 
     def load(self) -> LoadReport:
         stats = self.engine.stats()
-        queued = sum(j.num_prompt_tokens - min(j.next_page) * self.page_size for j in self.jobs.values())
+        queued = sum(j.num_prompt_tokens - j.next_page * self.page_size for j in self.jobs.values())
         return LoadReport(
             self.worker_id, "prefill", num_running_requests=stats["num_running"],
             num_queued_requests=len(self.jobs), num_queued_tokens=max(0, queued),
@@ -160,94 +157,70 @@ class PrefillWorker:
     async def _send(self, job: _Job, chunk: _Chunk) -> int:
         if job.aborted:
             return 0
-        if chunk.ready is not None:
-            chunk.ready.synchronize()
-        return await self.sender.send(job.target, chunk.layer, chunk.first_page, chunk.pages)
+        if chunk.ready is not None and not chunk.ready.query():
+            await asyncio.to_thread(chunk.ready.synchronize)  # the copy on the device; never on the loop
+        if job.aborted:
+            return 0
+        return await self.sender.send(
+            job.target, chunk.layer, chunk.first_page, chunk.pages, chunk.num_layers
+        )
 
-    # -- packing: inside the forward (the step's thread), and after the step (event loop, engine lock) -------
-
-    def _layer_done(self, layer: int, args: tuple) -> None:
-        """Forward hook of decoder layer `layer`, in the step's thread (the engine lock is held)."""
-        batch = next((a for a in args if isinstance(a, ForwardBatch)), None)
-        jobs = dict(self.jobs)  # a snapshot: the event loop adds and removes jobs meanwhile
-        if batch is None or not jobs:
-            return
-        try:
-            for rid, (start, num_tokens) in self._rows_of(batch, jobs).items():
-                job, progress = jobs[rid], self.engine.kv_progress(rid)
-                if job.aborted or progress is None:
-                    continue
-                computed = start + num_tokens  # after this forward
-                last = computed >= job.num_prompt_tokens
-                end = -(-computed // self.page_size) if last else computed // self.page_size
-                chunk = self._pack(job, layer, list(progress.page_ids), min(end, len(progress.page_ids)))
-                if chunk is not None:
-                    job.num_chunks_in_forward += 1
-                    self._event_loop.call_soon_threadsafe(job.chunks.put_nowait, chunk)
-        except Exception:  # never fail the step: the after-step fallback packs what is left
-            log.exception("packing layer %d inside the forward failed", layer)
-
-    def _rows_of(self, batch: ForwardBatch, jobs: dict[str, _Job]) -> dict[str, tuple[int, int]]:
-        """request id -> (tokens computed before this forward, tokens it computes), for the prefill jobs in
-        `batch`: a job is in it when the KV slot of its next token is in the batch's slot mapping. Worked
-        out at the first layer, kept for the others (the batch object is held, so it is this forward's)."""
-        if self._forward_rows is not None and self._forward_rows[0] is batch:
-            return self._forward_rows[1]
-        slots = batch.slot_mapping.tolist()
-        first_slot_row = {slots[batch.query_start[b]]: b for b in range(batch.num_seqs)}
-        rows = {}
-        for rid in jobs:
-            progress = self.engine.kv_progress(rid)
-            if progress is None or not progress.page_ids:
-                continue
-            done = progress.num_computed_tokens
-            if done // self.page_size >= len(progress.page_ids):
-                continue
-            slot = progress.page_ids[done // self.page_size] * self.page_size + done % self.page_size
-            b = first_slot_row.get(slot)
-            if b is not None:
-                rows[rid] = (done, batch.query_len(b))
-        self._forward_rows = (batch, rows)
-        return rows
+    # -- packing: after each step (event loop, the engine thread waiting) ---------------------------------------
 
     def _after_step(self, outputs: list[RequestOutput]) -> None:
-        """Under the engine lock, right after a step: pack what no hook did, finish, free own pages."""
-        self._forward_rows = None
+        """Right after a step, before anything else touches the engine: pack every job's newly completed pages
+        (all layers), finish the jobs whose prompt is done and free their own pages."""
         finished = {out.request_id: out for out in outputs if out.kv is not None}
         for rid, out in finished.items():
             job = self.jobs.get(rid)
             if job is not None and not job.aborted:
-                for layer in range(self.num_layers):
-                    chunk = self._pack(job, layer, list(out.kv.page_ids), len(out.kv.page_ids))
-                    if chunk is not None:
-                        job.chunks.put_nowait(chunk)
+                for chunk in self._pack(job, out.kv.page_ids, len(out.kv.page_ids)):
+                    job.chunks.put_nowait(chunk)
                 job.first_token_id = out.kv.first_token_id
                 job.forward_done_s = time.monotonic()
                 job.num_cached_tokens = out.num_cached_tokens
                 job.first_logprob = out.logprobs[0] if out.logprobs else None
                 job.chunks.put_nowait(None)
-            self.engine.release_handoff(rid)  # the packed copies are what is sent
+            self.engine.release_handoff(rid)  # the packed copies are what is sent (stream order)
         for rid, job in self.jobs.items():
+            if rid in finished or job.aborted:
+                continue
             progress = self.engine.kv_progress(rid)
-            if rid in finished or job.aborted or progress is None or not progress.page_ids:
+            if progress is None or not progress.page_ids:
                 continue
             full = min(progress.num_computed_tokens // self.page_size, len(progress.page_ids))
-            for layer in range(self.num_layers):
-                chunk = self._pack(job, layer, list(progress.page_ids), full)
-                if chunk is not None:
-                    job.chunks.put_nowait(chunk)
+            for chunk in self._pack(job, progress.page_ids, full):
+                job.chunks.put_nowait(chunk)
 
-    def _pack(self, job: _Job, layer: int, page_ids: list[int], end: int) -> _Chunk | None:
-        start = job.next_page[layer]
+    def _layers_per_chunk(self, num_pages: int) -> int:
+        page_bytes = self.caches[0][0].numel() * self.caches[0].element_size()
+        return max(1, min(self.num_layers, self.max_chunk_bytes // max(1, num_pages * page_bytes)))
+
+    def _pack(self, job: _Job, page_ids: tuple[int, ...], end: int) -> list[_Chunk]:
+        """Pages [job.next_page, end) of every layer, copied into chunks of whole layers (and, when one layer
+        of them is over max_chunk_bytes, of fewer pages)."""
+        start = job.next_page
         if end <= start:
-            return None
-        cache = self.engine.kv_caches[layer]
-        index = torch.tensor(page_ids[start:end], dtype=torch.long, device=cache.device)
-        pages = pack_kv(cache, index)  # [n, page_size, kv_dim]
-        ready = None
-        if pages.is_cuda:
-            ready = torch.cuda.Event()
-            ready.record()
-        job.next_page[layer] = end
-        job.num_chunks += 1
-        return _Chunk(layer, start, pages, ready)
+            return []
+        job.next_page = end
+        cache = self.caches[0]
+        page_bytes = cache[0].numel() * cache.element_size()
+        max_pages = max(1, self.max_chunk_bytes // page_bytes)
+        chunks = []
+        for first in range(start, end, max_pages):
+            last = min(end, first + max_pages)
+            ids = torch.tensor(page_ids[first:last], dtype=torch.long)
+            index = ids.pin_memory().to(cache.device, non_blocking=True) if cache.is_cuda else ids
+            step = self._layers_per_chunk(last - first)
+            for layer in range(0, self.num_layers, step):
+                layers = self.caches[layer : layer + step]
+                out = torch.empty(len(layers), last - first, *cache.shape[1:], dtype=cache.dtype,
+                                  device=cache.device)  # fmt: skip
+                pack_kv(layers, index, out=out)  # [num_layers, n, page_size, kv_dim]
+                ready = None
+                if out.is_cuda:
+                    ready = torch.cuda.Event()
+                    ready.record()
+                chunks.append(_Chunk(layer, len(layers), first, out, ready))
+        job.num_chunks += len(chunks)
+        return chunks

@@ -23,9 +23,7 @@ from tests.integration.mesh_tiny import TINY_ENV, build_tiny, start_mesh
 pytest.importorskip("ucxx")
 
 PROMPT = "The old man and the sea"
-PREFILLED = re.compile(
-    r"\[prefill-0\] .* in (?P<chunks>\d+) layer chunks \((?P<in_forward>\d+) packed inside"
-)
+PREFILLED = re.compile(r"\[prefill-0\] .* in (?P<chunks>\d+) chunks of up to (?P<layers>\d+) layers")
 HANDOFF = re.compile(  # D's log line for each request prefilled on P
     r"\[(?P<decode>decode-\d)\] .* prefilled on prefill-0, .*\((?P<received>\d+) bytes, P sent (?P<sent>\d+)\)"
 )
@@ -113,8 +111,8 @@ def test_16_concurrent_greedy_requests_equal_llm_generate(mesh_name, request, ll
         assert {m["decode"] for m in handoffs} == {f"decode-{i}" for i in range(len(mesh.workers) - 1)}
         assert all(m["received"] == m["sent"] and int(m["sent"]) > 0 for m in handoffs)
         prefills = [m for line in mesh.lines[before:] if (m := PREFILLED.search(line))]
-        assert len(prefills) == 16  # each layer's pages were packed and sent while the forward went on
-        assert all(m["chunks"] == m["in_forward"] and int(m["chunks"]) >= 3 for m in prefills), prefills
+        assert len(prefills) == 16  # every layer's new pages packed after each step into one chunk
+        assert all(int(m["layers"]) == 3 and int(m["chunks"]) >= 1 for m in prefills), prefills
     else:
         assert handoffs == []
 

@@ -223,16 +223,21 @@ def test_a_large_transfer_arrives_intact(kind):
     run(kind, body)
 
 
-def test_release_waits_for_a_write_in_flight_and_that_write_never_lands():
+def test_release_waits_for_a_write_in_flight_and_nothing_lands_after_it():
     async def body(pair: Pair):
         target = pair.lease(1, [0, 1])
         send = asyncio.ensure_future(pair.sender.send(target, 0, 0, prompt_kv(2, 8)[0].contiguous()))
-        await asyncio.sleep(0)  # admitted, bytes "on the wire"
+        await asyncio.sleep(0)  # admitted, bytes "on the wire" (straight into pages 0-1: one run)
         progress = await pair.receiver.inbox.release(target.lease)
+        after_release = [c.clone() for c in pair.caches]  # the write in flight was finished with by now
         assert progress.bytes_received == 0
         with pytest.raises(LeaseRefused, match="RELEASED"):
             await send
-        assert pair.caches[0][[0, 1]].isnan().all()
+        assert all(
+            torch.equal(a.view(torch.int16), c.view(torch.int16))
+            for a, c in zip(after_release, pair.caches, strict=True)
+        )
+        assert pair.caches[1].isnan().all() and pair.caches[0][2:].isnan().all()
 
     run("loopback", body)
 
@@ -296,11 +301,11 @@ def test_sender_side_checks_catch_a_chunk_that_does_not_fit_before_anything_is_s
     async def body(pair: Pair):
         target = pair.lease(1, [0, 1], skip_pages=1)
         kv = prompt_kv(2, 13)
-        with pytest.raises(InvalidArgument, match="layer=3 must be in"):
+        with pytest.raises(InvalidArgument, match=r"layers \[3, 4\) must lie in \[0, 3\)"):
             await pair.sender.send(target, 3, 1, kv[0, 1:].contiguous())
         with pytest.raises(InvalidArgument, match=r"pages \[0, 1\) must lie in \[1, 2\)"):
             await pair.sender.send(target, 0, 0, kv[0, :1].contiguous())
-        with pytest.raises(InvalidArgument, match="multiple of 48"):
+        with pytest.raises(InvalidArgument, match="multiple of 1 x 48"):
             await pair.sender.send(target, 0, 1, torch.zeros(47, dtype=torch.uint8))
         assert list(pair.receiver.inbox.refusals) == []
 
@@ -328,7 +333,7 @@ def test_kv_target_roundtrips_through_the_proto_and_rejects_an_unaligned_skip():
 
 
 def test_header_and_ack_encodings_roundtrip():
-    header = ChunkHeader(2**40, LeaseKey(2**63, 7), 60, 3, 9, 9 * 48, 0xDEADBEEF)
+    header = ChunkHeader(2**40, LeaseKey(2**63, 7), 60, 3, 9, 2 * 9 * 48, 0xDEADBEEF, 2, 2**64 - 1, 18)
     assert ChunkHeader.unpack(header.pack()) == header
     no_crc = ChunkHeader(1, LeaseKey(1, 1), 0, 0, 1, 48)
     assert ChunkHeader.unpack(no_crc.pack()).checksum is None
@@ -342,7 +347,7 @@ def test_header_and_ack_encodings_roundtrip():
 
 
 class BrokenSink(PagedKvSink):
-    def commit(self, lease, header, buffer):
+    def commit(self, lease, header, segments, buffers):
         raise RuntimeError("cache on fire")
 
 

@@ -55,7 +55,7 @@ class Fingerprint(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., kv_layout: _Optional[_Union[KvLayout, _Mapping]] = ..., protocol_version: _Optional[int] = ...) -> None: ...
 
 class KvTarget(_message.Message):
-    __slots__ = ("request_id", "lease_id", "lease_generation", "ucx_address", "page_ids", "num_skip_tokens", "layout", "traceparent", "lease_deadline_unix_ms")
+    __slots__ = ("request_id", "lease_id", "lease_generation", "ucx_address", "page_ids", "num_skip_tokens", "layout", "traceparent", "lease_deadline_unix_ms", "lease_token")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_GENERATION_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +65,7 @@ class KvTarget(_message.Message):
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
     LEASE_DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     lease_id: int
     lease_generation: int
@@ -74,7 +75,8 @@ class KvTarget(_message.Message):
     layout: KvLayout
     traceparent: str
     lease_deadline_unix_ms: int
-    def __init__(self, request_id: _Optional[str] = ..., lease_id: _Optional[int] = ..., lease_generation: _Optional[int] = ..., ucx_address: _Optional[str] = ..., page_ids: _Optional[_Iterable[int]] = ..., num_skip_tokens: _Optional[int] = ..., layout: _Optional[_Union[KvLayout, _Mapping]] = ..., traceparent: _Optional[str] = ..., lease_deadline_unix_ms: _Optional[int] = ...) -> None: ...
+    lease_token: int
+    def __init__(self, request_id: _Optional[str] = ..., lease_id: _Optional[int] = ..., lease_generation: _Optional[int] = ..., ucx_address: _Optional[str] = ..., page_ids: _Optional[_Iterable[int]] = ..., num_skip_tokens: _Optional[int] = ..., layout: _Optional[_Union[KvLayout, _Mapping]] = ..., traceparent: _Optional[str] = ..., lease_deadline_unix_ms: _Optional[int] = ..., lease_token: _Optional[int] = ...) -> None: ...
 
 class SessionRequest(_message.Message):
     __slots__ = ("start", "cancel")
@@ -213,7 +215,7 @@ class GetLoadRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LoadReport(_message.Message):
-    __slots__ = ("worker_id", "role", "num_running_requests", "num_queued_requests", "num_queued_tokens", "num_free_pages", "num_total_pages", "unix_ms")
+    __slots__ = ("worker_id", "role", "num_running_requests", "num_queued_requests", "num_queued_tokens", "num_free_pages", "num_total_pages", "unix_ms", "num_remote_prefills", "num_prefill_fallbacks")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
@@ -222,6 +224,8 @@ class LoadReport(_message.Message):
     NUM_FREE_PAGES_FIELD_NUMBER: _ClassVar[int]
     NUM_TOTAL_PAGES_FIELD_NUMBER: _ClassVar[int]
     UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    NUM_REMOTE_PREFILLS_FIELD_NUMBER: _ClassVar[int]
+    NUM_PREFILL_FALLBACKS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: WorkerRole
     num_running_requests: int
@@ -230,7 +234,9 @@ class LoadReport(_message.Message):
     num_free_pages: int
     num_total_pages: int
     unix_ms: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., num_running_requests: _Optional[int] = ..., num_queued_requests: _Optional[int] = ..., num_queued_tokens: _Optional[int] = ..., num_free_pages: _Optional[int] = ..., num_total_pages: _Optional[int] = ..., unix_ms: _Optional[int] = ...) -> None: ...
+    num_remote_prefills: int
+    num_prefill_fallbacks: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., num_running_requests: _Optional[int] = ..., num_queued_requests: _Optional[int] = ..., num_queued_tokens: _Optional[int] = ..., num_free_pages: _Optional[int] = ..., num_total_pages: _Optional[int] = ..., unix_ms: _Optional[int] = ..., num_remote_prefills: _Optional[int] = ..., num_prefill_fallbacks: _Optional[int] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
     __slots__ = ("worker_id", "role", "grpc_address", "ucx_address", "fingerprint")
