@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from moemesh import tls_certs
+from moemesh import make_checkpoint, tls_certs
 
 if TYPE_CHECKING:
     from moemesh.supervisor import UpOptions
@@ -248,6 +248,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_generate,
     tls_certs.add_parser,
     _add_bench,
+    make_checkpoint.add_parser,
 ]
 
 
