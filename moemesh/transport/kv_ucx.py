@@ -94,7 +94,7 @@ class UcxKvReceiver:
 
     async def _serve(self, ep: Any) -> None:
         raw = torch.empty(HEADER_BYTES, dtype=torch.uint8)
-        while True:
+        while not ep.closed:  # a failed payload aborts the endpoint: stop reading it, never touch it again
             await ep.recv(as_ucx_buffer(raw), tag=TAG_HEADER)
             try:
                 header = ChunkHeader.unpack(raw.numpy().tobytes())
@@ -223,5 +223,10 @@ class UcxKvSender:
             ) from None
         except Exception as err:
             self.pool.drop(address, ep)
+            if (
+                ep.closed
+            ):  # another chunk's failure aborted the shared endpoint (ucxx: "'NoneType' ... raise_on_error")
+                raise Unavailable(f"KV transfer to {address} failed: its connection was closed by an earlier "
+                                  f"failure on it ({type(err).__name__})") from err  # fmt: skip
             raise Unavailable(f"KV transfer to {address} failed: {err}") from err
         return unpack_ack(ack.numpy().tobytes())
