@@ -269,7 +269,13 @@ def main() -> None:
                                         device=args.device)  # fmt: skip
             models[f"{args.shape}-{args.layers}L-{dtype}"] = out
     copy_gbs = copy_bandwidth_gbs(1 << 30) if args.device == "cuda" else None
-    rows = [row for label, path in models.items() for row in bench_model(path, label, args, cases)]
+    name = "mesh-gpu" if args.device == "cuda" else "mesh-gpu-cpu"
+    rows: list[dict] = []
+    for label, path in models.items():  # the JSON so far after each model: a run cut short keeps its results
+        rows += bench_model(path, label, args, cases)
+        write_json(
+            name, {**header(), "partial": True, "copy_bandwidth_gbs": copy_gbs, "rows": rows}, args.out
+        )
     columns = ["model", "mode", "prompt_tokens", "concurrency", "ttft_ms", "tpot_ms", "out_tok_s",
                "remote_prefills", "kv_bytes_per_request", "kv_tail_gbs", "kv_tail_share_of_ttft"]  # fmt: skip
     print_table(rows, columns)
@@ -282,7 +288,6 @@ def main() -> None:
     lines = verdicts(rows)
     print("\n".join(lines))
     print(f"device-to-device copy bandwidth: {copy_gbs} GB/s (read + write)")
-    name = "mesh-gpu" if args.device == "cuda" else "mesh-gpu-cpu"
     payload = {**header(), "shape": args.shape, "layers": args.layers, "new_tokens": args.new_tokens,
                "copy_bandwidth_gbs": copy_gbs, "rows": rows, "verdicts": lines}  # fmt: skip
     print("wrote", write_json(name, payload, args.out))
