@@ -235,13 +235,15 @@ class DecodeWorker:
 
     async def _call_while_leased(self, call, lease: OpenLease):
         """Awaits P's answer, but no longer than the lease lives: a P that stops sending lets the lease expire
-        (LeaseRefused; the call is cancelled), so a hung P holds the pages for at most lease_ttl_s."""
+        (Unavailable: the call is cancelled, another P or a local prefill takes the request), so a hung P holds
+        the pages for at most lease_ttl_s."""
         answer = asyncio.ensure_future(call)
         ended = asyncio.ensure_future(self.leases.receiver.inbox.wait_complete(lease.key))
         try:
             await asyncio.wait({answer, ended}, return_when=asyncio.FIRST_COMPLETED)
-            if not answer.done() and ended.exception() is not None:
-                raise ended.exception()
+            if not answer.done() and ended.exception() is not None:  # expired: P is stuck, try another
+                raise Unavailable(f"lease {lease.key} expired before the prefill worker finished: "
+                                  f"{ended.exception()}") from ended.exception()  # fmt: skip
             return await answer
         finally:
             for task in (answer, ended):
