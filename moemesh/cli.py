@@ -11,6 +11,7 @@ import asyncio
 import functools
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -271,5 +272,20 @@ def main(argv: list[str] | None = None) -> int:
     return args.func(args)
 
 
+def entry() -> None:
+    """The `moemesh` command (and `python -m moemesh.cli`): main(), then exit with its status. A `serve` process
+    returns once its server stopped and its sockets, UCX endpoints and engine are closed; what is left is the
+    interpreter's own shutdown, whose final garbage collection can block for many seconds on the finalizers of
+    grpc.aio and ucxx objects (every stop overran `up`'s 10 s grace), so a role process skips it."""
+    argv = sys.argv[1:]
+    code = main(argv)
+    if argv[:1] == ["serve"]:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

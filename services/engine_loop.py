@@ -91,9 +91,14 @@ def ucx_options(config: WorkerConfig) -> UcxOptions:
     )
 
 
-def stop_ucx() -> None:
+def stop_ucx(reset: bool = True) -> None:
     """At exit, after every endpoint and listener closed: stops ucxx's notifier thread (the process would not
-    exit while it runs) and shuts UCX down."""
+    exit while it runs) and, with `reset`, shuts UCX down. A role process skips the reset: ucxx's reset
+    garbage-collects, which can block for many seconds on other objects' finalizers, and the process ends with
+    os._exit right after (`moemesh.cli.entry`)."""
+    if not reset:
+        UcxRuntime.stop_notifier()
+        return
     try:
         UcxRuntime.reset()
     except Exception as err:  # something still holds the context: the notifier thread stopped all the same

@@ -72,6 +72,14 @@ class UcxRuntime:
         return ucxx
 
     @classmethod
+    def stop_notifier(cls) -> None:
+        """Stops ucxx's notifier thread (what keeps a process from exiting) without shutting UCX down."""
+        import ucxx
+
+        if cls._options is not None:
+            ucxx.core.stop_notifier_thread()
+
+    @classmethod
     def reset(cls) -> None:
         """Shuts UCX down (every endpoint and listener must be closed first)."""
         import ucxx

@@ -70,5 +70,5 @@ async def serve(config: WorkerConfig) -> int:
         await peers.close()
         if not config.force_local_prefill:
             await receiver.close()
-            stop_ucx()
+            stop_ucx(reset=False)
     return 0

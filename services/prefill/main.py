@@ -55,5 +55,5 @@ async def serve(config: WorkerConfig) -> int:
             await run_worker_server(config, server, me, worker.load, [loop.run()])
     finally:
         await sender.close()
-        stop_ucx()
+        stop_ucx(reset=False)
     return 0
