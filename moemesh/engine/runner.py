@@ -10,14 +10,17 @@ step makes a request's tokens independent of its batch-mates.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from moemesh.config.engine import EngineConfig
 from moemesh.engine.request import SchedulerOutput
 from moemesh.engine.sampler import SampledToken, Sampler, SampleRow
 from moemesh.engine.sampling_params import SamplingParams
+from moemesh.engine.staging import BatchStaging
 from moemesh.model.batch import ForwardBatch
 from moemesh.model.network import DeepseekForCausalLM
 
@@ -61,18 +64,28 @@ class ModelRunner:
         self.sampler = Sampler(model.config.vocab_size)
         self.requests: dict[str, RunnerRequest] = {}
         self.graphs: dict[int, _Graph] = {}
-        self._static: dict[str, torch.Tensor] = {}
+        max_seqs = config.max_num_seqs
+        max_tokens = max(config.max_num_batched_tokens, max_seqs)
+        # persistent host buffers (pinned on CUDA): the decode forward's (whose device side the CUDA graphs
+        # read) and the eager forwards' (prefill chunks, decodes past the largest graph)
+        self.decode_staging = BatchStaging(max_seqs, max_seqs, self.max_pages_per_seq, self.device)
+        self.eager_staging = BatchStaging(max_tokens, max_seqs, self.max_pages_per_seq, self.device)
+        self._static = self.decode_staging.dev  # the graphs' inputs
+        self.host_prepare_s = 0.0  # the last step's host time before its forwards run (batch building)
 
     # -- one step -------------------------------------------------------------------------------------------
 
     def execute(self, out: SchedulerOutput) -> dict[str, SampledToken]:
         """Runs the step; returns a token for each request whose tokens are all computed after it."""
+        self.host_prepare_s = 0.0
+        t0 = time.perf_counter()
         self._update_states(out)
         decode, prefill = [], []
         for request_id, n in out.num_scheduled_tokens:
             (decode if n == 1 else prefill).append((request_id, n))
         sample_ids: list[str] = []
         logits_parts = []
+        self.host_prepare_s += time.perf_counter() - t0
         for group, run in ((decode, self._run_decode), (prefill, self._run_eager)):
             if not group:
                 continue
@@ -109,40 +122,58 @@ class ModelRunner:
 
     # -- batches --------------------------------------------------------------------------------------------
 
-    def _host_batch(self, group: list[tuple[str, int]], width: int):
-        """Host lists of one forward: ids, positions, slots, seq_lens, page-table rows, query starts."""
-        ids, pos, slots, seq_lens, tables, starts = [], [], [], [], [], [0]
+    def _stage(self, staging: BatchStaging, group: list[tuple[str, int]], wants: list[bool], pad_to: int):
+        """Writes one forward's inputs into `staging`'s host buffers (rows past the group up to `pad_to`
+        attend to nothing and write nothing: seq_len 0, slot -1) and issues the copies.
+        -> (device views, query starts)."""
+        t0 = time.perf_counter()
+        staging.wait()
+        h = staging.np
+        ids, pos, slots, rows, seq_lens, table = (
+            h["input_ids"], h["positions"], h["slot_mapping"], h["logits_rows"], h["seq_lens"], h["page_table"]
+        )  # fmt: skip
         ps = self.page_size
-        for rid, n in group:
+        starts, width, num_rows = [0], 1, 0
+        for i, (rid, n) in enumerate(group):
             r = self.requests[rid]
-            c = r.num_computed_tokens
-            ids += r.token_ids[c : c + n]
-            positions = range(c, c + n)
-            pos += positions
-            slots += [r.page_ids[p // ps] * ps + p % ps for p in positions]
-            seq_lens.append(c + n)
-            tables.append(r.page_ids + [0] * (width - len(r.page_ids)))
-            starts.append(starts[-1] + n)
-        return ids, pos, slots, seq_lens, tables, starts
-
-    def _to_device(self, values, dtype) -> torch.Tensor:
-        t = torch.tensor(values, dtype=dtype)
-        if self.device.type == "cuda":
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t
+            c, t = r.num_computed_tokens, starts[-1]
+            pages = r.page_ids
+            if n == 1:  # a decode: scalar writes
+                ids[t] = r.token_ids[c]
+                pos[t] = c
+                slots[t] = pages[c // ps] * ps + c % ps
+            else:
+                ids[t : t + n] = r.token_ids[c : c + n]
+                p = np.arange(c, c + n)
+                pos[t : t + n] = p
+                slots[t : t + n] = np.asarray(pages, dtype=np.int64)[p // ps] * ps + p % ps
+            seq_lens[i] = c + n
+            table[i, : len(pages)] = pages
+            width = max(width, len(pages))
+            starts.append(t + n)
+            if wants[i]:
+                rows[num_rows] = t + n - 1
+                num_rows += 1
+        b, t = len(group), starts[-1]
+        if pad_to > b:
+            ids[t : t + pad_to - b] = 0
+            pos[t : t + pad_to - b] = 0
+            slots[t : t + pad_to - b] = -1
+            seq_lens[b:pad_to] = 0
+        staged = staging.copy(t + pad_to - b, pad_to, width, num_rows)
+        self.host_prepare_s += time.perf_counter() - t0
+        return staged, starts
 
     def _run_eager(self, group: list[tuple[str, int]], wants: list[bool]) -> torch.Tensor:
-        width = max(len(self.requests[rid].page_ids) for rid, _ in group)
-        ids, pos, slots, seq_lens, tables, starts = self._host_batch(group, width)
-        rows = [starts[i + 1] - 1 for i, w in enumerate(wants) if w]
+        staged, starts = self._stage(self.eager_staging, group, wants, len(group))
         batch = ForwardBatch(
-            input_ids=self._to_device(ids, torch.int64),
-            positions=self._to_device(pos, torch.int64),
+            input_ids=staged.input_ids,
+            positions=staged.positions,
             query_start=tuple(starts),
-            seq_lens=self._to_device(seq_lens, torch.int32),
-            page_table=self._to_device(tables, torch.int32),
-            slot_mapping=self._to_device(slots, torch.int64),
-            logits_rows=self._to_device(rows, torch.int64),
+            seq_lens=staged.seq_lens,
+            page_table=staged.page_table,
+            slot_mapping=staged.slot_mapping,
+            logits_rows=staged.logits_rows,
         )
         return self.model(batch, self.kv_caches)
 
@@ -150,28 +181,15 @@ class ModelRunner:
         bucket = next((b for b in sorted(self.graphs) if b >= len(group)), None)
         if bucket is None:
             return self._run_eager(group, wants)
-        # only the live width of the page table moves; entries past a sequence's pages are never read
-        width = max(len(self.requests[rid].page_ids) for rid, _ in group)
-        ids, pos, slots, seq_lens, tables, _ = self._host_batch(group, width)
-        b, s = len(group), self._static
-        s["input_ids"][:b].copy_(self._to_device(ids, torch.int64), non_blocking=True)
-        s["positions"][:b].copy_(self._to_device(pos, torch.int64), non_blocking=True)
-        s["slot_mapping"][:b].copy_(self._to_device(slots, torch.int64), non_blocking=True)
-        s["seq_lens"][:b].copy_(self._to_device(seq_lens, torch.int32), non_blocking=True)
-        s["page_table"][:b, :width].copy_(self._to_device(tables, torch.int32), non_blocking=True)
-        self._reset_padding(b, bucket)
+        # straight into the graph's inputs; only the live width of the page table moves (entries past a
+        # sequence's pages are never read), padding rows up to the bucket attend to nothing
+        staged, _ = self._stage(self.decode_staging, group, wants, bucket)
         self.graphs[bucket].graph.replay()
-        rows = [i for i, w in enumerate(wants) if w]
+        b = len(group)
         logits = self.graphs[bucket].logits
-        return logits[:b] if len(rows) == b else logits[torch.tensor(rows, device=self.device)]
-
-    def _reset_padding(self, start: int, end: int) -> None:
-        """Rows past the real batch attend to nothing and write nothing."""
-        s = self._static
-        s["seq_lens"][start:end].zero_()
-        s["slot_mapping"][start:end].fill_(-1)
-        s["positions"][start:end].zero_()
-        s["input_ids"][start:end].zero_()
+        if staged.logits_rows.shape[0] == b:
+            return logits[:b]
+        return logits[staged.logits_rows]
 
     # -- CUDA graphs ----------------------------------------------------------------------------------------
 
@@ -190,15 +208,8 @@ class ModelRunner:
         sizes = [b for b in self.config.cuda_graph_batch_sizes if b <= self.config.max_num_seqs]
         if self.device.type != "cuda" or not sizes:
             return
-        biggest = max(sizes)
-        dev = self.device
-        self._static = {
-            "input_ids": torch.zeros(biggest, dtype=torch.int64, device=dev),
-            "positions": torch.zeros(biggest, dtype=torch.int64, device=dev),
-            "slot_mapping": torch.full((biggest,), -1, dtype=torch.int64, device=dev),
-            "seq_lens": torch.zeros(biggest, dtype=torch.int32, device=dev),
-            "page_table": torch.zeros(biggest, self.max_pages_per_seq, dtype=torch.int32, device=dev),
-        }
+        self._static["slot_mapping"].fill_(-1)  # capture writes nothing
+        self._static["seq_lens"].zero_()
         pool = None
         for b in sorted(sizes, reverse=True):
             s = self._static
