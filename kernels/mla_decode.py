@@ -15,7 +15,9 @@ rope_dim values), values are their first kv_lora_rank values (the latent). One n
 
 Kernel: stage 1 gives each (sequence, block of heads, split of the context) program a contiguous token range
 and writes a partial output and log2-sum-exp; stage 2 merges the splits. The split count is chosen from the
-page table's width (no host sync), so CUDA graphs can capture it.
+page table's width (no host sync), so CUDA graphs can capture it; each program then cuts its own sequence's
+live length (`seq_lens[b]`) into that many whole-tile splits, so a short context in a wide table still uses
+every split.
 """
 
 from __future__ import annotations
@@ -103,7 +105,6 @@ def _mla_decode_split_kernel(
     kv_lora_rank,
     rope_dim,
     page_size,
-    split_len,
     num_splits,
     stride_qb,
     stride_qh,
@@ -123,6 +124,9 @@ def _mla_decode_split_kernel(
     hb = tl.program_id(1)
     s = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
+    # this sequence's live length over the splits, whole tiles each: short sequences in a wide page table
+    # (a CUDA graph captured for max_model_len) still spread over every split
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     start = s * split_len
     end = tl.minimum(start + split_len, seq_len)
 
@@ -261,7 +265,6 @@ def _mla_decode_tma_kernel(
     scale_log2,
     num_heads,
     page_size,
-    split_len,
     num_splits,
     stride_qb,
     stride_qh,
@@ -284,6 +287,9 @@ def _mla_decode_tma_kernel(
     hb = tl.program_id(1)
     s = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
+    # this sequence's live length over the splits, whole tiles each: short sequences in a wide page table
+    # (a CUDA graph captured for max_model_len) still spread over every split
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     start = s * split_len
     end = tl.minimum(start + split_len, seq_len)
     end_full = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
@@ -522,7 +528,6 @@ def mla_decode(
     num_splits = (
         num_splits or cfg.num_splits or _num_splits(batch, num_head_blocks, max_ctx, cfg.block_n, q.device)
     )
-    split_len = triton.cdiv(triton.cdiv(max(max_ctx, 1), num_splits), cfg.block_n) * cfg.block_n
     out = torch.empty(batch, num_heads, kv_lora_rank, dtype=q.dtype, device=q.device)
     lse = torch.empty(batch, num_heads, dtype=torch.float32, device=q.device)
     single = num_splits == 1
@@ -543,7 +548,6 @@ def mla_decode(
             pe_col = (kv_lora_rank + 4 * (kv_lora_rank // group)) // 2
         else:
             pe2d, pe_col = kv2d, kv_lora_rank
-        split_len = triton.cdiv(triton.cdiv(max(max_ctx, 1), num_splits), tma_block_n) * tma_block_n
         _mla_decode_tma_kernel[(batch, num_head_blocks, num_splits)](
             q,
             TensorDescriptor.from_tensor(kv2d, [tma_block_n, kv_lora_rank // 2]),
@@ -557,7 +561,6 @@ def mla_decode(
             softmax_scale * LOG2E,
             num_heads,
             page_size,
-            split_len,
             num_splits,
             q.stride(0),
             q.stride(1),
@@ -578,7 +581,7 @@ def mla_decode(
         )
     else:
         _launch_split(q, kv_cache, page_table, seq_lens, part_out, part_lse, softmax_scale, kv_lora_rank,
-                      rope_dim, split_len, num_splits, cfg, single)  # fmt: skip
+                      rope_dim, num_splits, cfg, single)  # fmt: skip
     if single:
         return out, lse
     _merge(part_out, part_lse, out, lse, num_splits, kv_lora_rank)
@@ -586,8 +589,8 @@ def mla_decode(
 
 
 def _launch_split(
-    q, kv_cache, page_table, seq_lens, part_out, part_lse, softmax_scale, kv_lora_rank, rope_dim, split_len,
-    num_splits, cfg, single,
+    q, kv_cache, page_table, seq_lens, part_out, part_lse, softmax_scale, kv_lora_rank, rope_dim, num_splits,
+    cfg, single,
 ):  # fmt: skip
     batch, num_heads, _ = q.shape
     page_size = kv_cache.shape[1]
@@ -605,7 +608,6 @@ def _launch_split(
         kv_lora_rank,
         rope_dim,
         page_size,
-        split_len,
         num_splits,
         q.stride(0),
         q.stride(1),

@@ -73,15 +73,28 @@ class MLAttention(nn.Module):
         kv = self.kv_a_proj_with_mqa(x)  # [T, kv_lora_rank + rope]
         latent, k_pe = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         latent = self.kv_a_layernorm(latent)
+        if batch.is_decode:
+            # the absorbed query [T, H, kv_lora_rank + rope] is assembled in place: head-major storage, so the
+            # q_nope @ W_UK GEMM writes its rows with a leading dimension of 576 and RoPE writes q_pe beside them
+            q_full = torch.empty(
+                self.num_heads,
+                num_tokens,
+                self.kv_lora_rank + self.qk_rope_head_dim,
+                dtype=q.dtype,
+                device=q.device,
+            ).transpose(0, 1)
+            q_pe_out = q_full[..., self.kv_lora_rank :]
+        else:
+            q_pe_out = q_pe
         if rotary.interleaved:  # DeepSeek's layout: the fused kernels rotate in place
-            rope(q_pe, rope_tables.positions, rope_tables.cos_cache, rope_tables.sin_cache, out=q_pe)
+            rope(q_pe, rope_tables.positions, rope_tables.cos_cache, rope_tables.sin_cache, out=q_pe_out)
             store_kv(kv_cache, latent, k_pe, batch.slot_mapping, rope=rope_tables)
         else:
             cos, sin = rotary.cos_sin(rope_tables.positions)
-            q_pe = rotary.apply(q_pe, cos, sin)
+            q_pe_out.copy_(rotary.apply(q_pe, cos, sin))
             store_kv(kv_cache, latent, rotary.apply(k_pe, cos, sin), batch.slot_mapping)
         if batch.is_decode:
-            out = self._decode(q_nope, q_pe, batch, kv_cache)
+            out = self._decode(q_nope, q_full, batch, kv_cache)
         else:
             out = self._prefill(torch.cat([q_nope, q_pe], dim=-1), batch, kv_cache)
         return self.o_proj(out.reshape(num_tokens, -1))
@@ -100,14 +113,21 @@ class MLAttention(nn.Module):
         w = w.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]
 
-    def _decode(self, q_nope, q_pe, batch: ForwardBatch, kv_cache: torch.Tensor) -> torch.Tensor:
+    def _decode(self, q_nope, q_full, batch: ForwardBatch, kv_cache: torch.Tensor) -> torch.Tensor:
+        """q_nope [T, H, nope]; q_full [T, H, kv_lora_rank + rope] (head-major storage) with q_pe already in its
+        last columns -> [T, H * v]. Both absorbed GEMMs write their results where the next op reads them."""
         w_uk, w_uv = self._kv_b_weights()
-        q_latent = torch.einsum("bhd,hdc->bhc", q_nope, w_uk)  # [B, H, kv_lora_rank]
-        q_full = torch.cat([q_latent, q_pe], dim=-1)  # [B, H, 576]
+        num_tokens = q_full.shape[0]
+        # q_latent[h] = q_nope[h] @ W_UK[h], straight into q_full's first kv_lora_rank columns
+        torch.bmm(q_nope.transpose(0, 1), w_uk, out=q_full.transpose(0, 1)[..., : self.kv_lora_rank])
         out_latent, _ = mla_decode(
             q_full, kv_cache, batch.page_table, batch.seq_lens, self.scale, self.kv_lora_rank
+        )  # [T, H, kv_lora_rank]
+        out = torch.empty(
+            num_tokens, self.num_heads, self.v_head_dim, dtype=q_full.dtype, device=q_full.device
         )
-        return torch.einsum("bhc,hdc->bhd", out_latent, w_uv)  # [B, H, v]
+        torch.bmm(out_latent.transpose(0, 1), w_uv.transpose(1, 2), out=out.transpose(0, 1))  # [H, T, v] view
+        return out
 
     def _prefill(self, q: torch.Tensor, batch: ForwardBatch, kv_cache: torch.Tensor) -> torch.Tensor:
         """Expanded attention: each sequence's new rows attend causally to themselves and to every row of its

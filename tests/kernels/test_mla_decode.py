@@ -91,6 +91,19 @@ def test_mla_decode_splits_and_empty_sequence():
     check([0, 45, 2], 3, 16, 16, 8, "cpu", num_splits=5)
 
 
+def test_mla_decode_splits_follow_the_live_length_in_a_wide_table():
+    """A CUDA graph's page table is as wide as max_model_len; each sequence splits its own length, so every
+    split of a short sequence holds tokens and the result still equals the reference."""
+    q, kv_cache, page_table, seq = make_case([9, 33, 1], 4, 16, 16, 8, "cpu")
+    wide = torch.cat([page_table, page_table[:, -1:].expand(-1, 30)], dim=1)  # poisoned columns, never read
+    scale = 32**-0.5
+    ref_out, ref_lse = reference(q, kv_cache, wide, seq, scale, 16)
+    for splits in (2, 4, 7):
+        out, lse = mla_decode(q, kv_cache, wide, seq, scale, 16, num_splits=splits)
+        assert_close(out, ref_out, name=f"out, {splits} splits")
+        assert_close(lse, ref_lse, dtype=torch.bfloat16, name=f"lse, {splits} splits")
+
+
 @pytest.mark.parametrize("tma", [True, False])
 def test_mla_decode_tma_and_pointer_kernels(tma):
     """Both kernels on CPU under the interpreter (the TMA one loads page-aligned tiles by descriptor)."""
