@@ -13,8 +13,9 @@ experts in order and, within an expert, assignments in (t, j) order (stable, det
 assignment t*k + j in the flattened buffer, -1 if it has none). `x_scale [T, G]` (FP8 activations) travels
 along into `Permuted.x_scale`.
 
-`moe_combine(y, weights [T, k], slot_rows) -> [T, N]`: `out[t] = sum_j weights[t, j] * y[slot_rows[t*k + j]]`
-over the slots that have a row, in fp32, stored in y's dtype; `y` is the expert output in either layout
+`moe_combine(y, weights [T, k], slot_rows, shared=None) -> [T, N]`: `out[t] = shared[t] + sum_j weights[t, j] *
+y[slot_rows[t*k + j]]` over the slots that have a row, in fp32, stored in y's dtype (`shared`, the shared
+experts' output, is optional); `y` is the expert output in either layout
 (`[rows, N]` or `[E, max_m, N]`). A gather per token: no atomics, so the sum is deterministic.
 
 Three small launches for permute (histogram per block of assignments, positions, row copy), one for combine.
@@ -77,12 +78,15 @@ def reference_permute(x, ids, num_experts, x_scale=None, max_m=None) -> Permuted
     )
 
 
-def reference_combine(y, weights, slot_rows) -> torch.Tensor:
+def reference_combine(y, weights, slot_rows, shared=None) -> torch.Tensor:
     t, k = weights.shape
     y2 = y.reshape(-1, y.shape[-1]).float()
     rows = slot_rows.long().view(t, k)
     gathered = torch.where((rows >= 0)[..., None], y2[rows.clamp(min=0)], 0.0)
-    return (gathered * weights.float()[..., None]).sum(1).to(y.dtype)
+    out = (gathered * weights.float()[..., None]).sum(1)
+    if shared is not None:
+        out = out + shared.float()
+    return out.to(y.dtype)
 
 
 # ------------------------------------------------------------------------------------------------ kernels
@@ -148,12 +152,14 @@ def _copy_rows_kernel(
 
 @triton.jit
 def _combine_kernel(
-    y_ptr, w_ptr, rows_ptr, out_ptr, N, stride_y, stride_o,
-    K: tl.constexpr, BLOCK_N: tl.constexpr,
+    y_ptr, w_ptr, rows_ptr, out_ptr, shared_ptr, N, stride_y, stride_o, stride_s,
+    K: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SHARED: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if HAS_SHARED:
+        acc += tl.load(shared_ptr + t * stride_s + cols, mask=cols < N, other=0.0).to(tl.float32)
     for j in tl.static_range(K):
         row = tl.load(rows_ptr + t * K + j)
         w = tl.load(w_ptr + t * K + j).to(tl.float32)
@@ -226,26 +232,39 @@ def moe_permute(
     return Permuted(out, out_scale, counts, offsets, rows)
 
 
-def moe_combine(y: torch.Tensor, weights: torch.Tensor, slot_rows: torch.Tensor) -> torch.Tensor:
-    """Weighted sum of each token's expert outputs (module docstring) -> `[T, N]` in y's dtype."""
+def moe_combine(
+    y: torch.Tensor, weights: torch.Tensor, slot_rows: torch.Tensor, shared: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Weighted sum of each token's expert outputs (module docstring) -> `[T, N]` in y's dtype; with `shared
+    [T, N]` (the shared experts' output) added into the same fp32 sum, rounded once."""
     if weights.dim() != 2 or slot_rows.shape != (weights.numel(),):
         raise ValueError(
             f"weights must be [T, k] and slot_rows [T*k], got {tuple(weights.shape)} and {tuple(slot_rows.shape)}"
         )
     if y.dim() not in (2, 3):
         raise ValueError(f"y must be [rows, N] or [E, max_m, N], got {tuple(y.shape)}")
+    if shared is not None and (
+        tuple(shared.shape) != (weights.shape[0], y.shape[-1]) or shared.device != y.device
+    ):
+        raise ValueError(
+            f"shared must be [T={weights.shape[0]}, N={y.shape[-1]}] on {y.device}, "
+            f"got {tuple(shared.shape)} on {shared.device}"
+        )
     if not use_triton(y):
-        return reference_combine(y, weights, slot_rows)
+        return reference_combine(y, weights, slot_rows, shared)
     t, k = weights.shape
     n = y.shape[-1]
     y2 = y.reshape(-1, n)
     if y2.stride(-1) != 1:
         y2 = y2.contiguous()
     out = torch.empty(t, n, dtype=y.dtype, device=y.device)
+    if shared is not None and shared.stride(-1) != 1:
+        shared = shared.contiguous()
     if t and n:
         block_n = min(1024, triton.next_power_of_2(n))
         _combine_kernel[(t, triton.cdiv(n, block_n))](
-            y2, weights.contiguous(), slot_rows.contiguous(), out, n, y2.stride(0), out.stride(0),
-            K=k, BLOCK_N=block_n,
+            y2, weights.contiguous(), slot_rows.contiguous(), out, shared if shared is not None else out,
+            n, y2.stride(0), out.stride(0), shared.stride(0) if shared is not None else 0,
+            K=k, BLOCK_N=block_n, HAS_SHARED=shared is not None,
         )  # fmt: skip
     return out

@@ -1,0 +1,174 @@
+"""One MoE layer with local experts built from our kernels: a handful of launches per layer, no host sync.
+
+    logits  = x @ router.T                                   fp32 GEMM
+    ids, w  = moe_route(logits)                              scores, group limit, top-k, weights: one kernel
+    rows    = moe_permute(x, ids)                            expert-sorted rows (3 launches; FP8: + scales)
+    h       = grouped GEMM(rows, w13)                        BF16: torch._grouped_mm · FP8: fp8_grouped_gemm
+    a       = silu_mul(h)                                    FP8: silu_mul_quant (fused 1x128 requant)
+    y       = grouped GEMM(a, w2)
+    s       = down(silu_mul(x @ [gate | up].T))              shared experts, gate and up stacked: one GEMM
+    out     = moe_combine(y, w, rows, shared=s)              weights and shared output in one fp32 sum
+
+The FP8 path quantizes x once and feeds both the routed experts' and the shared experts' first GEMM with it.
+SiLU-and-mul stays one launch between the GEMMs: the stacked w13 puts gate and up in different N tiles, so no
+tile of the first GEMM holds both halves of a product.
+
+`fused_moe(moe, x)` is what the MoE block calls for local experts on CUDA; on a CPU every op falls back to its
+torch reference (or, under `TRITON_INTERPRET=1`, runs its Triton kernel), which is how the tests compare this
+path with the plain torch one (`MoE.forward` with `LocalExperts`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moemesh.kernels import (
+    RouteConfig,
+    act_quant,
+    fp8_gemm,
+    fp8_grouped_gemm,
+    moe_combine,
+    moe_permute,
+    moe_route,
+    silu_mul,
+    silu_mul_quant,
+)
+from moemesh.model.config import ModelConfig
+
+FP8 = torch.float8_e4m3fn
+
+
+def route_config(config: ModelConfig) -> RouteConfig:
+    """The gate's fields as `moe_route` takes them."""
+    return RouteConfig(
+        num_experts_per_tok=config.num_experts_per_tok,
+        n_routed_experts=config.n_routed_experts,
+        n_group=config.num_groups,
+        topk_group=config.group_topk,
+        norm_topk_prob=config.norm_topk_prob,
+        routed_scaling_factor=config.routed_scaling_factor,
+        scoring_func=config.scoring_func,
+        topk_method=config.topk_method,
+    )
+
+
+@dataclass(frozen=True)
+class StackedGateUp:
+    """The shared experts' gate and up projections as one weight (gate rows, then up rows); the module's own
+    `gate_proj` / `up_proj` parameters are views into it, so nothing is stored twice."""
+
+    weight: torch.Tensor  # [2I, D] in the compute dtype, or e4m3
+    scale_inv: torch.Tensor | None  # fp32 [2I/128, ceil(D/128)] for FP8
+
+
+def stack_gate_up(mlp: nn.Module) -> StackedGateUp | None:
+    """Stacks `mlp.gate_proj` and `mlp.up_proj` in place (once; again if the parameters were replaced since) and
+    returns the stacked weight; None when they cannot be stacked (FP8 with I not a multiple of 128)."""
+    gate, up = mlp.gate_proj, mlp.up_proj
+    cached: StackedGateUp | None = mlp.__dict__.get("_stacked_gate_up")
+    if cached is not None and _views_of(cached, gate, up):
+        return cached
+    fp8 = gate.weight.dtype == FP8
+    rows = gate.weight.shape[0]
+    if fp8 and rows % 128:
+        return None
+    with torch.inference_mode(False), torch.no_grad():  # real parameters, even when first called in a forward
+        weight = torch.cat([gate.weight, up.weight])
+        gate.weight = nn.Parameter(weight[:rows], requires_grad=False)
+        up.weight = nn.Parameter(weight[rows:], requires_grad=False)
+        scale = None
+        if fp8:
+            scale = torch.cat([gate.weight_scale_inv, up.weight_scale_inv])
+            blocks = rows // 128
+            gate.weight_scale_inv = nn.Parameter(scale[:blocks], requires_grad=False)
+            up.weight_scale_inv = nn.Parameter(scale[blocks:], requires_grad=False)
+    stacked = StackedGateUp(weight, scale)
+    mlp.__dict__["_stacked_gate_up"] = stacked
+    return stacked
+
+
+def _views_of(stacked: StackedGateUp, gate: nn.Module, up: nn.Module) -> bool:
+    w = stacked.weight
+    ok = (
+        gate.weight.data_ptr() == w.data_ptr()
+        and up.weight.data_ptr() == w[gate.weight.shape[0] :].data_ptr()
+    )
+    if stacked.scale_inv is not None:
+        s = stacked.scale_inv
+        blocks = gate.weight_scale_inv.shape[0]
+        ok = ok and gate.weight_scale_inv.data_ptr() == s.data_ptr()
+        ok = ok and up.weight_scale_inv.data_ptr() == s[blocks:].data_ptr()
+    return ok
+
+
+def shared_experts_forward(mlp: nn.Module, x: torch.Tensor, x_fp8=None) -> torch.Tensor:
+    """down(silu(gate x) * up x) with gate and up as one GEMM; `x_fp8 = (values, scales)` reuses an existing
+    1x128 quantization of x for an FP8 gate/up."""
+    stacked = stack_gate_up(mlp)
+    if stacked is None:
+        h = torch.cat([mlp.gate_proj(x), mlp.up_proj(x)], dim=-1)
+    elif stacked.scale_inv is not None:
+        xq, xs = x_fp8 if x_fp8 is not None else act_quant(x)
+        h = fp8_gemm(xq, xs, stacked.weight, stacked.scale_inv)
+    else:
+        h = F.linear(x, stacked.weight)
+    down = mlp.down_proj
+    if down.weight.dtype == FP8:
+        a_fp8, a_scale = silu_mul_quant(h)
+        return fp8_gemm(a_fp8, a_scale, down.weight, down.weight_scale_inv).to(x.dtype)
+    return F.linear(silu_mul(h).to(x.dtype), down.weight)
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """x [M, K] sorted by expert (expert e owns rows offsets[e]:offsets[e + 1]), w [E, N, K] -> [M, N] in x's
+    dtype; rows past offsets[E] are zero. `torch._grouped_mm` where its alignment holds (16-byte rows), else
+    expert by expert (a CPU fallback for odd test shapes; syncs)."""
+    m, k = x.shape
+    n = w.shape[1]
+    aligned = (k * x.element_size()) % 16 == 0 and (n * x.element_size()) % 16 == 0
+    if aligned and x.dtype in (torch.bfloat16, torch.float32):
+        out = torch._grouped_mm(x, w.transpose(1, 2), offs=offsets[1:])
+        if x.is_cuda:
+            return out
+        rows = torch.arange(m, device=x.device)[:, None]
+        return torch.where(rows < offsets[-1], out, 0)
+    out = torch.zeros(m, n, dtype=x.dtype, device=x.device)
+    bounds = offsets.tolist()
+    for e in range(w.shape[0]):
+        lo, hi = bounds[e], bounds[e + 1]
+        if hi > lo:
+            out[lo:hi] = F.linear(x[lo:hi], w[e])
+    return out
+
+
+def fused_moe(moe: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x [T, D] -> the MoE block's output [T, D] (routed experts + shared experts) in x's dtype.
+
+    `moe` is a `moemesh.model.moe.MoE` whose routed experts are local: `moe.experts` with stacked `w13 [E, 2I,
+    D]` and `w2 [E, D, I]` in the compute dtype, or e4m3 with `w13_scale_inv` / `w2_scale_inv` (Fp8Experts)."""
+    config: ModelConfig = moe.config
+    gate, experts = moe.gate, moe.experts
+    bias = gate.e_score_correction_bias
+    logits = F.linear(x.float(), gate.weight.float())  # [T, E] fp32
+    route = moe_route(logits, route_config(config), None if bias is None else bias.float())
+    num_experts = config.n_routed_experts
+    shared = moe.shared_experts
+    if experts.w13.dtype == FP8:
+        x_fp8, x_scale = act_quant(x)
+        rows = moe_permute(x_fp8, route.ids, num_experts, x_scale=x_scale)
+        h = fp8_grouped_gemm(rows.x, rows.x_scale, experts.w13, experts.w13_scale_inv, rows.offsets)
+        a_fp8, a_scale = silu_mul_quant(h)  # [T*k, I] e4m3 + 1x128 scales
+        y = fp8_grouped_gemm(a_fp8, a_scale, experts.w2, experts.w2_scale_inv, rows.offsets)
+        s = None if shared is None else shared_experts_forward(shared, x, (x_fp8, x_scale))
+    else:
+        rows = moe_permute(x, route.ids, num_experts)
+        h = grouped_mm(rows.x, experts.w13, rows.offsets)  # [T*k, 2I]
+        y = grouped_mm(silu_mul(h).to(x.dtype), experts.w2, rows.offsets)  # [T*k, D]
+        s = None if shared is None else shared_experts_forward(shared, x)
+    if s is not None:
+        s = s.to(y.dtype)
+    return moe_combine(y, route.weights, rows.slot_rows, shared=s).to(x.dtype)
