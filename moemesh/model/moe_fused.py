@@ -120,7 +120,15 @@ def shared_experts_forward(mlp: nn.Module, x: torch.Tensor, x_fp8=None) -> torch
     if down.weight.dtype == FP8:
         a_fp8, a_scale = silu_mul_quant(h)
         return fp8_gemm(a_fp8, a_scale, down.weight, down.weight_scale_inv).to(x.dtype)
-    return F.linear(silu_mul(h).to(x.dtype), down.weight)
+    return F.linear(_silu_mul(h), down.weight)
+
+
+def _silu_mul(h: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up in h's dtype: the kernel for 16-bit activations, torch for fp32 (the kernel stores BF16)."""
+    if h.dtype == torch.float32:
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return silu_mul(h).to(h.dtype)
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -167,8 +175,25 @@ def fused_moe(moe: nn.Module, x: torch.Tensor) -> torch.Tensor:
     else:
         rows = moe_permute(x, route.ids, num_experts)
         h = grouped_mm(rows.x, experts.w13, rows.offsets)  # [T*k, 2I]
-        y = grouped_mm(silu_mul(h).to(x.dtype), experts.w2, rows.offsets)  # [T*k, D]
+        y = grouped_mm(_silu_mul(h), experts.w2, rows.offsets)  # [T*k, D]
         s = None if shared is None else shared_experts_forward(shared, x)
     if s is not None:
         s = s.to(y.dtype)
     return moe_combine(y, route.weights, rows.slot_rows, shared=s).to(x.dtype)
+
+
+def enable_fused(model: nn.Module, on: bool = True) -> int:
+    """Routes every MoE layer of `model` whose experts are local through `fused_moe` (or back to the block's own
+    forward with `on=False`), per instance; returns how many layers changed. Until the MoE block calls
+    `fused_moe` itself on CUDA, benchmarks and the GPU tests switch paths with this."""
+    from moemesh.model.moe import MoE
+
+    changed = 0
+    for m in model.modules():
+        if isinstance(m, MoE) and m.expert_backend is m.experts:
+            if on:
+                m.forward = lambda x, moe=m: fused_moe(moe, x)
+            else:
+                m.__dict__.pop("forward", None)
+            changed += 1
+    return changed
