@@ -1,5 +1,11 @@
-"""The engine's decode step at DeepSeek-V2-Lite shapes (random BF16 weights) against transformers'
+"""The engine's decode step at DeepSeek-V2-Lite shapes (random BF16 / FP8 weights) against transformers'
 DeepseekV3ForCausalLM with the same config on the same card, and against the memory floor of the same run.
+
+Per decode step and batch (1, 8, 64, 256), for each MoE path (`reference`: the block's own torch path;
+`fused`: `moemesh.model.moe_fused`) and weight dtype: `step_ms` (Engine.step end to end), `device_ms` (the
+captured decode graph's replay), `host_prepare_ms` (the runner's Python side of building the step's inputs),
+`launches` (kernels in one replay of the graph, from the profiler; eager forward where the profiler cannot see
+inside graphs), `floor_ms` and `step_over_floor`; the transformers peer at batch 1 and 64.
 
 * peer: transformers, eager, DynamicCache; one decode step = one forward of B new tokens after a 32-token
   prompt per sequence (median of timed steps).
@@ -10,7 +16,10 @@ DeepseekV3ForCausalLM with the same config on the same card, and against the mem
   the step's tokens pick — 6 per MoE layer at batch 1, in expectation nearly all 64 at batch 64) plus the KV
   read, over the device-to-device copy bandwidth measured in this run (bytes read + written).
 
-    python -m bench.bench_engine [--out DIR] [--quick]
+    python -m bench.bench_engine [--out DIR] [--quick] [--fp8] [--moe reference,fused] [--device cpu]
+
+`--device cpu` runs a reduced form (a tiny config, batches 1 and 8, no graphs: device time is the eager forward,
+launches are the profiler's torch ops) so the benchmark itself is tested on a CPU.
 """
 
 from __future__ import annotations
@@ -51,18 +60,31 @@ V2_LITE = dict(
     bos_token_id=0,
     eos_token_id=1,
 )
+# the reduced form for a CPU: V2-Lite's structure at toy sizes
+CPU_SHAPES = dict(
+    V2_LITE, vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+    num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2,
+    kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16,
+)  # fmt: skip
 PROMPT_LEN = 32
-BATCHES = (1, 64)
-TARGETS = {"speedup_b1": 20.0, "speedup_b64": 10.0, "floor_ratio_b1": 2.0}
+BATCHES = (1, 8, 64, 256)
+PEER_BATCHES = (1, 64)
+CPU_BATCHES = (1, 8)
+TARGETS = {"floor_ratio_b1": 2.0, "floor_ratio_b64": 1.5}
 
 
-def hf_config():
+def hf_config(shapes: dict = V2_LITE):
     import transformers
 
-    return transformers.DeepseekV3Config(**V2_LITE)
+    return transformers.DeepseekV3Config(**shapes)
 
 
-def peer_step_ms(batches: tuple[int, ...], steps: int) -> dict[int, float]:
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def peer_step_ms(batches: tuple[int, ...], steps: int, device: str, shapes: dict) -> dict[int, float]:
     """transformers' decode step per batch size: median wall time of `steps` single-token forwards with a
     DynamicCache, after a 32-token prompt per sequence."""
     import transformers
@@ -70,33 +92,34 @@ def peer_step_ms(batches: tuple[int, ...], steps: int) -> dict[int, float]:
     torch.manual_seed(0)
     prev = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        model = transformers.DeepseekV3ForCausalLM(hf_config()).eval()
+    with torch.device(device):
+        model = transformers.DeepseekV3ForCausalLM(hf_config(shapes)).eval()
     torch.set_default_dtype(prev)
     result = {}
     for batch in batches:
-        ids = torch.randint(2, V2_LITE["vocab_size"], (batch, PROMPT_LEN), device="cuda")
+        ids = torch.randint(2, shapes["vocab_size"], (batch, PROMPT_LEN), device=device)
         times = []
         with torch.inference_mode():
             out = model(ids, use_cache=True)
             past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
             for i in range(steps + 2):
-                torch.cuda.synchronize()
+                _sync(device)
                 t0 = time.perf_counter()
                 out = model(nxt, past_key_values=past, use_cache=True)
                 nxt = out.logits[:, -1:].argmax(-1)
-                torch.cuda.synchronize()
+                _sync(device)
                 if i >= 2:
                     times.append((time.perf_counter() - t0) * 1e3)
         result[batch] = sorted(times)[len(times) // 2]
         del out, past
     del model
     gc.collect()
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return result
 
 
-def build_ours(fp8: bool = False):
+def build_ours(fp8: bool = False, device: str = "cuda", shapes: dict = V2_LITE):
     """Our network at V2-Lite shapes with random weights: BF16, or with DeepSeek's FP8 projections and experts
     (random BF16 matrices quantized to 128x128 blocks, as an FP8 checkpoint would load)."""
     from moemesh.kernels import weight_quant
@@ -105,13 +128,13 @@ def build_ours(fp8: bool = False):
     from moemesh.model.fp8 import Fp8Experts, Fp8Linear
 
     with tempfile.TemporaryDirectory() as d:
-        hf_config().save_pretrained(d)
+        hf_config(shapes).save_pretrained(d)
         config = ModelConfig.from_file(Path(d) / "config.json")
-    model = build_empty(config, torch.device("cuda"), torch.bfloat16, fp8=fp8)
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    model = build_empty(config, torch.device(device), torch.bfloat16, fp8=fp8)
+    gen = torch.Generator(device=device).manual_seed(0)
 
     def quantized_into(weight, scale_inv):
-        w = torch.empty(weight.shape, dtype=torch.bfloat16, device="cuda").normal_(0.0, 0.02, generator=gen)
+        w = torch.empty(weight.shape, dtype=torch.bfloat16, device=device).normal_(0.0, 0.02, generator=gen)
         q, s = weight_quant(w)
         weight.copy_(q)
         scale_inv.copy_(s)
@@ -160,203 +183,264 @@ def kv_bytes_per_step(model, batch: int, context: int) -> int:
     return batch * context * c.num_hidden_layers * c.kv_cache_dim * 2
 
 
-def build_engine(model):
+def build_engine(model, batches: tuple[int, ...]):
     from moemesh.config.engine import EngineConfig
     from moemesh.engine.engine import Engine
 
+    biggest = max(batches)
     config = EngineConfig(
         page_size=64,
-        max_num_seqs=max(BATCHES),
-        max_num_batched_tokens=2048,
+        max_num_seqs=biggest,
+        max_num_batched_tokens=max(2048, biggest * PROMPT_LEN),  # every prompt prefilled in one step
         max_model_len=1024,
-        cuda_graph_batch_sizes=(1, 2, 4, 8, 16, 32, 64),
+        cuda_graph_batch_sizes=tuple(sorted(set(batches))),
+        kv_cache_memory_bytes=None if model.lm_head.weight.is_cuda else 64 << 20,
     )
     t0 = time.perf_counter()
     engine = Engine(model, config)
     return engine, time.perf_counter() - t0
 
 
-def ours(engine, batch: int, steps: int) -> dict:
-    from moemesh.engine.sampling_params import SamplingParams
+def set_moe_path(engine, path: str) -> None:
+    """Switches the model's MoE layers to `path` and recaptures the decode graphs with it."""
+    from moemesh.model.moe_fused import enable_fused
+
+    enable_fused(engine.model, on=path == "fused")
+    if engine.runner.graphs:
+        engine.runner.graphs.clear()
+        gc.collect()
+        engine.runner.capture_decode_graphs()
+
+
+def _median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
+
+
+def _time_ms(fn, device: str, reps: int = 10) -> float:
+    if device == "cuda":
+        return median_ms(fn)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return _median(times)
+
+
+def _decode_batch(engine, batch: int):
+    """The decode forward's inputs as the last step staged them (writing nothing into the cache)."""
     from moemesh.model.batch import ForwardBatch
 
-    model = engine.model
+    s = engine.runner.decode_staging.dev if engine.runner.graphs else engine.runner.eager_staging.dev
+    return ForwardBatch(
+        input_ids=s["input_ids"][:batch],
+        positions=s["positions"][:batch],
+        query_start=tuple(range(batch + 1)),
+        seq_lens=s["seq_lens"][:batch],
+        page_table=s["page_table"][:batch],
+        slot_mapping=torch.full((batch,), -1, dtype=torch.int64, device=s["input_ids"].device),
+        logits_rows=None,
+    )
+
+
+def count_launches(engine, batch: int) -> tuple[int, str]:
+    """(kernels one decode step's forward launches, how they were counted): the profiler over one graph
+    replay; where it sees no kernel inside the graph, over one eager forward; on a CPU, the torch ops of one
+    eager forward."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = engine.kv_caches[0].is_cuda
+    graph = engine.runner.graphs.get(batch)
+    if cuda and graph is not None:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            graph.graph.replay()
+            torch.cuda.synchronize()
+        n = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+        if n:
+            return n, "graph replay (profiler)"
+    fwd = _decode_batch(engine, batch)
+    activities = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        engine.model(fwd, engine.kv_caches)
+        _sync("cuda" if cuda else "cpu")
+    if cuda:
+        return sum(
+            1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+        ), "eager (profiler)"
+    return sum(
+        1 for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None
+    ), "cpu torch ops"
+
+
+def ours(engine, batch: int, steps: int) -> dict:
+    """Decode steps of `batch` requests after their prompts: step, device, host and launch figures."""
+    from moemesh.engine.sampling_params import SamplingParams
+
+    device = "cuda" if engine.kv_caches[0].is_cuda else "cpu"
+    vocab = engine.model.config.vocab_size
     gen = torch.Generator().manual_seed(batch)
     params = SamplingParams(max_tokens=900, ignore_eos=True)
     ids = [
-        engine.add_request(
-            torch.randint(2, V2_LITE["vocab_size"], (PROMPT_LEN,), generator=gen).tolist(), params
-        )
+        engine.add_request(torch.randint(2, vocab, (PROMPT_LEN,), generator=gen).tolist(), params)
         for _ in range(batch)
     ]
     t0 = time.perf_counter()
-    engine.step()  # the prompts' prefill (one step: batch * 32 <= 2048 tokens) and the first tokens
-    torch.cuda.synchronize()
+    engine.step()  # the prompts' prefill (one step) and the first tokens
+    _sync(device)
     prefill_ms = (time.perf_counter() - t0) * 1e3
     for _ in range(3):
         engine.step()
-    times = []
+    times, host = [], []
     for _ in range(steps):
         t0 = time.perf_counter()
         engine.step()  # ends in the sampled tokens' copy to the host: synchronous
         times.append((time.perf_counter() - t0) * 1e3)
-    step_ms = sorted(times)[len(times) // 2]
-    graph = engine.runner.graphs[batch]
-    replay_ms = median_ms(graph.graph.replay)
-    s = engine.runner._static
-    eager_batch = ForwardBatch(
-        input_ids=s["input_ids"][:batch],
-        positions=s["positions"][:batch],
-        query_start=tuple(range(batch + 1)),
-        seq_lens=s["seq_lens"][:batch],
-        page_table=s["page_table"][:batch],
-        slot_mapping=torch.full((batch,), -1, dtype=torch.int64, device="cuda"),  # write nothing
-        logits_rows=None,
-    )
-    eager_ms = median_ms(lambda: model(eager_batch, engine.kv_caches))
+        host.append(engine.runner.host_prepare_s * 1e3)
+    graph = engine.runner.graphs.get(batch)
+    if graph is not None:
+        device_ms, device_source = median_ms(graph.graph.replay), "graph replay"
+    else:
+        fwd = _decode_batch(engine, batch)
+        device_ms, device_source = (
+            _time_ms(lambda: engine.model(fwd, engine.kv_caches), device),
+            "eager forward",
+        )
+    launches, launch_source = count_launches(engine, batch)
     context = PROMPT_LEN + 4 + steps
-    stats_before = engine.stats()
     for rid in ids:
         engine.abort(rid)
-    leaked = engine.stats()["pages_leased"]
-    result = dict(
-        step_ms=step_ms,
-        graph_replay_ms=replay_ms,
-        eager_forward_ms=eager_ms,
+    return dict(
+        step_ms=_median(times),
+        device_ms=device_ms,
+        device_source=device_source,
+        host_prepare_ms=_median(host),
+        launches=launches,
+        launch_source=launch_source,
         prefill_step_ms=prefill_ms,
         context=context,
-        kv_pages_total=stats_before["pages_total"],
-        pages_leaked_after_abort=leaked,
-        memory_plan=engine.memory_plan.__dict__,
+        pages_leaked_after_abort=engine.stats()["pages_leased"],
     )
-    return result
 
 
-def kernel_profile(engine, batch: int, top: int = 18) -> list[dict]:
-    """CUDA time per kernel name of one decode forward at `batch`, run eagerly but with the experts' graph path
-    (`forward_static`, the code the captured graph runs): where the graph replay's time goes."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from moemesh.model.batch import ForwardBatch
-    from moemesh.model.moe import LocalExperts
-
-    s = engine.runner._static
-    batch_ = ForwardBatch(
-        input_ids=s["input_ids"][:batch],
-        positions=s["positions"][:batch],
-        query_start=tuple(range(batch + 1)),
-        seq_lens=s["seq_lens"][:batch],
-        page_table=s["page_table"][:batch],
-        slot_mapping=torch.full((batch,), -1, dtype=torch.int64, device="cuda"),
-        logits_rows=None,
-    )
-    sparse = LocalExperts.forward
-    LocalExperts.forward = LocalExperts.forward_static
-    try:
-        engine.model(batch_, engine.kv_caches)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            engine.model(batch_, engine.kv_caches)
-            torch.cuda.synchronize()
-    finally:
-        LocalExperts.forward = sparse
-    rows = []
-    for e in prof.key_averages():
-        device_us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-        if device_us > 0 and e.key not in ("cudaDeviceSynchronize",):
-            rows.append(dict(kernel=e.key[:70], calls=e.count, device_ms=device_us / 1e3))
-    rows.sort(key=lambda r: -r["device_ms"])
-    total = sum(r["device_ms"] for r in rows)
-    kernels = sum(r["calls"] for r in rows)
-    print(f"\nbatch {batch}: {kernels} kernels, {total:.2f} ms of device time in one eager decode forward")
-    print_table(rows[:top], ["kernel", "calls", "device_ms"])
-    return [dict(kernel="(total)", calls=kernels, device_ms=total)] + rows[:top]
+def cpu_copy_bandwidth_gbs(num_bytes: int = 64 << 20) -> float:
+    src = torch.randint(0, 255, (num_bytes,), dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    return 2 * num_bytes / _time_ms(lambda: dst.copy_(src), "cpu", reps=5) / 1e6
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=None)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--skip-peer", action="store_true")
-    parser.add_argument("--profile", action="store_true", help="kernel breakdown of one decode forward")
-    parser.add_argument("--fp8", action="store_true", help="also run ours with FP8 projections and experts")
-    args = parser.parse_args()
-    steps = 8 if args.quick else 20
-    bw_gbs = copy_bandwidth_gbs()
-    peer = {} if args.skip_peer else peer_step_ms(BATCHES, 4 if args.quick else 8)
+def run(args) -> dict:
+    cuda = args.device == "cuda"
+    shapes = V2_LITE if cuda else CPU_SHAPES
+    batches = BATCHES if cuda else CPU_BATCHES
+    steps = (6 if args.quick else 20) if cuda else 3
+    bw_gbs = copy_bandwidth_gbs() if cuda else cpu_copy_bandwidth_gbs()
+    peer_batches = tuple(b for b in PEER_BATCHES if b in batches) or batches[:1]
+    peer = {} if args.skip_peer else peer_step_ms(peer_batches, 3 if args.quick else 8, args.device, shapes)
     rows, startup_s = [], {}
     for weights in ("bf16", "fp8") if args.fp8 else ("bf16",):
-        model = build_ours(fp8=weights == "fp8")
-        engine, startup_s[weights] = build_engine(model)
-        for b in BATCHES:
-            r = ours(engine, b, steps)
-            wbytes, ebytes = weight_bytes_per_step(model, b)
-            kv = kv_bytes_per_step(model, b, r["context"])
-            floor_ms = (wbytes + kv) / (bw_gbs * 1e6)
-            row = dict(weights=weights, batch=b, peer_ms=peer.get(b), **r)
-            row.update(weight_bytes=wbytes, expert_bytes=ebytes, kv_bytes=kv, floor_ms=floor_ms)
-            row["graphs"] = sorted(engine.runner.graphs)
-            row["tok_s"] = b / r["step_ms"] * 1e3
-            row["peer_tok_s"] = b / peer[b] * 1e3 if b in peer else None
-            row["speedup"] = peer[b] / r["step_ms"] if b in peer else None
-            row["step_over_floor"] = r["step_ms"] / floor_ms
-            if args.profile:
-                row["kernel_profile"] = kernel_profile(engine, b)
-            rows.append(row)
+        model = build_ours(fp8=weights == "fp8", device=args.device, shapes=shapes)
+        engine, startup_s[weights] = build_engine(model, batches)
+        for path in args.moe:
+            set_moe_path(engine, path)
+            for b in batches:
+                r = ours(engine, b, steps)
+                wbytes, ebytes = weight_bytes_per_step(model, b)
+                kv = kv_bytes_per_step(model, b, r["context"])
+                floor_ms = (wbytes + kv) / (bw_gbs * 1e6)
+                row = dict(weights=weights, moe=path, batch=b, peer_ms=peer.get(b), **r)
+                row.update(weight_bytes=wbytes, expert_bytes=ebytes, kv_bytes=kv, floor_ms=floor_ms)
+                row["graphs"] = sorted(engine.runner.graphs)
+                row["tok_s"] = b / r["step_ms"] * 1e3
+                row["speedup"] = peer[b] / r["step_ms"] if b in peer else None
+                row["step_over_floor"] = r["step_ms"] / floor_ms
+                row["device_over_floor"] = r["device_ms"] / floor_ms
+                rows.append(row)
+                print_table([row], COLUMNS)
         del model, engine
         gc.collect()
-        torch.cuda.empty_cache()
-    payload = {
+        if cuda:
+            torch.cuda.empty_cache()
+    return {
         **header(),
-        "model": "DeepSeek-V2-Lite shapes, random weights (bf16; fp8 rows: DeepSeek FP8 blocks)",
-        "config": V2_LITE,
+        "model": f"DeepSeek-V2-Lite {'shapes' if cuda else 'structure at toy sizes (CPU)'}, random weights "
+        "(bf16; fp8 rows: DeepSeek FP8 blocks)",
+        "config": shapes,
         "copy_bandwidth_gbs": bw_gbs,
         "engine_startup_s": startup_s,
+        "peer_ms": peer,
         "targets": TARGETS,
         "rows": rows,
     }
+
+
+COLUMNS = [
+    "weights",
+    "moe",
+    "batch",
+    "peer_ms",
+    "step_ms",
+    "device_ms",
+    "host_prepare_ms",
+    "launches",
+    "floor_ms",
+    "step_over_floor",
+    "device_over_floor",
+    "speedup",
+]
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--quick", action="store_true", help="fewer timed steps (about 3 minutes on an H200)")
+    parser.add_argument("--skip-peer", action="store_true")
+    parser.add_argument("--fp8", action="store_true", help="also run ours with FP8 projections and experts")
+    parser.add_argument(
+        "--moe", default="reference,fused", help="MoE paths to measure, comma-separated: reference, fused"
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    args.moe = [m.strip() for m in args.moe.split(",") if m.strip()]
+    bad = [m for m in args.moe if m not in ("reference", "fused")] or ([] if args.moe else ["(none)"])
+    if bad:
+        parser.error(f"--moe={','.join(bad)}: each path must be 'reference' or 'fused'")
+    if args.device not in ("cuda", "cpu") or (args.device == "cuda" and not torch.cuda.is_available()):
+        parser.error(f"--device={args.device}: must be 'cpu', or 'cuda' on a machine with a CUDA GPU")
+    payload = run(args)
+    rows = payload["rows"]
     name = f"bench_engine-{payload['card'].replace(' ', '_')}"
     path = write_json(name, payload, args.out)
     print(json.dumps({k: v for k, v in payload.items() if k not in ("config", "rows")}, indent=1))
-    print_table(
-        rows,
-        [
-            "weights",
-            "batch",
-            "peer_ms",
-            "step_ms",
-            "graph_replay_ms",
-            "eager_forward_ms",
-            "floor_ms",
-            "speedup",
-            "step_over_floor",
-            "tok_s",
-            "peer_tok_s",
-        ],
-    )
+    print_table(rows, COLUMNS)
     series = {}
     for weights in sorted({r["weights"] for r in rows}):
-        mine = [r for r in rows if r["weights"] == weights]
-        xs = [r["batch"] for r in mine]
-        series[f"moemesh Engine.step ({weights})"] = (xs, [r["step_ms"] for r in mine])
-        series[f"moemesh graph replay ({weights})"] = (xs, [r["graph_replay_ms"] for r in mine])
-        series[f"memory floor ({weights})"] = (xs, [r["floor_ms"] for r in mine])
-    if peer:
-        series["transformers (bf16)"] = (list(peer), list(peer.values()))
+        for moe in args.moe:
+            mine = [r for r in rows if r["weights"] == weights and r["moe"] == moe]
+            xs = [r["batch"] for r in mine]
+            series[f"Engine.step ({weights}, {moe})"] = (xs, [r["step_ms"] for r in mine])
+            series[f"device ({weights}, {moe})"] = (xs, [r["device_ms"] for r in mine])
+        floor = [r for r in rows if r["weights"] == weights and r["moe"] == args.moe[0]]
+        series[f"memory floor ({weights})"] = ([r["batch"] for r in floor], [r["floor_ms"] for r in floor])
+    if payload["peer_ms"]:
+        series["transformers (bf16)"] = (list(payload["peer_ms"]), list(payload["peer_ms"].values()))
+    launches = {
+        f"launches ({w}, {m})": (
+            [r["batch"] for r in rows if r["weights"] == w and r["moe"] == m],
+            [r["launches"] for r in rows if r["weights"] == w and r["moe"] == m],
+        )
+        for w in sorted({r["weights"] for r in rows})
+        for m in args.moe
+    }
     save_plot(
         name,
         [
-            {
-                "title": f"decode step, V2-Lite shapes ({payload['card']})",
-                "xlabel": "batch",
-                "ylabel": "ms per step",
-                "series": series,
-                "logx": True,
-            }
+            dict(title=f"decode step ({payload['card']})", xlabel="batch", ylabel="ms per step", series=series, logx=True),
+            dict(title="kernels per decode step", xlabel="batch", ylabel="launches", series=launches, logx=True),
         ],
         args.out,
-    )
+    )  # fmt: skip
     print(f"wrote {path}")
+    return path
 
 
 if __name__ == "__main__":
