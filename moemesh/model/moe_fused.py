@@ -133,24 +133,23 @@ def _silu_mul(h: torch.Tensor) -> torch.Tensor:
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """x [M, K] sorted by expert (expert e owns rows offsets[e]:offsets[e + 1]), w [E, N, K] -> [M, N] in x's
-    dtype; rows past offsets[E] are zero. `torch._grouped_mm` where its alignment holds (16-byte rows), else
-    expert by expert (a CPU fallback for odd test shapes; syncs)."""
+    dtype; rows past offsets[E] are zero (or, BF16 on CUDA, unwritten). BF16 with 16-byte rows:
+    `torch._grouped_mm`; otherwise (fp32 models, odd test shapes) each row's expert weight is gathered and
+    multiplied as a batched GEMV. Neither syncs the host, so both can be captured in a CUDA graph."""
     m, k = x.shape
     n = w.shape[1]
     aligned = (k * x.element_size()) % 16 == 0 and (n * x.element_size()) % 16 == 0
-    if aligned and x.dtype in (torch.bfloat16, torch.float32):
+    if aligned and x.dtype == torch.bfloat16:
         out = torch._grouped_mm(x, w.transpose(1, 2), offs=offsets[1:])
         if x.is_cuda:
             return out
-        rows = torch.arange(m, device=x.device)[:, None]
-        return torch.where(rows < offsets[-1], out, 0)
-    out = torch.zeros(m, n, dtype=x.dtype, device=x.device)
-    bounds = offsets.tolist()
-    for e in range(w.shape[0]):
-        lo, hi = bounds[e], bounds[e + 1]
-        if hi > lo:
-            out[lo:hi] = F.linear(x[lo:hi], w[e])
-    return out
+    else:
+        ends = offsets[1:].contiguous()
+        rows_i32 = torch.arange(m, dtype=offsets.dtype, device=x.device)
+        expert = torch.searchsorted(ends, rows_i32, right=True).clamp_(max=w.shape[0] - 1)  # [M]
+        out = torch.bmm(w[expert], x[:, :, None])[..., 0]  # [M, N]
+    rows = torch.arange(m, device=x.device)[:, None]
+    return torch.where(rows < offsets[-1], out, 0)
 
 
 def fused_moe(moe: nn.Module, x: torch.Tensor) -> torch.Tensor:

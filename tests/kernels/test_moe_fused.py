@@ -101,6 +101,13 @@ def test_fused_bf16_equals_the_torch_block(kind, tokens):
     assert_close(moe(x), ref)
 
 
+def test_fused_fp32_equals_the_torch_block():
+    """fp32 models (the CPU oracle tests) take the gathered-weight GEMV path, which captures in graphs too."""
+    moe = make_moe("v3", dtype=torch.float32)
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(5))
+    assert_close(fused_moe(moe, x), moe(x))
+
+
 def test_fused_fp8_within_the_fp8_tolerance_of_fp32():
     moe = make_moe("v3", moe_intermediate_size=128, hidden_size=128, n_shared_experts=1)
     fp8, oracle = _fp8_copy(moe)
