@@ -216,7 +216,7 @@ def _median(xs: list[float]) -> float:
     return sorted(xs)[len(xs) // 2]
 
 
-def _time_ms(fn, device: str, reps: int = 10) -> float:
+def _time_ms(fn, device: str, reps: int = 3) -> float:
     if device == "cuda":
         return median_ms(fn)
     times = []
