@@ -297,7 +297,7 @@ def main() -> None:
             args.rank, args.port, args.child_device, json.loads(args.sizes), args.iters, args.timeout_s
         )
         return
-    from moemesh.services.engine_loop import stop_ucx
+    from moemesh.services.ucx_lifecycle import stop_ucx
 
     setup = Setup(**json.loads(args.setup))
     if setup.device == "cpu":

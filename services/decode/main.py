@@ -12,9 +12,11 @@ from moemesh.config.mesh import CUDA_UCX_TRANSPORTS, WorkerConfig
 from moemesh.services.decode.leases import LeaseTable
 from moemesh.services.decode.servicer import DecodeServicer
 from moemesh.services.decode.worker import DecodeWorker
-from moemesh.services.engine_loop import EngineLoop, load_engine, stop_ucx, ucx_options
+from moemesh.services.engine_loop import EngineLoop
 from moemesh.services.metrics_http import engine_stats, metrics_app, serve_http, worker_registry
+from moemesh.services.model_loading import load_engine
 from moemesh.services.registration import run_worker_server
+from moemesh.services.ucx_lifecycle import stop_ucx, ucx_options
 from moemesh.telemetry.metrics import DecodeMetrics
 from moemesh.transport.channels import MeshChannels
 from moemesh.transport.kv_ucx import UcxKvReceiver

@@ -8,11 +8,13 @@ import logging
 
 from moemesh._proto.v1 import worker_pb2_grpc
 from moemesh.config.mesh import CUDA_UCX_TRANSPORTS, WorkerConfig
-from moemesh.services.engine_loop import EngineLoop, load_engine, stop_ucx, ucx_options
+from moemesh.services.engine_loop import EngineLoop
 from moemesh.services.metrics_http import engine_stats, metrics_app, serve_http, worker_registry
+from moemesh.services.model_loading import load_engine
 from moemesh.services.prefill.servicer import PrefillServicer
 from moemesh.services.prefill.worker import PrefillWorker
 from moemesh.services.registration import run_worker_server
+from moemesh.services.ucx_lifecycle import stop_ucx, ucx_options
 from moemesh.telemetry.metrics import PrefillMetrics
 from moemesh.transport.kv_ucx import UcxKvSender
 from moemesh.transport.peers import HandshakeAcceptor, WorkerInfo

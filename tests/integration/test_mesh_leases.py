@@ -15,7 +15,8 @@ import torch
 from moemesh.config.engine import EngineConfig
 from moemesh.config.mesh import WorkerConfig
 from moemesh.services.decode.leases import LeaseTable
-from moemesh.services.engine_loop import EngineLoop, load_engine
+from moemesh.services.engine_loop import EngineLoop
+from moemesh.services.model_loading import load_engine
 from moemesh.transport.errors import LeaseRefused
 from tests.integration.mesh_tiny import build_tiny
 

@@ -1,5 +1,6 @@
 """EngineLoop: the engine thread steps while the event loop streams; calls land between steps; a cancelled
-call either never ran or hands back its result; a failed step fails its requests; hooks see every step."""
+call either never ran or has its result undone; a must-run command runs whatever happens to its caller; a
+failed step fails its requests; hooks see every step."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 from moemesh.engine.engine import RequestOutput
+from moemesh.services.engine_commands import finish
 from moemesh.services.engine_loop import EngineLoop
 
 
@@ -131,9 +133,12 @@ def test_a_call_cancelled_before_it_ran_never_runs():
     asyncio.run(asyncio.wait_for(body(), 10))
 
 
-def test_a_call_cancelled_while_running_returns_its_result_and_then_cancels():
+def test_a_call_cancelled_while_running_raises_at_once_and_its_result_is_undone():
+    """Before: the caller got the result and the cancellation only at its next await (where a cleanup
+    `call` was then dropped); now the caller never owns the result: `undo` gets it, on the engine thread."""
     engine = FakeEngine()
     started, release = threading.Event(), threading.Event()
+    undone: list[tuple[str, str]] = []
 
     def slow_reserve() -> str:
         started.set()
@@ -146,22 +151,94 @@ def test_a_call_cancelled_while_running_returns_its_result_and_then_cancels():
         seen = []
 
         async def caller():
-            seen.append(await loop.call(slow_reserve))  # the result arrives although we were cancelled
-            await asyncio.sleep(1)  # ...and the cancellation lands at the next await
-            seen.append("not reached")
+            seen.append(await loop.call(slow_reserve, undo=lambda r: undone.append((r, _thread()))))
 
         try:
             task = asyncio.ensure_future(caller())
             await asyncio.to_thread(started.wait, 5)
             task.cancel()
-            await asyncio.sleep(0.01)
-            release.set()
             with pytest.raises(asyncio.CancelledError):
-                await task
+                await task  # at once: the command still runs
+            assert undone == []
+            release.set()
+            await loop.must_run(lambda: None)  # the undo was queued before this: it ran
         finally:
             runner.cancel()
             await asyncio.gather(runner, return_exceptions=True)
-        assert seen == ["pages-7"]
+        assert seen == []
+        assert undone == [("pages-7", "engine")]
+
+    asyncio.run(asyncio.wait_for(body(), 10))
+
+
+def _thread() -> str:
+    return threading.current_thread().name
+
+
+def test_a_must_run_command_cancelled_before_it_started_still_runs_and_its_caller_waits():
+    """The cleanup kind: `call` drops a command cancelled before it started (the root of the decode worker's
+    page leaks); `must_run` runs it, and the cancelled caller resumes only once it ran."""
+    engine = FakeEngine(step_s=0.05)
+
+    async def body():
+        loop = EngineLoop(engine)
+        runner = asyncio.ensure_future(loop.run())
+        try:
+            await loop.call(engine.add, "long", 4)  # the thread is now in 50 ms steps
+            await asyncio.sleep(0.01)
+            cleanup = asyncio.ensure_future(loop.must_run(engine.abort, "long"))
+            await asyncio.sleep(0)  # queued behind the running step
+            cleanup.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await cleanup
+            assert ("abort", "long") in engine.log  # ran before the caller saw its cancellation
+        finally:
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
+
+    asyncio.run(asyncio.wait_for(body(), 10))
+
+
+def test_must_run_commands_left_when_the_loop_stops_run_inline_others_fail():
+    engine = FakeEngine(step_s=0.05)
+
+    async def body():
+        loop = EngineLoop(engine)
+        runner = asyncio.ensure_future(loop.run())
+        await loop.call(engine.add, "long", 100)
+        await asyncio.sleep(0.01)  # inside a step
+        cleanup = asyncio.ensure_future(loop.must_run(engine.abort, "long"))
+        plain = asyncio.ensure_future(loop.call(engine.add, "late", 1))
+        await asyncio.sleep(0)
+        runner.cancel()  # stops after the running step, before the commands' turn
+        await asyncio.gather(runner, return_exceptions=True)
+        await cleanup
+        with pytest.raises(RuntimeError, match="the engine loop stopped"):
+            await plain
+        assert ("abort", "long") in engine.log and ("add", "late") not in engine.log
+
+    asyncio.run(asyncio.wait_for(body(), 10))
+
+
+def test_finish_runs_cleanup_to_its_end_through_a_cancellation():
+    async def body():
+        steps = []
+
+        async def cleanup():
+            steps.append("end lease")
+            await asyncio.sleep(0.05)
+            steps.append("free pages")
+            return 3
+
+        task = asyncio.ensure_future(finish(cleanup()))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        await asyncio.sleep(0)
+        task.cancel()  # twice: still held
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert steps == ["end lease", "free pages"]
+        assert await finish(cleanup()) == 3
 
     asyncio.run(asyncio.wait_for(body(), 10))
 
