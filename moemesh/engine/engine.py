@@ -276,7 +276,11 @@ class Engine:
             req.page_ids, req.finish_reason = [], done
             self._pending.append(self._output(req.request_id, req, (first_token_id,)))
             return req.request_id
-        self.scheduler.add(req)
+        try:
+            self.scheduler.add(req)
+        except BaseException:  # the pages stay the reservation's (its owner returns them); forget the request
+            del self._tracked[req.request_id]
+            raise
         return req.request_id
 
     def release_handoff(self, request_id: str) -> None:

@@ -6,6 +6,9 @@
     # or, on failure / cancel / expiry:
     await lease.close()                               # inbox lease ended (late writes refused), pages freed
 
+Both run to their end once begun, even when their caller is cancelled (`engine_commands.finish`), and free the
+pages through must-run engine commands: a lease's pages are adopted or returned, never left reserved.
+
 `close()` ends the inbox lease first — `KvInbox.release` returns only when no write is in flight and refuses
 every later one — and only then returns the pages to the pool, so a late write can never land in a reused
 page. The reaper (`LeaseTable.reap`) closes leases past their deadline that nobody closed.
@@ -24,6 +27,7 @@ import torch
 
 from moemesh.engine.engine import KvReservation
 from moemesh.kernels import unpack_kv
+from moemesh.services.engine_commands import finish
 from moemesh.services.engine_loop import EngineLoop
 from moemesh.transport.errors import LeaseRefused
 from moemesh.transport.kv import KvLayout, KvReceiver, KvTarget, Lease, LeaseKey, PagedKvSink
@@ -41,11 +45,15 @@ class EngineKvSink(PagedKvSink):
 
 @dataclass(eq=False)
 class OpenLease:
+    """Ends exactly once: `adopt` (the engine takes the pages) or `close` (they return to the pool). Once either
+    has begun it runs to its end whatever happens to its caller, so no cancellation leaves the pages held."""
+
     table: LeaseTable
     reservation: KvReservation
     target: KvTarget
     deadline_s: float  # time.monotonic()
-    ended: bool = False  # the inbox lease is released
+    ended: bool = False  # the inbox lease is released: no write lands any more
+    settled: bool = False  # the pages left the lease: adopted by the engine or returned to the pool
     adopted: bool = False  # the engine owns the pages now
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -56,27 +64,38 @@ class OpenLease:
     async def adopt(self, add: Callable[[], object]) -> float:
         """Every byte landed: end the inbox lease, then hand the pages to the engine (`add`, on its thread).
         Returns when `add` ran there (time.monotonic()). Raises LeaseRefused when the lease was closed meanwhile
-        (the reaper)."""
+        (the reaper); when `add` raises, the pages return to the pool and its error is raised."""
         async with self._lock:
-            if self.ended:
+            if self.settled:
                 raise LeaseRefused(f"lease {self.key} of {self.reservation.request_id} was closed")
-            await self._end()
-            _, added_s = await self.table.loop.call_at(add)
-            self.adopted = True
-            return added_s
+            return await finish(self._adopt(add))
 
     async def close(self) -> None:
         """Idempotent: end the inbox lease (waits for in-flight writes), then free the pages."""
         async with self._lock:
-            if self.ended:
-                return
-            await self._end()
-            await self.table.loop.call(self.table.loop.engine.cancel_reservation, self.reservation)
+            if not self.settled:
+                await finish(self._free())
+
+    async def _adopt(self, add: Callable[[], object]) -> float:
+        await self._end()
+        try:
+            _, added_s = await self.table.loop.must_run_at(add)
+        except BaseException:
+            await self._free()
+            raise
+        self.settled = self.adopted = True
+        return added_s
+
+    async def _free(self) -> None:
+        await self._end()
+        await self.table.loop.must_run(self.table.loop.engine.cancel_reservation, self.reservation)
+        self.settled = True
 
     async def _end(self) -> None:
-        self.ended = True
-        self.table.leases.pop(self.key, None)
-        await self.table.receiver.inbox.release(self.key)
+        if not self.ended:
+            self.ended = True
+            self.table.leases.pop(self.key, None)
+            await self.table.receiver.inbox.release(self.key)
 
 
 class LeaseTable:

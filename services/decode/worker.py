@@ -32,6 +32,7 @@ from moemesh.config.mesh import WorkerConfig
 from moemesh.engine.engine import KvReservation, RequestOutput
 from moemesh.engine.sampling_params import SamplingParams
 from moemesh.services.decode.leases import LeaseTable, OpenLease
+from moemesh.services.engine_commands import finish
 from moemesh.services.engine_loop import EngineLoop
 from moemesh.services.sampling import logprob_from_proto, sampling_to_proto
 from moemesh.transport.errors import MeshError, Unavailable, from_rpc_error
@@ -123,7 +124,7 @@ class DecodeWorker:
             self.loop.unsubscribe(rid)
             if not finished:
                 with contextlib.suppress(Exception):
-                    await asyncio.shield(self.loop.call(self.engine.abort, rid))
+                    await self.loop.must_run(self.engine.abort, rid)
 
     def load(self) -> LoadReport:
         stats = self.engine.stats()
@@ -146,13 +147,15 @@ class DecodeWorker:
         peer = None if self.config.force_local_prefill or job.generated_ids else job.prefill_worker
         tried: list[str] = []
         while peer is not None:
+            # A caller cancelled while reserve_kv runs never sees the reservation: undo returns its pages.
             reservation, reserved_s = await self.loop.call_at(
-                self.engine.reserve_kv, job.request_id, job.prompt_ids
+                self.engine.reserve_kv, job.request_id, job.prompt_ids, undo=self.engine.cancel_reservation
             )
+            # From here the reservation is ours until _prefill_remote takes it (it frees it on any failure).
             timing.queue_ms = 1000 * (reserved_s - arrived_s)
             missing = len(job.prompt_ids) - reservation.num_cached_tokens
             if missing <= self.config.local_prefill_tokens:
-                await self.loop.call(self.engine.cancel_reservation, reservation)
+                await self.loop.must_run(self.engine.cancel_reservation, reservation)
                 break
             try:
                 called_s = time.monotonic()
@@ -195,14 +198,15 @@ class DecodeWorker:
         reservation: KvReservation,
         time_remaining: Callable[[], float | None],
     ) -> tuple[worker_pb2.PrefillResult, float]:
-        """P's result and when the engine adopted the KV (engine thread's time.monotonic())."""
+        """P's result and when the engine adopted the KV (engine thread's time.monotonic()). Owns `reservation`:
+        whatever happens, its pages end adopted by the engine or returned to the pool."""
         try:
             channel = await self._channel(peer)
+            remaining_s = time_remaining()  # bounds the call; the lease lives lease_ttl_s, renewed by progress
+            lease = self.leases.open(reservation)
         except BaseException:
-            await self.loop.call(self.engine.cancel_reservation, reservation)
+            await self.loop.must_run(self.engine.cancel_reservation, reservation)
             raise
-        remaining_s = time_remaining()  # bounds the call; the lease lives lease_ttl_s, renewed by progress
-        lease = self.leases.open(reservation)
         stub = worker_pb2_grpc.PrefillWorkerStub(channel)
         request = worker_pb2.PrefillRequest(
             request_id=job.request_id, token_ids=job.prompt_ids, sampling=sampling_to_proto(job.params),
@@ -230,7 +234,7 @@ class DecodeWorker:
             )
             return result, adopted_s
         except BaseException:
-            await asyncio.shield(self._give_up(lease, stub, p_done))
+            await finish(self._give_up(lease, stub, p_done))
             raise
 
     async def _call_while_leased(self, call, lease: OpenLease):

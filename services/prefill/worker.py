@@ -131,7 +131,7 @@ class PrefillWorker:
             job.aborted = True
             if not finished:
                 with contextlib.suppress(Exception):
-                    await asyncio.shield(self.loop.call(self.engine.abort, rid))
+                    await self.loop.must_run(self.engine.abort, rid)
             job.stopped.set()
 
     async def abort(self, request_id: str, lease: LeaseKey, timeout_s: float = 10.0) -> bool:

@@ -1,0 +1,152 @@
+"""The decode service's own parts on a real tiny engine (in one process, the in-process KV fabric): every way a
+request can end — a cancel behind a step, an admission that raises, a deadline shorter than a step — returns
+its pages. Each scenario ends asserting the pool has every page back (nothing leased)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from moemesh._proto.v1 import common_pb2, worker_pb2
+from moemesh.config.engine import EngineConfig
+from moemesh.config.mesh import WorkerConfig
+from moemesh.engine.sampling_params import SamplingParams
+from moemesh.services.decode.leases import LeaseTable
+from moemesh.services.decode.servicer import DecodeServicer
+from moemesh.services.decode.worker import DecodeWorker
+from moemesh.services.engine_loop import EngineLoop
+from moemesh.services.model_loading import LoadedModel, load_engine
+from moemesh.transport.kv_loopback import LoopbackFabric
+from tests.model.tiny import build_hf, save_hf
+
+PROMPT = list(range(1, 20))  # 19 tokens: 3 pages of 8
+GREEDY = SamplingParams(max_tokens=4, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory) -> LoadedModel:
+    tiny = save_hf(build_hf("v3", seed=11), tmp_path_factory.mktemp("tiny-decode-internals"))
+    config = WorkerConfig(role="decode", worker_id="decode-t", model=str(tiny), dtype="float32",
+                          engine=EngineConfig(page_size=8, num_kv_pages=64))  # fmt: skip
+    return load_engine(config)
+
+
+def assert_every_page_back(loaded: LoadedModel) -> None:
+    stats = loaded.engine.stats()
+    assert stats["pages_leased"] == 0, stats
+    assert stats["pages_free"] + stats["pages_cached"] == stats["pages_total"]
+    assert not loaded.engine.has_unfinished()
+
+
+class _Parts:
+    """An EngineLoop running over the module's engine, a lease table over an in-process KV receiver."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.engine = loaded.engine
+        self.loop = EngineLoop(loaded.engine)
+        self.receiver = LoopbackFabric().receiver()
+        self.leases = LeaseTable(self.loop, self.receiver, loaded.kv_layout, ttl_s=30.0)
+        self._runner: asyncio.Task | None = None
+
+    async def __aenter__(self) -> _Parts:
+        await self.receiver.start()
+        self._runner = asyncio.ensure_future(self.loop.run())
+        await asyncio.sleep(0)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        assert self._runner is not None
+        self._runner.cancel()
+        await asyncio.gather(self._runner, return_exceptions=True)
+
+    async def hold_engine_thread(self) -> threading.Event:
+        """Keeps the engine thread busy (as a long step would) until the returned event is set."""
+        busy, release = threading.Event(), threading.Event()
+
+        def block() -> None:
+            busy.set()
+            release.wait(10)
+
+        self._held = asyncio.ensure_future(self.loop.call(block))
+        await asyncio.to_thread(busy.wait, 10)
+        return release
+
+
+def test_adopt_whose_add_raises_returns_the_pages(loaded):
+    """Before: `ended` was set before `add` ran, so close() after a failed add returned early (3 pages lost)."""
+
+    async def body():
+        async with _Parts(loaded) as parts:
+            reservation = await parts.loop.call(parts.engine.reserve_kv, "bad-add", PROMPT)
+            lease = parts.leases.open(reservation)
+            wrong = PROMPT[:-1]  # add_prefilled refuses a prompt that is not the reservation's
+
+            with pytest.raises(ValueError, match="prompt has 18 tokens, the reservation 19"):
+                await lease.adopt(lambda: parts.engine.add_prefilled(reservation, wrong, 5, GREEDY))
+            await lease.close()
+            assert lease.ended and not lease.adopted
+        assert_every_page_back(loaded)
+
+    asyncio.run(asyncio.wait_for(body(), 30))
+
+
+def test_adopt_cancelled_while_waiting_behind_a_step_returns_the_pages(loaded):
+    """Before: the cancelled add was dropped from the engine's queue, the lease counted as ended, and close()
+    returned early: the pages stayed reserved forever."""
+
+    async def body():
+        async with _Parts(loaded) as parts:
+            reservation = await parts.loop.call(parts.engine.reserve_kv, "cancel-adopt", PROMPT)
+            lease = parts.leases.open(reservation)
+            release = await parts.hold_engine_thread()
+            adopt = asyncio.ensure_future(
+                lease.adopt(lambda: parts.engine.add_prefilled(reservation, PROMPT, 5, GREEDY))
+            )
+            await asyncio.sleep(0.05)  # add is queued behind the held thread
+            adopt.cancel()
+            await asyncio.sleep(0.05)
+            release.set()
+            with pytest.raises(asyncio.CancelledError):
+                await adopt
+            await lease.close()  # what the decode worker does on any failure
+            if lease.adopted:  # add ran: the engine owns the pages, and the request's abort returns them
+                await parts.loop.must_run(parts.engine.abort, "cancel-adopt")
+        assert_every_page_back(loaded)
+
+    asyncio.run(asyncio.wait_for(body(), 30))
+
+
+def _decode_request(rid: str, prompt: list[int], timeout_s: float) -> worker_pb2.DecodeRequest:
+    return worker_pb2.DecodeRequest(
+        request_id=rid, prompt_token_ids=prompt, timeout_s=timeout_s,
+        sampling=common_pb2.SamplingParams(max_tokens=4, temperature=0),
+        prefill=worker_pb2.PrefillPeer(worker_id="prefill-0", grpc_address="127.0.0.1:1"),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("timeout_s", [0.001, 0.004])
+def test_short_deadlines_on_the_short_prompt_path_return_every_page(loaded, timeout_s):
+    """The issue's run: 50 requests with a 6-token prompt and timeout_s=0.001 left 9 pages reserved for good
+    (reserve, then a deadline between the reservation and its release). Each ends with a deadline error."""
+    config = WorkerConfig(role="decode", worker_id="decode-t", model="unused", local_prefill_tokens=16)
+
+    async def body() -> list[worker_pb2.SessionEvent]:
+        async with _Parts(loaded) as parts:
+            worker = DecodeWorker(config, parts.loop, parts.leases, peers=None)
+            servicer = DecodeServicer(worker, parts.engine.max_model_len)
+            out: asyncio.Queue = asyncio.Queue()
+            async with asyncio.TaskGroup() as group:
+                for i in range(50):
+                    group.create_task(
+                        servicer._serve(_decode_request(f"r{i}", [3 + i % 7] * 6, timeout_s), out)
+                    )
+            await parts.loop.must_run(lambda: None)  # every cleanup queued so far ran
+        return [out.get_nowait() for _ in range(out.qsize())]
+
+    events = asyncio.run(asyncio.wait_for(body(), 60))
+    errors = {e.request_id: e.status_message for e in events if e.status_code}
+    assert errors, "no request ran past its deadline: the scenario did not happen"
+    assert all("ran past its" in m for m in errors.values()), errors
+    assert_every_page_back(loaded)
