@@ -9,6 +9,11 @@ streams them; on CPU the two take turns (`services/gil_parking.py`).
 
 `on_step(outputs)` hooks run in the event loop right after a step while the engine thread waits for them,
 before anything else can touch the engine (the prefill worker packs newly computed pages there).
+
+A step that raises (`StepFailed`: the engine aborted the requests it ran) fails those requests — their
+subscribers get the error, then the `on_failed(request_id, error)` hooks — and the loop goes on with the
+others; it is never retried. Any other exception from a step aborts every request (the engine's state is in
+doubt). Either way nothing is left to re-run the failing step in a loop.
 """
 
 from __future__ import annotations
@@ -18,10 +23,10 @@ import concurrent.futures
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from moemesh.engine.engine import Engine, RequestOutput
+from moemesh.engine.engine import Engine, RequestOutput, StepFailed
 from moemesh.services.engine_commands import CommandQueue
 from moemesh.services.gil_parking import mark_drained, park
 
@@ -48,6 +53,7 @@ class EngineLoop:
         self.exclusive = exclusive if exclusive is not None else on_cpu
         self.loop_needed: Callable[[], bool] = lambda: False
         self.on_step: list[Callable[[list[RequestOutput]], None]] = []
+        self.on_failed: list[Callable[[str, Exception], None]] = []  # (request id, error), in the event loop
         self.commands = CommandQueue()
         self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._thread: threading.Thread | None = None
@@ -139,9 +145,14 @@ class EngineLoop:
             resume = park(self.commands.post, self.drain_s)
         try:
             outputs = self.engine.step()
-        except Exception as err:  # a failed step fails its requests, not the worker
-            log.exception("engine step failed")
-            self.commands.post(lambda err=err: self._fail_all(err))
+        except StepFailed as err:  # its requests were aborted; the worker serves the others
+            log.error("%s", err, exc_info=err.cause)
+            self.commands.post(lambda err=err: self._fail(err.request_ids, err))
+            return True
+        except Exception as err:  # not the forward: the engine's state is in doubt, end every request
+            log.exception("engine step failed outside the forward; aborting every request")
+            failed = self.engine.abort_all()
+            self.commands.post(lambda err=err: self._fail(failed, err))
             return True
         finally:
             if resume is not None:
@@ -193,7 +204,12 @@ class EngineLoop:
         if drained is not None:
             mark_drained(self._loop(), drained)
 
-    def _fail_all(self, err: Exception) -> None:
-        for rid, queue in list(self._queues.items()):
-            queue.put_nowait(err)
-            self.commands.queue_must_run(self.engine.abort, rid)
+    def _fail(self, request_ids: Sequence[str], err: Exception) -> None:
+        """Requests a failed step ended (the engine aborted them already): their subscribers get `err`, then
+        the `on_failed` hooks (a worker that does not subscribe)."""
+        for rid in request_ids:
+            queue = self._queues.get(rid)
+            if queue is not None:
+                queue.put_nowait(err)
+            for hook in self.on_failed:
+                hook(rid, err)

@@ -76,6 +76,26 @@ class ExportedRequest:
     params: SamplingParams
 
 
+class StepFailed(RuntimeError):
+    """A step's forward or sampling raised (out of memory, a device error, a bug). A step of one request:
+    it was aborted and its pages returned (`request_ids`). A step of several: they were preempted and each
+    runs alone next (`isolated`), so only the request that fails alone is aborted. The engine serves on."""
+
+    def __init__(
+        self, request_ids: tuple[str, ...], cause: BaseException, isolated: tuple[str, ...] = ()
+    ) -> None:
+        self.request_ids = request_ids  # aborted: the step ran them alone
+        self.isolated = isolated  # a batch: preempted, each to run alone next (none failed yet)
+        self.cause = cause
+        what = (
+            f"running {', '.join(request_ids)} failed"
+            if request_ids
+            else f"batching {', '.join(isolated)} failed"
+        )
+        then = "aborted" if request_ids else "each runs alone next"
+        super().__init__(f"the engine step {what} ({type(cause).__name__}: {cause}); {then}")
+
+
 @dataclass(frozen=True)
 class RequestOutput:
     request_id: str
@@ -175,10 +195,28 @@ class Engine:
     # -- the step -------------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """Raises StepFailed when the forward or the sampling raised (see there: a request that fails alone
+        is aborted, its pages returned; a failed batch is split); every other request is as it was."""
         plan = self.scheduler.schedule()
-        sampled = self.runner.execute(plan)
+        try:
+            sampled = self.runner.execute(plan)
+        except Exception as err:
+            ran = [rid for rid, _ in plan.num_scheduled_tokens]
+            if len(ran) > 1:  # which one? each runs alone next (Scheduler.isolate)
+                self.scheduler.isolate(ran)
+                raise StepFailed((), err, isolated=tuple(ran)) from err
+            for rid in ran:
+                self.abort(rid)
+            raise StepFailed(tuple(ran), err) from err
         finished = self.scheduler.update(plan, {rid: s.token_id for rid, s in sampled.items()})
         return self._postprocess(sampled, {r.request_id: r for r in finished})
+
+    def abort_all(self) -> list[str]:
+        """Aborts every unfinished request (the engine's state is in doubt); returns their ids."""
+        request_ids = list(self.scheduler.requests)
+        for rid in request_ids:
+            self.abort(rid)
+        return request_ids
 
     def _postprocess(
         self, sampled: dict[str, SampledToken], finished: dict[str, Request]

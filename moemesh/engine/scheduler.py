@@ -10,6 +10,11 @@ One step (`schedule`):
    found in the prefix cache are reused (not computed), the rest is prefilled in chunks. No admissions in a
    step that preempted.
 
+A step whose forward raised (the engine's `StepFailed`): when it ran one request, that request is aborted;
+when it ran several, they are all preempted and become *suspects* (`isolate`): each next step runs the first
+suspect alone, until one step of its own succeeded (it is cleared) or failed (the engine aborts it). So one bad
+request fails alone, and a persistent fault costs one failed step per request, never a retry loop.
+
 After the runner ran the step, `update` advances each request, registers its newly full pages in the prefix
 cache, appends sampled tokens and finishes requests on max_tokens, EOS and stop token ids. Stop strings need
 the detokenizer, so the engine checks them and calls `finish`.
@@ -54,6 +59,7 @@ class Scheduler:
         self._known_to_runner: set[str] = set()
         self._forget: set[str] = set()
         self._next_arrival = 0
+        self.suspects: list[str] = []  # request ids, in the order they run alone
 
     # -- requests in and out --------------------------------------------------------------------------------
 
@@ -97,6 +103,9 @@ class Scheduler:
     # -- one step -------------------------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
+        alone = self._schedule_suspect()
+        if alone is not None:
+            return alone
         budget = self.config.max_num_batched_tokens
         scheduled: list[tuple[Request, int]] = []
         preempted: list[str] = []
@@ -127,12 +136,44 @@ class Scheduler:
             budget -= n
         return self._message(scheduled, new_pages, preempted)
 
+    def isolate(self, request_ids: list[str]) -> None:
+        """The step that ran `request_ids` failed: preempt them; each runs alone next (see the docstring)."""
+        for rid in request_ids:
+            req = self.requests.get(rid)
+            if req is None:
+                continue
+            if req.status == RequestStatus.RUNNING:
+                self._preempt(req)
+            if rid not in self.suspects:
+                self.suspects.append(rid)
+
+    def _schedule_suspect(self) -> SchedulerOutput | None:
+        """The first suspect alone, if one is waiting and its pages are there (else the normal plan: running
+        requests finish and free pages; waiting ones stay behind the suspect, first in line)."""
+        self.suspects = [rid for rid in self.suspects if rid in self.requests]
+        req = next((self.requests[rid] for rid in self.suspects), None)
+        if (
+            req is None
+            or req.status != RequestStatus.WAITING
+            or len(self.running) >= self.config.max_num_seqs
+        ):
+            return None
+        n = self._admit(req, self.config.max_num_batched_tokens)
+        if n == 0:
+            return None
+        self.waiting.remove(req)
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+        return self._message([(req, n)], {}, [])
+
     def update(self, scheduled: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
         """Applies a step's results: `sampled` maps each request that reached the end of its tokens to its new
         token. Returns the requests that finished (their pages released, or kept for a prefill handoff)."""
         self.counters.num_steps += 1
         finished = []
         for request_id, n in scheduled.num_scheduled_tokens:
+            if request_id in self.suspects:  # a step of its own succeeded
+                self.suspects.remove(request_id)
             req = self.requests.get(request_id)
             if req is None:
                 continue

@@ -61,6 +61,7 @@ class _Job:
     first_logprob: SampledToken | None = None  # when the request asked for logprobs
     num_chunks: int = 0
     aborted: bool = False
+    failed: Exception | None = None  # the engine step running it raised (the engine aborted it)
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -89,6 +90,7 @@ class PrefillWorker:
         self.num_layers = len(self.caches)
         self.jobs: dict[str, _Job] = {}
         loop.on_step.append(self._after_step)
+        loop.on_failed.append(self._step_failed)
 
     async def prefill(self, prompt: list[int], params: SamplingParams, target: KvTarget) -> PrefillOutcome:
         """Runs the prompt, pushes its KV into target's lease, returns the first token. Raises LeaseRefused
@@ -113,6 +115,8 @@ class PrefillWorker:
                         sends.append(group.create_task(self._send(job, chunk)))
             except ExceptionGroup as failed:  # the first failed send (LeaseRefused, Unavailable, ...)
                 raise failed.exceptions[0] from None
+            if job.failed is not None:
+                raise job.failed
             if job.aborted:
                 raise LeaseRefused(f"request {rid} was aborted by the decode worker")
             assert job.first_token_id is not None
@@ -143,6 +147,13 @@ class PrefillWorker:
         job.chunks.put_nowait(None)
         await asyncio.wait_for(job.stopped.wait(), timeout_s)
         return True
+
+    def _step_failed(self, request_id: str, err: Exception) -> None:
+        """The step running the request raised: it left the engine; prefill() raises `err`."""
+        job = self.jobs.get(request_id)
+        if job is not None and job.failed is None:
+            job.failed = err
+            job.chunks.put_nowait(None)
 
     def load(self) -> LoadReport:
         stats = self.engine.stats()

@@ -12,6 +12,7 @@ import pytest
 from moemesh._proto.v1 import common_pb2, worker_pb2
 from moemesh.config.engine import EngineConfig
 from moemesh.config.mesh import WorkerConfig
+from moemesh.engine.engine import StepFailed
 from moemesh.engine.sampling_params import SamplingParams
 from moemesh.services.decode.leases import LeaseTable
 from moemesh.services.decode.servicer import DecodeServicer
@@ -21,16 +22,25 @@ from moemesh.services.model_loading import LoadedModel, load_engine
 from moemesh.transport.kv_loopback import LoopbackFabric
 from tests.model.tiny import build_hf, save_hf
 
-PROMPT = list(range(1, 20))  # 19 tokens: 3 pages of 8
+PROMPT = list(range(1, 20))  # 19 tokens: 3 pages of 8. The lease tests adopt it without writing its KV, so
+# D's prefix cache may keep zeros under it: tests that check tokens use other prompts.
 GREEDY = SamplingParams(max_tokens=4, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def loaded(tmp_path_factory) -> LoadedModel:
-    tiny = save_hf(build_hf("v3", seed=11), tmp_path_factory.mktemp("tiny-decode-internals"))
-    config = WorkerConfig(role="decode", worker_id="decode-t", model=str(tiny), dtype="float32",
+def tiny_dir(tmp_path_factory):
+    return save_hf(build_hf("v3", seed=11), tmp_path_factory.mktemp("tiny-decode-internals"))
+
+
+def _load(tiny_dir, role: str) -> LoadedModel:
+    config = WorkerConfig(role=role, worker_id=f"{role}-t", model=str(tiny_dir), dtype="float32",
                           engine=EngineConfig(page_size=8, num_kv_pages=64))  # fmt: skip
     return load_engine(config)
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_dir) -> LoadedModel:
+    return _load(tiny_dir, "decode")
 
 
 def assert_every_page_back(loaded: LoadedModel) -> None:
@@ -43,10 +53,10 @@ def assert_every_page_back(loaded: LoadedModel) -> None:
 class _Parts:
     """An EngineLoop running over the module's engine, a lease table over an in-process KV receiver."""
 
-    def __init__(self, loaded: LoadedModel) -> None:
+    def __init__(self, loaded: LoadedModel, fabric: LoopbackFabric | None = None) -> None:
         self.engine = loaded.engine
         self.loop = EngineLoop(loaded.engine)
-        self.receiver = LoopbackFabric().receiver()
+        self.receiver = (fabric or LoopbackFabric()).receiver()
         self.leases = LeaseTable(self.loop, self.receiver, loaded.kv_layout, ttl_s=30.0)
         self._runner: asyncio.Task | None = None
 
@@ -150,3 +160,93 @@ def test_short_deadlines_on_the_short_prompt_path_return_every_page(loaded, time
     assert errors, "no request ran past its deadline: the scenario did not happen"
     assert all("ran past its" in m for m in errors.values()), errors
     assert_every_page_back(loaded)
+
+
+POISON = 95  # (vocabulary 96) a prompt holding this token id makes the prefill worker's forward raise
+
+
+def _poison(engine) -> None:
+    forward = engine.model.forward
+
+    def poisoned(batch, caches):
+        if bool((batch.input_ids == POISON).any()):
+            raise RuntimeError("injected fault in the forward")
+        return forward(batch, caches)
+
+    engine.model.forward = poisoned
+
+
+async def _collect(loop: EngineLoop, rid: str, add) -> tuple[int, ...]:
+    queue = loop.subscribe(rid)
+    try:
+        await loop.call(add)
+        while True:
+            out = await queue.get()
+            if isinstance(out, BaseException):
+                raise out
+            if out.finished:
+                return out.output_ids
+    finally:
+        loop.unsubscribe(rid)
+
+
+def test_a_failing_forward_on_a_prefill_worker_fails_that_request_alone(tiny_dir, loaded):
+    """Before: a step that raised was re-run forever on a prefill worker (nobody subscribed, nothing aborted).
+    Now the batch that failed is split, the poisoned request fails alone with the forward's error, the two
+    others prefilled in the same batch decode on D to the tokens a local prefill gives, and P stops stepping."""
+    p_loaded = _load(tiny_dir, "prefill")
+    p_engine = p_loaded.engine
+    prompts = {"good-1": list(range(70, 89)), "poisoned": [5, 6, POISON] + list(range(30, 45)),
+               "good-2": list(range(50, 63))}  # fmt: skip
+
+    async def body():
+        from moemesh.services.prefill.worker import PrefillWorker
+
+        fabric = LoopbackFabric()
+        async with _Parts(loaded, fabric) as d:
+            want = {}
+            for rid in ("good-1", "good-2"):  # the reference: prefilled and decoded on D alone
+                want[rid] = await _collect(
+                    d.loop, rid, lambda rid=rid: d.engine.add_request(prompts[rid], GREEDY, rid)
+                )
+            _poison(p_engine)
+            p_loop = EngineLoop(p_engine, exclusive=False)
+            p_worker = PrefillWorker("prefill-t", p_loop, fabric.sender())
+            p_runner = asyncio.ensure_future(p_loop.run())
+            try:
+                leases = {}
+                for rid, prompt in prompts.items():
+                    reservation = await d.loop.call(d.engine.reserve_kv, rid, prompt)
+                    leases[rid] = d.leases.open(reservation)
+                await p_loop.must_run(lambda: None)  # so that the three prefills land in one turn
+                outcomes = await asyncio.gather(
+                    *(p_worker.prefill(prompts[rid], GREEDY, leases[rid].target) for rid in prompts),
+                    return_exceptions=True,
+                )
+                got = dict(zip(prompts, outcomes, strict=True))
+                assert isinstance(got["poisoned"], StepFailed), got
+                assert "running poisoned failed (RuntimeError: injected fault in the forward)" in str(
+                    got["poisoned"]
+                )
+                await leases["poisoned"].close()
+                for rid in ("good-1", "good-2"):
+                    outcome = got[rid]
+                    assert outcome.first_token_id == want[rid][0], (rid, outcome)
+                    await d.receiver.inbox.wait_complete(leases[rid].key, timeout_s=10)
+                    args = (leases[rid].reservation, prompts[rid], outcome.first_token_id, GREEDY)
+                    queue = d.loop.subscribe(rid)
+                    await leases[rid].adopt(lambda args=args: d.engine.add_prefilled(*args))
+                    while not (out := await queue.get()).finished:
+                        pass
+                    d.loop.unsubscribe(rid)
+                    assert out.output_ids == want[rid], rid
+                steps = p_engine.stats()["num_steps"]
+                await asyncio.sleep(0.2)  # a retrying loop would step on meanwhile
+                assert p_engine.stats()["num_steps"] == steps and not p_engine.has_unfinished()
+                assert p_engine.stats()["pages_leased"] == 0
+            finally:
+                p_runner.cancel()
+                await asyncio.gather(p_runner, return_exceptions=True)
+        assert_every_page_back(loaded)
+
+    asyncio.run(asyncio.wait_for(body(), 60))

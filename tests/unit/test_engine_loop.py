@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from moemesh.engine.engine import RequestOutput
+from moemesh.engine.engine import RequestOutput, StepFailed
 from moemesh.services.engine_commands import finish
 from moemesh.services.engine_loop import EngineLoop
 
@@ -27,6 +27,7 @@ class FakeEngine:
         self.log: list[tuple[str, ...]] = []
         self.threads: set[str] = set()
         self.fail_next = False
+        self.break_next = False
         self.in_step = False
 
     @property
@@ -48,14 +49,26 @@ class FakeEngine:
         self.left.pop(rid, None)
         self.log.append(("abort", rid))
 
+    def abort_all(self) -> list[str]:
+        aborted = list(self.left)
+        self.left.clear()
+        self.log.append(("abort_all", *aborted))
+        return aborted
+
     def step(self) -> list[RequestOutput]:
         self.in_step = True
         try:
             self.threads.add(threading.current_thread().name)
             time.sleep(self.step_s)
-            if self.fail_next:
+            if self.fail_next:  # as Engine.step: the step's requests are aborted, then StepFailed
                 self.fail_next = False
-                raise RuntimeError("the forward blew up")
+                failed = tuple(self.left)
+                self.left.clear()
+                self.log.append(("failed", *failed))
+                raise StepFailed(failed, RuntimeError("the forward blew up"))
+            if self.break_next:  # an exception that is not the forward's
+                self.break_next = False
+                raise KeyError("scheduler bug")
             outputs = []
             for rid in list(self.left):
                 self.emitted[rid] += 1
@@ -243,26 +256,54 @@ def test_finish_runs_cleanup_to_its_end_through_a_cancellation():
     asyncio.run(asyncio.wait_for(body(), 10))
 
 
-def test_a_failed_step_fails_its_requests_and_the_loop_serves_on():
-    engine = FakeEngine()
+def test_a_failed_step_fails_its_requests_once_and_the_loop_serves_on():
+    """A subscriber gets the error; a request nobody subscribed to (a prefill worker's) reaches the on_failed
+    hooks; the failed step is never re-run (before, it was, in a hot loop, for the unsubscribed request)."""
+    engine = FakeEngine(step_s=0.002)
 
     async def body():
         loop = EngineLoop(engine)
+        failed: list[tuple[str, str]] = []
+        loop.on_failed.append(lambda rid, err: failed.append((rid, type(err).__name__)))
         runner = asyncio.ensure_future(loop.run())
         try:
             queue = loop.subscribe("doomed")
             engine.fail_next = True
-            await loop.call(engine.add, "doomed", 3)
-            with pytest.raises(RuntimeError, match="the forward blew up"):
+            await loop.must_run(lambda: (engine.add("doomed", 3), engine.add("unsubscribed", 3)))
+            with pytest.raises(StepFailed, match="running doomed, unsubscribed failed .*the forward blew up"):
                 await _collect(loop, queue)
             loop.unsubscribe("doomed")
+            await asyncio.sleep(0.1)  # a retrying loop would step ~50 times meanwhile
+            assert [e for e in engine.log if e[0] == "step"] == []
             queue = loop.subscribe("fine")
             await loop.call(engine.add, "fine", 2)
             assert await _collect(loop, queue) == [0, 1]
         finally:
             runner.cancel()
             await asyncio.gather(runner, return_exceptions=True)
-        assert ("abort", "doomed") in engine.log
+        assert failed == [("doomed", "StepFailed"), ("unsubscribed", "StepFailed")]
+        assert engine.log.count(("failed", "doomed", "unsubscribed")) == 1
+
+    asyncio.run(asyncio.wait_for(body(), 10))
+
+
+def test_a_step_failing_outside_the_forward_aborts_every_request():
+    engine = FakeEngine()
+
+    async def body():
+        loop = EngineLoop(engine)
+        failed: list[str] = []
+        loop.on_failed.append(lambda rid, err: failed.append(rid))
+        runner = asyncio.ensure_future(loop.run())
+        try:
+            engine.break_next = True
+            await loop.must_run(lambda: (engine.add("a", 3), engine.add("b", 3)))
+            while len(failed) < 2:
+                await asyncio.sleep(0.01)
+        finally:
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
+        assert failed == ["a", "b"] and ("abort_all", "a", "b") in engine.log and not engine.left
 
     asyncio.run(asyncio.wait_for(body(), 10))
 
