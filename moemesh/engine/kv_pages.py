@@ -4,32 +4,43 @@ Pure Python (no torch): it hands out page *ids*; the runner owns the tensors. A 
 
 * **leased**: held by at least one request (ref count > 0) — running, waiting with pages, reserved for an
   incoming KV transfer, or handed out after a prefill.
-* **cached**: nobody holds it, but it keeps the KV of a full page of tokens under its chained hash, so a later
+* **cached**: nobody holds it, but it keeps the KV of a full page of tokens under its chained digest, so a later
   request with the same prefix reuses it. Cached pages are evicted least recently freed first when the free
   list runs dry.
 * **free**: nobody holds it and it keeps nothing.
 
-Prefix cache: full page j of a token sequence has hash `h_j = hash((h_{j-1}, tokens of page j))` with
-`h_{-1} = 0`, so one hash names the whole prefix up to that page. Hashes of int tuples are the same in every
-process (PYTHONHASHSEED only salts str/bytes), and a hit also compares the page's tokens, so a hash
-collision can never return wrong KV.
+Prefix cache: full page j of a token sequence is keyed by the digest
+`d_j = sha256(d_{j-1} || tokens of page j as little-endian int64)`, with `d_{-1}` = 32 zero bytes, so one
+digest names the whole prefix up to and including that page. A hit is a page registered under the same
+digest: its KV is the KV of exactly these tokens at exactly these positions unless two different prefixes
+have the same SHA-256 digest (a collision nobody has ever exhibited). Digests do not depend on the process
+(no PYTHONHASHSEED) or the machine, and cost about a microsecond per page.
 """
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+ROOT_DIGEST = bytes(32)  # the "parent" of a sequence's first page
+
+
+def page_digest(parent: bytes, tokens: Sequence[int]) -> bytes:
+    """sha256(parent || tokens as little-endian int64): the key of a full page whose prefix is `parent`."""
+    return hashlib.sha256(parent + struct.pack(f"<{len(tokens)}q", *tokens)).digest()
+
 
 def page_hashes(
-    token_ids: Sequence[int], page_size: int, num_pages: int, start: int = 0, prev: int = 0
-) -> list[int]:
-    """Chained hashes of full pages `start .. num_pages - 1` of `token_ids`; `prev` is the hash of page
-    `start - 1` (0 for the first page)."""
+    token_ids: Sequence[int], page_size: int, num_pages: int, start: int = 0, prev: bytes = ROOT_DIGEST
+) -> list[bytes]:
+    """Chained digests of full pages `start .. num_pages - 1` of `token_ids`; `prev` is the digest of page
+    `start - 1` (ROOT_DIGEST for the first page)."""
     out = []
     for j in range(start, num_pages):
-        prev = hash((prev, tuple(token_ids[j * page_size : (j + 1) * page_size])))
+        prev = page_digest(prev, token_ids[j * page_size : (j + 1) * page_size])
         out.append(prev)
     return out
 
@@ -54,9 +65,8 @@ class PagePool:
         self.page_size = page_size
         self.enable_prefix_caching = enable_prefix_caching
         self._refs = [0] * num_pages
-        self._hash: list[int | None] = [None] * num_pages  # chained hash of the full page it holds
-        self._tokens: list[tuple[int, ...] | None] = [None] * num_pages
-        self._by_hash: dict[int, int] = {}  # hash -> page
+        self._hash: list[bytes | None] = [None] * num_pages  # digest of the full page (and prefix) it holds
+        self._by_hash: dict[bytes, int] = {}  # digest -> page
         self._free: deque[int] = deque(range(num_pages))  # ref 0, keeps nothing
         self._cached: OrderedDict[int, None] = OrderedDict()  # ref 0, keeps a hashed page; oldest first
 
@@ -122,28 +132,25 @@ class PagePool:
         keeps; their ids in order. Takes no reference (call `acquire`)."""
         if not self.enable_prefix_caching:
             return []
-        pages, prev = [], 0
+        pages, prev = [], ROOT_DIGEST
         for j in range(max_pages):
-            tokens = tuple(token_ids[j * self.page_size : (j + 1) * self.page_size])
-            prev = hash((prev, tokens))
+            prev = page_digest(prev, token_ids[j * self.page_size : (j + 1) * self.page_size])
             page = self._by_hash.get(prev)
-            if page is None or self._tokens[page] != tokens:
+            if page is None:
                 break
             pages.append(page)
         return pages
 
-    def register(self, page: int, page_hash: int, tokens: Sequence[int]) -> None:
-        """Records that leased `page` now keeps the KV of a full page of `tokens` whose chained hash is
-        `page_hash`. A hash already kept by another page is left alone (the request keeps its own copy)."""
-        if not self.enable_prefix_caching or page_hash in self._by_hash or self._hash[page] is not None:
+    def register(self, page: int, digest: bytes) -> None:
+        """Records that leased `page` now keeps the KV of the full page whose chained digest (`page_hashes`)
+        is `digest`. A digest already kept by another page is left alone (the request keeps its own copy)."""
+        if not self.enable_prefix_caching or digest in self._by_hash or self._hash[page] is not None:
             return
-        self._hash[page] = page_hash
-        self._tokens[page] = tuple(tokens)
-        self._by_hash[page_hash] = page
+        self._hash[page] = digest
+        self._by_hash[digest] = page
 
     def _forget(self, page: int) -> None:
         h = self._hash[page]
         if h is not None:
             del self._by_hash[h]
             self._hash[page] = None
-            self._tokens[page] = None

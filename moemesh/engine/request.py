@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from moemesh.engine.kv_pages import ROOT_DIGEST
 from moemesh.engine.sampling_params import SamplingParams
 
 
@@ -41,7 +42,7 @@ class Request:
     page_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_hashed_pages: int = 0  # leading pages registered in the prefix cache
-    last_page_hash: int = 0  # chained hash of page num_hashed_pages - 1
+    last_page_hash: bytes = ROOT_DIGEST  # chained digest of page num_hashed_pages - 1
     prefill_target: int = 0  # len(token_ids) when the current prefill began (for the counters)
     num_cached_prompt_tokens: int = 0  # prompt tokens the prefix cache supplied at its (last) admission
 
@@ -65,7 +66,7 @@ class Request:
         self.page_ids = []
         self.num_computed_tokens = 0
         self.num_hashed_pages = 0
-        self.last_page_hash = 0
+        self.last_page_hash = ROOT_DIGEST
         self.status = RequestStatus.WAITING
 
 

@@ -264,10 +264,8 @@ class Scheduler:
         hashes = page_hashes(
             req.token_ids, self.page_size, num_full, start=req.num_hashed_pages, prev=req.last_page_hash
         )
-        for j, h in enumerate(hashes, start=req.num_hashed_pages):
-            self.pool.register(
-                req.page_ids[j], h, req.token_ids[j * self.page_size : (j + 1) * self.page_size]
-            )
+        for j, digest in enumerate(hashes, start=req.num_hashed_pages):
+            self.pool.register(req.page_ids[j], digest)
         req.num_hashed_pages, req.last_page_hash = num_full, hashes[-1]
 
     def stop_reason(self, req: Request, token: int) -> FinishReason | None:

@@ -1,6 +1,12 @@
-"""The page pool alone: reference counts, prefix matching by chained hashes, LRU eviction, accounting."""
+"""The page pool alone: reference counts, prefix matching by chained SHA-256 digests, LRU eviction, accounting."""
 
 from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import subprocess
+import sys
 
 import pytest
 
@@ -9,10 +15,8 @@ from moemesh.engine.kv_pages import OutOfPages, PagePool, page_hashes
 
 def full(pool: PagePool, pages: list[int], tokens: list[int]) -> None:
     """Registers `pages` as holding the full pages of `tokens`."""
-    for page, h, j in zip(
-        pages, page_hashes(tokens, pool.page_size, len(pages)), range(len(pages)), strict=True
-    ):
-        pool.register(page, h, tokens[j * pool.page_size : (j + 1) * pool.page_size])
+    for page, digest in zip(pages, page_hashes(tokens, pool.page_size, len(pages)), strict=True):
+        pool.register(page, digest)
 
 
 def test_allocate_release_and_accounting():
@@ -82,3 +86,32 @@ def test_duplicate_hash_keeps_the_first_page():
     pool.release(a + b)
     assert pool.match_prefix([3, 4], 1) == a
     assert pool.stats().pages_free == 3 and pool.stats().pages_cached == 1  # b kept nothing
+
+
+def test_page_keys_are_sha256_of_the_parent_digest_and_the_page_tokens():
+    """The oracle: hashlib directly. Before, the keys were chained Python hash() of token tuples (64 bits,
+    and a hit compared only the page's own tokens, so a collision in a parent returned another prefix's KV)."""
+    tokens = [7, 300000, 0, 2**40, 5, 6, 7, 8, 9]  # two full pages of 4 (ids need not fit in 32 bits)
+    d0 = hashlib.sha256(bytes(32) + struct.pack("<4q", 7, 300000, 0, 2**40)).digest()
+    d1 = hashlib.sha256(d0 + struct.pack("<4q", 5, 6, 7, 8)).digest()
+    assert page_hashes(tokens, 4, 2) == [d0, d1]
+    assert page_hashes(tokens, 4, 2, start=1, prev=d0) == [d1]
+
+
+def test_page_keys_are_the_same_in_every_process():
+    code = (
+        "from moemesh.engine.kv_pages import page_hashes; print(page_hashes(list(range(8)), 4, 2)[-1].hex())"
+    )
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == page_hashes(list(range(8)), 4, 2)[-1].hex()
+
+
+def test_a_hit_needs_the_whole_prefix_not_only_the_pages_own_tokens():
+    pool = PagePool(8, 2)
+    pages = pool.allocate(2)
+    full(pool, pages, [1, 2, 3, 4])
+    pool.release(pages)
+    assert pool.match_prefix([1, 2, 3, 4], 2) == pages
+    assert pool.match_prefix([9, 2, 3, 4], 2) == []  # page 1 has the same tokens, its prefix differs
+    assert pool.match_prefix([1, 2, 3, 5], 2) == pages[:1]
