@@ -1,9 +1,11 @@
 """DecodeWorker RPCs: proto <-> `DecodeJob` / `RequestOutput`; exceptions -> status codes (`map_errors`).
 
 `Generate` serves one request per call. `Session` serves many over one bidirectional stream (what the gateway
-uses): each started request runs as its own task, exactly as `Generate` would run it, and a writer sends
-whatever chunks are ready as one `SessionUpdate` — after a decode step, one message for the whole batch
-instead of one per request. A request's failure is an error event on the stream, not the stream's end.
+uses): each started request runs as a task of the session's TaskGroup, exactly as `Generate` would run it,
+and a writer sends whatever chunks are ready as one `SessionUpdate` — after a decode step, one message for the
+whole batch instead of one per request. A request's failure is an error event on the stream, not the stream's
+end. The events waiting for the writer are bounded (`Outbox`): a client that stops reading holds its requests
+back, and a request held `session_stall_s` fails with RESOURCE_EXHAUSTED (leaving the engine, pages returned).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 from moemesh._proto.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from moemesh.services.decode.outbox import MAX_EVENTS, STALL_S, Outbox
 from moemesh.services.decode.worker import DecodeJob, DecodeWorker
 from moemesh.services.sampling import FINISH_REASONS, logprob_to_proto, sampling_from_proto
 from moemesh.telemetry.metrics import DecodeMetrics
@@ -22,16 +25,23 @@ from moemesh.transport.errors import InvalidArgument, map_errors, status_code_nu
 from moemesh.transport.peers import WorkerInfo
 
 log = logging.getLogger(__name__)
-_END = object()  # the session's requests are all done and its client closed its side
 
 
 class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
     def __init__(
-        self, worker: DecodeWorker, max_model_len: int, metrics: DecodeMetrics | None = None
+        self,
+        worker: DecodeWorker,
+        max_model_len: int,
+        metrics: DecodeMetrics | None = None,
+        max_session_events: int = MAX_EVENTS,
+        session_stall_s: float = STALL_S,
     ) -> None:
+        """max_session_events / session_stall_s: a session's outgoing bound (`services/decode/outbox.py`)."""
         self.worker = worker
         self.max_model_len = max_model_len
         self.metrics = metrics
+        self.max_session_events = max_session_events
+        self.session_stall_s = session_stall_s
 
     @map_errors
     async def Generate(self, request, context):
@@ -39,24 +49,14 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
             yield chunk
 
     async def Session(self, request_iterator, context):
-        out: asyncio.Queue = asyncio.Queue()
-        tasks: dict[str, asyncio.Task] = {}
-        reader = asyncio.ensure_future(self._read_session(request_iterator, out, tasks))
+        outbox = Outbox(self.max_session_events, self.session_stall_s)
+        session = asyncio.ensure_future(self._run_session(request_iterator, outbox))
         try:
-            ending = False
-            while not ending:
-                events = [await out.get()]
-                while not out.empty():
-                    events.append(out.get_nowait())
-                ending = _END in events
-                events = [e for e in events if e is not _END]
-                if events:
-                    yield worker_pb2.SessionUpdate(events=events)
+            while (events := await outbox.take()) is not None:
+                yield worker_pb2.SessionUpdate(events=events)
         finally:
-            reader.cancel()
-            for task in tasks.values():
-                task.cancel()
-            await asyncio.gather(reader, *tasks.values(), return_exceptions=True)
+            session.cancel()
+            await asyncio.gather(session, return_exceptions=True)
 
     @map_errors
     async def GetLoad(self, request, context):
@@ -98,30 +98,29 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
 
     # -- the session ----------------------------------------------------------------------------------------
 
-    async def _read_session(
-        self, request_iterator, out: asyncio.Queue, tasks: dict[str, asyncio.Task]
-    ) -> None:
-        """Starts and cancels requests as the client asks; once it closed its side and every request is done,
-        tells the writer to end the stream."""
+    async def _run_session(self, request_iterator, outbox: Outbox) -> None:
+        """Starts and cancels requests as the client asks, each a task of one TaskGroup; once the client closed
+        its side and every request is done, ends the outbox (the writer ends the stream)."""
+        tasks: dict[str, asyncio.Task] = {}
         try:
-            async for message in request_iterator:
-                kind = message.WhichOneof("kind")
-                if kind == "start":
-                    rid = message.start.request_id
-                    if rid in tasks:
-                        out.put_nowait(
-                            _error_event(rid, InvalidArgument(f"request_id={rid!r} is already running"))
-                        )
-                        continue
-                    tasks[rid] = asyncio.ensure_future(self._serve(message.start, out))
-                    tasks[rid].add_done_callback(lambda _, rid=rid: tasks.pop(rid, None))
-                elif kind == "cancel" and message.cancel in tasks:
-                    tasks[message.cancel].cancel()
-            await asyncio.gather(*tasks.values(), return_exceptions=True)
+            async with asyncio.TaskGroup() as group:
+                async for message in request_iterator:
+                    kind = message.WhichOneof("kind")
+                    if kind == "start":
+                        rid = message.start.request_id
+                        if rid in tasks:
+                            error = InvalidArgument(f"request_id={rid!r} is already running")
+                            outbox.put_last(_error_event(rid, error))
+                            continue
+                        tasks[rid] = group.create_task(self._serve(message.start, outbox))
+                        tasks[rid].add_done_callback(lambda _, rid=rid: tasks.pop(rid, None))
+                    elif kind == "cancel" and message.cancel in tasks:
+                        tasks[message.cancel].cancel()
         finally:
-            out.put_nowait(_END)
+            outbox.end()
 
-    async def _serve(self, request: worker_pb2.DecodeRequest, out: asyncio.Queue) -> None:
+    async def _serve(self, request: worker_pb2.DecodeRequest, outbox: Outbox) -> None:
+        """One request of a session; never raises but CancelledError (its failure is its last event)."""
         rid = request.request_id
         deadline = time.monotonic() + request.timeout_s if request.timeout_s > 0 else None
 
@@ -132,15 +131,14 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
             timeout = asyncio.timeout(request.timeout_s) if deadline is not None else contextlib.nullcontext()
             async with timeout:
                 async for chunk in self._chunks(request, time_remaining):
-                    out.put_nowait(worker_pb2.SessionEvent(request_id=rid, chunk=chunk))
+                    await outbox.put(worker_pb2.SessionEvent(request_id=rid, chunk=chunk), rid)
         except asyncio.CancelledError:
             raise
         except TimeoutError:
-            out.put_nowait(
-                _error_event(rid, TimeoutError(f"request {rid} ran past its {request.timeout_s:.3g} s"))
-            )
+            error = TimeoutError(f"request {rid} ran past its {request.timeout_s:.3g} s")
+            outbox.put_last(_error_event(rid, error))
         except Exception as exc:
-            out.put_nowait(_error_event(rid, exc))
+            outbox.put_last(_error_event(rid, exc))
 
 
 def _error_event(request_id: str, exc: BaseException) -> worker_pb2.SessionEvent:

@@ -15,6 +15,7 @@ from moemesh.config.mesh import WorkerConfig
 from moemesh.engine.engine import StepFailed
 from moemesh.engine.sampling_params import SamplingParams
 from moemesh.services.decode.leases import LeaseTable
+from moemesh.services.decode.outbox import Outbox
 from moemesh.services.decode.servicer import DecodeServicer
 from moemesh.services.decode.worker import DecodeWorker
 from moemesh.services.engine_loop import EngineLoop
@@ -146,14 +147,14 @@ def test_short_deadlines_on_the_short_prompt_path_return_every_page(loaded, time
         async with _Parts(loaded) as parts:
             worker = DecodeWorker(config, parts.loop, parts.leases, peers=None)
             servicer = DecodeServicer(worker, parts.engine.max_model_len)
-            out: asyncio.Queue = asyncio.Queue()
+            outbox = Outbox()
             async with asyncio.TaskGroup() as group:
                 for i in range(50):
-                    group.create_task(
-                        servicer._serve(_decode_request(f"r{i}", [3 + i % 7] * 6, timeout_s), out)
-                    )
+                    request = _decode_request(f"r{i}", [3 + i % 7] * 6, timeout_s)
+                    group.create_task(servicer._serve(request, outbox))
             await parts.loop.must_run(lambda: None)  # every cleanup queued so far ran
-        return [out.get_nowait() for _ in range(out.qsize())]
+            outbox.end()
+            return await outbox.take() or []
 
     events = asyncio.run(asyncio.wait_for(body(), 60))
     errors = {e.request_id: e.status_message for e in events if e.status_code}

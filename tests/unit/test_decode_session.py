@@ -143,3 +143,46 @@ def test_the_gateway_side_reads_chunks_back_per_request_and_a_lost_worker_fails_
             await session.close()
 
     asyncio.run(asyncio.wait_for(body(), 20))
+
+
+def test_a_client_that_stops_reading_holds_its_requests_back_then_they_fail_resource_exhausted():
+    """The session's writer stalls (as it does when the client reads nothing and gRPC's flow control is full):
+    at most `max_session_events` events wait, the requests stop producing, and after `session_stall_s` each
+    fails with RESOURCE_EXHAUSTED and leaves the worker. Before, the outgoing queue grew with every token and
+    the requests ran to their end."""
+
+    async def body():
+        worker = SteppingWorker()
+        ticker = asyncio.ensure_future(worker.tick())
+        servicer = DecodeServicer(worker, max_model_len=64, max_session_events=4, session_stall_s=0.3)
+        client_done = asyncio.Event()
+
+        async def requests():
+            for i in range(3):
+                yield _start(f"r{i}", 60)
+            await client_done.wait()
+
+        stream = servicer.Session(requests(), None)
+        try:
+            first = await anext(stream)  # then the client reads nothing for a while
+            for _ in range(100):
+                if len(worker.aborted) == 3:
+                    break
+                await asyncio.sleep(0.02)
+            assert sorted(worker.aborted) == ["r0", "r1", "r2"]  # every request left the engine
+            client_done.set()
+            updates = [first] + [update async for update in stream]
+        finally:
+            ticker.cancel()
+        held = updates[1].events  # everything that waited while the client read nothing
+        assert len(held) <= 4 + 3  # the bound, plus one error per request
+        chunks = [e for u in updates for e in u.events if not e.status_code]
+        errors = {e.request_id: e for u in updates for e in u.events if e.status_code}
+        assert len(chunks) <= len(first.events) + 4  # nothing was produced past the bound (60 tokens each)
+        assert sorted(errors) == ["r0", "r1", "r2"]
+        for event in errors.values():
+            assert event.status_code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+            assert "the client read nothing for 0.3 s" in event.status_message
+            assert "(at most 4)" in event.status_message
+
+    asyncio.run(asyncio.wait_for(body(), 20))
