@@ -163,8 +163,10 @@ def _combine_kernel(
     for j in tl.static_range(K):
         row = tl.load(rows_ptr + t * K + j)
         w = tl.load(w_ptr + t * K + j).to(tl.float32)
-        y = tl.load(
-            y_ptr + tl.maximum(row, 0).to(tl.int64) * stride_y + cols, mask=(cols < N) & (row >= 0), other=0.0
+        y = tl.load(  # cols < N and row >= 0 (a block & scalar mask fails in Triton 3.9's interpreter)
+            y_ptr + tl.maximum(row, 0).to(tl.int64) * stride_y + cols,
+            mask=cols < tl.where(row >= 0, N, 0),
+            other=0.0,
         )
         acc += w * y.to(tl.float32)
     tl.store(out_ptr + t * stride_o + cols, acc.to(out_ptr.dtype.element_ty), mask=cols < N)

@@ -95,12 +95,15 @@ def _store_kv_kernel(
 ):
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t)
+    # A padding row (slot -1) stores nothing: its masks are all false. Written as `offs < where(slot >= 0, n,
+    # 0)`, not `(offs < n) & (slot >= 0)`: Triton 3.9's interpreter refuses a block & scalar mask ("mask has
+    # unsupported dtype"), and both read the same on the GPU.
     valid = slot >= 0
     dst = kv_ptr + tl.maximum(slot, 0) * stride_slot
     offs_d = tl.arange(0, BLOCK_D)
     offs_r = tl.arange(0, BLOCK_R)
-    mask_d = (offs_d < kv_lora_rank) & valid
-    mask_r = (offs_r < rope_dim) & valid
+    mask_d = offs_d < tl.where(valid, kv_lora_rank, 0)
+    mask_r = offs_r < tl.where(valid, rope_dim, 0)
     x = tl.load(latent_ptr + t.to(tl.int64) * stride_latent + offs_d, mask=mask_d, other=0.0)
     pe_row = k_pe_ptr + t.to(tl.int64) * stride_pe
     if ROPE:
@@ -129,7 +132,7 @@ def _store_kv_kernel(
         tl.store(dst + offs_d, q8, mask=mask_d)
         offs_g = tl.arange(0, num_groups)
         scale_ptr = (dst + kv_lora_rank + 4 * offs_g).to(tl.pointer_type(tl.float32))
-        tl.store(scale_ptr, scale, mask=(offs_g < kv_lora_rank // GROUP) & valid)
+        tl.store(scale_ptr, scale, mask=offs_g < tl.where(valid, kv_lora_rank // GROUP, 0))
         pe_ptr = (dst + kv_lora_rank + 4 * (kv_lora_rank // GROUP) + 2 * offs_r).to(
             tl.pointer_type(tl.bfloat16)
         )
