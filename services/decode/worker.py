@@ -202,7 +202,9 @@ class DecodeWorker:
         whatever happens, its pages end adopted by the engine or returned to the pool."""
         try:
             channel = await self._channel(peer)
-            remaining_s = time_remaining()  # bounds the call; the lease lives lease_ttl_s, renewed by progress
+            remaining_s = (
+                time_remaining()
+            )  # bounds the call; the lease lives lease_ttl_s, renewed by progress
             lease = self.leases.open(reservation)
         except BaseException:
             await self.loop.must_run(self.engine.cancel_reservation, reservation)
