@@ -561,3 +561,84 @@ class Registry:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class SpansStub:
+    """--- spans (the gateway's built-in trace view, DESIGN §7) -------------------------------------------------
+
+    Every worker keeps its recent finished spans in memory; the gateway gathers a request's spans from them.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.GetSpans = channel.unary_unary(
+                '/moemesh.v1.Spans/GetSpans',
+                request_serializer=moemesh_dot_v1_dot_worker__pb2.GetSpansRequest.SerializeToString,
+                response_deserializer=moemesh_dot_v1_dot_worker__pb2.GetSpansResponse.FromString,
+                _registered_method=True)
+
+
+class SpansServicer:
+    """--- spans (the gateway's built-in trace view, DESIGN §7) -------------------------------------------------
+
+    Every worker keeps its recent finished spans in memory; the gateway gathers a request's spans from them.
+    """
+
+    def GetSpans(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_SpansServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'GetSpans': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSpans,
+                    request_deserializer=moemesh_dot_v1_dot_worker__pb2.GetSpansRequest.FromString,
+                    response_serializer=moemesh_dot_v1_dot_worker__pb2.GetSpansResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'moemesh.v1.Spans', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('moemesh.v1.Spans', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Spans:
+    """--- spans (the gateway's built-in trace view, DESIGN §7) -------------------------------------------------
+
+    Every worker keeps its recent finished spans in memory; the gateway gathers a request's spans from them.
+    """
+
+    @staticmethod
+    def GetSpans(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moemesh.v1.Spans/GetSpans',
+            moemesh_dot_v1_dot_worker__pb2.GetSpansRequest.SerializeToString,
+            moemesh_dot_v1_dot_worker__pb2.GetSpansResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
