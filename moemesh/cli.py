@@ -21,6 +21,11 @@ from moemesh import make_checkpoint, tls_certs
 if TYPE_CHECKING:
     from moemesh.supervisor import UpOptions
 
+from moemesh import trace_cli
+from moemesh.config.telemetry import TelemetryConfig
+from moemesh.config.telemetry import add_arguments as add_telemetry_arguments
+from moemesh.console import Console
+
 SERVE_ROLES = ("gateway", "prefill", "decode", "colocated", "expert", "health")
 
 
@@ -28,34 +33,40 @@ SERVE_ROLES = ("gateway", "prefill", "decode", "colocated", "expert", "health")
 
 
 def _add_up(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("up", help="start the whole mesh as child processes; Ctrl-C stops it")
-    p.add_argument("--model", default="demo", help="checkpoint directory, or 'demo' (default)")
-    p.add_argument("--topology", default="pd", choices=("colocated", "pd", "pd-experts"))
+    p = subparsers.add_parser("up", help="start the whole mesh as child processes; Ctrl-C stops it",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    p.add_argument("--model", default="demo", help="checkpoint directory, or 'demo' (the bundled model)")
+    p.add_argument("--topology", default="pd", choices=("colocated", "pd", "pd-experts"),
+                   help="which roles run: one worker does all, or prefill and decode apart (+ expert pool)")  # fmt: skip
     p.add_argument("--prefill", type=int, default=1, metavar="N", help="prefill workers (pd topologies)")
     p.add_argument("--decode", type=int, default=1, metavar="N", help="decode (or colocated) workers")
     p.add_argument("--experts", type=int, default=1, metavar="N", help="expert-pool workers (pd-experts)")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="where the workers run")
+    p.add_argument("--host", default="127.0.0.1", help="the address every process listens on")
     p.add_argument("--port", type=int, default=50051, help="the gateway's gRPC port")
     p.add_argument("--http-port", type=int, default=8000,
-                   help="the gateway's HTTP port: OpenAI-compatible /v1 API and /metrics (default 8000); each "
+                   help="the gateway's HTTP port: OpenAI-compatible /v1 API, /metrics and /traces; each "
                    "worker serves /metrics on a free port, printed at start; 0 = no HTTP")  # fmt: skip
-    p.add_argument("--startup-timeout", type=float, default=300.0, metavar="S")
+    p.add_argument("--startup-timeout", type=float, default=300.0, metavar="S",
+                   help="seconds every process gets to become healthy")  # fmt: skip
     p.add_argument("--torch-threads", type=int, default=None, metavar="N",
-                   help="torch threads per worker (default on CPU: the cores split among the workers)")  # fmt: skip
+                   help="torch threads per worker (None: on CPU, the cores split among the workers)")  # fmt: skip
     p.add_argument("--gpu-memory-fraction", action="append", default=[], metavar="[ROLE=]F",
                    help="CUDA: a worker's share of its GPU's memory, for every role or one (prefill=0.3); "
-                   "default 0.9 split evenly among the workers sharing a GPU")  # fmt: skip
+                   "none: 0.9 split evenly among the workers sharing a GPU")  # fmt: skip
     p.add_argument(
         "--demo-prompt",
         default="",
         metavar="TEXT",
         help="once ready, stream this prompt through the SDK (what `make run` does), then serve",
     )
-    p.add_argument("--demo-max-tokens", type=int, default=48, metavar="N")
+    p.add_argument(
+        "--demo-max-tokens", type=int, default=48, metavar="N", help="tokens the demo request asks for"
+    )
     _add_security_flags(p, "every process of the mesh")
     p.add_argument("--keep-going", action="store_true",
-                   help="a worker that dies is reported and the rest keep serving (default: stop the mesh)")  # fmt: skip
+                   help="a worker that dies is reported and the rest keep serving (else the mesh stops)")  # fmt: skip
+    add_telemetry_arguments(p, request_log_level="WARNING")  # per-request lines stay out of the console
     p.set_defaults(func=_cmd_up)
 
 
@@ -65,10 +76,11 @@ def _cmd_up(args: argparse.Namespace) -> int:
     from moemesh.supervisor import Supervisor, UpOptions, plan_children
 
     try:
+        telemetry = TelemetryConfig.from_args(args)
         options = UpOptions(
             model=args.model, topology=args.topology, num_prefill=args.prefill, num_decode=args.decode,
             num_expert=args.experts, device=args.device, host=args.host, port=args.port,
-            http_port=args.http_port, torch_threads=args.torch_threads,
+            http_port=args.http_port, torch_threads=args.torch_threads, child_args=telemetry.child_args(),
             security=SecurityConfig.from_values(args.tls_dir, args.api_keys),
             gpu_memory_fractions=tuple(parse_fractions(args.gpu_memory_fraction).items()),
         )  # fmt: skip
@@ -87,6 +99,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     supervisor = Supervisor(
         specs, startup_timeout_s=args.startup_timeout, keep_going=args.keep_going,
         tls=options.security.tls_files(),
+        prefix_lines=telemetry.log_format == "text",
     )  # fmt: skip
     target = f"{options.host}:{options.port}"
     ready = f"ready on {target}"
@@ -95,28 +108,31 @@ def _cmd_up(args: argparse.Namespace) -> int:
         ready += f" (OpenAI-compatible HTTP on {http}/v1, metrics on {http}/metrics)"
     on_ready = None
     if args.demo_prompt:
-        on_ready = functools.partial(_demo_request, target, args.demo_prompt, args.demo_max_tokens, options)
+        on_ready = functools.partial(
+            _demo_request, target, args.demo_prompt, args.demo_max_tokens, options, supervisor.console
+        )
     return supervisor.run(ready, on_ready)
 
 
-def _demo_request(target: str, prompt: str, max_tokens: int, options: UpOptions) -> None:
-    """Streams one greedy request through the SDK, printing text as it arrives (`make run`); with the mesh's
-    own certificate and first API key when those are on."""
+def _demo_request(target: str, prompt: str, max_tokens: int, options: UpOptions, console: Console) -> None:
+    """Streams one greedy request through the SDK, printing text as it arrives (`make run`), with the mesh's
+    own certificate and first API key when those are on; the children's log lines wait until the text is done."""
     from moemesh.sdk import Client, MoemeshError, TlsOptions
 
     security = options.security
     keys = security.api_keys()
     tls = TlsOptions.from_dir(security.tls_dir) if security.tls_dir else None
     try:
-        with Client(target, timeout_s=300, api_key=keys[0] if keys else None, tls=tls) as client:
-            print(f"\n--- demo request through the SDK ({target}):\n{prompt}", end="", flush=True)
+        with (
+            Client(target, timeout_s=300, api_key=keys[0] if keys else None, tls=tls) as client,
+            console.stream() as write,
+        ):
+            write(f"\n--- demo request through the SDK ({target}):\n{prompt}")
             for chunk in client.generate(prompt=prompt, max_tokens=max_tokens, temperature=0):
-                print(chunk.text, end="", flush=True)
-        print(
-            f"\n--- serving on {target} until Ctrl-C (moemesh generate --target {target} PROMPT)", flush=True
-        )
+                write(chunk.text)
+            write(f"\n--- serving on {target} until Ctrl-C (moemesh generate --target {target} PROMPT)")
     except MoemeshError as err:
-        print(f"\nerror: demo request failed: {err}", file=sys.stderr, flush=True)
+        console.line(f"error: demo request failed: {err}")
 
 
 # --- serve ------------------------------------------------------------------------------------------------
@@ -135,7 +151,7 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
                    help="HTTP port: /metrics (the gateway's also serves the OpenAI-compatible /v1 API); 0 = off")  # fmt: skip
     p.add_argument("--topology", default="pd", help="gateway only")
     p.add_argument("--parent-pid", type=int, default=0, help="exit when this process dies (set by `up`)")
-    p.add_argument("--log-level", default="INFO")
+    add_telemetry_arguments(p)
     _add_security_flags(p, "this process")
     p.set_defaults(func=_cmd_serve)
 
@@ -150,7 +166,15 @@ def _add_security_flags(p: argparse.ArgumentParser, who: str) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from moemesh.telemetry.logs import setup_logging
+
+    try:
+        telemetry = TelemetryConfig.from_args(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    setup_logging(args.worker_id or args.role, level=telemetry.log_level, log_format=telemetry.log_format,
+                  request_level=telemetry.request_log_level)  # fmt: skip
     if args.parent_pid:
         from moemesh.supervisor import die_with_parent
 
@@ -250,6 +274,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     tls_certs.add_parser,
     _add_bench,
     make_checkpoint.add_parser,
+    trace_cli.add_parser,
 ]
 
 

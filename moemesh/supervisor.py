@@ -28,6 +28,7 @@ from typing import TextIO
 
 from moemesh.config.devices import plan_devices
 from moemesh.config.security import SecurityConfig, TlsFiles
+from moemesh.console import Console, pump_lines
 from moemesh.transport.channels import wait_until_serving
 
 log = logging.getLogger(__name__)
@@ -121,9 +122,13 @@ class Supervisor:
         out: TextIO | None = None,
         keep_going: bool = False,
         tls: TlsFiles | None = None,
+        console: Console | None = None,
+        prefix_lines: bool = True,
     ) -> None:
         """keep_going: a worker that exits is reported and the mesh keeps serving without it (the gateway
-        migrates or retries around it); only the gateway's exit, or a signal, stops the mesh."""
+        migrates or retries around it); only the gateway's exit, or a signal, stops the mesh.
+        console: where the children's lines go, whole (default: stderr; the messages: `out`);
+        prefix_lines: "[name] " before each child's line (not for JSON lines, which name their worker)."""
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
             raise ValueError(f"child names must be distinct, got {names}")
@@ -134,6 +139,8 @@ class Supervisor:
         self.out = out or sys.stdout
         self.keep_going = keep_going
         self.tls = tls  # the health checks' client identity when the mesh runs mutual TLS
+        self.console = console or Console(self.out, sys.stderr)
+        self.prefix_lines = prefix_lines
         self.children: list[Child] = []
         self._lost: set[str] = set()  # workers that exited while keep_going
         self._stop = threading.Event()
@@ -164,9 +171,7 @@ class Supervisor:
             self.children.append(child)
             threading.Thread(target=self._pump, args=(child,), name=f"log-{spec.name}", daemon=True).start()
             metrics = f" (metrics {spec.metrics_url})" if spec.metrics_url else ""
-            print(
-                f"started {spec.name} pid={process.pid} on {spec.address}{metrics}", file=self.out, flush=True
-            )
+            self.console.say(f"started {spec.name} pid={process.pid} on {spec.address}{metrics}")
 
     def wait_ready(self) -> None:
         """Blocks until every child's health says SERVING; StartupError when one exits or time runs out."""
@@ -208,12 +213,12 @@ class Supervisor:
             self.wait_ready()
             if self._stop.is_set():
                 return 0
-            print(ready_message, file=self.out, flush=True)
+            self.console.say(ready_message)
             if on_ready is not None:
                 threading.Thread(target=on_ready, name="on-ready", daemon=True).start()
             return self._watch()
         except StartupError as err:
-            print(f"error: {err}", file=sys.stderr, flush=True)
+            self.console.line(f"error: {err}")
             return 1
         finally:
             self.stop()
@@ -227,13 +232,14 @@ class Supervisor:
                 if code is not None and self.keep_going and child.spec.name != "gateway":
                     if child.spec.name not in self._lost:
                         self._lost.add(child.spec.name)
-                        print(f"warning: {child.spec.name} (pid {child.pid}) exited with {code}; the mesh "
-                              "keeps serving without it (--keep-going)", file=sys.stderr, flush=True)  # fmt: skip
+                        self.console.line(f"warning: {child.spec.name} (pid {child.pid}) exited with {code}; "
+                                          "the mesh keeps serving without it (--keep-going)")  # fmt: skip
                 elif code is not None:
-                    print(f"error: {child.spec.name} (pid {child.pid}) exited with {code}" + _tail(child),
-                          file=sys.stderr, flush=True)  # fmt: skip
+                    self.console.line(
+                        f"error: {child.spec.name} (pid {child.pid}) exited with {code}" + _tail(child)
+                    )
                     return 1
-        print(f"stopping ({signal.Signals(self._stop_signal).name})", file=self.out, flush=True)
+        self.console.say(f"stopping ({signal.Signals(self._stop_signal).name})")
         return 0
 
     def _on_signal(self, signum: int, frame: object) -> None:
@@ -250,9 +256,12 @@ class Supervisor:
     def _pump(self, child: Child) -> None:
         """Copies a child's output, prefixed by its name, and keeps the last lines for error messages."""
         assert child.process.stdout is not None
-        for line in child.process.stdout:
-            child.log_lines = [*child.log_lines[-19:], line.rstrip()]
-            print(f"[{child.spec.name}] {line.rstrip()}", file=sys.stderr, flush=True)
+
+        def keep(line: str) -> None:
+            child.log_lines = [*child.log_lines[-19:], line]
+
+        prefix = f"[{child.spec.name}] " if self.prefix_lines else ""
+        pump_lines(child.process.stdout, prefix, self.console, keep)
 
 
 def _signal_group(process: subprocess.Popen, signum: int) -> None:
@@ -287,6 +296,7 @@ class UpOptions:
     security: SecurityConfig = field(default_factory=SecurityConfig)  # mutual TLS, API keys
     # per role ("prefill" -> 0.3; moemesh/config/devices.py): its share of its GPU instead of an even split
     gpu_memory_fractions: tuple[tuple[str, float], ...] = ()
+    child_args: tuple[str, ...] = ()  # flags every child gets (telemetry: TelemetryConfig.child_args())
 
     def __post_init__(self) -> None:
         if self.torch_threads is not None and self.torch_threads < 1:
@@ -337,14 +347,14 @@ def plan_children(options: UpOptions, num_gpus: int | None = None) -> list[Child
                     "--topology", o.topology)  # fmt: skip
     if o.security.api_keys_file:
         gateway_args += ("--api-keys", o.security.api_keys_file)
-    specs = [ChildSpec("gateway", gateway_args, o.port, o.host, o.http_port)]
+    specs = [ChildSpec("gateway", (*gateway_args, *o.child_args), o.port, o.host, o.http_port)]
     threads = o.torch_threads
     if threads is None and device == "cpu":  # OpenMP threads of several workers must not fight for cores
         threads = max(1, (os.cpu_count() or 1) // len(roles))
     placements = plan_devices([role for role, _ in roles], device, num_gpus, dict(o.gpu_memory_fractions),
                               os.environ.get("CUDA_VISIBLE_DEVICES"))  # fmt: skip
     for (role, name), port, http_port, place in zip(roles, ports, http_ports, placements, strict=True):
-        args = (role, *common, "--port", str(port), "--registry", gateway, "--worker-id", name)
+        args = (role, *common, "--port", str(port), "--registry", gateway, "--worker-id", name, *o.child_args)
         if threads is not None and role != "expert":
             args += ("--torch-threads", str(threads))
         if role not in METRICS_ROLES:

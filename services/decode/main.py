@@ -9,6 +9,7 @@ import logging
 
 from moemesh._proto.v1 import worker_pb2_grpc
 from moemesh.config.mesh import CUDA_UCX_TRANSPORTS, WorkerConfig
+from moemesh.config.telemetry import TelemetryConfig
 from moemesh.services.decode.leases import LeaseTable
 from moemesh.services.decode.servicer import DecodeServicer
 from moemesh.services.decode.worker import DecodeWorker
@@ -18,6 +19,8 @@ from moemesh.services.model_loading import load_engine
 from moemesh.services.registration import run_worker_server
 from moemesh.services.ucx_lifecycle import stop_ucx, ucx_options
 from moemesh.telemetry.metrics import DecodeMetrics
+from moemesh.telemetry.tracing import Telemetry
+from moemesh.transport import spans as spans_service
 from moemesh.transport.channels import MeshChannels
 from moemesh.transport.kv_ucx import UcxKvReceiver
 from moemesh.transport.peers import PeerSet, WorkerInfo
@@ -29,11 +32,14 @@ log = logging.getLogger(__name__)
 
 
 def main(args: argparse.Namespace) -> int:
-    return asyncio.run(serve(WorkerConfig.from_args(args)))
+    return asyncio.run(serve(WorkerConfig.from_args(args), TelemetryConfig.from_args(args)))
 
 
-async def serve(config: WorkerConfig) -> int:
+async def serve(config: WorkerConfig, telemetry_config: TelemetryConfig | None = None) -> int:
     security = MeshSecurity.from_config(config.security)
+    tc = telemetry_config or TelemetryConfig()
+    telemetry = Telemetry.create(f"moemesh-{config.role}", config.worker_id, otlp_endpoint=tc.otlp_endpoint,
+                                 trace_buffer=tc.trace_buffer)  # fmt: skip
     loaded = await asyncio.to_thread(load_engine, config)
     loop = EngineLoop(loaded.engine)
     receiver = UcxKvReceiver(host=config.host, options=ucx_options(config))
@@ -53,15 +59,18 @@ async def serve(config: WorkerConfig) -> int:
     ucx_address = "" if config.force_local_prefill else receiver.address
     me = WorkerInfo(config.worker_id, config.role, "", ucx_address, loaded.fingerprint)
     peers = PeerSet(me, MeshChannels(security.tls))
-    worker = DecodeWorker(config, loop, leases, peers)
+    worker = DecodeWorker(config, loop, leases, peers, telemetry=telemetry)
 
     def pages_leased() -> int:  # reserved for a prefill worker's writes, not yet adopted by the engine
         return sum(len(lease.reservation.page_ids) for lease in list(leases.leases.values()))
 
     stats = engine_stats(loaded.engine, pages_leased)
     registry = worker_registry(config.role, loaded.model_id, config.device, stats)
-    servicer = DecodeServicer(worker, loaded.engine.max_model_len, DecodeMetrics(registry))
+    servicer = DecodeServicer(
+        worker, loaded.engine.max_model_len, DecodeMetrics(registry), telemetry=telemetry
+    )
     server.add(worker_pb2_grpc.add_DecodeWorkerServicer_to_server, servicer, "moemesh.v1.DecodeWorker")
+    spans_service.add_to_server(server, telemetry.store)
     await server.start()
     me = WorkerInfo(config.worker_id, config.role, server.address, ucx_address, loaded.fingerprint)
     background = [loop.run(), leases.reap(config.reaper_interval_s)]
@@ -73,4 +82,5 @@ async def serve(config: WorkerConfig) -> int:
         if not config.force_local_prefill:
             await receiver.close()
             stop_ucx(reset=False)
+        telemetry.shutdown()
     return 0

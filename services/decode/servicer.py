@@ -16,11 +16,15 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 
+from opentelemetry.trace import StatusCode
+
 from moemesh._proto.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from moemesh.services.decode.outbox import MAX_EVENTS, STALL_S, Outbox
 from moemesh.services.decode.worker import DecodeJob, DecodeWorker
 from moemesh.services.sampling import FINISH_REASONS, logprob_to_proto, sampling_from_proto
+from moemesh.telemetry import spans
 from moemesh.telemetry.metrics import DecodeMetrics
+from moemesh.telemetry.tracing import Telemetry, traceparent_from_metadata
 from moemesh.transport.errors import InvalidArgument, map_errors, status_code_number, status_for
 from moemesh.transport.peers import WorkerInfo
 
@@ -35,6 +39,8 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         metrics: DecodeMetrics | None = None,
         max_session_events: int = MAX_EVENTS,
         session_stall_s: float = STALL_S,
+        *,
+        telemetry: Telemetry | None = None,
     ) -> None:
         """max_session_events / session_stall_s: a session's outgoing bound (`services/decode/outbox.py`)."""
         self.worker = worker
@@ -42,10 +48,12 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         self.metrics = metrics
         self.max_session_events = max_session_events
         self.session_stall_s = session_stall_s
+        self.telemetry = telemetry or Telemetry.disabled()
 
     @map_errors
     async def Generate(self, request, context):
-        async for chunk in self._chunks(request, context.time_remaining):
+        traceparent = request.traceparent or traceparent_from_metadata(context.invocation_metadata())
+        async for chunk in self._chunks(request, context.time_remaining, traceparent):
             yield chunk
 
     async def Session(self, request_iterator, context):
@@ -65,8 +73,12 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
     # -- one request ----------------------------------------------------------------------------------------
 
     async def _chunks(
-        self, request: worker_pb2.DecodeRequest, time_remaining: Callable[[], float | None]
+        self,
+        request: worker_pb2.DecodeRequest,
+        time_remaining: Callable[[], float | None],
+        traceparent: str = "",
     ) -> AsyncIterator[worker_pb2.DecodeChunk]:
+        """traceparent: the gateway's span; this request's spans on D hang under it (`_RequestSpans`)."""
         prompt = list(request.prompt_token_ids)
         if not prompt:
             raise InvalidArgument("prompt_token_ids=[] must be non-empty")
@@ -78,10 +90,12 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         peer = None
         if request.HasField("prefill") and request.prefill.worker_id:
             peer = WorkerInfo(request.prefill.worker_id, "prefill", request.prefill.grpc_address)
-        job = DecodeJob(request.request_id, prompt, params, peer, tuple(request.generated_token_ids))
+        traced = _RequestSpans(self.telemetry, request.request_id, traceparent or request.traceparent)
+        job = DecodeJob(request.request_id, prompt, params, peer, tuple(request.generated_token_ids),
+                        traceparent=traced.traceparent)  # fmt: skip
         num_tokens = 0
         timing = common_pb2.TtftBreakdown()
-        async for out in self.worker.generate(job, time_remaining, timing):
+        async for out in traced.wrap(self.worker.generate(job, time_remaining, timing)):
             if num_tokens == 0 and self.metrics is not None:  # the first output: the request was queued
                 self.metrics.queue_time.observe(timing.queue_ms / 1000)
             num_tokens += len(out.new_token_ids)
@@ -148,3 +162,42 @@ def _error_event(request_id: str, exc: BaseException) -> worker_pb2.SessionEvent
     return worker_pb2.SessionEvent(
         request_id=request_id, status_code=status_code_number(code), status_message=message
     )
+
+
+class _RequestSpans:
+    """D's spans of one request, under the gateway's: `decode.first_token` (arrival here -> the first token
+    out; `decode.admit` and the prefill worker's spans hang under it) and `decode.stream` (the first token ->
+    the last, with the token count). Started and ended explicitly: they live across `yield`s."""
+
+    def __init__(self, telemetry: Telemetry, request_id: str, traceparent: str) -> None:
+        self.telemetry = telemetry
+        self.attributes = {spans.REQUEST_ID: request_id, spans.WORKER: telemetry.worker}
+        self.first = telemetry.start(spans.DECODE_FIRST_TOKEN, traceparent, self.attributes)
+        self.traceparent = telemetry.traceparent(self.first)
+        self.parent = traceparent
+        self.stream = None
+        self.num_tokens = 0
+        telemetry.bind_request(request_id, self.first)
+
+    async def wrap(self, outputs: AsyncIterator) -> AsyncIterator:
+        """Passes `outputs` (RequestOutput) through, timing them; ends the spans however it ends."""
+        failed: BaseException | None = None
+        try:
+            async with contextlib.aclosing(outputs):
+                async for out in outputs:
+                    if out.new_token_ids and self.stream is None:
+                        self.first.end()
+                        self.stream = self.telemetry.start(spans.DECODE_STREAM, self.parent, self.attributes)
+                    self.num_tokens += len(out.new_token_ids)
+                    yield out
+        except BaseException as exc:
+            failed = exc
+            raise
+        finally:
+            span = self.stream if self.stream is not None else self.first
+            if failed is not None:
+                span.record_exception(failed)
+                span.set_status(StatusCode.ERROR, str(failed) or type(failed).__name__)
+            if self.stream is not None:
+                self.stream.set_attribute(spans.TOKENS, self.num_tokens)
+            span.end()

@@ -35,6 +35,8 @@ from moemesh.services.decode.leases import LeaseTable, OpenLease
 from moemesh.services.engine_commands import finish
 from moemesh.services.engine_loop import EngineLoop
 from moemesh.services.sampling import logprob_from_proto, sampling_to_proto
+from moemesh.telemetry import spans
+from moemesh.telemetry.tracing import Telemetry
 from moemesh.transport.errors import MeshError, Unavailable, from_rpc_error
 from moemesh.transport.peers import PeerSet, WorkerInfo
 from moemesh.transport.registry import LoadReport
@@ -50,11 +52,21 @@ class DecodeJob:
     params: SamplingParams
     prefill_worker: WorkerInfo | None  # None: prefill here
     generated_ids: tuple[int, ...] = ()  # migration: tokens produced elsewhere
+    traceparent: str = ""  # the span this request's decode.admit hangs under
 
 
 class DecodeWorker:
-    def __init__(self, config: WorkerConfig, loop: EngineLoop, leases: LeaseTable, peers: PeerSet) -> None:
+    def __init__(
+        self,
+        config: WorkerConfig,
+        loop: EngineLoop,
+        leases: LeaseTable,
+        peers: PeerSet,
+        *,
+        telemetry: Telemetry | None = None,
+    ) -> None:
         self.config = config
+        self.telemetry = telemetry or Telemetry.disabled(config.worker_id)
         self.loop = loop
         self.engine = loop.engine
         self.leases = leases
@@ -86,7 +98,10 @@ class DecodeWorker:
         finished = False
         timing = timing if timing is not None else common_pb2.TtftBreakdown()
         try:
-            prefilled, admitted_s = await self._admit(job, time_remaining, timing)
+            with self.telemetry.span(spans.DECODE_ADMIT, job.traceparent, {spans.REQUEST_ID: rid,
+                                     spans.PROMPT_TOKENS: len(job.prompt_ids)}) as admit:  # fmt: skip
+                prefilled, admitted_s = await self._admit(job, time_remaining, timing)
+                admit.set_attribute(spans.CACHED_TOKENS, prefilled.num_cached_tokens if prefilled else 0)
             emitted = len(job.generated_ids)  # output_ids[:emitted] were streamed already (or elsewhere)
             if prefilled is not None:  # P sampled the first token; the engine's outputs start after it
                 emitted += 1
@@ -206,18 +221,21 @@ class DecodeWorker:
                 time_remaining()
             )  # bounds the call; the lease lives lease_ttl_s, renewed by progress
             lease = self.leases.open(reservation)
+            opened_ns, traceparent = time.time_ns(), self.telemetry.traceparent()  # decode.admit's span
         except BaseException:
             await self.loop.must_run(self.engine.cancel_reservation, reservation)
             raise
         stub = worker_pb2_grpc.PrefillWorkerStub(channel)
         request = worker_pb2.PrefillRequest(
             request_id=job.request_id, token_ids=job.prompt_ids, sampling=sampling_to_proto(job.params),
-            kv_target=lease.target.to_proto(),
+            kv_target=replace(lease.target, traceparent=traceparent).to_proto(),
         )  # fmt: skip
         p_done = False
         try:
             try:
-                result = await self._call_while_leased(stub.Prefill(request, timeout=remaining_s), lease)
+                result = await self._call_while_leased(
+                    stub.Prefill(request, timeout=remaining_s, metadata=self.telemetry.metadata()), lease
+                )
             except grpc.RpcError as err:
                 raise from_rpc_error(err) from None
             p_done = True
@@ -225,6 +243,11 @@ class DecodeWorker:
             log.info("%s: prefilled on %s, %d of %d prompt tokens' KV received in lease %s (%d bytes, P sent %d)",
                      job.request_id, peer.worker_id, len(job.prompt_ids) - reservation.num_cached_tokens,
                      len(job.prompt_ids), lease.key, progress.bytes_received, result.kv_bytes_sent)  # fmt: skip
+            self.telemetry.record(spans.KV_RECEIVE, opened_ns, time.time_ns(), None, {
+                spans.REQUEST_ID: job.request_id, spans.LEASE: str(lease.key), spans.PREFILL_WORKER: peer.worker_id,
+                spans.KV_BYTES: progress.bytes_received, spans.KV_DURATION_MS: (time.time_ns() - opened_ns) / 1e6,
+                spans.KV_LAYERS: lease.target.layout.num_layers,
+                spans.KV_PAGES: len(lease.target.page_ids) - lease.target.first_page})  # fmt: skip
             if progress.bytes_received != result.kv_bytes_sent:
                 raise MeshError(
                     f"{job.request_id}: received {progress.bytes_received} KV bytes, P sent {result.kv_bytes_sent}"

@@ -1,6 +1,6 @@
 """`moemesh serve gateway`: composes the gateway — tokenizer, the Registry (membership + load reports), the
-public Gateway service, the HTTP port (OpenAI-compatible routes and /metrics, when `http_port` is set);
-serves until SIGTERM / SIGINT."""
+public Gateway service, tracing, and the HTTP port (OpenAI-compatible routes, /metrics and the trace view, when
+`http_port` is set); serves until SIGTERM / SIGINT."""
 
 from __future__ import annotations
 
@@ -12,13 +12,18 @@ import math
 
 from moemesh._proto.v1 import gateway_pb2_grpc, worker_pb2_grpc
 from moemesh.config.mesh import GatewayConfig
+from moemesh.config.telemetry import TelemetryConfig
 from moemesh.model.config import ModelConfig
 from moemesh.model.tokenizer import Tokenizer
 from moemesh.services.gateway.http import api_key_check, build_http_app
 from moemesh.services.gateway.servicer import GatewayServicer
+from moemesh.services.gateway.traces import TraceView
+from moemesh.services.gateway.traces_http import trace_routes
 from moemesh.services.gateway.worker import Gateway
 from moemesh.services.metrics_http import serve_http
 from moemesh.telemetry.metrics import GatewayMetrics, new_registry, register_build_info
+from moemesh.telemetry.trace_store import TraceStore
+from moemesh.telemetry.tracing import Telemetry
 from moemesh.transport.channels import MeshChannels
 from moemesh.transport.registry import Membership, RegistryServicer
 from moemesh.transport.security import MeshSecurity
@@ -29,11 +34,14 @@ ROLES = ("prefill", "decode", "colocated", "expert")
 
 
 def main(args: argparse.Namespace) -> int:
-    return asyncio.run(serve(GatewayConfig.from_args(args)))
+    return asyncio.run(serve(GatewayConfig.from_args(args), TelemetryConfig.from_args(args)))
 
 
-async def serve(config: GatewayConfig) -> int:
+async def serve(config: GatewayConfig, telemetry_config: TelemetryConfig | None = None) -> int:
     security = MeshSecurity.from_config(config.security)
+    tc = telemetry_config or TelemetryConfig()
+    telemetry = Telemetry.create("moemesh-gateway", "gateway", otlp_endpoint=tc.otlp_endpoint,
+                                 trace_buffer=tc.trace_buffer)  # fmt: skip
     model_dir = config.model_dir
     model_config = ModelConfig.from_file(model_dir / "config.json")
     tokenizer = Tokenizer(model_dir, model_config) if (model_dir / "tokenizer.json").is_file() else None
@@ -45,9 +53,12 @@ async def serve(config: GatewayConfig) -> int:
     register_build_info(registry, version=importlib.metadata.version("moemesh"), role="gateway",
                         model=config.model_id, device="")  # fmt: skip
     metrics = GatewayMetrics(registry)
+    traces = TraceStore(tc.trace_buffer)
     gateway = Gateway(config, membership, tokenizer, model_config.vocab_size,
-                      model_config.max_position_embeddings, MeshChannels(security.tls), metrics)  # fmt: skip
+                      model_config.max_position_embeddings, MeshChannels(security.tls), metrics,
+                      telemetry=telemetry, traces=traces)  # fmt: skip
     metrics.register_live(registry, lambda: gateway.inflight, lambda: _members_by_role(membership))
+    view = TraceView(traces, telemetry, membership, gateway.channel)
     server = MeshServer(
         ServerOptions(
             host=config.host,
@@ -63,13 +74,15 @@ async def serve(config: GatewayConfig) -> int:
     )
     await server.start()
     try:
-        http = build_http_app(gateway, registry, authenticate=api_key_check(security.api_keys))
+        http = build_http_app(gateway, registry, authenticate=api_key_check(security.api_keys),
+                              extra_routes=trace_routes(view))  # fmt: skip
         async with asyncio.TaskGroup() as tg, serve_http(http, config.host, config.http_port):
             watcher = tg.create_task(gateway.watch_sessions(config.heartbeat_s))
             await serve_until_signalled(server)
             watcher.cancel()
     finally:
         await gateway.close()
+        telemetry.shutdown()
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from moemesh._proto.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from moemesh.services.gateway.worker import Gateway
+from moemesh.telemetry.tracing import traceparent_from_metadata
 from moemesh.transport.errors import InvalidArgument, map_errors
 
 _FINISH = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH}
@@ -29,7 +30,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             raise InvalidArgument("prompt is unset: send text or token_ids")
         job = self.gateway.prepare(text, token_ids, request.request_id, request.sampling)
         first = True
-        async for delta in self.gateway.generate(job, context.time_remaining):
+        traceparent = traceparent_from_metadata(context.invocation_metadata())  # the client's trace, if any
+        async for delta in self.gateway.generate(job, context.time_remaining, traceparent):
             chunk = gateway_pb2.GenerateChunk(
                 token_ids=delta.token_ids, text=delta.text, logprobs=delta.logprobs
             )

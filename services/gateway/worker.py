@@ -26,9 +26,10 @@ import logging
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import grpc
+from opentelemetry.trace import StatusCode
 
 from moemesh._proto.v1 import common_pb2, worker_pb2
 from moemesh.config.mesh import GatewayConfig
@@ -36,7 +37,10 @@ from moemesh.engine.sampling_params import SamplingParams
 from moemesh.model.tokenizer import IncrementalDetokenizer, Tokenizer
 from moemesh.services.gateway.sessions import DecodeSession
 from moemesh.services.sampling import sampling_from_proto, sampling_to_proto, without_stop_strings
+from moemesh.telemetry import spans
 from moemesh.telemetry.metrics import GatewayMetrics, new_registry
+from moemesh.telemetry.trace_store import TraceStore
+from moemesh.telemetry.tracing import Telemetry, trace_id_of
 from moemesh.transport.errors import InvalidArgument, ResourceExhausted, Unavailable, status_for
 from moemesh.transport.peers import WorkerInfo
 from moemesh.transport.registry import Membership
@@ -50,6 +54,7 @@ class GenerateJob:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams  # with the stop strings (the gateway matches them)
+    traceparent: str = ""  # the request's gateway.generate span, for D (set by generate())
 
 
 @dataclass(frozen=True)
@@ -81,8 +86,12 @@ class Gateway:
         max_context_tokens: int,
         channel_factory: Callable[[str], grpc.aio.Channel],
         metrics: GatewayMetrics | None = None,
+        *,
+        telemetry: Telemetry | None = None,
+        traces: TraceStore | None = None,
     ) -> None:
-        """metrics: where request latencies and counts go (a private registry's when None)."""
+        """metrics: where request latencies and counts go (a private registry's when None); traces: where the
+        trace view's recent requests are kept (None: none kept)."""
         self.config = config
         self.membership = membership
         self.tokenizer = tokenizer
@@ -97,6 +106,8 @@ class Gateway:
         self._sessions: dict[str, DecodeSession] = {}
         self._ids = itertools.count()
         self.metrics = metrics if metrics is not None else GatewayMetrics(new_registry())
+        self.telemetry = telemetry or Telemetry.disabled("gateway")
+        self.traces = traces or TraceStore(0)
 
     def new_request_id(self) -> str:
         """An id for a request whose client sent none (gRPC and HTTP draw from the same counter)."""
@@ -214,13 +225,14 @@ class Gateway:
     # -- the stream -----------------------------------------------------------------------------------------
 
     async def generate(
-        self, job: GenerateJob, time_remaining: Callable[[], float | None]
+        self, job: GenerateJob, time_remaining: Callable[[], float | None], traceparent: str = ""
     ) -> AsyncIterator[Delta]:
         """The request's deltas, the last with its finish_reason; observed in `self.metrics` (TTFT, gaps
-        between tokens, duration, token counts; failures by status, a consumer that left as CANCELLED)."""
+        between tokens, duration, token counts; failures by status, a consumer that left as CANCELLED) and
+        traced (under the client's `traceparent`; "" = a new trace for this request)."""
         timer, finished = self.metrics.request(), False
         try:
-            async for delta in self._migrating(job, time_remaining):
+            async for delta in self._migrating(job, time_remaining, traceparent):
                 timer.tokens(len(delta.token_ids))
                 if delta.finish_reason is not None:
                     timer.finished(delta.finish_reason, delta.num_prompt_tokens)
@@ -235,13 +247,21 @@ class Gateway:
             raise
 
     async def _migrating(
-        self, job: GenerateJob, time_remaining: Callable[[], float | None]
+        self, job: GenerateJob, time_remaining: Callable[[], float | None], traceparent: str
     ) -> AsyncIterator[Delta]:
         if self.inflight >= self.config.max_inflight:
             raise ResourceExhausted(
                 f"{self.inflight} requests in flight, max_inflight={self.config.max_inflight}"
             )
         self.inflight += 1
+        start_ns = time.time_ns()
+        root = self.telemetry.start(spans.GATEWAY_GENERATE, traceparent, {
+            spans.REQUEST_ID: job.request_id, spans.MODEL: self.config.model_id,
+            spans.PROMPT_TOKENS: len(job.prompt_ids)}, start_ns)  # fmt: skip
+        self.telemetry.bind_request(job.request_id, root)
+        job = replace(job, traceparent=self.telemetry.traceparent(root))
+        trace = self.traces.begin(job.request_id, trace_id_of(root), self.config.model_id,
+                                  len(job.prompt_ids), start_ns)  # fmt: skip
         try:
             progress = _Progress(
                 _StopText(job.params.stop),
@@ -249,12 +269,22 @@ class Gateway:
             )
             lost: list[str] = []
             while True:
-                route = await self.pick(lost)
+                with self.telemetry.span(
+                    spans.GATEWAY_ROUTE, root, {spans.REQUEST_ID: job.request_id}
+                ) as route_span:
+                    route = await self.pick(lost)
+                    route_span.set_attribute(spans.DECODE_WORKER, route.decode.worker_id)
+                    route_span.set_attribute(
+                        spans.PREFILL_WORKER, route.prefill.worker_id if route.prefill else ""
+                    )
                 decode_id = route.decode.worker_id
                 self._decode_inflight[decode_id] += 1
                 self._decode_picks[decode_id] += 1
                 try:
                     async for delta in self._relay(job, route, progress, time_remaining):
+                        trace.on_tokens(len(delta.token_ids))
+                        if delta.finish_reason is not None:
+                            trace.finish(delta.finish_reason)
                         yield delta
                     return
                 except Unavailable as err:
@@ -270,8 +300,18 @@ class Gateway:
                                 decode_id, len(progress.generated), err)  # fmt: skip
                 finally:
                     self._decode_inflight[decode_id] -= 1
+        except Exception as exc:
+            trace.finish(error=str(exc) or type(exc).__name__)
+            root.set_status(StatusCode.ERROR, str(exc) or type(exc).__name__)
+            raise
         finally:
             self.inflight -= 1
+            if not trace.done:  # left before the last chunk: the client went away
+                trace.finish(error="cancelled")
+            root.set_attributes({spans.COMPLETION_TOKENS: trace.num_completion_tokens,
+                                 spans.FINISH_REASON: trace.finish_reason or trace.error,
+                                 spans.TTFT_MS: trace.ttft_ms or 0.0})  # fmt: skip
+            root.end()
 
     async def _relay(
         self,
@@ -284,7 +324,7 @@ class Gateway:
         request = worker_pb2.DecodeRequest(
             request_id=job.request_id, prompt_token_ids=job.prompt_ids,
             sampling=sampling_to_proto(without_stop_strings(job.params)),
-            generated_token_ids=progress.generated,
+            generated_token_ids=progress.generated, traceparent=job.traceparent,
         )  # fmt: skip
         if route.prefill is not None and not progress.generated:  # a migrated request is prefilled on D
             request.prefill.CopyFrom(

@@ -8,6 +8,7 @@ import logging
 
 from moemesh._proto.v1 import worker_pb2_grpc
 from moemesh.config.mesh import CUDA_UCX_TRANSPORTS, WorkerConfig
+from moemesh.config.telemetry import TelemetryConfig
 from moemesh.services.engine_loop import EngineLoop
 from moemesh.services.metrics_http import engine_stats, metrics_app, serve_http, worker_registry
 from moemesh.services.model_loading import load_engine
@@ -16,6 +17,8 @@ from moemesh.services.prefill.worker import PrefillWorker
 from moemesh.services.registration import run_worker_server
 from moemesh.services.ucx_lifecycle import stop_ucx, ucx_options
 from moemesh.telemetry.metrics import PrefillMetrics
+from moemesh.telemetry.tracing import Telemetry
+from moemesh.transport import spans as spans_service
 from moemesh.transport.kv_ucx import UcxKvSender
 from moemesh.transport.peers import HandshakeAcceptor, WorkerInfo
 from moemesh.transport.security import MeshSecurity
@@ -26,11 +29,14 @@ log = logging.getLogger(__name__)
 
 
 def main(args: argparse.Namespace) -> int:
-    return asyncio.run(serve(WorkerConfig.from_args(args)))
+    return asyncio.run(serve(WorkerConfig.from_args(args), TelemetryConfig.from_args(args)))
 
 
-async def serve(config: WorkerConfig) -> int:
+async def serve(config: WorkerConfig, telemetry_config: TelemetryConfig | None = None) -> int:
     security = MeshSecurity.from_config(config.security)
+    tc = telemetry_config or TelemetryConfig()
+    telemetry = Telemetry.create("moemesh-prefill", config.worker_id, otlp_endpoint=tc.otlp_endpoint,
+                                 trace_buffer=tc.trace_buffer)  # fmt: skip
     loaded = await asyncio.to_thread(load_engine, config)
     loop = EngineLoop(loaded.engine, exclusive=False)  # its event loop sends KV while the forward goes on
     options = ucx_options(config)
@@ -48,8 +54,9 @@ async def serve(config: WorkerConfig) -> int:
     )
     acceptor = HandshakeAcceptor(WorkerInfo(config.worker_id, "prefill", "", "", loaded.fingerprint), sender)
     registry = worker_registry("prefill", loaded.model_id, config.device, engine_stats(loaded.engine))
-    servicer = PrefillServicer(worker, acceptor, PrefillMetrics(registry))
+    servicer = PrefillServicer(worker, acceptor, PrefillMetrics(registry), telemetry=telemetry)
     server.add(worker_pb2_grpc.add_PrefillWorkerServicer_to_server, servicer, "moemesh.v1.PrefillWorker")
+    spans_service.add_to_server(server, telemetry.store)
     await server.start()
     me = WorkerInfo(config.worker_id, "prefill", server.address, "", loaded.fingerprint)
     try:
@@ -58,4 +65,5 @@ async def serve(config: WorkerConfig) -> int:
     finally:
         await sender.close()
         stop_ucx(reset=False)
+        telemetry.shutdown()
     return 0

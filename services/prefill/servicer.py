@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import time
+
+from opentelemetry.trace import StatusCode
+
 from moemesh._proto.v1 import worker_pb2, worker_pb2_grpc
-from moemesh.services.prefill.worker import PrefillWorker
+from moemesh.services.prefill.worker import PrefillOutcome, PrefillWorker
 from moemesh.services.sampling import logprob_to_proto, sampling_from_proto
+from moemesh.telemetry import spans
 from moemesh.telemetry.metrics import PrefillMetrics
+from moemesh.telemetry.tracing import Telemetry, traceparent_from_metadata
 from moemesh.transport.errors import LeaseRefused, map_errors
 from moemesh.transport.kv import KvTarget, LeaseKey
 from moemesh.transport.peers import HandshakeAcceptor
@@ -13,22 +19,31 @@ from moemesh.transport.peers import HandshakeAcceptor
 
 class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
     def __init__(
-        self, worker: PrefillWorker, acceptor: HandshakeAcceptor, metrics: PrefillMetrics | None = None
+        self,
+        worker: PrefillWorker,
+        acceptor: HandshakeAcceptor,
+        metrics: PrefillMetrics | None = None,
+        *,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.worker = worker
         self.acceptor = acceptor
         self.metrics = metrics
+        self.telemetry = telemetry or Telemetry.disabled()
 
     @map_errors
     async def Prefill(self, request, context):
         target = KvTarget.from_proto(request.kv_target)
         params = sampling_from_proto(request.sampling, default_max_tokens=1)
-        try:
-            outcome = await self.worker.prefill(list(request.token_ids), params, target)
-        except (LeaseRefused, ConnectionError, TimeoutError):  # refused by D, D lost, or too slow
-            if self.metrics is not None:
-                self.metrics.kv_failures.inc()
-            raise
+        parent = traceparent_from_metadata(context.invocation_metadata()) or target.traceparent
+        with _PrefillSpans(self.telemetry, target, len(request.token_ids), parent) as traced:
+            try:
+                outcome = await self.worker.prefill(list(request.token_ids), params, target)
+            except (LeaseRefused, ConnectionError, TimeoutError):  # refused by D, D lost, or too slow
+                if self.metrics is not None:
+                    self.metrics.kv_failures.inc()
+                raise
+            traced.done(outcome)
         if self.metrics is not None:
             self.metrics.kv_bytes.inc(outcome.kv_bytes_sent)
             self.metrics.kv_seconds.observe(outcome.kv_transfer_ms / 1000)
@@ -57,3 +72,38 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
     @map_errors
     async def GetLoad(self, request, context):
         return self.worker.load().to_proto()
+
+
+class _PrefillSpans:
+    """P's spans of one Prefill, under D's `decode.admit`: `prefill.forward` (arrival -> the prompt's forward
+    ended) and `kv.send` (the first KV chunk sent -> the last acknowledged: bytes, pages, chunks)."""
+
+    def __init__(self, telemetry: Telemetry, target: KvTarget, num_prompt_tokens: int, parent: str) -> None:
+        self.telemetry, self.target, self.parent = telemetry, target, parent
+        self.arrived_ns = time.time_ns()
+        self.forward = telemetry.start(spans.PREFILL_FORWARD, parent, {
+            spans.REQUEST_ID: target.request_id, spans.PROMPT_TOKENS: num_prompt_tokens,
+            spans.WORKER: telemetry.worker})  # fmt: skip
+
+    def __enter__(self) -> _PrefillSpans:
+        self.telemetry.bind_request(self.target.request_id, self.forward)
+        return self
+
+    def done(self, outcome: PrefillOutcome) -> None:
+        forward_end_ns = self.arrived_ns + int(outcome.prefill_ms * 1e6)
+        self.forward.set_attribute(spans.CACHED_TOKENS, outcome.num_cached_tokens)
+        self.forward.end(end_time=forward_end_ns)
+        if outcome.kv_first_send_unix_ns:
+            end_ns = forward_end_ns + int(outcome.kv_transfer_ms * 1e6)
+            pages = len(self.target.page_ids) - self.target.first_page
+            self.telemetry.record(spans.KV_SEND, outcome.kv_first_send_unix_ns, end_ns, self.parent, {
+                spans.REQUEST_ID: self.target.request_id, spans.KV_BYTES: outcome.kv_bytes_sent,
+                spans.KV_PAGES: pages, spans.KV_LAYERS: self.target.layout.num_layers,
+                spans.KV_CHUNKS: outcome.num_kv_chunks, spans.LEASE: str(self.target.lease),
+                spans.KV_DURATION_MS: (end_ns - outcome.kv_first_send_unix_ns) / 1e6})  # fmt: skip
+
+    def __exit__(self, kind, exc, tb) -> None:
+        if exc is not None:
+            self.forward.record_exception(exc)
+            self.forward.set_status(StatusCode.ERROR, str(exc) or type(exc).__name__)
+            self.forward.end()

@@ -62,6 +62,7 @@ class _Job:
     num_chunks: int = 0
     aborted: bool = False
     failed: Exception | None = None  # the engine step running it raised (the engine aborted it)
+    first_send_unix_ns: int = 0  # when the first KV chunk went out (the kv.send span's start)
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -74,6 +75,8 @@ class PrefillOutcome:
     first_logprob: SampledToken | None = None
     prefill_ms: float = 0.0  # arrival -> the forward's end
     kv_transfer_ms: float = 0.0  # the forward's end -> the last chunk acknowledged
+    num_kv_chunks: int = 0
+    kv_first_send_unix_ns: int = 0  # time.time_ns() of the first chunk sent (0: none sent)
 
 
 class PrefillWorker:
@@ -124,7 +127,8 @@ class PrefillWorker:
             outcome = PrefillOutcome(
                 job.first_token_id, len(prompt), sum(t.result() for t in sends), job.num_cached_tokens,
                 job.first_logprob, prefill_ms=1000 * (job.forward_done_s - arrived_s),
-                kv_transfer_ms=1000 * max(0.0, acked_s - job.forward_done_s),
+                kv_transfer_ms=1000 * max(0.0, acked_s - job.forward_done_s), num_kv_chunks=job.num_chunks,
+                kv_first_send_unix_ns=job.first_send_unix_ns,
             )  # fmt: skip
             log.info("%s: prefilled %d tokens, %d bytes of KV sent in %d chunks of up to %d layers", rid,
                      len(prompt), outcome.kv_bytes_sent, job.num_chunks, self._layers_per_chunk(1))  # fmt: skip
@@ -172,6 +176,7 @@ class PrefillWorker:
             await asyncio.to_thread(chunk.ready.synchronize)  # the copy on the device; never on the loop
         if job.aborted:
             return 0
+        job.first_send_unix_ns = job.first_send_unix_ns or time.time_ns()
         return await self.sender.send(
             job.target, chunk.layer, chunk.first_page, chunk.pages, chunk.num_layers
         )

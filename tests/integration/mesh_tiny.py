@@ -61,6 +61,7 @@ class Mesh:
     pids: dict[str, int]
     lines: list[str] = field(default_factory=list)
     tls_dir: str | None = None  # a mutual-TLS mesh: asks the workers with the mesh's own certificate
+    http_port: int = 0  # the gateway's HTTP port
 
     def load(self, name: str) -> worker_pb2.LoadReport:
         from moemesh.config.security import SecurityConfig
@@ -113,10 +114,11 @@ class Mesh:
 def start_mesh(model_dir: Path | str, topology: str, *, num_decode: int = 1, num_prefill: int = 1,
                knobs: dict[str, str] | None = None, torch_threads: int | None = None,
                timeout_s: float = 120.0, keep_going: bool = False, tls_dir: str | None = None,
-               api_keys_file: str | None = None, device: str = "cpu") -> Mesh:  # fmt: skip
+               api_keys_file: str | None = None, device: str = "cpu", up_args: tuple[str, ...] = ()) -> Mesh:  # fmt: skip
     """Starts `moemesh up` and waits for `ready on`. knobs: MOEMESH_* environment (default TINY_ENV);
     keep_going: `up --keep-going` (a killed worker does not stop the mesh); tls_dir / api_keys_file: `up
-    --tls-dir` / `--api-keys`; device: `up --device`."""
+    --tls-dir` / `--api-keys`; device: `up --device`; up_args: more flags for `up`. Per-request log lines are
+    shown (`--request-log-level INFO`): tests read them."""
     from moemesh.supervisor import free_ports
 
     port, http_port = free_ports(2)
@@ -131,6 +133,7 @@ def start_mesh(model_dir: Path | str, topology: str, *, num_decode: int = 1, num
         argv += ["--tls-dir", tls_dir]
     if api_keys_file:
         argv += ["--api-keys", api_keys_file]
+    argv += ["--request-log-level", "INFO", *up_args]
     full_env = {
         **os.environ,
         "UCX_TLS": "tcp,self",
@@ -139,7 +142,7 @@ def start_mesh(model_dir: Path | str, topology: str, *, num_decode: int = 1, num
     }
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env,
                                cwd=ROOT, bufsize=1)  # fmt: skip
-    mesh = Mesh(process, f"127.0.0.1:{port}", {}, {}, tls_dir=tls_dir)
+    mesh = Mesh(process, f"127.0.0.1:{port}", {}, {}, tls_dir=tls_dir, http_port=http_port)
     ready = threading.Event()
 
     def pump() -> None:
