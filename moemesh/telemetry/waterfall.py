@@ -6,6 +6,7 @@ nothing but that page."""
 from __future__ import annotations
 
 import html
+import urllib.parse
 from typing import Any
 
 BAR_COLUMNS = 48
@@ -122,10 +123,10 @@ def index_page(summaries: list[dict[str, Any]]) -> str:
     """`GET /traces` as HTML: recent requests, newest first."""
     body = []
     for s in summaries:
-        rid = html.escape(s["request_id"])
+        rid, href = html.escape(s["request_id"]), html.escape(urllib.parse.quote(s["request_id"], safe=""))
         status = html.escape(s["error"] or s["finish_reason"] or ("running" if s["total_ms"] is None else ""))
         body.append(
-            f'<tr><td><a href="/traces/{rid}">{rid}</a></td><td class="ms">{_ms(s["ttft_ms"])}</td>'
+            f'<tr><td><a href="/traces/{href}">{rid}</a></td><td class="ms">{_ms(s["ttft_ms"])}</td>'
             f'<td class="ms">{_ms(s["total_ms"])}</td><td class="ms">{s["prompt_tokens"]}</td>'
             f'<td class="ms">{s["completion_tokens"]}</td><td>{status}</td></tr>'
         )

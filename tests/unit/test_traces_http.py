@@ -81,6 +81,15 @@ async def _scenario() -> None:
         assert bad.status == 400 and "format='xml'" in (await bad.json())["error"]["message"]
         bad_limit = await client.get("/traces?limit=0")
         assert bad_limit.status == 400 and "limit='0'" in (await bad_limit.json())["error"]["message"]
+
+        odd = gateway.start("gateway.generate", "")
+        store.begin("odd id/1", trace_id_of(odd), "demo", 1)  # a client's own id: quoted in links
+        odd.end()
+        assert 'href="/traces/odd%20id%2F1"' in await (await client.get("/traces")).text()
+        reply = await (await client.get("/traces/odd%20id%2F1?format=json")).json()
+        assert reply["request_id"] == "odd id/1" and [s["name"] for s in reply["spans"]] == [
+            "gateway.generate"
+        ]
     for c in channels.values():
         await c.close()
     await worker.stop(0)
