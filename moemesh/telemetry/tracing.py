@@ -189,6 +189,13 @@ class Telemetry:
         logs.bind_request(request_id, f"{context.trace_id:032x}" if context.is_valid else "")
 
 
+def mark_failed(span: Span, exc: BaseException, record: bool = True) -> None:
+    """Marks `span` failed with the exception's message (and records the exception as a span event)."""
+    if record:
+        span.record_exception(exc)
+    span.set_status(StatusCode.ERROR, str(exc) or type(exc).__name__)
+
+
 def trace_id_of(span: Span) -> str:
     context = span.get_span_context()
     return f"{context.trace_id:032x}" if context.is_valid else ""

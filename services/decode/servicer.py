@@ -16,15 +16,13 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 
-from opentelemetry.trace import StatusCode
-
 from moemesh._proto.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from moemesh.services.decode.outbox import MAX_EVENTS, STALL_S, Outbox
 from moemesh.services.decode.worker import DecodeJob, DecodeWorker
 from moemesh.services.sampling import FINISH_REASONS, logprob_to_proto, sampling_from_proto
 from moemesh.telemetry import spans
 from moemesh.telemetry.metrics import DecodeMetrics
-from moemesh.telemetry.tracing import Telemetry, traceparent_from_metadata
+from moemesh.telemetry.tracing import Telemetry, mark_failed, traceparent_from_metadata
 from moemesh.transport.errors import InvalidArgument, map_errors, status_code_number, status_for
 from moemesh.transport.peers import WorkerInfo
 
@@ -196,8 +194,7 @@ class _RequestSpans:
         finally:
             span = self.stream if self.stream is not None else self.first
             if failed is not None:
-                span.record_exception(failed)
-                span.set_status(StatusCode.ERROR, str(failed) or type(failed).__name__)
+                mark_failed(span, failed)
             if self.stream is not None:
                 self.stream.set_attribute(spans.TOKENS, self.num_tokens)
             span.end()

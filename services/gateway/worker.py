@@ -29,7 +29,6 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import grpc
-from opentelemetry.trace import StatusCode
 
 from moemesh._proto.v1 import common_pb2, worker_pb2
 from moemesh.config.mesh import GatewayConfig
@@ -40,7 +39,7 @@ from moemesh.services.sampling import sampling_from_proto, sampling_to_proto, wi
 from moemesh.telemetry import spans
 from moemesh.telemetry.metrics import GatewayMetrics, new_registry
 from moemesh.telemetry.trace_store import TraceStore
-from moemesh.telemetry.tracing import Telemetry, trace_id_of
+from moemesh.telemetry.tracing import Telemetry, mark_failed, trace_id_of
 from moemesh.transport.errors import InvalidArgument, ResourceExhausted, Unavailable, status_for
 from moemesh.transport.peers import WorkerInfo
 from moemesh.transport.registry import Membership
@@ -302,7 +301,7 @@ class Gateway:
                     self._decode_inflight[decode_id] -= 1
         except Exception as exc:
             trace.finish(error=str(exc) or type(exc).__name__)
-            root.set_status(StatusCode.ERROR, str(exc) or type(exc).__name__)
+            mark_failed(root, exc, record=False)
             raise
         finally:
             self.inflight -= 1

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import time
 
-from opentelemetry.trace import StatusCode
-
 from moemesh._proto.v1 import worker_pb2, worker_pb2_grpc
 from moemesh.services.prefill.worker import PrefillOutcome, PrefillWorker
 from moemesh.services.sampling import logprob_to_proto, sampling_from_proto
 from moemesh.telemetry import spans
 from moemesh.telemetry.metrics import PrefillMetrics
-from moemesh.telemetry.tracing import Telemetry, traceparent_from_metadata
+from moemesh.telemetry.tracing import Telemetry, mark_failed, traceparent_from_metadata
 from moemesh.transport.errors import LeaseRefused, map_errors
 from moemesh.transport.kv import KvTarget, LeaseKey
 from moemesh.transport.peers import HandshakeAcceptor
@@ -104,6 +102,5 @@ class _PrefillSpans:
 
     def __exit__(self, kind, exc, tb) -> None:
         if exc is not None:
-            self.forward.record_exception(exc)
-            self.forward.set_status(StatusCode.ERROR, str(exc) or type(exc).__name__)
+            mark_failed(self.forward, exc)
             self.forward.end()
