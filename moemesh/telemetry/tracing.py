@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
@@ -38,6 +39,8 @@ from moemesh.telemetry.spans import WORKER, SpanRecord
 Parent = Span | str | None
 _PROPAGATOR = TraceContextTextMapPropagator()  # stateless: W3C traceparent in and out
 EXPORT_DELAY_MS = 500  # how long finished spans wait before a batch goes to the collector
+EXPORT_TIMEOUT_S = 3.0  # one batch's export, retries included (a collector that is down costs this much)
+SHUTDOWN_TIMEOUT_S = EXPORT_TIMEOUT_S + 1.0  # what a stopping process gives the exporter's last batch
 
 
 class SpanStore(SpanProcessor):
@@ -107,7 +110,7 @@ class Telemetry:
         if not otlp_endpoint and trace_buffer <= 0:
             return cls.disabled(worker)
         resource = Resource.create({"service.name": service, "service.instance.id": worker, WORKER: worker})
-        provider = TracerProvider(resource=resource)
+        provider = TracerProvider(resource=resource, shutdown_on_exit=False)  # shutdown() is bounded
         store = None
         if trace_buffer > 0:
             store = SpanStore(worker, trace_buffer)
@@ -116,7 +119,7 @@ class Telemetry:
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
             secure = otlp_endpoint.startswith("https://")
-            exporter = OTLPSpanExporter(endpoint=otlp_endpoint, insecure=not secure)
+            exporter = OTLPSpanExporter(endpoint=otlp_endpoint, insecure=not secure, timeout=EXPORT_TIMEOUT_S)
             provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=EXPORT_DELAY_MS))
         return cls(worker, provider, store)
 
@@ -124,10 +127,18 @@ class Telemetry:
     def disabled(cls, worker: str = "") -> Telemetry:
         return cls(worker)
 
-    def shutdown(self) -> None:
-        """Flushes the exporter (spans still batched go out) and stops its thread."""
-        if self.provider is not None:
-            self.provider.shutdown()
+    def shutdown(self, timeout_s: float = SHUTDOWN_TIMEOUT_S) -> None:
+        """Sends the spans still batched and stops the exporter, giving up after `timeout_s` (an unreachable
+        collector must not hold a stopping process; an export gives up after EXPORT_TIMEOUT_S)."""
+        if self.provider is None:
+            return
+        stopper = threading.Thread(target=self.provider.shutdown, name="otel-shutdown", daemon=True)
+        stopper.start()
+        stopper.join(timeout_s)
+        if stopper.is_alive():
+            logging.getLogger(__name__).warning(
+                "spans not exported within %.1f s of stopping were dropped", timeout_s
+            )
 
     # -- spans ----------------------------------------------------------------------------------------------
 

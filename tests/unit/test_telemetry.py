@@ -8,6 +8,7 @@ import asyncio
 import io
 import json
 import logging
+import time
 
 import pytest
 
@@ -186,3 +187,16 @@ def test_trace_store_and_waterfall():
     html = waterfall.page(trace)
     assert html.count('<tr class="span') == 3 and 'class="span error"' in html
     assert "left:10.000%;width:40.000%" in html
+
+
+def test_a_collector_that_is_down_does_not_hold_a_stopping_process(caplog):
+    from moemesh.supervisor import free_ports
+
+    (port,) = free_ports(1)  # nobody listens there
+    telemetry = Telemetry.create("svc", "w", otlp_endpoint=f"127.0.0.1:{port}", trace_buffer=1)
+    telemetry.start("x", "").end()
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="moemesh.telemetry.tracing"):
+        telemetry.shutdown(timeout_s=0.3)
+    assert time.monotonic() - started < 2.0
+    assert "spans not exported within 0.3 s of stopping were dropped" in caplog.text
