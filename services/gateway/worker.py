@@ -53,7 +53,7 @@ class GenerateJob:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams  # with the stop strings (the gateway matches them)
-    traceparent: str = ""  # the request's gateway.generate span, for D (set by generate())
+    traceparent: str = ""  # the client's trace context; then the request's gateway.generate span, for D
 
 
 @dataclass(frozen=True)
@@ -231,7 +231,7 @@ class Gateway:
         traced (under the client's `traceparent`; "" = a new trace for this request)."""
         timer, finished = self.metrics.request(), False
         try:
-            async for delta in self._migrating(job, time_remaining, traceparent):
+            async for delta in self._migrating(replace(job, traceparent=traceparent), time_remaining):
                 timer.tokens(len(delta.token_ids))
                 if delta.finish_reason is not None:
                     timer.finished(delta.finish_reason, delta.num_prompt_tokens)
@@ -246,7 +246,7 @@ class Gateway:
             raise
 
     async def _migrating(
-        self, job: GenerateJob, time_remaining: Callable[[], float | None], traceparent: str
+        self, job: GenerateJob, time_remaining: Callable[[], float | None]
     ) -> AsyncIterator[Delta]:
         if self.inflight >= self.config.max_inflight:
             raise ResourceExhausted(
@@ -254,7 +254,7 @@ class Gateway:
             )
         self.inflight += 1
         start_ns = time.time_ns()
-        root = self.telemetry.start(spans.GATEWAY_GENERATE, traceparent, {
+        root = self.telemetry.start(spans.GATEWAY_GENERATE, job.traceparent, {
             spans.REQUEST_ID: job.request_id, spans.MODEL: self.config.model_id,
             spans.PROMPT_TOKENS: len(job.prompt_ids)}, start_ns)  # fmt: skip
         self.telemetry.bind_request(job.request_id, root)
