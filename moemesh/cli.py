@@ -105,7 +105,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     ready = f"ready on {target}"
     if options.http_port:
         http = f"http://{options.host}:{options.http_port}"
-        ready += f" (OpenAI-compatible HTTP on {http}/v1, metrics on {http}/metrics)"
+        ready += f" (OpenAI-compatible HTTP on {http}/v1, metrics on {http}/metrics, traces on {http}/traces)"
     on_ready = None
     if args.demo_prompt:
         on_ready = functools.partial(
