@@ -33,8 +33,14 @@ SERVE_ROLES = ("gateway", "prefill", "decode", "colocated", "expert", "health")
 
 
 def _add_up(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("up", help="start the whole mesh as child processes; Ctrl-C stops it",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    p = subparsers.add_parser(
+        "up",
+        help="start the whole mesh as child processes; Ctrl-C stops it",
+        description="Start the whole mesh as child processes; Ctrl-C stops it. A worker that dies is "
+        "reported, dropped from routing at once and restarted with a backoff (1 s, 2 s, 4 s, ...) at most "
+        "--max-restarts times in a row, while the others keep serving; --fail-fast stops the mesh instead.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--model", default="demo", help="checkpoint directory, or 'demo' (the bundled model)")
     p.add_argument("--topology", default="pd", choices=("colocated", "pd", "pd-experts"),
                    help="which roles run: one worker does all, or prefill and decode apart (+ expert pool)")  # fmt: skip
@@ -43,7 +49,8 @@ def _add_up(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--experts", type=int, default=1, metavar="N", help="expert-pool workers (pd-experts)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="where the workers run")
     p.add_argument("--host", default="127.0.0.1", help="the address every process listens on")
-    p.add_argument("--port", type=int, default=50051, help="the gateway's gRPC port")
+    p.add_argument("--port", type=int, default=50051,
+                   help="the gateway's gRPC port (0: pick a free one and print it)")  # fmt: skip
     p.add_argument("--http-port", type=int, default=8000,
                    help="the gateway's HTTP port: OpenAI-compatible /v1 API, /metrics and /traces; each "
                    "worker serves /metrics on a free port, printed at start; 0 = no HTTP")  # fmt: skip
@@ -64,44 +71,78 @@ def _add_up(subparsers: argparse._SubParsersAction) -> None:
         "--demo-max-tokens", type=int, default=48, metavar="N", help="tokens the demo request asks for"
     )
     _add_security_flags(p, "every process of the mesh")
-    p.add_argument("--keep-going", action="store_true",
-                   help="a worker that dies is reported and the rest keep serving (else the mesh stops)")  # fmt: skip
+    p.add_argument("--max-restarts", type=int, default=3, metavar="N",
+                   help="restarts in a row of a worker that dies before it stays down (0: never)")  # fmt: skip
+    p.add_argument("--fail-fast", action="store_true",
+                   help="when any process dies, stop the whole mesh and exit 1 (tests)")  # fmt: skip
     add_telemetry_arguments(p, request_log_level="WARNING")  # per-request lines stay out of the console
     p.set_defaults(func=_cmd_up)
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    from moemesh.config.devices import parse_fractions
-    from moemesh.config.security import SecurityConfig
-    from moemesh.supervisor import Supervisor, UpOptions, plan_children
+    """Validates everything it can before starting a child: a bad flag, a missing model, no CUDA device for
+    --device cuda or a port in use is one line on stderr and exit status 2, with nothing started."""
+    import secrets
 
+    from moemesh.config.devices import parse_fractions
+    from moemesh.config.mesh import resolve_model_dir
+    from moemesh.config.security import SecurityConfig
+    from moemesh.supervisor import (
+        RestartPolicy,
+        Supervisor,
+        UpOptions,
+        free_ports,
+        plan_children,
+        port_in_use,
+    )
+
+    port = args.port
     try:
         telemetry = TelemetryConfig.from_args(args)
+        if port == 0:
+            port = free_ports(1, args.host)[0]
+            print(f"--port 0: the gateway listens on free port {port}", flush=True)
         options = UpOptions(
             model=args.model, topology=args.topology, num_prefill=args.prefill, num_decode=args.decode,
-            num_expert=args.experts, device=args.device, host=args.host, port=args.port,
-            http_port=args.http_port, torch_threads=args.torch_threads, child_args=telemetry.child_args(),
+            num_expert=args.experts, device=args.device, host=args.host, port=port,
+            http_port=args.http_port, torch_threads=args.torch_threads, mesh_id=secrets.token_hex(8),
+            child_args=telemetry.child_args(),
             security=SecurityConfig.from_values(args.tls_dir, args.api_keys),
             gpu_memory_fractions=tuple(parse_fractions(args.gpu_memory_fraction).items()),
         )  # fmt: skip
-        specs = plan_children(options)
+        restart = RestartPolicy(max_restarts=args.max_restarts)
+        if args.startup_timeout <= 0:
+            raise ValueError(f"startup_timeout={args.startup_timeout} must be > 0")
+        if args.demo_max_tokens < 1:
+            raise ValueError(f"demo_max_tokens={args.demo_max_tokens} must be >= 1")
+        try:
+            resolve_model_dir(args.model)
+        except FileNotFoundError as err:
+            hint = " (train it: python tools/train_demo.py)" if args.model == "demo" else ""
+            raise ValueError(f"{err}{hint}") from None
+        for flag, value in (("--port", options.port), ("--http-port", options.http_port)):
+            if value and port_in_use(options.host, value):  # 0: no HTTP
+                raise ValueError(
+                    f"port {value} is in use on {options.host} (another mesh? pick another {flag})"
+                )
+        specs = plan_children(options)  # ValueError for --device cuda without a GPU
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from moemesh.config.mesh import resolve_model_dir
-
-    try:
-        resolve_model_dir(args.model)
-    except FileNotFoundError as err:
-        hint = " (train it: python tools/train_demo.py)" if args.model == "demo" else ""
-        print(f"error: {err}{hint}", file=sys.stderr)
+    except OSError as err:  # port_in_use: a host that does not resolve, or is not this machine's
+        print(f"error: host={args.host!r}: cannot listen there ({err.strerror or err})", file=sys.stderr)
         return 2
-    supervisor = Supervisor(
-        specs, startup_timeout_s=args.startup_timeout, keep_going=args.keep_going,
-        tls=options.security.tls_files(),
-        prefix_lines=telemetry.log_format == "text",
-    )  # fmt: skip
     target = f"{options.host}:{options.port}"
+    tls = options.security.tls_files()
+    from moemesh.transport.channels import forget_worker
+
+    def forget(worker_id: str) -> None:  # the gateway stops routing to a worker that died, at once
+        forget_worker(target, worker_id, options.mesh_id, tls=tls)
+
+    supervisor = Supervisor(
+        specs, startup_timeout_s=args.startup_timeout, fail_fast=args.fail_fast,
+        restart=restart, forget=forget, tls=tls, prefix_lines=telemetry.log_format == "text",
+    )  # fmt: skip
     ready = f"ready on {target}"
     if options.http_port:
         http = f"http://{options.host}:{options.http_port}"
@@ -216,7 +257,8 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     where.add_argument("--model", metavar="DIR", help="run in this process on a checkpoint dir or 'demo'")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0 (the default everywhere: CLI, LLM, SDK, gateway) is greedy")  # fmt: skip
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
@@ -233,16 +275,24 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     if args.target:
-        from moemesh.sdk import Client, InvalidRequest
+        from moemesh.sdk import Client, InvalidRequest, MoemeshError
 
+        printed = False
         try:
-            with Client(args.target) as client:
-                for i, chunk in enumerate(client.generate(prompt=args.prompt, **sampling)):
-                    print((args.prompt if i == 0 else "") + chunk.text, end="", flush=True)
+            target = _check_target(args.target)
+            with Client(target) as client:
+                for chunk in client.generate(prompt=args.prompt, **sampling):
+                    print(("" if printed else args.prompt) + chunk.text, end="", flush=True)
+                    printed = True
             print()
-        except InvalidRequest as err:
+        except (InvalidRequest, ValueError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
+        except MoemeshError as err:  # unreachable, overloaded, deadline, a lost worker: one line, exit 1
+            if printed:
+                print()
+            print(f"error: {args.target}: {err.code}: {err}", file=sys.stderr)
+            return 1
         return 0
     from moemesh import LLM, SamplingParams
 
@@ -256,6 +306,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     print(args.prompt + completion.text)
     print(f"[{len(completion.token_ids)} tokens, finish_reason={completion.finish_reason}]", file=sys.stderr)
     return 0
+
+
+def _check_target(target: str) -> str:
+    """HOST:PORT with a port in [1, 65535] (gRPC would otherwise quietly try 443)."""
+    host, sep, port = target.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"--target={target!r} must be HOST:PORT with a port in [1, 65535]")
+    return target
 
 
 # --- main -------------------------------------------------------------------------------------------------
@@ -294,7 +352,11 @@ def main(argv: list[str] | None = None) -> int:
     if extra and args.command != "serve":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra = extra
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C: no traceback, the shell's status for SIGINT
+        print(file=sys.stderr)
+        return 130
 
 
 def entry() -> None:

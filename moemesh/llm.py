@@ -16,7 +16,7 @@ import torch
 from moemesh.config.engine import EngineConfig
 from moemesh.config.mesh import resolve_model_dir
 from moemesh.engine.engine import Engine, RequestOutput
-from moemesh.engine.sampling_params import SamplingParams
+from moemesh.engine.sampling_params import SamplingParams, check_fits_context
 from moemesh.model.batch import ForwardBatch
 from moemesh.model.checkpoint import is_fp8_checkpoint, load_model
 from moemesh.model.config import ModelConfig
@@ -87,8 +87,14 @@ class LLM:
         self.page_size = self.engine.config.page_size
 
     def score(self, token_ids: list[int]) -> torch.Tensor:
-        """fp32 logits [len(token_ids), vocab_size] of one full prefill (in a scratch cache of its own)."""
+        """fp32 logits [len(token_ids), vocab_size] of one full prefill (in a scratch cache of its own).
+        ValueError for more tokens than the model has positions (max_position_embeddings)."""
         self._check_ids(token_ids, "token_ids")
+        if len(token_ids) > self.config.max_position_embeddings:
+            raise ValueError(
+                f"token_ids has {len(token_ids)} tokens, more than the model's "
+                f"max_position_embeddings={self.config.max_position_embeddings}"
+            )
         pages = list(range(-(-len(token_ids) // self.page_size)))
         batch = ForwardBatch.build([token_ids], [0], [pages], self.page_size, self.device, logits="all")
         shape = (len(pages), self.page_size, self.config.kv_cache_dim)  # kv_lora_rank + qk_rope_head_dim
@@ -101,9 +107,17 @@ class LLM:
     def generate(
         self, prompts: list[str] | list[list[int]], params: SamplingParams | None = None
     ) -> list[Completion]:
-        """Runs every prompt to completion in one continuously batched loop; results in prompt order."""
+        """Runs every prompt to completion in one continuously batched loop; results in prompt order.
+        ValueError, before any prompt starts, for a prompt whose length plus max_tokens exceeds the context
+        (`check_fits_context`, the rule the gateway and the decode workers apply)."""
         params = params or SamplingParams()
-        ids = [self.engine.add_request(self._encode(p, i), params) for i, p in enumerate(prompts)]
+        encoded = [self._encode(p, i) for i, p in enumerate(prompts)]
+        for i, prompt_ids in enumerate(encoded):
+            try:
+                check_fits_context(len(prompt_ids), params.max_tokens, self.engine.max_model_len)
+            except ValueError as err:
+                raise ValueError(f"prompts[{i}]: {err}") from None
+        ids = [self.engine.add_request(prompt_ids, params) for prompt_ids in encoded]
         done: dict[str, RequestOutput] = {}
         logprobs: dict[str, list[Logprob]] = {i: [] for i in ids}
         while len(done) < len(ids):

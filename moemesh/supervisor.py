@@ -2,6 +2,11 @@
 (`python -m moemesh.cli serve <role> ...`), the parent waits until all are healthy, prints
 `ready on HOST:PORT`, and stops them all on SIGINT / SIGTERM / SIGHUP — leaving no orphans.
 
+A child that exits while the mesh serves is handled as a cluster would: the parent says so, tells the gateway
+to stop routing to it at once (`forget`), and starts it again after a backoff (`RestartPolicy`: 1 s, 2 s,
+4 s, ..., at most `max_restarts` times in a row), while the rest keep serving. `fail_fast=True` (`up
+--fail-fast`) stops the whole mesh instead, with exit status 1.
+
 How no child outlives the parent:
 * each child is the leader of its own process group, so a terminal's Ctrl-C reaches the parent only, and the
   parent stops children in order (front first) by signalling each group (the child and anything it spawned);
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import logging
 import os
 import signal
@@ -56,11 +62,38 @@ class ChildSpec:
         return f"http://{self.host}:{self.http_port}/metrics" if self.http_port else None
 
 
+@dataclass(frozen=True)
+class RestartPolicy:
+    """How a child that exited comes back: after `backoff_s`, doubling with each restart in a row up to
+    `max_backoff_s`; after `max_restarts` restarts in a row it stays down (the mesh serves on without it). A
+    child that ran `reset_after_s` since its last start begins a new row. max_restarts=0: never restart."""
+
+    max_restarts: int = 3
+    backoff_s: float = 1.0
+    max_backoff_s: float = 30.0
+    reset_after_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.max_restarts < 0:
+            raise ValueError(f"max_restarts={self.max_restarts} must be >= 0")
+        if not 0 <= self.backoff_s <= self.max_backoff_s:
+            raise ValueError(f"backoff_s={self.backoff_s} must be in [0, max_backoff_s={self.max_backoff_s}]")
+
+    def delay_s(self, restart: int) -> float:
+        """The wait before restart number `restart` (1, 2, ...) of a row."""
+        return min(self.max_backoff_s, self.backoff_s * 2 ** (restart - 1))
+
+
 @dataclass
 class Child:
     spec: ChildSpec
     process: subprocess.Popen
     log_lines: list[str] = field(default_factory=list)
+    started_s: float = field(default_factory=time.monotonic)
+    restarts: int = 0  # restarts in the current row
+    restart_at_s: float | None = None  # exited, to be started again at this time
+    given_up: bool = False  # exited once too often: stays down
+    serving: bool = True  # False from a restart until its health says SERVING
 
     @property
     def pid(self) -> int:
@@ -83,6 +116,21 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
     finally:
         for sock in sockets:
             sock.close()
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """True when a server could not listen on host:port now (SO_REUSEADDR as gRPC sets it, so sockets left in
+    TIME_WAIT do not count). OSError for a host that does not resolve or is not this machine's."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+            sock.listen()
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                return True
+            raise
+    return False
 
 
 def die_with_parent(parent_pid: int, poll_s: float = 0.5) -> None:
@@ -120,13 +168,16 @@ class Supervisor:
         stop_grace_s: float = 10.0,
         python: str = sys.executable,
         out: TextIO | None = None,
-        keep_going: bool = False,
+        fail_fast: bool = False,
+        restart: RestartPolicy | None = None,
+        forget: Callable[[str], object] | None = None,
         tls: TlsFiles | None = None,
         console: Console | None = None,
         prefix_lines: bool = True,
     ) -> None:
-        """keep_going: a worker that exits is reported and the mesh keeps serving without it (the gateway
-        migrates or retries around it); only the gateway's exit, or a signal, stops the mesh.
+        """fail_fast: any child's exit stops the mesh (exit 1). Otherwise a child that exits is reported,
+        `forget(name)` is called for a worker (the gateway drops it from routing), and it is restarted under
+        `restart` (default RestartPolicy()) while the others serve on.
         console: where the children's lines go, whole (default: stderr; the messages: `out`);
         prefix_lines: "[name] " before each child's line (not for JSON lines, which name their worker)."""
         names = [s.name for s in specs]
@@ -137,41 +188,45 @@ class Supervisor:
         self.stop_grace_s = stop_grace_s
         self.python = python
         self.out = out or sys.stdout
-        self.keep_going = keep_going
+        self.fail_fast = fail_fast
+        self.restart = restart or RestartPolicy()
+        self.forget = forget
         self.tls = tls  # the health checks' client identity when the mesh runs mutual TLS
         self.console = console or Console(self.out, sys.stderr)
         self.prefix_lines = prefix_lines
         self.children: list[Child] = []
-        self._lost: set[str] = set()  # workers that exited while keep_going
         self._stop = threading.Event()
         self._stop_signal: int | None = None
 
     def start(self) -> None:
         for spec in self.specs:
-            argv = [
-                self.python,
-                "-m",
-                "moemesh.cli",
-                "serve",
-                *spec.serve_args,
-                "--parent-pid",
-                str(os.getpid()),
-            ]
-            process = subprocess.Popen(
-                argv,
-                env={**os.environ, **dict(spec.env)} if spec.env else None,
-                process_group=0,  # its own group: Ctrl-C on the terminal reaches the parent only
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                bufsize=1,
-            )
-            child = Child(spec, process)
-            self.children.append(child)
-            threading.Thread(target=self._pump, args=(child,), name=f"log-{spec.name}", daemon=True).start()
+            self.children.append(self._spawn(spec))
             metrics = f" (metrics {spec.metrics_url})" if spec.metrics_url else ""
-            self.console.say(f"started {spec.name} pid={process.pid} on {spec.address}{metrics}")
+            self.console.say(f"started {spec.name} pid={self.children[-1].pid} on {spec.address}{metrics}")
+
+    def _spawn(self, spec: ChildSpec) -> Child:
+        argv = [
+            self.python,
+            "-m",
+            "moemesh.cli",
+            "serve",
+            *spec.serve_args,
+            "--parent-pid",
+            str(os.getpid()),
+        ]
+        process = subprocess.Popen(
+            argv,
+            env={**os.environ, **dict(spec.env)} if spec.env else None,
+            process_group=0,  # its own group: Ctrl-C on the terminal reaches the parent only
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+        )
+        child = Child(spec, process)
+        threading.Thread(target=self._pump, args=(child,), name=f"log-{spec.name}", daemon=True).start()
+        return child
 
     def wait_ready(self) -> None:
         """Blocks until every child's health says SERVING; StartupError when one exits or time runs out."""
@@ -227,20 +282,56 @@ class Supervisor:
 
     def _watch(self) -> int:
         while not self._stop.wait(0.2):
-            for child in self.children:
+            for i, child in enumerate(self.children):
+                if child.given_up:
+                    continue
+                if child.restart_at_s is not None:
+                    if time.monotonic() >= child.restart_at_s:
+                        self.children[i] = self._restart(child)
+                    continue
                 code = child.process.poll()
-                if code is not None and self.keep_going and child.spec.name != "gateway":
-                    if child.spec.name not in self._lost:
-                        self._lost.add(child.spec.name)
-                        self.console.line(f"warning: {child.spec.name} (pid {child.pid}) exited with {code}; "
-                                          "the mesh keeps serving without it (--keep-going)")  # fmt: skip
-                elif code is not None:
-                    self.console.line(
-                        f"error: {child.spec.name} (pid {child.pid}) exited with {code}" + _tail(child)
-                    )
+                if code is None:
+                    if not child.serving and wait_until_serving(
+                        child.spec.address, timeout_s=0.1, tls=self.tls
+                    ):
+                        child.serving = True
+                        self.console.say(f"{child.spec.name} is serving again")
+                    continue
+                if self.fail_fast:
+                    self.console.line(f"error: {child.spec.name} (pid {child.pid}) exited with {code}; stopping "
+                                      "the mesh (--fail-fast)" + _tail(child))  # fmt: skip
                     return 1
+                if not self._schedule_restart(child, code) and child.spec.name == "gateway":
+                    return 1  # no front door, nothing to serve
         self.console.say(f"stopping ({signal.Signals(self._stop_signal).name})")
         return 0
+
+    def _schedule_restart(self, child: Child, code: int) -> bool:
+        """Reports an exit, tells the gateway, and sets the restart time; False when the child stays down."""
+        name = child.spec.name
+        self.console.line(f"warning: {name} (pid {child.pid}) exited with {code}; the mesh serves on without it"
+                          + _tail(child))  # fmt: skip
+        if self.forget is not None and name != "gateway":
+            self.forget(name)
+        if time.monotonic() - child.started_s >= self.restart.reset_after_s:
+            child.restarts = 0
+        if child.restarts >= self.restart.max_restarts:
+            child.given_up = True
+            self.console.line(f"error: {name} exited after {child.restarts} restart(s) in a row (max_restarts="
+                              f"{self.restart.max_restarts}); not restarting it")  # fmt: skip
+            return False
+        delay_s = self.restart.delay_s(child.restarts + 1)
+        child.restart_at_s = time.monotonic() + delay_s
+        self.console.say(f"restarting {name} in {delay_s:g} s (restart {child.restarts + 1} of "
+                         f"{self.restart.max_restarts})")  # fmt: skip
+        return True
+
+    def _restart(self, old: Child) -> Child:
+        child = self._spawn(old.spec)
+        child.restarts, child.serving = old.restarts + 1, False
+        self.console.say(f"restarted {old.spec.name} pid={child.pid} on {old.spec.address} (restart "
+                         f"{child.restarts} of {self.restart.max_restarts})")  # fmt: skip
+        return child
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self._stop_signal = signum
@@ -297,8 +388,11 @@ class UpOptions:
     # per role ("prefill" -> 0.3; moemesh/config/devices.py): its share of its GPU instead of an even split
     gpu_memory_fractions: tuple[tuple[str, float], ...] = ()
     child_args: tuple[str, ...] = ()  # flags every child gets (telemetry: TelemetryConfig.child_args())
+    mesh_id: str = ""  # every child gets it; the gateway's registry admits only workers that name it
 
     def __post_init__(self) -> None:
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"port={self.port} must be in [1, 65535]")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ValueError(f"torch_threads={self.torch_threads} must be >= 1")
         if self.topology not in TOPOLOGIES:
@@ -343,6 +437,8 @@ def plan_children(options: UpOptions, num_gpus: int | None = None) -> list[Child
     common = ("--host", o.host, "--model", o.model, "--device", device)
     if o.security.tls_dir:
         common += ("--tls-dir", o.security.tls_dir)
+    if o.mesh_id:
+        common += ("--mesh-id", o.mesh_id)
     gateway_args = ("gateway", *common, "--port", str(o.port), "--http-port", str(o.http_port),
                     "--topology", o.topology)  # fmt: skip
     if o.security.api_keys_file:

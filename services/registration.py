@@ -1,5 +1,6 @@
 """How every worker role runs once composed: its background loops and its registration with the gateway in
-one TaskGroup, SERVING once registered, until SIGTERM / SIGINT; then it deregisters and stops."""
+one TaskGroup, SERVING once registered, until SIGTERM / SIGINT; then it deregisters and stops. A worker the registry refuses
+(another mesh's, or a name a live worker holds) logs why and exits with status 3."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 from moemesh.config.mesh import WorkerConfig
 from moemesh.transport.channels import MeshChannels
+from moemesh.transport.errors import RegistrationRefused
 from moemesh.transport.peers import WorkerInfo
 from moemesh.transport.registry import LoadReport, RegistryClient
 from moemesh.transport.server import MeshServer, serve_until_signalled
@@ -60,7 +62,9 @@ async def run_worker_server(
     """`server` is started; `background` coroutines run until the worker stops (their failure stops it)."""
     channels = MeshChannels(config.security.tls_files())
     channel = channels(config.registry) if config.registry else None
-    client = RegistryClient(channel, me, load, on_members) if channel is not None else None
+    client = None
+    if channel is not None:
+        client = RegistryClient(channel, me, load, on_members, mesh_id=config.mesh_id)
     try:
         async with asyncio.TaskGroup() as tg:
             tasks = [tg.create_task(coro) for coro in background]
@@ -76,6 +80,9 @@ async def run_worker_server(
             await serve_until_signalled(server, drain=leave)
             for task in tasks:
                 task.cancel()
+    except* RegistrationRefused as group:
+        log.error("%s not admitted by %s: %s", me.worker_id, config.registry, group.exceptions[0])
+        raise SystemExit(3) from None
     finally:
         if channel is not None:
             await channel.close()

@@ -8,7 +8,7 @@ from dataclasses import replace
 from moemesh._proto.v1 import common_pb2
 from moemesh.engine.request import FinishReason
 from moemesh.engine.sampler import SampledToken
-from moemesh.engine.sampling_params import SamplingParams
+from moemesh.engine.sampling_params import SamplingParams, check_fits_context
 from moemesh.transport.errors import InvalidArgument
 
 FINISH_REASONS = {
@@ -22,7 +22,7 @@ def sampling_from_proto(msg: common_pb2.SamplingParams, default_max_tokens: int)
     try:
         return SamplingParams(
             max_tokens=msg.max_tokens if msg.HasField("max_tokens") else default_max_tokens,
-            temperature=msg.temperature if msg.HasField("temperature") else 1.0,
+            temperature=msg.temperature if msg.HasField("temperature") else 0.0,  # greedy, as LLM and the CLI
             top_k=msg.top_k,
             top_p=msg.top_p if msg.HasField("top_p") else 1.0,
             min_p=msg.min_p,
@@ -37,6 +37,20 @@ def sampling_from_proto(msg: common_pb2.SamplingParams, default_max_tokens: int)
         )
     except ValueError as err:
         raise InvalidArgument(str(err)) from None
+
+
+def sampling_for_prompt(
+    msg: common_pb2.SamplingParams, num_prompt_tokens: int, max_context_tokens: int
+) -> SamplingParams:
+    """A request's sampling as the gateway and the decode worker take it: unset max_tokens fills the context,
+    and a prompt plus max_tokens beyond it is INVALID_ARGUMENT (`check_fits_context`, the rule `LLM.generate`
+    applies too)."""
+    params = sampling_from_proto(msg, default_max_tokens=max(1, max_context_tokens - num_prompt_tokens))
+    try:
+        check_fits_context(num_prompt_tokens, params.max_tokens, max_context_tokens)
+    except ValueError as err:
+        raise InvalidArgument(str(err)) from None
+    return params
 
 
 def sampling_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:

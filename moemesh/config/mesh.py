@@ -22,6 +22,7 @@ environment. `moemesh serve <role>` hands its parsed flags (and the flags it did
     UCX network devices ("" = all) --ucx-net-devices             MOEMESH_UCX_NET_DEVICES
     gateway in-flight limit        --max-inflight                MOEMESH_MAX_INFLIGHT
     drain on SIGTERM, at most      --drain-grace-s               MOEMESH_DRAIN_GRACE_S
+    mesh this process belongs to   --mesh-id                     MOEMESH_MESH_ID
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ class WorkerConfig:
     drain_grace_s: float = 30.0  # on SIGTERM: leave the mesh, then let requests finish this long at most
     security: SecurityConfig = field(default_factory=SecurityConfig)  # mutual TLS (docs/security.md)
     http_port: int = 0  # /metrics; 0 = no HTTP
+    mesh_id: str = ""  # sent with its registration; the registry refuses another mesh's workers
 
     def __post_init__(self) -> None:
         _check(
@@ -170,6 +172,7 @@ class WorkerConfig:
             drain_grace_s=extra.drain_grace_s,
             security=security_from_args(args, env),
             http_port=getattr(args, "http_port", 0) or 0,
+            mesh_id=extra.mesh_id,
         )
 
 
@@ -190,6 +193,7 @@ class GatewayConfig:
     max_migrations: int = 2  # decode workers a request may move to after the first one is lost
     security: SecurityConfig = field(default_factory=SecurityConfig)  # mutual TLS, API keys
     http_port: int = 0  # OpenAI-compatible HTTP and /metrics; 0 = no HTTP
+    mesh_id: str = ""  # the registry admits only workers that name this mesh
 
     def __post_init__(self) -> None:
         _check(
@@ -222,6 +226,7 @@ class GatewayConfig:
             "--worker-timeout-s", type=float, default=float(env.get("MOEMESH_WORKER_TIMEOUT_S", 5.0))
         )
         p.add_argument("--max-migrations", type=int, default=int(env.get("MOEMESH_MAX_MIGRATIONS", 2)))
+        p.add_argument("--mesh-id", default=env.get("MOEMESH_MESH_ID", ""))
         extra = p.parse_args(list(getattr(args, "extra", []) or []))
         return cls(
             host=args.host, port=args.port, model=args.model, topology=args.topology,
@@ -229,6 +234,7 @@ class GatewayConfig:
             worker_timeout_s=extra.worker_timeout_s, max_migrations=extra.max_migrations,
             security=security_from_args(args, env),
             http_port=getattr(args, "http_port", 0) or 0,
+            mesh_id=extra.mesh_id,
         )  # fmt: skip
 
 
@@ -266,4 +272,5 @@ def _worker_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument("--ucx-transports", default=env.get("MOEMESH_UCX_TRANSPORTS"))  # None: by device
     p.add_argument("--ucx-net-devices", default=env.get("MOEMESH_UCX_NET_DEVICES", "lo"))
     p.add_argument("--drain-grace-s", type=float, default=float(env.get("MOEMESH_DRAIN_GRACE_S", 30.0)))
+    p.add_argument("--mesh-id", default=env.get("MOEMESH_MESH_ID", ""))
     return p

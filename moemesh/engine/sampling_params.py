@@ -57,3 +57,15 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def check_fits_context(num_prompt_tokens: int, max_tokens: int, max_context_tokens: int) -> None:
+    """The one rule every entry point (`LLM.generate`, the gateway, the decode worker) applies before a
+    request starts: its prompt plus `max_tokens` must fit the model's context. Otherwise the engine would cut
+    it short with finish reason "length"; refusing says so up front. Raises ValueError naming all four."""
+    if num_prompt_tokens + max_tokens > max_context_tokens:
+        room = max(0, max_context_tokens - num_prompt_tokens)
+        raise ValueError(
+            f"max_tokens={max_tokens} does not fit: the prompt has {num_prompt_tokens} tokens and the context "
+            f"is {max_context_tokens} tokens (max_context_tokens), so max_tokens must be <= {room}"
+        )

@@ -132,7 +132,8 @@ class Client:
 
         sampling: the keywords of `Sampling` — max_tokens, temperature, top_k, top_p, min_p,
         repetition_penalty, frequency_penalty, presence_penalty, seed, stop, stop_token_ids, logprobs,
-        ignore_eos. Bad values raise InvalidRequest here, before anything is sent.
+        ignore_eos. Bad values raise InvalidRequest here, before anything is sent. Unset ones take the server's
+        defaults: greedy (temperature 0, as `LLM` and `moemesh generate`), max_tokens up to the context.
         """
         request = build_request(prompt, token_ids, model, request_id, sampling)
         call = self._stub.Generate(request, timeout=self._timeout(timeout_s), metadata=self._metadata)

@@ -13,6 +13,7 @@ INVALID_ARGUMENT with that message.
     Unauthenticated (PermissionError)    UNAUTHENTICATED
     IncompatiblePeer                     FAILED_PRECONDITION
     LeaseRefused                         FAILED_PRECONDITION
+    RegistrationRefused                  FAILED_PRECONDITION
     NotFound (KeyError / LookupError)    NOT_FOUND
     Cancelled (asyncio.CancelledError)   CANCELLED
     anything else                        INTERNAL (logged with its traceback)
@@ -78,6 +79,13 @@ class LeaseRefused(MeshError):
     def __init__(self, message: str, reason: int | None = None) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class RegistrationRefused(MeshError):
+    """The registry refused a worker: it belongs to another mesh, or its worker_id is held by a live worker
+    at another address."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
 
 
 class NotFound(MeshError, LookupError):

@@ -7,6 +7,12 @@
   `PeerSet.sync`, so P <-> D handshakes and UCX endpoints happen when a worker registers, not on a user's
   first request). It re-registers when the gateway has forgotten it (a gateway restart) and keeps retrying
   while the gateway is unreachable.
+
+Who may join: every registration names the mesh it was started for (`mesh_id`; `moemesh up` makes a fresh one
+per mesh, "" outside it). The registry refuses a worker of another mesh, and a `worker_id` that a live worker
+at another address holds (a stray of a second mesh must not take over `decode-0`); the same id at the same
+address is that worker restarted, and replaces its entry. A refused worker gets FAILED_PRECONDITION
+(`RegistrationRefused`) and stops, rather than retrying: the refusal will not go away by itself.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from dataclasses import dataclass
 import grpc
 
 from moemesh._proto.v1 import worker_pb2, worker_pb2_grpc
-from moemesh.transport.errors import map_errors
+from moemesh.transport.errors import RegistrationRefused, map_errors
 from moemesh.transport.peers import ROLES, WorkerInfo
 
 log = logging.getLogger(__name__)
@@ -72,12 +78,14 @@ class Membership:
         heartbeat_interval_s: float = 1.0,
         expiry_intervals: int = 3,
         clock: Callable[[], float] = time.monotonic,
+        mesh_id: str = "",
     ) -> None:
         if heartbeat_interval_s <= 0:
             raise ValueError(f"heartbeat_interval_s={heartbeat_interval_s} must be > 0")
         self.heartbeat_interval_s = heartbeat_interval_s
         self.expiry_s = heartbeat_interval_s * expiry_intervals
         self.clock = clock
+        self.mesh_id = mesh_id
         self.started_s = clock()
         self._members: dict[str, _Member] = {}
 
@@ -86,11 +94,20 @@ class Membership:
         missing from it (after a gateway restart each worker re-registers on its next heartbeat)."""
         return self.clock() - self.started_s < self.expiry_s
 
-    def register(self, info: WorkerInfo) -> list[WorkerInfo]:
-        """Adds (or replaces) a worker; returns the membership, itself included."""
+    def register(self, info: WorkerInfo, mesh_id: str = "") -> list[WorkerInfo]:
+        """Adds (or replaces, at the same address) a worker; returns the membership, itself included.
+        RegistrationRefused for another mesh's worker or a name a live worker elsewhere holds."""
         if not info.worker_id:
             raise ValueError("worker_id='' must be non-empty")
-        if info.worker_id not in self._members:
+        self.check_mesh(info.worker_id, mesh_id)
+        self.expire()
+        held = self._members.get(info.worker_id)
+        if held is not None and held.info.grpc_address != info.grpc_address:
+            raise RegistrationRefused(
+                f"worker_id={info.worker_id!r} is held by a live worker at {held.info.grpc_address}; "
+                f"{info.grpc_address} may not take it"
+            )
+        if held is None:
             log.info("worker %s (%s) joined at %s", info.worker_id, info.role, info.grpc_address)
         self._members[info.worker_id] = _Member(info, None, self.clock())
         return self.members()
@@ -104,6 +121,12 @@ class Membership:
         member.load = report
         member.last_seen_s = self.clock()
         return True, self.members()
+
+    def check_mesh(self, worker_id: str, mesh_id: str) -> None:
+        if mesh_id != self.mesh_id:
+            raise RegistrationRefused(
+                f"worker {worker_id!r} belongs to mesh_id={mesh_id!r}, this registry to mesh_id={self.mesh_id!r}"
+            )
 
     def deregister(self, worker_id: str) -> None:
         if self._members.pop(worker_id, None) is not None:
@@ -134,7 +157,7 @@ class RegistryServicer(worker_pb2_grpc.RegistryServicer):
 
     @map_errors
     async def Register(self, request, context):
-        members = self.membership.register(WorkerInfo.from_proto(request.worker))
+        members = self.membership.register(WorkerInfo.from_proto(request.worker), request.mesh_id)
         interval_ms = int(self.membership.heartbeat_interval_s * 1000)
         return worker_pb2.RegisterResponse(
             heartbeat_interval_ms=interval_ms, peers=[m.to_proto() for m in members],
@@ -150,6 +173,7 @@ class RegistryServicer(worker_pb2_grpc.RegistryServicer):
 
     @map_errors
     async def Deregister(self, request, context):
+        self.membership.check_mesh(request.worker_id, request.mesh_id)
         self.membership.deregister(request.worker_id)
         return worker_pb2.DeregisterResponse()
 
@@ -168,9 +192,11 @@ class RegistryClient:
         on_members: Callable[[list[WorkerInfo]], Awaitable[None]] | None = None,
         retry_s: float = 0.5,
         timeout_s: float = 5.0,
+        mesh_id: str = "",
     ) -> None:
         self.stub = worker_pb2_grpc.RegistryStub(channel)
         self.me = me
+        self.mesh_id = mesh_id
         self.load = load
         self.on_members = on_members
         self.retry_s = retry_s
@@ -180,15 +206,15 @@ class RegistryClient:
         self._last_members: dict[str, WorkerInfo] = {}
 
     async def run(self) -> None:
-        """Registers, then heartbeats until cancelled. Never raises for a lost or restarted registry."""
+        """Registers, then heartbeats until cancelled. Never raises for a lost or restarted registry;
+        raises RegistrationRefused when the registry refuses this worker (another mesh, a name held)."""
         interval_s = self.retry_s
         known = False
         while True:
             try:
                 if not known:
-                    reply = await self.stub.Register(
-                        worker_pb2.RegisterRequest(worker=self.me.to_proto()), timeout=self.timeout_s
-                    )
+                    request = worker_pb2.RegisterRequest(worker=self.me.to_proto(), mesh_id=self.mesh_id)
+                    reply = await self.stub.Register(request, timeout=self.timeout_s)
                     interval_s = reply.heartbeat_interval_ms / 1000 or self.retry_s
                     self.num_registrations += 1
                     self.registered.set()
@@ -203,6 +229,8 @@ class RegistryClient:
                         log.warning("the registry forgot %s; registering again", self.me.worker_id)
                         continue
             except grpc.RpcError as err:
+                if err.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                    raise RegistrationRefused(err.details() or "registration refused") from None
                 log.warning("registry unreachable from %s: %s", self.me.worker_id, err.code().name)
                 known = False
                 await asyncio.sleep(self.retry_s)
@@ -212,7 +240,8 @@ class RegistryClient:
     async def deregister(self) -> None:
         try:
             await self.stub.Deregister(
-                worker_pb2.DeregisterRequest(worker_id=self.me.worker_id), timeout=self.timeout_s
+                worker_pb2.DeregisterRequest(worker_id=self.me.worker_id, mesh_id=self.mesh_id),
+                timeout=self.timeout_s,
             )
         except grpc.RpcError as err:
             log.warning("could not deregister %s: %s", self.me.worker_id, err.code().name)

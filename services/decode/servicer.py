@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from moemesh._proto.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from moemesh.services.decode.outbox import MAX_EVENTS, STALL_S, Outbox
 from moemesh.services.decode.worker import DecodeJob, DecodeWorker
-from moemesh.services.sampling import FINISH_REASONS, logprob_to_proto, sampling_from_proto
+from moemesh.services.sampling import FINISH_REASONS, logprob_to_proto, sampling_for_prompt
 from moemesh.telemetry import spans
 from moemesh.telemetry.metrics import DecodeMetrics
 from moemesh.telemetry.tracing import Telemetry, mark_failed, traceparent_from_metadata
@@ -80,7 +80,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         prompt = list(request.prompt_token_ids)
         if not prompt:
             raise InvalidArgument("prompt_token_ids=[] must be non-empty")
-        params = sampling_from_proto(request.sampling, default_max_tokens=self.max_model_len - len(prompt))
+        params = sampling_for_prompt(request.sampling, len(prompt), self.max_model_len)
         if params.stop:  # workers stream token ids only
             raise InvalidArgument(
                 f"sampling.stop={list(params.stop)!r}: stop strings are matched by the gateway"

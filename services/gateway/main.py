@@ -48,6 +48,7 @@ async def serve(config: GatewayConfig, telemetry_config: TelemetryConfig | None 
     membership = Membership(
         heartbeat_interval_s=config.heartbeat_s,
         expiry_intervals=max(1, math.ceil(config.worker_timeout_s / config.heartbeat_s)),
+        mesh_id=config.mesh_id,
     )
     registry = new_registry()
     register_build_info(registry, version=importlib.metadata.version("moemesh"), role="gateway",

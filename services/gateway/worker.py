@@ -11,7 +11,10 @@
    incrementally (UTF-8 safe) and checked for stop strings — text that could still begin a stop string is
    held back; a match ends the request with "stop" and cancels D's call. Leaving early (client cancel)
    cancels D's call, which cancels P's.
-5. Migration: when D's stream fails with UNAVAILABLE (D lost, connection dropped), D leaves the membership
+5. A decode worker `moemesh up` saw die is dropped from the membership at once (`forget_worker`), so no new
+   request is routed to it; one that dies unseen is found by the request that fails on it (below) or by its
+   missed heartbeats.
+6. Migration: when D's stream fails with UNAVAILABLE (D lost, connection dropped), D leaves the membership
    (a live one registers again with its next heartbeat) and the request goes to another D with the prompt
    plus every token relayed so far (`generated_token_ids`; that D prefills both itself and continues), so the
    client's stream goes on with no gap and no duplicate. At most `GatewayConfig.max_migrations` times, then UNAVAILABLE.
@@ -35,7 +38,7 @@ from moemesh.config.mesh import GatewayConfig
 from moemesh.engine.sampling_params import SamplingParams
 from moemesh.model.tokenizer import IncrementalDetokenizer, Tokenizer
 from moemesh.services.gateway.sessions import DecodeSession
-from moemesh.services.sampling import sampling_from_proto, sampling_to_proto, without_stop_strings
+from moemesh.services.sampling import sampling_for_prompt, sampling_to_proto, without_stop_strings
 from moemesh.telemetry import spans
 from moemesh.telemetry.metrics import GatewayMetrics, new_registry
 from moemesh.telemetry.trace_store import TraceStore
@@ -127,7 +130,7 @@ class Gateway:
         sampling: common_pb2.SamplingParams,
     ) -> GenerateJob:
         """Checks and tokenizes a request; raises InvalidArgument naming the field and value. Unset
-        max_tokens fills the context."""
+        max_tokens fills the context; a prompt plus max_tokens beyond it is refused (`check_fits_context`)."""
         if text is not None:
             if not text:
                 raise InvalidArgument.field("prompt", text, "non-empty")
@@ -145,7 +148,7 @@ class Gateway:
             raise InvalidArgument(
                 f"prompt has {len(prompt)} tokens, must be < max_context_tokens={self.max_context_tokens}"
             )
-        params = sampling_from_proto(sampling, default_max_tokens=self.max_context_tokens - len(prompt))
+        params = sampling_for_prompt(sampling, len(prompt), self.max_context_tokens)
         return GenerateJob(request_id or self.new_request_id(), prompt, params)
 
     # -- routing --------------------------------------------------------------------------------------------
@@ -181,13 +184,20 @@ class Gateway:
         queued = load.num_queued_tokens if load else 0
         return queued + self._prefill_sent[member.worker_id], self._prefill_sent[member.worker_id]
 
-    def session(self, decode: WorkerInfo) -> DecodeSession:
-        """The multiplexed stream to a decode worker (one per address, reopened after it broke)."""
-        if decode.grpc_address not in self._sessions:
-            self._sessions[decode.grpc_address] = DecodeSession(
-                self.channel(decode.grpc_address), decode.worker_id
-            )
-        return self._sessions[decode.grpc_address]
+    async def session(self, decode: WorkerInfo) -> DecodeSession:
+        """The multiplexed stream to a decode worker (one per address, reopened after it broke). A channel
+        in TRANSIENT_FAILURE (the worker there died, and may have been restarted since) is replaced by a
+        fresh one, which connects at once rather than after gRPC's reconnect backoff (up to minutes)."""
+        address = decode.grpc_address
+        channel = self._channels.get(address)
+        if channel is not None and channel.get_state() == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+            session = self._sessions.pop(address, None)
+            if session is not None:
+                await session.close()
+            await self._channels.pop(address).close()
+        if address not in self._sessions:
+            self._sessions[address] = DecodeSession(self.channel(address), decode.worker_id)
+        return self._sessions[address]
 
     def channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
@@ -335,7 +345,7 @@ class Gateway:
         remaining_s = time_remaining()
         if remaining_s is not None:
             request.timeout_s = max(remaining_s, 1e-3)
-        chunks = self.session(route.decode).run(request)
+        chunks = (await self.session(route.decode)).run(request)
         text = progress.text
         try:
             async for chunk in chunks:

@@ -87,8 +87,8 @@ class Mesh:
             time.sleep(0.1)
 
     def kill(self, name: str, timeout_s: float = 10.0) -> None:
-        """SIGKILLs one worker (a mesh started with keep_going=True serves on) and waits until `up` reaped it;
-        it leaves `workers`, so `leased_pages` / `wait_settled` ask only the survivors."""
+        """SIGKILLs one worker (a mesh started with fail_fast=False serves on) and waits until `up` reaped it;
+        it leaves `workers` (until `up` restarts it), so `leased_pages` / `wait_settled` ask only the survivors."""
         pid = self.pids[name]
         os.kill(pid, signal.SIGKILL)
         self.workers.pop(name, None)
@@ -113,12 +113,14 @@ class Mesh:
 
 def start_mesh(model_dir: Path | str, topology: str, *, num_decode: int = 1, num_prefill: int = 1,
                knobs: dict[str, str] | None = None, torch_threads: int | None = None,
-               timeout_s: float = 120.0, keep_going: bool = False, tls_dir: str | None = None,
-               api_keys_file: str | None = None, device: str = "cpu", up_args: tuple[str, ...] = ()) -> Mesh:  # fmt: skip
+               timeout_s: float = 120.0, fail_fast: bool = True, max_restarts: int = 3,
+               tls_dir: str | None = None, api_keys_file: str | None = None, device: str = "cpu",
+               up_args: tuple[str, ...] = ()) -> Mesh:  # fmt: skip
     """Starts `moemesh up` and waits for `ready on`. knobs: MOEMESH_* environment (default TINY_ENV);
-    keep_going: `up --keep-going` (a killed worker does not stop the mesh); tls_dir / api_keys_file: `up
-    --tls-dir` / `--api-keys`; device: `up --device`; up_args: more flags for `up`. Per-request log lines are
-    shown (`--request-log-level INFO`): tests read them."""
+    fail_fast: `up --fail-fast` (a test's mesh stops when a worker crashes); with False a killed worker is
+    restarted up to `max_restarts` times (0: it stays down) and the rest serve on; tls_dir / api_keys_file:
+    `up --tls-dir` / `--api-keys`; device: `up --device`; up_args: more flags for `up`. Per-request log lines
+    are shown (`--request-log-level INFO`): tests read them."""
     from moemesh.supervisor import free_ports
 
     port, http_port = free_ports(2)
@@ -127,8 +129,7 @@ def start_mesh(model_dir: Path | str, topology: str, *, num_decode: int = 1, num
             "--http-port", str(http_port), "--startup-timeout", str(timeout_s), "--device", device]  # fmt: skip
     if torch_threads is not None:
         argv += ["--torch-threads", str(torch_threads)]
-    if keep_going:
-        argv.append("--keep-going")
+    argv += ["--fail-fast"] if fail_fast else ["--max-restarts", str(max_restarts)]
     if tls_dir:
         argv += ["--tls-dir", tls_dir]
     if api_keys_file:
@@ -149,7 +150,7 @@ def start_mesh(model_dir: Path | str, topology: str, *, num_decode: int = 1, num
         assert process.stdout is not None
         for line in process.stdout:
             mesh.lines.append(line.rstrip())
-            started = re.match(r"started (\S+) pid=(\d+) on (\S+)", line)
+            started = re.match(r"(?:re)?started (\S+) pid=(\d+) on (\S+)", line)
             if started:
                 name, pid, address = started.groups()
                 mesh.pids[name] = int(pid)

@@ -225,7 +225,7 @@ def test_cancel_mid_stream_returns_every_page_on_decode_and_prefill(pd_mesh):
     with Client(pd_mesh.address, timeout_s=60) as client:
         for prompt_len in (20, 300):  # cancelled while decoding; cancelled early (during a long prefill)
             stream = client.generate(
-                token_ids=list(range(1, prompt_len + 1)), max_tokens=400, ignore_eos=True
+                token_ids=list(range(1, prompt_len + 1)), max_tokens=200, ignore_eos=True
             )
             if prompt_len == 20:
                 for _ in range(3):

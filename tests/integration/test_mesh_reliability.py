@@ -1,4 +1,5 @@
-"""Losing a worker mid-request, in real processes (`moemesh up --keep-going`, real gRPC and UCX over loopback)
+"""Losing a worker mid-request, in real processes (`moemesh up --max-restarts 0`: a killed worker stays down and
+the rest serve on; real gRPC and UCX over loopback)
 on the tiny checkpoint: a decode worker SIGKILLed while it streams → the gateway migrates the request to the
 other D and the client's tokens equal `LLM.generate`'s; a prefill worker SIGKILLed while it prefills → D
 retries the other P. Every page on the surviving workers comes back, and no process is left behind."""
@@ -36,7 +37,7 @@ def llm(tiny_dir):
 
 
 def _mesh(tiny_dir, num_prefill: int):
-    mesh = start_mesh(tiny_dir, "pd", num_decode=2, num_prefill=num_prefill, keep_going=True)
+    mesh = start_mesh(tiny_dir, "pd", num_decode=2, num_prefill=num_prefill, fail_fast=False, max_restarts=0)
     try:
         yield mesh
     finally:

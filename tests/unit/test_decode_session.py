@@ -58,7 +58,7 @@ async def _decode_server() -> AsyncIterator[tuple[SteppingWorker, grpc.aio.Serve
     worker = SteppingWorker()
     ticker = asyncio.ensure_future(worker.tick())
     server = grpc.aio.server()
-    worker_pb2_grpc.add_DecodeWorkerServicer_to_server(DecodeServicer(worker, max_model_len=64), server)
+    worker_pb2_grpc.add_DecodeWorkerServicer_to_server(DecodeServicer(worker, max_model_len=1024), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")

@@ -22,13 +22,15 @@ from moemesh.supervisor import UpOptions, free_ports, plan_children
 ROOT = Path(__file__).resolve().parents[2]
 DRIVER = """
 import sys
-from moemesh.supervisor import ChildSpec, Supervisor, free_ports
-bad = sys.argv[1] == "bad"
+from moemesh.supervisor import ChildSpec, RestartPolicy, Supervisor, free_ports
+mode = sys.argv[1]
 ports = free_ports(3)
 specs = [ChildSpec(f"h{i}", ("health", "--port", str(p)), p) for i, p in enumerate(ports)]
-if bad:
+if mode == "bad":
     specs[2] = ChildSpec("h2", ("health", "--port", "not-a-port"), ports[2])
-sys.exit(Supervisor(specs, startup_timeout_s=60, stop_grace_s=5).run(f"ready on 127.0.0.1:{ports[0]}"))
+supervisor = Supervisor(specs, startup_timeout_s=60, stop_grace_s=5, fail_fast=mode == "failfast",
+                        restart=RestartPolicy(max_restarts=1, backoff_s=0.2), forget=lambda name: print("forget", name))
+sys.exit(supervisor.run(f"ready on 127.0.0.1:{ports[0]}"))
 """
 
 
@@ -57,7 +59,7 @@ class Mesh:
         deadline = time.monotonic() + timeout_s
         while True:
             line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
-            started = re.match(r"started (\S+) pid=(\d+) on [\d.]+:(\d+)", line)
+            started = re.match(r"(?:re)?started (\S+) pid=(\d+) on [\d.]+:(\d+)", line)
             if started:
                 self.children[started[1]] = (int(started[2]), int(started[3]))
             if re.search(pattern, line) or line == "<eof>":
@@ -157,12 +159,39 @@ def test_children_exit_when_the_parent_is_killed_outright(mesh):
     assert all_gone(pids, timeout_s=10), [pid for pid in pids if alive(pid)]
 
 
-def test_a_child_that_dies_takes_the_mesh_down(mesh):
-    m = mesh()
+def test_with_fail_fast_a_child_that_dies_takes_the_mesh_down(mesh):
+    m = mesh("failfast")
     pids = _ready(m)
     os.kill(pids[1], signal.SIGKILL)
+    assert "exited with -9; stopping the mesh (--fail-fast)" in m.wait_for(r"^error: h1")
     assert m.process.wait(15) == 1
     assert all_gone(pids)
+
+
+def test_a_child_that_dies_is_forgotten_and_restarted_then_left_down_past_its_limit(mesh):
+    m = mesh()
+    pids = _ready(m)
+    port = m.children["h1"][1]
+    os.kill(pids[1], signal.SIGKILL)
+    assert m.wait_for(r"^forget h1") == "forget h1"  # the front stops routing to it at once
+    assert m.wait_for(r"^restarting h1") == "restarting h1 in 0.2 s (restart 1 of 1)"
+    line = m.wait_for(r"^restarted h1")
+    assert re.fullmatch(rf"restarted h1 pid=(\d+) on 127.0.0.1:{port} \(restart 1 of 1\)", line), line
+    new_pid = int(line.split("pid=")[1].split()[0])
+    assert new_pid != pids[1] and alive(new_pid)
+    assert m.wait_for(r"serving again") == "h1 is serving again"
+    assert _health_of(port) == "SERVING"
+
+    os.kill(new_pid, signal.SIGKILL)  # the second death in a row: past max_restarts=1, it stays down
+    assert m.wait_for(r"not restarting") == (
+        "error: h1 exited after 1 restart(s) in a row (max_restarts=1); not restarting it"
+    )
+    time.sleep(0.5)
+    assert m.process.poll() is None and alive(pids[0]) and alive(pids[2])  # the others serve on
+    assert _health_of(m.children["h2"][1]) == "SERVING"
+    os.kill(m.process.pid, signal.SIGTERM)
+    assert m.process.wait(15) == 0
+    assert all_gone([pids[0], pids[2], new_pid])
 
 
 def test_a_child_that_fails_to_start_is_reported_and_nothing_is_left(mesh):

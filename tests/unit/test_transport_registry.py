@@ -10,6 +10,8 @@ import grpc
 import pytest
 
 from moemesh._proto.v1 import worker_pb2_grpc
+from moemesh.transport.channels import forget_worker
+from moemesh.transport.errors import RegistrationRefused
 from moemesh.transport.kv import Fingerprint, KvLayout
 from moemesh.transport.kv_loopback import LoopbackFabric
 from moemesh.transport.peers import HandshakeAcceptor, PeerSet, WorkerInfo
@@ -135,5 +137,65 @@ def test_workers_register_handshake_on_registration_and_survive_a_gateway_restar
             for server in (gateway, p_server):
                 await server.stop()
             await receiver.close()
+
+    asyncio.run(asyncio.wait_for(body(), 30))
+
+
+def test_membership_admits_only_its_mesh_and_keeps_a_live_workers_name():
+    clock = Clock()
+    table = Membership(heartbeat_interval_s=1.0, expiry_intervals=3, clock=clock, mesh_id="m1")
+    d = WorkerInfo("decode-0", "decode", "h:3")
+    with pytest.raises(
+        RegistrationRefused, match=r"'decode-0' belongs to mesh_id='m2', this registry to mesh_id='m1'"
+    ):
+        table.register(d, "m2")
+    with pytest.raises(RegistrationRefused, match="mesh_id=''"):
+        table.register(d)  # a worker started outside this mesh
+    assert table.register(d, "m1") == [d]
+    stray = WorkerInfo("decode-0", "decode", "h:9")  # a second mesh's decode-0
+    with pytest.raises(
+        RegistrationRefused, match=r"worker_id='decode-0' is held by a live worker at h:3; h:9"
+    ):
+        table.register(stray, "m1")
+    assert table.members() == [d]
+    restarted = WorkerInfo("decode-0", "decode", "h:3", "h:5")  # the same worker, restarted: replaces
+    assert table.register(restarted, "m1") == [restarted]
+    with pytest.raises(RegistrationRefused):
+        table.check_mesh("decode-0", "m2")  # what Deregister checks: another mesh cannot remove it either
+    clock.now = 3.5  # silent past its expiry: the name is free again
+    assert table.register(stray, "m1") == [stray]
+    table.deregister("decode-0")
+    assert table.members() == []
+
+
+def test_a_refused_worker_stops_its_registration_loop_with_the_reason():
+    async def body():
+        membership = Membership(heartbeat_interval_s=0.05, expiry_intervals=20, mesh_id="mine")
+        server = MeshServer(ServerOptions(grace_s=0.1))
+        server.add(worker_pb2_grpc.add_RegistryServicer_to_server, RegistryServicer(membership),
+                   "moemesh.v1.Registry")  # fmt: skip
+        await server.start()
+        async with grpc.aio.insecure_channel(server.address, options=FAST) as channel:
+            try:
+                me = WorkerInfo("decode-0", "decode", "127.0.0.1:1")
+                client = RegistryClient(channel, me, lambda: LoadReport("decode-0", "decode"), retry_s=0.05,
+                                        mesh_id="theirs")  # fmt: skip
+                with pytest.raises(
+                    RegistrationRefused, match="mesh_id='theirs', this registry to mesh_id='mine'"
+                ):
+                    await asyncio.wait_for(client.run(), 10)
+                assert membership.members() == [] and client.num_registrations == 0
+                ours = RegistryClient(channel, me, lambda: LoadReport("decode-0", "decode"), mesh_id="mine")
+                task = asyncio.ensure_future(ours.run())
+                await asyncio.wait_for(ours.registered.wait(), 10)
+                assert membership.members() == [me]
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                assert not await asyncio.to_thread(forget_worker, server.address, "decode-0", "theirs")
+                assert membership.members() == [me]  # another mesh cannot remove it
+                forgotten = await asyncio.to_thread(forget_worker, server.address, "decode-0", "mine")
+                assert forgotten and membership.members() == []
+            finally:
+                await server.stop()
 
     asyncio.run(asyncio.wait_for(body(), 30))

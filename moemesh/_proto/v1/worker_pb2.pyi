@@ -255,10 +255,12 @@ class WorkerInfo(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., grpc_address: _Optional[str] = ..., ucx_address: _Optional[str] = ..., fingerprint: _Optional[_Union[Fingerprint, _Mapping]] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("worker",)
+    __slots__ = ("worker", "mesh_id")
     WORKER_FIELD_NUMBER: _ClassVar[int]
+    MESH_ID_FIELD_NUMBER: _ClassVar[int]
     worker: WorkerInfo
-    def __init__(self, worker: _Optional[_Union[WorkerInfo, _Mapping]] = ...) -> None: ...
+    mesh_id: str
+    def __init__(self, worker: _Optional[_Union[WorkerInfo, _Mapping]] = ..., mesh_id: _Optional[str] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("heartbeat_interval_ms", "peers", "settling")
@@ -281,10 +283,12 @@ class HeartbeatResponse(_message.Message):
     def __init__(self, peers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., known: _Optional[bool] = ..., settling: _Optional[bool] = ...) -> None: ...
 
 class DeregisterRequest(_message.Message):
-    __slots__ = ("worker_id",)
+    __slots__ = ("worker_id", "mesh_id")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    MESH_ID_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
-    def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
+    mesh_id: str
+    def __init__(self, worker_id: _Optional[str] = ..., mesh_id: _Optional[str] = ...) -> None: ...
 
 class DeregisterResponse(_message.Message):
     __slots__ = ()
