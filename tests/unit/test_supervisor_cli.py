@@ -68,6 +68,8 @@ def test_up_validates_ports_and_device_before_starting_anything(capsys, monkeypa
         port = held.getsockname()[1]
         _refuses_up(capsys, monkeypatch, ["--port", str(port)],
                     f"port {port} is in use on 127.0.0.1 (another mesh? pick another --port)")  # fmt: skip
+        _refuses_up(capsys, monkeypatch, ["--port", "0", "--http-port", str(port)],
+                    f"port {port} is in use on 127.0.0.1 (another mesh? pick another --http-port)")  # fmt: skip
     _refuses_up(capsys, monkeypatch, ["--host", "192.0.2.1", "--port", "50999"],
                 "host='192.0.2.1': cannot listen there (Cannot assign requested address)")  # fmt: skip
     if not torch.cuda.is_available():
