@@ -365,7 +365,12 @@ def entry() -> None:
     interpreter's own shutdown, whose final garbage collection can block for many seconds on the finalizers of
     grpc.aio and ucxx objects (every stop overran `up`'s 10 s grace), so a role process skips it."""
     argv = sys.argv[1:]
-    code = main(argv)
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # a bad flag, or a worker the registry refused (status 3): the same fast exit
+        if exit_.code is not None and not isinstance(exit_.code, int):
+            print(exit_.code, file=sys.stderr)
+        code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
     if argv[:1] == ["serve"]:
         logging.shutdown()
         sys.stdout.flush()
