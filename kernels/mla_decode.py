@@ -35,6 +35,10 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 
+SPLIT_MIN_TILES = 4  # tiles a split covers at least (the heuristic below sizes splits alike)
+MIN_SPLIT_BLOCKS = tl.constexpr(SPLIT_MIN_TILES)
+
+
 @triton.jit
 def _load_kv_tile(
     kv_ptr,
@@ -126,7 +130,9 @@ def _mla_decode_split_kernel(
     seq_len = tl.load(seq_lens_ptr + b)
     # this sequence's live length over the splits, whole tiles each: short sequences in a wide page table
     # (a CUDA graph captured for max_model_len) still spread over every split
-    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    # at least MIN_SPLIT_BLOCKS tiles a split: a short context stays in few splits, so eager (a batch-wide table)
+    # and a CUDA graph (a max_model_len-wide table, perhaps more splits) sum it in the same order
+    split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N), MIN_SPLIT_BLOCKS) * BLOCK_N
     start = s * split_len
     end = tl.minimum(start + split_len, seq_len)
 
@@ -289,7 +295,9 @@ def _mla_decode_tma_kernel(
     seq_len = tl.load(seq_lens_ptr + b)
     # this sequence's live length over the splits, whole tiles each: short sequences in a wide page table
     # (a CUDA graph captured for max_model_len) still spread over every split
-    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    # at least MIN_SPLIT_BLOCKS tiles a split: a short context stays in few splits, so eager (a batch-wide table)
+    # and a CUDA graph (a max_model_len-wide table, perhaps more splits) sum it in the same order
+    split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N), MIN_SPLIT_BLOCKS) * BLOCK_N
     start = s * split_len
     end = tl.minimum(start + split_len, seq_len)
     end_full = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
@@ -500,7 +508,7 @@ def _num_splits(batch: int, num_head_blocks: int, max_ctx: int, block_n: int, de
     if device.type == "cuda":
         num_sms = torch.cuda.get_device_properties(device).multi_processor_count
     want = max(1, round(num_sms / (batch * num_head_blocks)))
-    max_useful = max(1, -(-max_ctx // (4 * block_n)))
+    max_useful = max(1, -(-max_ctx // (SPLIT_MIN_TILES * block_n)))
     return min(want, max_useful, 64)
 
 

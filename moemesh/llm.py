@@ -8,6 +8,7 @@ print(llm.generate(["To Sherlock Holmes she is always"], SamplingParams(max_toke
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,19 +106,27 @@ class LLM:
         return self.model(batch, cache).cpu()
 
     def generate(
-        self, prompts: list[str] | list[list[int]], params: SamplingParams | None = None
+        self,
+        prompts: list[str] | list[list[int]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[Completion]:
         """Runs every prompt to completion in one continuously batched loop; results in prompt order.
-        ValueError, before any prompt starts, for a prompt whose length plus max_tokens exceeds the context
-        (`check_fits_context`, the rule the gateway and the decode workers apply)."""
-        params = params or SamplingParams()
+        params: one SamplingParams for every prompt, or one per prompt. ValueError, before any prompt starts,
+        for a prompt whose length plus max_tokens exceeds the context (`check_fits_context`, the rule the
+        gateway and the decode workers apply)."""
+        if params is None or isinstance(params, SamplingParams):
+            per_prompt = [params or SamplingParams()] * len(prompts)
+        else:
+            per_prompt = list(params)
+            if len(per_prompt) != len(prompts):
+                raise ValueError(f"params has {len(per_prompt)} entries for {len(prompts)} prompts")
         encoded = [self._encode(p, i) for i, p in enumerate(prompts)]
-        for i, prompt_ids in enumerate(encoded):
+        for i, (prompt_ids, one) in enumerate(zip(encoded, per_prompt, strict=True)):
             try:
-                check_fits_context(len(prompt_ids), params.max_tokens, self.engine.max_model_len)
+                check_fits_context(len(prompt_ids), one.max_tokens, self.engine.max_model_len)
             except ValueError as err:
                 raise ValueError(f"prompts[{i}]: {err}") from None
-        ids = [self.engine.add_request(prompt_ids, params) for prompt_ids in encoded]
+        ids = [self.engine.add_request(ids_, one) for ids_, one in zip(encoded, per_prompt, strict=True)]
         done: dict[str, RequestOutput] = {}
         logprobs: dict[str, list[Logprob]] = {i: [] for i in ids}
         while len(done) < len(ids):
@@ -130,7 +139,10 @@ class LLM:
                 ]
                 if out.finished:
                     done[out.request_id] = out
-        return [self._completion(done[i], logprobs[i] if params.logprobs is not None else None) for i in ids]
+        return [
+            self._completion(done[i], logprobs[i] if one.logprobs is not None else None)
+            for i, one in zip(ids, per_prompt, strict=True)
+        ]
 
     def stats(self) -> dict[str, int]:
         """pages_total, pages_free, pages_cached, pages_leased, prefill_tokens_computed, prefix_hit_tokens, ..."""

@@ -61,6 +61,8 @@ def serve_the_charts_commands(commands: dict[str, dict], device: str, monkeypatc
 
     for key, value in commands["decode"]["env"].items():
         monkeypatch.setenv(key, value)
+    if device == "cuda":  # pods get a GPU each; here prefill and decode share one card
+        monkeypatch.setenv("MOEMESH_GPU_MEMORY_FRACTION", "0.4")
     assert commands["prefill"]["env"] == commands["decode"]["env"]
     ports = dict(zip(("gateway", "prefill", "decode"), free_ports(3), strict=True))
     gateway = f"127.0.0.1:{ports['gateway']}"
