@@ -19,7 +19,7 @@ from moemesh.config.mesh import resolve_model_dir
 from moemesh.engine.engine import Engine, RequestOutput
 from moemesh.engine.sampling_params import SamplingParams, check_fits_context
 from moemesh.model.batch import ForwardBatch
-from moemesh.model.checkpoint import is_fp8_checkpoint, load_model
+from moemesh.model.checkpoint import default_fp8, load_model
 from moemesh.model.config import ModelConfig
 from moemesh.model.tokenizer import Tokenizer
 
@@ -78,7 +78,7 @@ class LLM:
         self.device, self.dtype = resolve_device_dtype(device, dtype)
         self.config = ModelConfig.from_file(self.model_dir / "config.json")
         if fp8 is None:
-            fp8 = self.device.type == "cuda" and is_fp8_checkpoint(self.model_dir)
+            fp8 = default_fp8(self.device, self.model_dir)
         self.model = load_model(self.model_dir, self.device, self.dtype, progress=progress, fp8=fp8)
         self.tokenizer = (
             Tokenizer(self.model_dir, self.config) if (self.model_dir / "tokenizer.json").is_file() else None

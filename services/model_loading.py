@@ -9,7 +9,7 @@ import torch
 
 from moemesh.config.mesh import WorkerConfig
 from moemesh.engine.engine import Engine
-from moemesh.model.checkpoint import load_model
+from moemesh.model.checkpoint import default_fp8, load_model
 from moemesh.model.config import ModelConfig
 from moemesh.model.tokenizer import Tokenizer
 from moemesh.transport.kv import Fingerprint, KvLayout
@@ -49,7 +49,8 @@ def load_engine(config: WorkerConfig) -> LoadedModel:
     else:
         dtype = _DTYPES[config.dtype]
     model_config = ModelConfig.from_file(model_dir / "config.json")
-    model = load_model(model_dir, device, dtype, progress=False)
+    fp8 = default_fp8(device, model_dir)  # as LLM decides: an FP8 checkpoint computes in FP8 on CUDA
+    model = load_model(model_dir, device, dtype, progress=False, fp8=fp8)
     tokenizer = Tokenizer(model_dir, model_config) if (model_dir / "tokenizer.json").is_file() else None
     eos = tokenizer.eos_token_ids if tokenizer else model_config.eos_token_id
     # No tokenizer in the engine: workers stream token ids; the gateway detokenizes and matches stop strings.

@@ -46,6 +46,13 @@ def is_fp8_checkpoint(model_dir: str | Path) -> bool:
     return (raw.get("quantization_config") or {}).get("quant_method") == "fp8"
 
 
+def default_fp8(device: torch.device, model_dir: str | Path) -> bool:
+    """Whether to keep a checkpoint's weights in FP8 and run FP8 GEMMs when the caller does not say: on CUDA,
+    for DeepSeek FP8 checkpoints (elsewhere FP8 weights are dequantized exactly). `LLM` and the mesh workers
+    both decide with this, so a worker computes as the in-process engine does."""
+    return device.type == "cuda" and is_fp8_checkpoint(model_dir)
+
+
 def shard_files(model_dir: Path) -> dict[str, Path]:
     """tensor name -> the safetensors file holding it."""
     index = model_dir / INDEX_FILE
