@@ -232,7 +232,10 @@ def store_kv(
 # ---------------------------------------------------------------------------------------------- pack/unpack
 
 
-@triton.jit
+# num_ids is not specialized: Triton would otherwise compile one variant for 1 page, one for multiples of 16 and
+# one for the other counts, and a prefill worker would meet each new one at its first prompt of such a size,
+# compiling inside that request's prefill (a Triton compile takes 0.1 s or more).
+@triton.jit(do_not_specialize=["num_ids"])
 def _copy_pages_kernel(
     src_ptr,
     dst_ptr,

@@ -47,6 +47,7 @@ async def serve(config: WorkerConfig, telemetry_config: TelemetryConfig | None =
                   CUDA_UCX_TRANSPORTS)  # fmt: skip
     sender = UcxKvSender(options, checksum=config.kv_checksum, timeout_s=config.lease_ttl_s)
     worker = PrefillWorker(config.worker_id, loop, sender)
+    await asyncio.to_thread(worker.warm_up)  # before serving; the engine thread is not running yet
     server = MeshServer(
         ServerOptions(
             host=config.host, port=config.port, grace_s=2.0, tls=security.tls, access=security.access()

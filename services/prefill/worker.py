@@ -159,6 +159,19 @@ class PrefillWorker:
             job.failed = err
             job.chunks.put_nowait(None)
 
+    def warm_up(self) -> torch.Tensor:
+        """Packs page 0 of every layer once, as a request's pages are packed, before the worker serves: the pack
+        kernel is compiled and the first pinned host block made here, not inside a user's first prefill.
+        Returns the packed copy [num_layers, 1, page_size, kv_dim]."""
+        cache = self.caches[0]
+        ids = torch.zeros(1, dtype=torch.long)
+        index = ids.pin_memory().to(cache.device, non_blocking=True) if cache.is_cuda else ids
+        out = torch.empty(self.num_layers, 1, *cache.shape[1:], dtype=cache.dtype, device=cache.device)
+        pack_kv(self.caches, index, out=out)
+        if out.is_cuda:
+            torch.cuda.synchronize(out.device)
+        return out
+
     def load(self) -> LoadReport:
         stats = self.engine.stats()
         queued = sum(j.num_prompt_tokens - j.next_page * self.page_size for j in self.jobs.values())
@@ -186,6 +199,7 @@ class PrefillWorker:
     def _after_step(self, outputs: list[RequestOutput]) -> None:
         """Right after a step, before anything else touches the engine: pack every job's newly completed pages
         (all layers), finish the jobs whose prompt is done and free their own pages."""
+        step_done_s = time.monotonic()  # the forward's end: packing and sending are the KV transfer's part
         finished = {out.request_id: out for out in outputs if out.kv is not None}
         for rid, out in finished.items():
             job = self.jobs.get(rid)
@@ -193,7 +207,7 @@ class PrefillWorker:
                 for chunk in self._pack(job, out.kv.page_ids, len(out.kv.page_ids)):
                     job.chunks.put_nowait(chunk)
                 job.first_token_id = out.kv.first_token_id
-                job.forward_done_s = time.monotonic()
+                job.forward_done_s = step_done_s
                 job.num_cached_tokens = out.num_cached_tokens
                 job.first_logprob = out.logprobs[0] if out.logprobs else None
                 job.chunks.put_nowait(None)

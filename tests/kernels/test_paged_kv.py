@@ -127,3 +127,17 @@ def test_paged_kv_v3_shapes():
     dst = torch.zeros_like(src)
     unpack_kv(buf, dst, ids.flip(0))
     assert torch.equal(dst[:, ids.flip(0)], buf)
+
+
+@pytest.mark.gpu
+def test_pack_compiles_one_kernel_for_every_page_count():
+    """num_ids is not specialized: a prefill worker's first 8-page or 64-page prompt compiles nothing new."""
+    from moemesh.kernels.paged_kv import _copy_pages_kernel
+
+    layers = [torch.randn(80, 4, 72, device="cuda").bfloat16() for _ in range(3)]
+    compiled = []
+    for n in (1, 3, 8, 16, 32, 64):
+        ids = torch.randperm(80, device="cuda")[:n]
+        assert torch.equal(pack_kv(layers, ids), pack_kv_reference(layers, ids))
+        compiled.append(len(_copy_pages_kernel.device_caches[torch.cuda.current_device()][0]))
+    assert compiled == [compiled[0]] * 6
