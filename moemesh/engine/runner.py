@@ -174,6 +174,7 @@ class ModelRunner:
             page_table=staged.page_table,
             slot_mapping=staged.slot_mapping,
             logits_rows=staged.logits_rows,
+            seq_lens_host=tuple(self.requests[rid].num_computed_tokens + n for rid, n in group),
         )
         return self.model(batch, self.kv_caches)
 

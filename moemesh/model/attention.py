@@ -29,6 +29,14 @@ def gather_latent(kv_cache: torch.Tensor, pages: torch.Tensor, length: int) -> t
     return kv_cache[pages[:num_pages].long()].reshape(-1, kv_cache.shape[-1])[:length]
 
 
+def _int32_on(values, device: torch.device) -> torch.Tensor:
+    """Host ints as int32 on `device`. On CUDA through pinned memory, not blocking: a plain host-to-device copy
+    synchronizes the stream, a stall in every layer of a prefill forward (the CPU then relaunches while the GPU
+    idles, longer still when another thread holds the GIL)."""
+    t = torch.tensor(values, dtype=torch.int32)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
 class MLAttention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -133,7 +141,8 @@ class MLAttention(nn.Module):
         """Expanded attention: each sequence's new rows attend causally to themselves and to every row of its
         cached prefix (`moemesh.kernels.mla_prefill`). K/V come from the latent cache, new rows included."""
         chunk_rows, prefix_rows, prefix_starts = [], [], [0]
-        for b, length in enumerate(batch.seq_lens.tolist()):
+        lengths = batch.seq_lens_host or tuple(batch.seq_lens.tolist())  # host ints: no device sync per layer
+        for b, length in enumerate(lengths):
             rows = gather_latent(kv_cache, batch.page_table[b], length)  # [L, kv_lora_rank + rope]
             cached = length - batch.query_len(b)
             prefix_rows.append(rows[:cached])
@@ -143,9 +152,8 @@ class MLAttention(nn.Module):
         prefix = None
         if prefix_starts[-1]:
             prefix_k, prefix_v = self._expand(torch.cat(prefix_rows).to(q.dtype))
-            cu = torch.tensor(prefix_starts, dtype=torch.int32, device=q.device)
-            prefix = Prefix(prefix_k, prefix_v, cu)
-        cu_seqlens = torch.tensor(batch.query_start, dtype=torch.int32, device=q.device)
+            prefix = Prefix(prefix_k, prefix_v, _int32_on(prefix_starts, q.device))
+        cu_seqlens = _int32_on(batch.query_start, q.device)
         max_seqlen = max(batch.query_len(b) for b in range(batch.num_seqs))
         out, _ = mla_prefill(q.contiguous(), k, v, cu_seqlens, self.scale, max_seqlen, prefix=prefix)
         return out

@@ -22,6 +22,7 @@ class ForwardBatch:
     page_table: torch.Tensor  # int32 [B, max_pages]
     slot_mapping: torch.Tensor  # int64 [T]: page * page_size + row where each new token's KV goes (-1: skip)
     logits_rows: torch.Tensor | None = None  # int64 [R]: rows to compute logits for; None = every row
+    seq_lens_host: tuple[int, ...] = ()  # seq_lens as host ints (prefill reads them without a device sync)
 
     @property
     def num_seqs(self) -> int:
@@ -74,4 +75,5 @@ class ForwardBatch:
             page_table=table.to(device),
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
             logits_rows=None if rows is None else rows.to(device),
+            seq_lens_host=tuple(seq_lens),
         )
