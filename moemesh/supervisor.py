@@ -447,12 +447,17 @@ def plan_children(options: UpOptions, num_gpus: int | None = None) -> list[Child
     threads = o.torch_threads
     if threads is None and device == "cpu":  # OpenMP threads of several workers must not fight for cores
         threads = max(1, (os.cpu_count() or 1) // len(roles))
+    num_expert = sum(role == "expert" for role, _ in roles)
     placements = plan_devices([role for role, _ in roles], device, num_gpus, dict(o.gpu_memory_fractions),
                               os.environ.get("CUDA_VISIBLE_DEVICES"))  # fmt: skip
     for (role, name), port, http_port, place in zip(roles, ports, http_ports, placements, strict=True):
         args = (role, *common, "--port", str(port), "--registry", gateway, "--worker-id", name, *o.child_args)
-        if threads is not None and role != "expert":
+        if threads is not None:
             args += ("--torch-threads", str(threads))
+        if role == "expert":  # expert-i hosts the i-th of N balanced shards of every MoE layer's experts
+            args += ("--experts", f"{name.rpartition('-')[2]}/{num_expert}")
+        elif o.topology == "pd-experts":
+            args += ("--remote-experts",)
         if role not in METRICS_ROLES:
             http_port = 0
         if http_port:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 
@@ -54,6 +55,9 @@ def load_engine(config: WorkerConfig) -> LoadedModel:
     tokenizer = Tokenizer(model_dir, model_config) if (model_dir / "tokenizer.json").is_file() else None
     eos = tokenizer.eos_token_ids if tokenizer else model_config.eos_token_id
     # No tokenizer in the engine: workers stream token ids; the gateway detokenizes and matches stop strings.
-    engine = Engine(model, config.engine, None, tuple(eos))
+    engine_config = config.engine
+    if config.remote_experts:  # a CUDA graph cannot span the expert pool's round trip
+        engine_config = dataclasses.replace(engine_config, cuda_graph_batch_sizes=())
+    engine = Engine(model, engine_config, None, tuple(eos))
     digest = hashlib.sha256((model_dir / "config.json").read_bytes()).hexdigest()[:12]
     return LoadedModel(engine, model_config, tokenizer, f"{model_dir.name}@{digest}")

@@ -20,6 +20,10 @@ environment. `moemesh serve <role>` hands its parsed flags (and the flags it did
     share of the GPU's memory      --gpu-memory-fraction         MOEMESH_GPU_MEMORY_FRACTION
     UCX transports ("" = any)      --ucx-transports              MOEMESH_UCX_TRANSPORTS
     UCX network devices ("" = all) --ucx-net-devices             MOEMESH_UCX_NET_DEVICES
+    routed experts in the pool     --remote-experts              MOEMESH_REMOTE_EXPERTS
+    expert wire token format       --expert-token-format         MOEMESH_EXPERT_TOKEN_FORMAT
+    expert round-trip limit        --expert-timeout-s            MOEMESH_EXPERT_TIMEOUT_S
+    experts an expert worker hosts --experts (expert role)       (none: per worker)
     gateway in-flight limit        --max-inflight                MOEMESH_MAX_INFLIGHT
     drain on SIGTERM, at most      --drain-grace-s               MOEMESH_DRAIN_GRACE_S
     mesh this process belongs to   --mesh-id                     MOEMESH_MESH_ID
@@ -45,6 +49,30 @@ DTYPES = ("auto", "float32", "bfloat16")
 # (between processes on one GPU or NVLink peers) and sm carries the small headers and acks.
 CPU_UCX_TRANSPORTS = "tcp,self"
 CUDA_UCX_TRANSPORTS = "tcp,self,sm,cuda_copy,cuda_ipc"
+EXPERT_TOKEN_FORMATS = ("bf16", "fp8")
+
+
+def parse_expert_set(spec: str, num_experts: int) -> tuple[int, ...]:
+    """The routed experts an expert-pool worker hosts, ascending. spec: "all"; "i/N" (the i-th of N
+    contiguous, balanced shards); or ids and ranges, "0-7,12". Raises ValueError naming the spec."""
+    spec = spec.strip()
+    if spec == "all":
+        return tuple(range(num_experts))
+    if "/" in spec:
+        index, _, count = spec.partition("/")
+        if not (index.isdigit() and count.isdigit()) or not 0 <= int(index) < int(count) <= num_experts:
+            raise ValueError(f"experts={spec!r} must be 'i/N' with 0 <= i < N <= {num_experts}")
+        i, n = int(index), int(count)
+        return tuple(range(i * num_experts // n, (i + 1) * num_experts // n))
+    ids: set[int] = set()
+    for part in spec.split(","):
+        first, _, last = part.strip().partition("-")
+        if not first.isdigit() or (last and not last.isdigit()):
+            raise ValueError(f"experts={spec!r} must be 'all', 'i/N' or ids and ranges like '0-7,12'")
+        ids.update(range(int(first), int(last or first) + 1))
+    if not ids or max(ids) >= num_experts:
+        raise ValueError(f"experts={spec!r} names experts outside 0..{num_experts - 1}")
+    return tuple(sorted(ids))
 
 
 def demo_dir() -> Path:
@@ -102,6 +130,10 @@ class WorkerConfig:
     security: SecurityConfig = field(default_factory=SecurityConfig)  # mutual TLS (docs/security.md)
     http_port: int = 0  # /metrics; 0 = no HTTP
     mesh_id: str = ""  # sent with its registration; the registry refuses another mesh's workers
+    remote_experts: bool = False  # the routed experts run in the expert pool (topology pd-experts)
+    expert_token_format: str = "bf16"
+    expert_timeout_s: float = 10.0  # one MoE layer's round trip; also how long a call waits for the pool
+    experts: str = "all"  # expert role: which routed experts it hosts (see parse_expert_set)
 
     def __post_init__(self) -> None:
         _check(
@@ -110,8 +142,19 @@ class WorkerConfig:
                 ("torch_threads", self.torch_threads >= 0, "must be >= 0 (0 = torch's default)"),
                 (
                     "role",
-                    self.role in ("prefill", "decode", "colocated"),
-                    "must be prefill, decode or colocated",
+                    self.role in ("prefill", "decode", "colocated", "expert"),
+                    "must be prefill, decode, colocated or expert",
+                ),
+                (
+                    "expert_token_format",
+                    self.expert_token_format in EXPERT_TOKEN_FORMATS,
+                    f"must be one of {', '.join(EXPERT_TOKEN_FORMATS)}",
+                ),
+                ("expert_timeout_s", self.expert_timeout_s > 0, "must be > 0"),
+                (
+                    "remote_experts",
+                    not (self.remote_experts and self.role == "expert"),
+                    "is for attention workers",
                 ),
                 ("worker_id", bool(self.worker_id), "must be non-empty"),
                 ("dtype", self.dtype in DTYPES, f"must be one of {', '.join(DTYPES)}"),
@@ -173,6 +216,10 @@ class WorkerConfig:
             security=security_from_args(args, env),
             http_port=getattr(args, "http_port", 0) or 0,
             mesh_id=extra.mesh_id,
+            remote_experts=extra.remote_experts,
+            expert_token_format=extra.expert_token_format,
+            expert_timeout_s=extra.expert_timeout_s,
+            experts=extra.experts,
         )
 
 
@@ -273,4 +320,11 @@ def _worker_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument("--ucx-net-devices", default=env.get("MOEMESH_UCX_NET_DEVICES", "lo"))
     p.add_argument("--drain-grace-s", type=float, default=float(env.get("MOEMESH_DRAIN_GRACE_S", 30.0)))
     p.add_argument("--mesh-id", default=env.get("MOEMESH_MESH_ID", ""))
+    p.add_argument(
+        "--remote-experts", action="store_true",
+        default=env.get("MOEMESH_REMOTE_EXPERTS", "") in ("1", "true"),
+    )  # fmt: skip
+    p.add_argument("--expert-token-format", default=env.get("MOEMESH_EXPERT_TOKEN_FORMAT", "bf16"))
+    p.add_argument("--expert-timeout-s", type=float, default=float(env.get("MOEMESH_EXPERT_TIMEOUT_S", 10.0)))
+    p.add_argument("--experts", default="all")
     return p

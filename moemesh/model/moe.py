@@ -12,7 +12,7 @@ Routing, per token:
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -67,8 +67,30 @@ class ExpertBackend(Protocol):
         ...
 
 
+class PendingExperts(Protocol):
+    def result(self) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class DeferredExpertBackend(ExpertBackend, Protocol):
+    """A backend whose experts run elsewhere: `submit` sends the layer's tokens and returns at once, so the
+    shared experts run here while the routed ones are away; `result()` waits for the combined output."""
+
+    def submit(
+        self, layer_idx: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+    ) -> PendingExperts: ...
+
+
+def combine_slots(slots: torch.Tensor, num_tokens: int, top_k: int, dtype: torch.dtype) -> torch.Tensor:
+    """slots [T * k, D] (token-major, each already weighted) -> [T, D]: every token's k rows summed in slot
+    order. The one combine of every expert path (local, grouped, remote), so where the experts ran never
+    changes the sum's rounding."""
+    return slots.view(num_tokens, top_k, -1).sum(dim=1).to(dtype)
+
+
 class LocalExperts(nn.Module):
-    """All routed experts of one layer, stacked: w13 [E, 2 * I, D] (gate rows then up rows), w2 [E, D, I]."""
+    """All routed experts of one layer, stacked: w13 [E, 2 * I, D] (gate rows then up rows), w2 [E, D, I].
+    An expert-pool worker holds one with only its own experts (local indices 0..E'-1)."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
@@ -84,24 +106,33 @@ class LocalExperts(nn.Module):
     ) -> torch.Tensor:
         if hidden.is_cuda and torch.cuda.is_current_stream_capturing():
             return self.forward_static(hidden, topk_ids, topk_weights)
+        num_tokens, k = topk_ids.shape
+        token_of = torch.arange(num_tokens, device=hidden.device).repeat_interleave(k)  # [T*k]
+        slots = self.slot_outputs(hidden, token_of, topk_ids.flatten(), topk_weights.flatten())
+        return combine_slots(slots, num_tokens, k, hidden.dtype)
+
+    def slot_outputs(
+        self, hidden: torch.Tensor, token_of: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """One row per slot s: weights[s] * expert[expert_ids[s]](hidden[token_of[s]]), in hidden.dtype.
+
+        hidden [T, D]; token_of, expert_ids int64 [S] (indices into hidden and into w13 / w2); weights fp32
+        [S]. BF16 on CUDA: one grouped GEMM, no host sync; else a loop over the experts that got tokens, each
+        on its tokens in slot order (so a worker holding a subset of the slots computes the same rows)."""
         if hidden.is_cuda and hidden.dtype == torch.bfloat16:
-            return self.forward_grouped(hidden, topk_ids, topk_weights)
-        out = torch.zeros_like(hidden)
-        flat_ids = topk_ids.flatten()
-        order = flat_ids.argsort(stable=True)
-        counts = torch.bincount(flat_ids, minlength=self.w13.shape[0]).tolist()
-        token_of = order // topk_ids.shape[1]
+            return self._slots_grouped(hidden, token_of, expert_ids, weights)
+        out = torch.empty(expert_ids.numel(), hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
+        order = expert_ids.argsort(stable=True)
+        counts = torch.bincount(expert_ids, minlength=self.w13.shape[0]).tolist()
         start = 0
         for expert, count in enumerate(counts):
             if count == 0:
                 continue
             rows = order[start : start + count]
-            tokens = token_of[start : start + count]
             start += count
-            gate, up = F.linear(hidden[tokens], self.w13[expert]).chunk(2, dim=-1)
+            gate, up = F.linear(hidden[token_of[rows]], self.w13[expert]).chunk(2, dim=-1)
             y = F.linear(F.silu(gate) * up, self.w2[expert])
-            y = y * topk_weights.flatten()[rows, None]
-            out.index_add_(0, tokens, y.to(out.dtype))
+            out[rows] = (y * weights[rows, None]).to(out.dtype)
         return out
 
     def forward_static(
@@ -137,23 +168,30 @@ class LocalExperts(nn.Module):
     def forward_grouped(
         self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
     ) -> torch.Tensor:
-        """Token slots sorted by expert, then `torch._grouped_mm` over the stacked weights (experts without
-        tokens read nothing); no host sync. Needs 16-byte aligned rows (hidden and intermediate sizes
-        multiples of 8 in BF16)."""
+        """`forward` through the grouped GEMM (no host sync)."""
         num_tokens, k = topk_ids.shape
+        token_of = torch.arange(num_tokens, device=hidden.device).repeat_interleave(k)
+        slots = self._slots_grouped(hidden, token_of, topk_ids.flatten(), topk_weights.flatten())
+        return combine_slots(slots, num_tokens, k, hidden.dtype)
+
+    def _slots_grouped(
+        self, hidden: torch.Tensor, token_of: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """Slots sorted by expert, then `torch._grouped_mm` over the stacked weights (experts without tokens
+        read nothing); no host sync. Needs 16-byte aligned rows (hidden and intermediate sizes multiples of 8
+        in BF16)."""
         num_experts = self.w13.shape[0]
-        flat_ids = topk_ids.flatten()
-        order = flat_ids.argsort(stable=True)  # [T*k] slots grouped by expert
+        order = expert_ids.argsort(stable=True)  # [S] slots grouped by expert
         counts = torch.zeros(num_experts, dtype=torch.int32, device=hidden.device)
-        counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids, dtype=torch.int32))
+        counts.scatter_add_(0, expert_ids, torch.ones_like(expert_ids, dtype=torch.int32))
         offs = counts.cumsum(0, dtype=torch.int32)  # end row of each expert's group
-        x = hidden[order // k]  # [T*k, D]
-        gate, up = torch._grouped_mm(x, self.w13.transpose(1, 2), offs=offs).chunk(2, dim=-1)  # [T*k, I] each
-        y = torch._grouped_mm(F.silu(gate) * up, self.w2.transpose(1, 2), offs=offs)  # [T*k, D]
-        y = y * topk_weights.flatten()[order, None].to(y.dtype)
+        x = hidden[token_of[order]]  # [S, D]
+        gate, up = torch._grouped_mm(x, self.w13.transpose(1, 2), offs=offs).chunk(2, dim=-1)  # [S, I] each
+        y = torch._grouped_mm(F.silu(gate) * up, self.w2.transpose(1, 2), offs=offs)  # [S, D]
+        y = y * weights[order, None].to(y.dtype)
         out = torch.empty_like(y)
-        out[order] = y  # back to (token, slot) order: a fixed-order sum over the k slots
-        return out.view(num_tokens, k, -1).sum(dim=1).to(hidden.dtype)
+        out[order] = y  # back to slot order
+        return out
 
 
 class MoE(nn.Module):
@@ -177,10 +215,15 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.gate(x)
-        out = self.expert_backend(self.layer_idx, x, ids, weights)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
-        return out
+        backend = self.expert_backend
+        if isinstance(backend, DeferredExpertBackend):  # routed experts away: shared ones meanwhile
+            pending = backend.submit(self.layer_idx, x, ids, weights)
+            shared = self.shared_experts(x) if self.shared_experts is not None else None
+            out = pending.result()
+        else:
+            out = backend(self.layer_idx, x, ids, weights)
+            shared = self.shared_experts(x) if self.shared_experts is not None else None
+        return out if shared is None else out + shared
 
 
 class Router(nn.Module):

@@ -34,6 +34,15 @@ _ROLE_NAMES = {v: k for k, v in ROLES.items()}
 
 
 @dataclass(frozen=True)
+class ExpertTokenCount:
+    """Token slots one routed expert of one MoE layer computed since its expert-pool worker started."""
+
+    layer: int
+    expert_id: int
+    num_tokens: int
+
+
+@dataclass(frozen=True)
 class LoadReport:
     worker_id: str
     role: str
@@ -45,6 +54,7 @@ class LoadReport:
     unix_ms: int = 0
     num_remote_prefills: int = 0  # decode: requests whose KV a prefill worker sent
     num_prefill_fallbacks: int = 0  # decode: requests meant for a prefill worker, prefilled here instead
+    expert_tokens: tuple[ExpertTokenCount, ...] = ()  # expert-pool workers
 
     def to_proto(self) -> worker_pb2.LoadReport:
         return worker_pb2.LoadReport(
@@ -52,6 +62,8 @@ class LoadReport:
             num_queued_requests=self.num_queued_requests, num_queued_tokens=self.num_queued_tokens,
             num_free_pages=self.num_free_pages, num_total_pages=self.num_total_pages, unix_ms=self.unix_ms,
             num_remote_prefills=self.num_remote_prefills, num_prefill_fallbacks=self.num_prefill_fallbacks,
+            expert_tokens=[worker_pb2.ExpertTokenCount(layer=c.layer, expert_id=c.expert_id,
+                                                       num_tokens=c.num_tokens) for c in self.expert_tokens],
         )  # fmt: skip
 
     @classmethod
@@ -60,6 +72,7 @@ class LoadReport:
             msg.worker_id, _ROLE_NAMES.get(msg.role, ""), msg.num_running_requests, msg.num_queued_requests,
             msg.num_queued_tokens, msg.num_free_pages, msg.num_total_pages, msg.unix_ms,
             msg.num_remote_prefills, msg.num_prefill_fallbacks,
+            tuple(ExpertTokenCount(c.layer, c.expert_id, c.num_tokens) for c in msg.expert_tokens),
         )  # fmt: skip
 
 

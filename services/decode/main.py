@@ -17,6 +17,7 @@ from moemesh.services.engine_loop import EngineLoop
 from moemesh.services.metrics_http import engine_stats, metrics_app, serve_http, worker_registry
 from moemesh.services.model_loading import load_engine
 from moemesh.services.registration import run_worker_server
+from moemesh.services.remote_experts import install_remote_experts
 from moemesh.services.ucx_lifecycle import stop_ucx, ucx_options
 from moemesh.telemetry.metrics import DecodeMetrics
 from moemesh.telemetry.tracing import Telemetry
@@ -41,7 +42,9 @@ async def serve(config: WorkerConfig, telemetry_config: TelemetryConfig | None =
     telemetry = Telemetry.create(f"moemesh-{config.role}", config.worker_id, otlp_endpoint=tc.otlp_endpoint,
                                  trace_buffer=tc.trace_buffer)  # fmt: skip
     loaded = await asyncio.to_thread(load_engine, config)
-    loop = EngineLoop(loaded.engine)
+    remote = install_remote_experts(loaded, config, MeshChannels(security.tls))
+    # Remote experts: the event loop carries every MoE layer's round trip, so it never parks during a step.
+    loop = EngineLoop(loaded.engine, exclusive=False if remote is not None else None)
     receiver = UcxKvReceiver(host=config.host, options=ucx_options(config))
     if not config.force_local_prefill:
         problem = await probe_device_memory(receiver.listener.options, loaded.engine.device)
@@ -74,13 +77,24 @@ async def serve(config: WorkerConfig, telemetry_config: TelemetryConfig | None =
     await server.start()
     me = WorkerInfo(config.worker_id, config.role, server.address, ucx_address, loaded.fingerprint)
     background = [loop.run(), leases.reap(config.reaper_interval_s)]
+    on_members = worker.on_members
+    if remote is not None:
+        await remote.start()
+
+        async def on_members(members: list[WorkerInfo]) -> None:
+            await worker.on_members(members)
+            await remote.sync(members)
+
     try:
         async with serve_http(metrics_app(registry), config.host, config.http_port):
-            await run_worker_server(config, server, me, worker.load, background, worker.on_members)
+            await run_worker_server(config, server, me, worker.load, background, on_members)
     finally:
         await peers.close()
+        if remote is not None:
+            await remote.close()
         if not config.force_local_prefill:
             await receiver.close()
+        if not config.force_local_prefill or remote is not None:
             stop_ucx(reset=False)
         telemetry.shutdown()
     return 0

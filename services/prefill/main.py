@@ -15,10 +15,12 @@ from moemesh.services.model_loading import load_engine
 from moemesh.services.prefill.servicer import PrefillServicer
 from moemesh.services.prefill.worker import PrefillWorker
 from moemesh.services.registration import run_worker_server
+from moemesh.services.remote_experts import install_remote_experts
 from moemesh.services.ucx_lifecycle import stop_ucx, ucx_options
 from moemesh.telemetry.metrics import PrefillMetrics
 from moemesh.telemetry.tracing import Telemetry
 from moemesh.transport import spans as spans_service
+from moemesh.transport.channels import MeshChannels
 from moemesh.transport.kv_ucx import UcxKvSender
 from moemesh.transport.peers import HandshakeAcceptor, WorkerInfo
 from moemesh.transport.security import MeshSecurity
@@ -38,6 +40,7 @@ async def serve(config: WorkerConfig, telemetry_config: TelemetryConfig | None =
     telemetry = Telemetry.create("moemesh-prefill", config.worker_id, otlp_endpoint=tc.otlp_endpoint,
                                  trace_buffer=tc.trace_buffer)  # fmt: skip
     loaded = await asyncio.to_thread(load_engine, config)
+    remote = install_remote_experts(loaded, config, MeshChannels(security.tls))
     loop = EngineLoop(loaded.engine, exclusive=False)  # its event loop sends KV while the forward goes on
     options = ucx_options(config)
     problem = await probe_device_memory(options, loaded.engine.device)
@@ -60,11 +63,16 @@ async def serve(config: WorkerConfig, telemetry_config: TelemetryConfig | None =
     spans_service.add_to_server(server, telemetry.store)
     await server.start()
     me = WorkerInfo(config.worker_id, "prefill", server.address, "", loaded.fingerprint)
+    if remote is not None:
+        await remote.start()
+    on_members = remote.sync if remote is not None else None
     try:
         async with serve_http(metrics_app(registry), config.host, config.http_port):
-            await run_worker_server(config, server, me, worker.load, [loop.run()])
+            await run_worker_server(config, server, me, worker.load, [loop.run()], on_members)
     finally:
         await sender.close()
+        if remote is not None:
+            await remote.close()
         stop_ucx(reset=False)
         telemetry.shutdown()
     return 0

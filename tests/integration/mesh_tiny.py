@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from moemesh._proto.v1 import worker_pb2, worker_pb2_grpc
+from moemesh._proto.v1 import expert_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[2]
 EOS = "<|eos|>"
@@ -70,6 +70,7 @@ class Mesh:
         tls = SecurityConfig(tls_dir=self.tls_dir or "").tls_files()
         with MeshChannels(tls).sync(self.workers[name]) as channel:
             stub = (worker_pb2_grpc.PrefillWorkerStub if name.startswith("prefill")
+                    else expert_pb2_grpc.ExpertPoolStub if name.startswith("expert")
                     else worker_pb2_grpc.DecodeWorkerStub)(channel)  # fmt: skip
             return stub.GetLoad(worker_pb2.GetLoadRequest(), timeout=5)
 
@@ -115,7 +116,7 @@ def start_mesh(model_dir: Path | str, topology: str, *, num_decode: int = 1, num
                knobs: dict[str, str] | None = None, torch_threads: int | None = None,
                timeout_s: float = 120.0, fail_fast: bool = True, max_restarts: int = 3,
                tls_dir: str | None = None, api_keys_file: str | None = None, device: str = "cpu",
-               up_args: tuple[str, ...] = ()) -> Mesh:  # fmt: skip
+               up_args: tuple[str, ...] = (), num_expert: int = 1) -> Mesh:  # fmt: skip
     """Starts `moemesh up` and waits for `ready on`. knobs: MOEMESH_* environment (default TINY_ENV);
     fail_fast: `up --fail-fast` (a test's mesh stops when a worker crashes); with False a killed worker is
     restarted up to `max_restarts` times (0: it stays down) and the rest serve on; tls_dir / api_keys_file:
@@ -126,7 +127,8 @@ def start_mesh(model_dir: Path | str, topology: str, *, num_decode: int = 1, num
     port, http_port = free_ports(2)
     argv = [sys.executable, "-m", "moemesh.cli", "up", "--model", str(model_dir), "--topology", topology,
             "--decode", str(num_decode), "--prefill", str(num_prefill), "--port", str(port),
-            "--http-port", str(http_port), "--startup-timeout", str(timeout_s), "--device", device]  # fmt: skip
+            "--http-port", str(http_port), "--startup-timeout", str(timeout_s), "--device", device,
+            "--experts", str(num_expert)]  # fmt: skip
     if torch_threads is not None:
         argv += ["--torch-threads", str(torch_threads)]
     argv += ["--fail-fast"] if fail_fast else ["--max-restarts", str(max_restarts)]

@@ -25,33 +25,33 @@ _sym_db = _symbol_database.Default()
 from moemesh._proto.v1 import worker_pb2 as moemesh_dot_v1_dot_worker__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17moemesh/v1/expert.proto\x12\nmoemesh.v1\x1a\x17moemesh/v1/worker.proto\"G\n\x0bPayloadSpec\x12%\n\x04kind\x18\x01 \x01(\x0e\x32\x17.moemesh.v1.PayloadKind\x12\x11\n\tnum_bytes\x18\x02 \x01(\x04\"\xe1\x01\n\x11\x45xpertBatchHeader\x12\x16\n\x0emicro_batch_id\x18\x01 \x01(\x04\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\r\n\x05top_k\x18\x05 \x01(\r\x12-\n\x0ctoken_format\x18\x06 \x01(\x0e\x32\x17.moemesh.v1.TokenFormat\x12)\n\x08payloads\x18\x07 \x03(\x0b\x32\x17.moemesh.v1.PayloadSpec\x12\x13\n\x0btraceparent\x18\x08 \x01(\t\"z\n\x12\x45xpertResultHeader\x12\x16\n\x0emicro_batch_id\x18\x01 \x01(\x04\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12)\n\x08payloads\x18\x04 \x03(\x0b\x32\x17.moemesh.v1.PayloadSpec\"N\n\x0b\x45xpertBatch\x12-\n\x06header\x18\x01 \x01(\x0b\x32\x1d.moemesh.v1.ExpertBatchHeader\x12\x10\n\x08payloads\x18\x02 \x03(\x0c\"P\n\x0c\x45xpertResult\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1e.moemesh.v1.ExpertResultHeader\x12\x10\n\x08payloads\x18\x02 \x03(\x0c\"4\n\x0f\x45xpertPlacement\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x12\n\nexpert_ids\x18\x02 \x03(\r\"\x18\n\x16\x44\x65scribeExpertsRequest\"\xd0\x01\n\x17\x44\x65scribeExpertsResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12,\n\x0b\x66ingerprint\x18\x02 \x01(\x0b\x32\x17.moemesh.v1.Fingerprint\x12/\n\nplacements\x18\x03 \x03(\x0b\x32\x1b.moemesh.v1.ExpertPlacement\x12.\n\rtoken_formats\x18\x04 \x03(\x0e\x32\x17.moemesh.v1.TokenFormat\x12\x13\n\x0bucx_address\x18\x05 \x01(\t*~\n\x0bTokenFormat\x12\x1c\n\x18TOKEN_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11TOKEN_FORMAT_BF16\x10\x01\x12\"\n\x1eTOKEN_FORMAT_FP8_E4M3_BLOCK128\x10\x02\x12\x16\n\x12TOKEN_FORMAT_NVFP4\x10\x03*\xbc\x01\n\x0bPayloadKind\x12\x1c\n\x18PAYLOAD_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13PAYLOAD_KIND_HIDDEN\x10\x01\x12\x1e\n\x1aPAYLOAD_KIND_HIDDEN_SCALES\x10\x02\x12\x1b\n\x17PAYLOAD_KIND_EXPERT_IDS\x10\x03\x12 \n\x1cPAYLOAD_KIND_ROUTING_WEIGHTS\x10\x04\x12\x17\n\x13PAYLOAD_KIND_OUTPUT\x10\x05\x32\xe6\x01\n\nExpertPool\x12Z\n\x0f\x44\x65scribeExperts\x12\".moemesh.v1.DescribeExpertsRequest\x1a#.moemesh.v1.DescribeExpertsResponse\x12=\n\x08\x44ispatch\x12\x17.moemesh.v1.ExpertBatch\x1a\x18.moemesh.v1.ExpertResult\x12=\n\x07GetLoad\x12\x1a.moemesh.v1.GetLoadRequest\x1a\x16.moemesh.v1.LoadReportb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17moemesh/v1/expert.proto\x12\nmoemesh.v1\x1a\x17moemesh/v1/worker.proto\"G\n\x0bPayloadSpec\x12%\n\x04kind\x18\x01 \x01(\x0e\x32\x17.moemesh.v1.PayloadKind\x12\x11\n\tnum_bytes\x18\x02 \x01(\x04\"\xe1\x01\n\x11\x45xpertBatchHeader\x12\x16\n\x0emicro_batch_id\x18\x01 \x01(\x04\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\r\n\x05top_k\x18\x05 \x01(\r\x12-\n\x0ctoken_format\x18\x06 \x01(\x0e\x32\x17.moemesh.v1.TokenFormat\x12)\n\x08payloads\x18\x07 \x03(\x0b\x32\x17.moemesh.v1.PayloadSpec\x12\x13\n\x0btraceparent\x18\x08 \x01(\t\"\x9d\x01\n\x12\x45xpertResultHeader\x12\x16\n\x0emicro_batch_id\x18\x01 \x01(\x04\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12)\n\x08payloads\x18\x04 \x03(\x0b\x32\x17.moemesh.v1.PayloadSpec\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x12\n\nerror_code\x18\x06 \x01(\r\"N\n\x0b\x45xpertBatch\x12-\n\x06header\x18\x01 \x01(\x0b\x32\x1d.moemesh.v1.ExpertBatchHeader\x12\x10\n\x08payloads\x18\x02 \x03(\x0c\"P\n\x0c\x45xpertResult\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1e.moemesh.v1.ExpertResultHeader\x12\x10\n\x08payloads\x18\x02 \x03(\x0c\"4\n\x0f\x45xpertPlacement\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x12\n\nexpert_ids\x18\x02 \x03(\r\"\x18\n\x16\x44\x65scribeExpertsRequest\"\xec\x01\n\x17\x44\x65scribeExpertsResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12,\n\x0b\x66ingerprint\x18\x02 \x01(\x0b\x32\x17.moemesh.v1.Fingerprint\x12/\n\nplacements\x18\x03 \x03(\x0b\x32\x1b.moemesh.v1.ExpertPlacement\x12.\n\rtoken_formats\x18\x04 \x03(\x0e\x32\x17.moemesh.v1.TokenFormat\x12\x13\n\x0bucx_address\x18\x05 \x01(\t\x12\x1a\n\x12num_routed_experts\x18\x06 \x01(\r*~\n\x0bTokenFormat\x12\x1c\n\x18TOKEN_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11TOKEN_FORMAT_BF16\x10\x01\x12\"\n\x1eTOKEN_FORMAT_FP8_E4M3_BLOCK128\x10\x02\x12\x16\n\x12TOKEN_FORMAT_NVFP4\x10\x03*\xbc\x01\n\x0bPayloadKind\x12\x1c\n\x18PAYLOAD_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13PAYLOAD_KIND_HIDDEN\x10\x01\x12\x1e\n\x1aPAYLOAD_KIND_HIDDEN_SCALES\x10\x02\x12\x1b\n\x17PAYLOAD_KIND_EXPERT_IDS\x10\x03\x12 \n\x1cPAYLOAD_KIND_ROUTING_WEIGHTS\x10\x04\x12\x17\n\x13PAYLOAD_KIND_OUTPUT\x10\x05\x32\xe6\x01\n\nExpertPool\x12Z\n\x0f\x44\x65scribeExperts\x12\".moemesh.v1.DescribeExpertsRequest\x1a#.moemesh.v1.DescribeExpertsResponse\x12=\n\x08\x44ispatch\x12\x17.moemesh.v1.ExpertBatch\x1a\x18.moemesh.v1.ExpertResult\x12=\n\x07GetLoad\x12\x1a.moemesh.v1.GetLoadRequest\x1a\x16.moemesh.v1.LoadReportb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'moemesh.v1.expert_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TOKENFORMAT']._serialized_start=942
-  _globals['_TOKENFORMAT']._serialized_end=1068
-  _globals['_PAYLOADKIND']._serialized_start=1071
-  _globals['_PAYLOADKIND']._serialized_end=1259
+  _globals['_TOKENFORMAT']._serialized_start=1006
+  _globals['_TOKENFORMAT']._serialized_end=1132
+  _globals['_PAYLOADKIND']._serialized_start=1135
+  _globals['_PAYLOADKIND']._serialized_end=1323
   _globals['_PAYLOADSPEC']._serialized_start=64
   _globals['_PAYLOADSPEC']._serialized_end=135
   _globals['_EXPERTBATCHHEADER']._serialized_start=138
   _globals['_EXPERTBATCHHEADER']._serialized_end=363
-  _globals['_EXPERTRESULTHEADER']._serialized_start=365
-  _globals['_EXPERTRESULTHEADER']._serialized_end=487
-  _globals['_EXPERTBATCH']._serialized_start=489
-  _globals['_EXPERTBATCH']._serialized_end=567
-  _globals['_EXPERTRESULT']._serialized_start=569
-  _globals['_EXPERTRESULT']._serialized_end=649
-  _globals['_EXPERTPLACEMENT']._serialized_start=651
-  _globals['_EXPERTPLACEMENT']._serialized_end=703
-  _globals['_DESCRIBEEXPERTSREQUEST']._serialized_start=705
-  _globals['_DESCRIBEEXPERTSREQUEST']._serialized_end=729
-  _globals['_DESCRIBEEXPERTSRESPONSE']._serialized_start=732
-  _globals['_DESCRIBEEXPERTSRESPONSE']._serialized_end=940
-  _globals['_EXPERTPOOL']._serialized_start=1262
-  _globals['_EXPERTPOOL']._serialized_end=1492
+  _globals['_EXPERTRESULTHEADER']._serialized_start=366
+  _globals['_EXPERTRESULTHEADER']._serialized_end=523
+  _globals['_EXPERTBATCH']._serialized_start=525
+  _globals['_EXPERTBATCH']._serialized_end=603
+  _globals['_EXPERTRESULT']._serialized_start=605
+  _globals['_EXPERTRESULT']._serialized_end=685
+  _globals['_EXPERTPLACEMENT']._serialized_start=687
+  _globals['_EXPERTPLACEMENT']._serialized_end=739
+  _globals['_DESCRIBEEXPERTSREQUEST']._serialized_start=741
+  _globals['_DESCRIBEEXPERTSREQUEST']._serialized_end=765
+  _globals['_DESCRIBEEXPERTSRESPONSE']._serialized_start=768
+  _globals['_DESCRIBEEXPERTSRESPONSE']._serialized_end=1004
+  _globals['_EXPERTPOOL']._serialized_start=1326
+  _globals['_EXPERTPOOL']._serialized_end=1556
 # @@protoc_insertion_point(module_scope)

@@ -63,16 +63,20 @@ class ExpertBatchHeader(_message.Message):
     def __init__(self, micro_batch_id: _Optional[int] = ..., layer: _Optional[int] = ..., num_tokens: _Optional[int] = ..., hidden_size: _Optional[int] = ..., top_k: _Optional[int] = ..., token_format: _Optional[_Union[TokenFormat, str]] = ..., payloads: _Optional[_Iterable[_Union[PayloadSpec, _Mapping]]] = ..., traceparent: _Optional[str] = ...) -> None: ...
 
 class ExpertResultHeader(_message.Message):
-    __slots__ = ("micro_batch_id", "layer", "num_tokens", "payloads")
+    __slots__ = ("micro_batch_id", "layer", "num_tokens", "payloads", "error", "error_code")
     MICRO_BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PAYLOADS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
     micro_batch_id: int
     layer: int
     num_tokens: int
     payloads: _containers.RepeatedCompositeFieldContainer[PayloadSpec]
-    def __init__(self, micro_batch_id: _Optional[int] = ..., layer: _Optional[int] = ..., num_tokens: _Optional[int] = ..., payloads: _Optional[_Iterable[_Union[PayloadSpec, _Mapping]]] = ...) -> None: ...
+    error: str
+    error_code: int
+    def __init__(self, micro_batch_id: _Optional[int] = ..., layer: _Optional[int] = ..., num_tokens: _Optional[int] = ..., payloads: _Optional[_Iterable[_Union[PayloadSpec, _Mapping]]] = ..., error: _Optional[str] = ..., error_code: _Optional[int] = ...) -> None: ...
 
 class ExpertBatch(_message.Message):
     __slots__ = ("header", "payloads")
@@ -103,15 +107,17 @@ class DescribeExpertsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DescribeExpertsResponse(_message.Message):
-    __slots__ = ("worker_id", "fingerprint", "placements", "token_formats", "ucx_address")
+    __slots__ = ("worker_id", "fingerprint", "placements", "token_formats", "ucx_address", "num_routed_experts")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     PLACEMENTS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FORMATS_FIELD_NUMBER: _ClassVar[int]
     UCX_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    NUM_ROUTED_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     fingerprint: _worker_pb2.Fingerprint
     placements: _containers.RepeatedCompositeFieldContainer[ExpertPlacement]
     token_formats: _containers.RepeatedScalarFieldContainer[TokenFormat]
     ucx_address: str
-    def __init__(self, worker_id: _Optional[str] = ..., fingerprint: _Optional[_Union[_worker_pb2.Fingerprint, _Mapping]] = ..., placements: _Optional[_Iterable[_Union[ExpertPlacement, _Mapping]]] = ..., token_formats: _Optional[_Iterable[_Union[TokenFormat, str]]] = ..., ucx_address: _Optional[str] = ...) -> None: ...
+    num_routed_experts: int
+    def __init__(self, worker_id: _Optional[str] = ..., fingerprint: _Optional[_Union[_worker_pb2.Fingerprint, _Mapping]] = ..., placements: _Optional[_Iterable[_Union[ExpertPlacement, _Mapping]]] = ..., token_formats: _Optional[_Iterable[_Union[TokenFormat, str]]] = ..., ucx_address: _Optional[str] = ..., num_routed_experts: _Optional[int] = ...) -> None: ...

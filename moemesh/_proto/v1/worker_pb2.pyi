@@ -217,7 +217,7 @@ class GetLoadRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LoadReport(_message.Message):
-    __slots__ = ("worker_id", "role", "num_running_requests", "num_queued_requests", "num_queued_tokens", "num_free_pages", "num_total_pages", "unix_ms", "num_remote_prefills", "num_prefill_fallbacks")
+    __slots__ = ("worker_id", "role", "num_running_requests", "num_queued_requests", "num_queued_tokens", "num_free_pages", "num_total_pages", "unix_ms", "num_remote_prefills", "num_prefill_fallbacks", "expert_tokens")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
@@ -228,6 +228,7 @@ class LoadReport(_message.Message):
     UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     NUM_REMOTE_PREFILLS_FIELD_NUMBER: _ClassVar[int]
     NUM_PREFILL_FALLBACKS_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: WorkerRole
     num_running_requests: int
@@ -238,7 +239,18 @@ class LoadReport(_message.Message):
     unix_ms: int
     num_remote_prefills: int
     num_prefill_fallbacks: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., num_running_requests: _Optional[int] = ..., num_queued_requests: _Optional[int] = ..., num_queued_tokens: _Optional[int] = ..., num_free_pages: _Optional[int] = ..., num_total_pages: _Optional[int] = ..., unix_ms: _Optional[int] = ..., num_remote_prefills: _Optional[int] = ..., num_prefill_fallbacks: _Optional[int] = ...) -> None: ...
+    expert_tokens: _containers.RepeatedCompositeFieldContainer[ExpertTokenCount]
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., num_running_requests: _Optional[int] = ..., num_queued_requests: _Optional[int] = ..., num_queued_tokens: _Optional[int] = ..., num_free_pages: _Optional[int] = ..., num_total_pages: _Optional[int] = ..., unix_ms: _Optional[int] = ..., num_remote_prefills: _Optional[int] = ..., num_prefill_fallbacks: _Optional[int] = ..., expert_tokens: _Optional[_Iterable[_Union[ExpertTokenCount, _Mapping]]] = ...) -> None: ...
+
+class ExpertTokenCount(_message.Message):
+    __slots__ = ("layer", "expert_id", "num_tokens")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    expert_id: int
+    num_tokens: int
+    def __init__(self, layer: _Optional[int] = ..., expert_id: _Optional[int] = ..., num_tokens: _Optional[int] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
     __slots__ = ("worker_id", "role", "grpc_address", "ucx_address", "fingerprint")

@@ -1,0 +1,358 @@
+"""`RemoteExperts`: the routed experts of an attention worker (prefill, decode, colocated) run in the expert
+pool. It satisfies the model's `ExpertBackend` / `DeferredExpertBackend` Protocols structurally (transport
+never imports model).
+
+Per MoE layer, called on the engine thread with the layer's routing (the model routes locally):
+1. every (token, slot) goes to a worker hosting its expert (among replicas, by token index), see
+   `ExpertTable.assign`;
+2. each worker gets only the tokens with a slot for it, in `encode`'s token format (BF16 or FP8 1x128 —
+   `encode` is injected by services, which may import kernels/token_format.py; transport may not), the slots
+   of other workers masked with -1, and the routing weights;
+3. the batches go out over UCX from the worker's event loop (`submit` returns at once: the model runs the
+   shared experts meanwhile), every worker in parallel;
+4. `result()` places each worker's weighted slot rows and sums every token's k rows in slot order — the same
+   combine as `LocalExperts` (moe.combine_slots), so greedy output equals the colocated one for BF16 tokens.
+
+Failure: a worker that does not answer within `timeout_s`, or whose connection drops, is forgotten (its
+experts move to their replicas if any) and the call raises Unavailable; calls wait up to `placement_wait_s`
+for the pool to cover every expert (start-up, a worker restarting), then raise Unavailable naming what is
+missing. Never a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from moemesh._proto.v1 import expert_pb2, expert_pb2_grpc
+from moemesh.transport.errors import (
+    MeshError,
+    Unavailable,
+    from_rpc_error,
+    from_status,
+    status_code_from_number,
+)
+from moemesh.transport.expert_wire import (
+    FRAME_BYTES,
+    TAG_HEADER,
+    TOKEN_FORMATS,
+    ExpertBatch,
+    output_tag,
+    pack_frame,
+    payload_tag,
+    result_tag,
+    unpack_frame,
+)
+from moemesh.transport.peers import WorkerInfo
+from moemesh.transport.ucx import UcxEndpointPool, UcxOptions, as_ucx_buffer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RemoteExpertsOptions:
+    token_format: str = "bf16"  # one of TOKEN_FORMATS
+    timeout_s: float = 10.0  # one layer's round trip to one worker
+    placement_wait_s: float = 10.0  # how long a call waits for the pool to cover every routed expert
+    describe_timeout_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.token_format not in TOKEN_FORMATS:
+            raise ValueError(f"token_format={self.token_format!r} must be one of {', '.join(TOKEN_FORMATS)}")
+        for name in ("timeout_s", "placement_wait_s", "describe_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+
+
+@dataclass(frozen=True)
+class PoolWorker:
+    """One expert-pool worker as DescribeExperts tells it: layer -> the routed experts it hosts."""
+
+    worker_id: str
+    ucx_address: str
+    placements: dict[int, tuple[int, ...]]
+
+
+class ExpertTable:
+    """Who hosts which expert of which layer. owners[layer]: int64 [E, R] worker indices (-1 padding),
+    counts[layer]: int64 [E] replicas per expert. Pure; rebuilt whenever the pool changes."""
+
+    def __init__(self, workers: list[PoolWorker], num_experts: int, layers: list[int]) -> None:
+        self.workers = workers
+        self.num_experts = num_experts
+        self.owners: dict[int, torch.Tensor] = {}
+        self.counts: dict[int, torch.Tensor] = {}
+        self.missing: dict[int, list[int]] = {}
+        for layer in layers:
+            hosts: list[list[int]] = [[] for _ in range(num_experts)]
+            for index, worker in enumerate(workers):
+                for expert in worker.placements.get(layer, ()):
+                    if 0 <= expert < num_experts:
+                        hosts[expert].append(index)
+            width = max(1, max(len(h) for h in hosts))
+            owners = torch.full((num_experts, width), -1, dtype=torch.int64)
+            for expert, h in enumerate(hosts):
+                owners[expert, : len(h)] = torch.tensor(h, dtype=torch.int64)
+            self.owners[layer] = owners
+            self.counts[layer] = torch.tensor([len(h) for h in hosts], dtype=torch.int64)
+            self.missing[layer] = [e for e, h in enumerate(hosts) if not h]
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.owners) and not any(self.missing.values())
+
+    def describe_missing(self) -> str:
+        gaps = {layer: m for layer, m in self.missing.items() if m}
+        if not gaps:
+            return "nothing"
+        layer, experts = next(iter(gaps.items()))
+        return (
+            f"{sum(map(len, gaps.values()))} (layer, expert) pairs, e.g. layer {layer} experts {experts[:8]}"
+        )
+
+    def assign(self, layer: int, topk_ids: torch.Tensor) -> torch.Tensor:
+        """topk_ids int64 [T, k] (CPU) -> int64 [T, k]: the worker index computing each slot; replicas of an
+        expert take its tokens in turn (by token index)."""
+        counts = self.counts[layer][topk_ids]
+        if bool((counts == 0).any()):
+            raise Unavailable(f"no live expert worker hosts {self.describe_missing()}")
+        turn = torch.arange(topk_ids.shape[0])[:, None] % counts
+        return self.owners[layer][topk_ids, turn]
+
+
+@dataclass
+class _Part:
+    worker: PoolWorker
+    batch: ExpertBatch
+    slot_index: torch.Tensor  # int64 [S]: where its output rows go among the T*k slots
+
+
+class PendingExperts:
+    """One layer's batches in flight. result() blocks (the engine thread) until every worker answered."""
+
+    def __init__(self, future: concurrent.futures.Future | None, parts: list[_Part], hidden: torch.Tensor,
+                 top_k: int, wait_s: float) -> None:  # fmt: skip
+        self._future = future
+        self._parts = parts
+        self._hidden = hidden
+        self._top_k = top_k
+        self._wait_s = wait_s
+
+    def result(self) -> torch.Tensor:
+        hidden, k = self._hidden, self._top_k
+        num_tokens = hidden.shape[0]
+        slots = torch.zeros(num_tokens * k, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
+        if self._future is not None:
+            try:
+                outputs = self._future.result(timeout=self._wait_s)
+            except concurrent.futures.TimeoutError:
+                self._future.cancel()
+                raise Unavailable(f"the expert pool did not answer within {self._wait_s} s") from None
+            for part, out in zip(self._parts, outputs, strict=True):
+                slots[part.slot_index.to(hidden.device)] = out.to(hidden.device, hidden.dtype)
+        # the combine of moe.combine_slots: every token's k weighted rows summed in slot order
+        return slots.view(num_tokens, k, -1).sum(dim=1).to(hidden.dtype)
+
+
+class RemoteExperts:
+    """Lifecycle: construct, `await start()` on the worker's event loop, `await sync(members)` with every
+    membership the registry reports, call from the engine thread (never from the event loop), `await close()`.
+
+    encode: hidden [T, D] -> uint8 token buffer in `options.token_format` (kernels/token_format.py, injected).
+    wire_device: where the buffers travel from ("cpu" over TCP; the GPU when UCX moves device memory)."""
+
+    def __init__(
+        self,
+        layers: list[int],
+        num_experts: int,
+        encode: Callable[[torch.Tensor], torch.Tensor],
+        options: RemoteExpertsOptions | None = None,
+        ucx_options: UcxOptions | None = None,
+        channel_factory: Callable[[str], grpc.aio.Channel] | None = None,
+        wire_device: torch.device | str = "cpu",
+    ) -> None:
+        self.layers = list(layers)
+        self.num_experts = num_experts
+        self.encode = encode
+        self.options = options or RemoteExpertsOptions()
+        self.pool = UcxEndpointPool(ucx_options)
+        self.channel_factory = channel_factory
+        self.wire_device = torch.device(wire_device)
+        self.token_format = TOKEN_FORMATS[self.options.token_format]
+        self.workers: dict[str, PoolWorker] = {}
+        self.table = ExpertTable([], num_experts, self.layers)
+        self.num_batches = 0
+        self._ids = itertools.count(1)
+        self._changed = threading.Condition()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    # -- the pool (event loop) -------------------------------------------------------------------------------
+
+    async def sync(self, members: list[WorkerInfo]) -> None:
+        """Describes every new expert member (concurrently); forgets members that left."""
+        experts = {m.worker_id: m for m in members if m.role == "expert"}
+        for gone in set(self.workers) - set(experts):
+            self._forget(gone, "left the mesh")
+        new = [m for wid, m in experts.items() if wid not in self.workers]
+        described = await asyncio.gather(*(self._describe(m) for m in new))
+        added = [w for w in described if w is not None]
+        if added:
+            for worker in added:
+                self.workers[worker.worker_id] = worker
+            self._rebuild()
+            log.info("expert pool: %s; covers every expert: %s", sorted(self.workers), self.table.complete)
+
+    async def _describe(self, member: WorkerInfo) -> PoolWorker | None:
+        if self.channel_factory is None:
+            raise RuntimeError("RemoteExperts.sync needs a channel_factory")
+        channel = self.channel_factory(member.grpc_address)
+        try:
+            stub = expert_pb2_grpc.ExpertPoolStub(channel)
+            reply = await stub.DescribeExperts(
+                expert_pb2.DescribeExpertsRequest(), timeout=self.options.describe_timeout_s
+            )
+        except grpc.RpcError as err:
+            log.warning("expert worker %s not described: %s", member.worker_id, from_rpc_error(err))
+            return None
+        finally:
+            await channel.close()
+        if reply.num_routed_experts and reply.num_routed_experts != self.num_experts:
+            log.error("refusing expert worker %s: it serves %d routed experts, this model has %d",
+                      member.worker_id, reply.num_routed_experts, self.num_experts)  # fmt: skip
+            return None
+        if self.token_format not in reply.token_formats:
+            log.error("refusing expert worker %s: it does not accept token format %s", member.worker_id,
+                      self.options.token_format)  # fmt: skip
+            return None
+        placements = {p.layer: tuple(p.expert_ids) for p in reply.placements}
+        return PoolWorker(member.worker_id, reply.ucx_address, placements)
+
+    def add_worker(self, worker: PoolWorker) -> None:
+        """A worker known without the registry (tests, benchmarks)."""
+        self.workers[worker.worker_id] = worker
+        self._rebuild()
+
+    def _forget(self, worker_id: str, why: str) -> None:
+        if self.workers.pop(worker_id, None) is not None:
+            log.warning("expert worker %s %s; dropping it from the pool", worker_id, why)
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        with self._changed:
+            self.table = ExpertTable(list(self.workers.values()), self.num_experts, self.layers)
+            self._changed.notify_all()
+
+    # -- one layer (engine thread) ---------------------------------------------------------------------------
+
+    def __call__(
+        self, layer_idx: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+    ) -> torch.Tensor:
+        return self.submit(layer_idx, hidden, topk_ids, topk_weights).result()
+
+    def submit(
+        self, layer_idx: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+    ) -> PendingExperts:
+        """Sends the layer's tokens and returns without waiting for the outputs."""
+        loop = self._loop
+        if loop is None:
+            raise RuntimeError("RemoteExperts.start() was not awaited")
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            raise RuntimeError("RemoteExperts is called from the engine thread, never from its event loop")
+        num_tokens, k = topk_ids.shape
+        wait_s = self.options.timeout_s + 1.0
+        if num_tokens == 0:
+            return PendingExperts(None, [], hidden, k, wait_s)
+        table = self._wait_for_table()
+        ids = topk_ids.to("cpu", torch.int64)
+        owner = table.assign(layer_idx, ids)  # [T, k]
+        parts = []
+        for index in owner.unique().tolist():
+            mask = owner == index
+            rows = mask.any(dim=1).nonzero()[:, 0]
+            batch = ExpertBatch(
+                next(self._ids), layer_idx, self.token_format, hidden.shape[1],
+                self.encode(hidden[rows.to(hidden.device)]).to(self.wire_device),
+                torch.where(mask, ids, -1)[rows].to(self.wire_device, torch.int32),
+                topk_weights[rows.to(topk_weights.device)].to(self.wire_device, torch.float32),
+            )  # fmt: skip
+            parts.append(_Part(table.workers[index], batch, mask.flatten().nonzero()[:, 0]))
+        future = asyncio.run_coroutine_threadsafe(self._send_all(parts), loop)
+        return PendingExperts(future, parts, hidden, k, wait_s)
+
+    def _wait_for_table(self) -> ExpertTable:
+        with self._changed:
+            complete = self._changed.wait_for(
+                lambda: self.table.complete, timeout=self.options.placement_wait_s
+            )
+            if not complete:
+                raise Unavailable(
+                    f"the expert pool ({len(self.workers)} workers) does not cover every routed expert after "
+                    f"{self.options.placement_wait_s} s: missing {self.table.describe_missing()}"
+                )
+            return self.table
+
+    # -- the wire (event loop) -------------------------------------------------------------------------------
+
+    async def _send_all(self, parts: list[_Part]) -> list[torch.Tensor]:
+        results = await asyncio.gather(*(self._exchange(p) for p in parts), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        self.num_batches += len(parts)
+        return results
+
+    async def _exchange(self, part: _Part) -> torch.Tensor:
+        worker, batch = part.worker, part.batch
+        try:
+            ep = await self.pool.get(worker.ucx_address)
+        except MeshError as err:
+            self._forget(worker.worker_id, f"is unreachable ({err})")
+            raise
+        frame = torch.empty(FRAME_BYTES, dtype=torch.uint8)
+        out = torch.empty(batch.num_slots, batch.hidden_size, dtype=torch.bfloat16, device=self.wire_device)
+
+        async def wire() -> expert_pb2.ExpertResultHeader:
+            await ep.send(as_ucx_buffer(pack_frame(batch.header())), tag=TAG_HEADER)
+            await ep.send(as_ucx_buffer(batch.payload()), tag=payload_tag(batch.batch_id))
+            await ep.recv(as_ucx_buffer(frame), tag=result_tag(batch.batch_id))
+            reply = unpack_frame(frame, expert_pb2.ExpertResultHeader)
+            if not reply.error:
+                await ep.recv(as_ucx_buffer(out.view(torch.uint8)), tag=output_tag(batch.batch_id))
+            return reply
+
+        try:
+            reply = await asyncio.wait_for(wire(), self.options.timeout_s)
+        except BaseException as err:
+            self.pool.drop(worker.ucx_address, ep)  # aborting cancels its requests: nothing lands later
+            self._forget(
+                worker.worker_id, f"failed a layer-{batch.layer} batch ({type(err).__name__}: {err})"
+            )
+            if isinstance(err, asyncio.CancelledError):
+                raise
+            why = f"no answer in {self.options.timeout_s} s" if isinstance(err, TimeoutError) else str(err)
+            raise Unavailable(
+                f"expert worker {worker.worker_id} at {worker.ucx_address} lost: {why}"
+            ) from None
+        if reply.error:
+            raise from_status(
+                status_code_from_number(reply.error_code), f"expert worker {worker.worker_id}: {reply.error}"
+            )
+        return out

@@ -1,0 +1,1 @@
+"""The expert-pool worker: routed experts as their own service."""
