@@ -206,7 +206,11 @@ class EngineLoop:
 
     def _fail(self, request_ids: Sequence[str], err: Exception) -> None:
         """Requests a failed step ended (the engine aborted them already): their subscribers get `err`, then
-        the `on_failed` hooks (a worker that does not subscribe)."""
+        the `on_failed` hooks (a worker that does not subscribe). A step that failed because a service it
+        needs is gone (the expert pool: a ConnectionError) hands on that cause, so the requests end
+        UNAVAILABLE rather than INTERNAL."""
+        if isinstance(err, StepFailed) and isinstance(err.cause, ConnectionError):
+            err = err.cause
         for rid in request_ids:
             queue = self._queues.get(rid)
             if queue is not None:

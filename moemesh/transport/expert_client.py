@@ -192,6 +192,7 @@ class RemoteExperts:
         self.num_batches = 0
         self._ids = itertools.count(1)
         self._changed = threading.Condition()
+        self._undescribed: set[str] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
@@ -225,8 +226,10 @@ class RemoteExperts:
             reply = await stub.DescribeExperts(
                 expert_pb2.DescribeExpertsRequest(), timeout=self.options.describe_timeout_s
             )
-        except grpc.RpcError as err:
-            log.warning("expert worker %s not described: %s", member.worker_id, from_rpc_error(err))
+        except grpc.RpcError as err:  # warned once; the next membership tries again
+            level = logging.DEBUG if member.worker_id in self._undescribed else logging.WARNING
+            log.log(level, "expert worker %s not described: %s", member.worker_id, from_rpc_error(err))
+            self._undescribed.add(member.worker_id)
             return None
         finally:
             await channel.close()
@@ -325,7 +328,7 @@ class RemoteExperts:
             ep = await self.pool.get(worker.ucx_address)
         except MeshError as err:
             self._forget(worker.worker_id, f"is unreachable ({err})")
-            raise
+            raise Unavailable(f"expert worker {worker.worker_id} is unreachable: {err}") from None
         frame = torch.empty(FRAME_BYTES, dtype=torch.uint8)
         out = torch.empty(batch.num_slots, batch.hidden_size, dtype=torch.bfloat16, device=self.wire_device)
 

@@ -1,0 +1,186 @@
+"""The expert pool in this process over real ucxx (TCP on loopback): expert-pool workers (`ExpertWorker` +
+`UcxExpertServer`, each holding only its shard of the tiny checkpoint) on a background event loop, and the
+model's routed experts swapped for `RemoteExperts`. With BF16 tokens the logits are the local ones bit for bit
+(one worker, three, and with replicas) and greedy generation of ragged prompts gives the same tokens; FP8
+tokens stay within a stated logit tolerance; a batch a worker cannot serve and a lost worker end in errors
+naming why, never a hang."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+
+import pytest
+import torch
+
+from moemesh import LLM, SamplingParams
+from moemesh.config.engine import EngineConfig
+from moemesh.config.mesh import parse_expert_set
+from moemesh.model.expert_shard import load_expert_shard
+from moemesh.services.expert.worker import ExpertWorker
+from moemesh.services.remote_experts import token_encoder
+from moemesh.supervisor import free_ports
+from moemesh.transport.errors import InvalidArgument, Unavailable
+from moemesh.transport.expert_client import PoolWorker, RemoteExperts, RemoteExpertsOptions
+from moemesh.transport.expert_server import UcxExpertServer
+from tests.integration.mesh_tiny import build_tiny
+
+pytest.importorskip("ucxx")
+
+# FP8 e4m3 tokens (1x128 groups) against BF16 tokens, on the tiny model (logits' std about 0.6): the mean
+# |logit difference| per prompt is at most FP8_MEAN_LOGIT_TOLERANCE (measured 0.012-0.017), and at most
+# FP8_VS_BF16_ERROR times the mean |difference| computing in BF16 itself makes against fp32 (measured 1.4-2.1x).
+# Not a bound on the max: a token whose top-k experts are a near tie routes differently either way (BF16
+# against fp32 moves single logits by 0.57 on these prompts).
+FP8_MEAN_LOGIT_TOLERANCE = 0.03
+FP8_VS_BF16_ERROR = 3.0
+PROMPTS = [[5, 9, 13], list(range(40, 77)), [300, 2, 7, 7, 1, 250, 19, 4, 8], list(range(100, 117))]
+
+
+class Pool:
+    """Expert workers and RemoteExperts on one event loop in a background thread (as in a worker process:
+    the engine calls from its own thread)."""
+
+    def __init__(self, model_dir) -> None:
+        self.model_dir = model_dir
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="pool-loop", daemon=True)
+        self.thread.start()
+        self.servers: list[UcxExpertServer] = []
+        self.experts: dict[str, ExpertWorker] = {}
+        self.clients: list[RemoteExperts] = []
+
+    def run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=60)
+
+    def worker(self, name: str, spec: str) -> PoolWorker:
+        shard = load_expert_shard(self.model_dir, parse_expert_set(spec, 8), "cpu", torch.bfloat16)
+        worker = ExpertWorker(name, shard, torch.device("cpu"), torch.bfloat16)
+        self.experts[name] = worker
+        server = UcxExpertServer(worker.compute)
+        self.servers.append(server)
+        address = self.run(server.start())
+        return PoolWorker(name, address, {layer: shard.expert_ids for layer in shard.layers})
+
+    def remote(
+        self, llm: LLM, workers: list[PoolWorker], token_format: str = "bf16", **options
+    ) -> RemoteExperts:
+        layers = llm.model.moe_layers()
+        remote = RemoteExperts([m.layer_idx for m in layers], 8, token_encoder(token_format),
+                               RemoteExpertsOptions(token_format, **options))  # fmt: skip
+        self.run(remote.start())
+        for worker in workers:
+            remote.add_worker(worker)
+        self.clients.append(remote)
+        return remote
+
+    def close(self) -> None:
+        for obj in [*self.clients, *self.servers]:
+            with contextlib.suppress(Exception):
+                self.run(obj.close())
+        self.run(_cancel_others())  # ucxx's progress task on this loop
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+
+async def _cancel_others() -> None:
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@contextlib.contextmanager
+def experts_on(llm: LLM, backend):
+    layers = llm.model.moe_layers()
+    for moe in layers:
+        moe.set_expert_backend(backend)
+    try:
+        yield
+    finally:
+        for moe in layers:
+            moe.set_expert_backend(moe.experts)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return build_tiny(tmp_path_factory.mktemp("tiny-experts"))
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_dir):
+    config = EngineConfig(page_size=8, num_kv_pages=128, max_num_seqs=8, max_num_batched_tokens=48)
+    return LLM(tiny_dir, device="cpu", dtype="bfloat16", engine_config=config)
+
+
+@pytest.fixture(scope="module")
+def pool(tiny_dir):
+    pool = Pool(tiny_dir)
+    pool.shards = {name: pool.worker(name, spec) for name, spec in
+                   [("all", "all"), ("s0", "0/3"), ("s1", "1/3"), ("s2", "2/3"), ("r", "2-6")]}  # fmt: skip
+    yield pool
+    pool.close()
+
+
+@pytest.fixture(scope="module")
+def local(llm):
+    logits = [llm.score(ids) for ids in PROMPTS]
+    tokens = [c.token_ids for c in llm.generate(PROMPTS, SamplingParams(max_tokens=6, ignore_eos=True))]
+    return logits, tokens
+
+
+@pytest.mark.parametrize("layout", [("all",), ("s0", "s1", "s2"), ("s0", "s1", "s2", "r")])
+def test_bf16_tokens_give_the_local_logits_and_tokens_bit_for_bit(layout, pool, llm, local):
+    remote = pool.remote(llm, [pool.shards[name] for name in layout])
+    before = {name: pool.experts[name].tokens[1].clone() for name in layout}
+    with experts_on(llm, remote):
+        logits = [llm.score(ids) for ids in PROMPTS]
+        tokens = [c.token_ids for c in llm.generate(PROMPTS, SamplingParams(max_tokens=6, ignore_eos=True))]
+    for i, (mine, ref) in enumerate(zip(logits, local[0], strict=True)):
+        assert torch.equal(mine, ref), f"prompt {i}: max diff {(mine - ref).abs().max()}"
+    assert tokens == local[1]
+    assert remote.num_batches >= 2 * len(PROMPTS)  # every MoE layer of every forward went to the pool
+    computed = {name: pool.experts[name].tokens[1] - before[name] for name in layout}
+    slots = sum(len(ids) for ids in PROMPTS) * 2 + 6 * 2 * len(PROMPTS)  # score + generate, top_k = 2
+    assert sum(int(c.sum()) for c in computed.values()) >= slots  # every slot once (generate recomputes none)
+    if "r" in layout:  # experts 2..6 have two hosts, which take their tokens in turn
+        assert remote.table.counts[1].tolist() == [1, 1, 2, 2, 2, 2, 2, 1]
+        assert int(computed["r"][2:7].sum()) > 0
+        assert int(computed["s1"][2:5].sum() + computed["s2"][5:7].sum() + computed["s0"][2:2].sum()) > 0
+
+
+def test_fp8_tokens_stay_within_the_stated_logit_tolerance(pool, llm, local, tiny_dir):
+    remote = pool.remote(llm, [pool.shards[n] for n in ("s0", "s1", "s2")], token_format="fp8")
+    with experts_on(llm, remote):
+        logits = [llm.score(ids) for ids in PROMPTS]
+    fp32 = LLM(tiny_dir, device="cpu", dtype="float32", engine_config=llm.engine.config)
+    for i, (mine, ref, exact) in enumerate(zip(logits, local[0], map(fp32.score, PROMPTS), strict=True)):
+        fp8_error, bf16_error = float((mine - ref).abs().mean()), float((ref - exact).abs().mean())
+        assert 0 < fp8_error <= FP8_MEAN_LOGIT_TOLERANCE, (i, fp8_error)  # > 0: really quantized
+        assert fp8_error <= FP8_VS_BF16_ERROR * bf16_error, (i, fp8_error, bf16_error)
+
+
+def test_a_batch_for_experts_the_worker_does_not_host_is_refused_naming_them(pool, llm):
+    lying = PoolWorker("s0", pool.shards["s0"].ucx_address, {1: tuple(range(8)), 2: tuple(range(8))})
+    remote = pool.remote(llm, [lying])
+    with (
+        experts_on(llm, remote),
+        pytest.raises(InvalidArgument, match=r"experts \[\d.*\] of layer 1 are not hosted on s0"),
+    ):
+        llm.score(PROMPTS[1])
+
+
+def test_a_lost_worker_fails_the_call_and_leaves_the_pool(pool, llm):
+    (dead_port,) = free_ports(1)
+    gone = PoolWorker("gone", f"127.0.0.1:{dead_port}", {1: tuple(range(8)), 2: tuple(range(8))})
+    remote = pool.remote(llm, [gone], timeout_s=5.0, placement_wait_s=0.5)
+    start = time.monotonic()
+    with experts_on(llm, remote):
+        with pytest.raises(Unavailable, match=r"gone"):
+            llm.score(PROMPTS[0])
+        assert remote.workers == {}  # forgotten: the next call waits for the pool, then says what is missing
+        with pytest.raises(Unavailable, match=r"does not cover every routed expert after 0.5 s: missing 16"):
+            llm.score(PROMPTS[0])
+    assert time.monotonic() - start < 15

@@ -1,0 +1,99 @@
+"""Topology pd-experts in real processes (`moemesh up --topology pd-experts --experts 3`: gateway, prefill,
+decode and three expert-pool workers; real gRPC and UCX over loopback) on the tiny checkpoint in BF16: greedy
+output of concurrent ragged prompts through the SDK equals the colocated model's (`LLM`, one process, its
+experts local) token for token; each expert worker reports tokens for its own experts only; an expert worker
+killed mid-request ends the affected requests with UNAVAILABLE within their deadline, and no page leaks on any
+worker. One mesh for the module (the kill comes last)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+
+import pytest
+
+from moemesh import LLM, SamplingParams
+from moemesh.config.engine import EngineConfig
+from moemesh.sdk import AsyncClient, Unavailable
+from tests.integration.mesh_tiny import TINY_ENV, build_tiny, start_mesh
+from tests.integration.test_mesh_generate import mixed_prompts
+
+pytest.importorskip("ucxx")
+
+KNOBS = {**TINY_ENV, "MOEMESH_DTYPE": "bfloat16", "MOEMESH_EXPERT_TIMEOUT_S": "5"}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return build_tiny(tmp_path_factory.mktemp("tiny-pd-experts"))
+
+
+@pytest.fixture(scope="module")
+def colocated(tiny_dir):
+    config = EngineConfig(page_size=8, num_kv_pages=256, max_num_seqs=32, max_num_batched_tokens=64)
+    return LLM(tiny_dir, device="cpu", dtype="bfloat16", engine_config=config)
+
+
+@pytest.fixture(scope="module")
+def mesh(tiny_dir):
+    mesh = start_mesh(
+        tiny_dir, "pd-experts", num_expert=3, knobs=KNOBS, fail_fast=False, max_restarts=0, timeout_s=180
+    )
+    try:
+        yield mesh
+    finally:
+        code = mesh.stop()
+        assert code == 0, "\n".join(mesh.lines[-30:])
+        for pid in mesh.pids.values():  # every child was reaped, the killed one too
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+
+
+async def _complete_all(address, work, timeout_s=120):
+    async with AsyncClient(address, timeout_s=timeout_s) as client:
+        return await asyncio.gather(
+            *(client.complete(token_ids=ids, max_tokens=n, temperature=0) for ids, n in work),
+            return_exceptions=True,
+        )
+
+
+def test_concurrent_greedy_requests_equal_the_colocated_model(mesh, colocated):
+    assert sorted(mesh.workers) == ["decode-0", "expert-0", "expert-1", "expert-2", "prefill-0"]
+    work = mixed_prompts(10, seed=7)
+    results = asyncio.run(_complete_all(mesh.address, work))
+    for i, ((ids, n), got) in enumerate(zip(work, results, strict=True)):
+        assert not isinstance(got, BaseException), f"request {i}: {got!r}"
+        want = colocated.generate([ids], SamplingParams(max_tokens=n))[0]
+        assert got.token_ids == want.token_ids, f"request {i} ({len(ids)} prompt tokens)"
+        assert got.finish_reason == want.finish_reason
+    hosted = {"expert-0": {0, 1}, "expert-1": {2, 3, 4}, "expert-2": {5, 6, 7}}  # --experts i/3 of 8
+    for name, experts in hosted.items():
+        counts = mesh.load(name).expert_tokens
+        assert {c.expert_id for c in counts} == experts and {c.layer for c in counts} == {1, 2}
+        assert sum(c.num_tokens for c in counts) > 0, name
+    assert mesh.wait_settled() == {name: 0 for name in mesh.workers}
+
+
+def test_a_killed_expert_worker_ends_requests_unavailable_without_leaking_pages(mesh):
+    work = [(ids, 200) for ids, _ in mixed_prompts(4, seed=9)]
+    results: list = []
+    start = time.monotonic()
+    sender = threading.Thread(
+        target=lambda: results.extend(asyncio.run(_complete_all(mesh.address, work, 60)))
+    )
+    sender.start()
+    deadline = time.monotonic() + 30
+    while mesh.load("decode-0").num_running_requests == 0:  # decoding: every step needs every expert worker
+        assert time.monotonic() < deadline and sender.is_alive(), "no request reached decode-0"
+        time.sleep(0.02)
+    before = len(mesh.lines)
+    mesh.kill("expert-1")
+    sender.join(timeout=90)
+    assert not sender.is_alive(), "requests hung after an expert worker was lost"
+    assert len(results) == len(work) and time.monotonic() - start < 60  # within the requests' deadline
+    assert all(isinstance(r, Unavailable) for r in results), results
+    causes = [line for line in mesh.lines[before:] if "[gateway]" in line and "lost after" in line]
+    assert causes and all("expert worker expert-1" in line for line in causes), causes  # why D failed them
+    assert mesh.wait_settled() == {name: 0 for name in mesh.workers}  # P, D and the surviving pool
