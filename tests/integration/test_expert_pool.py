@@ -43,8 +43,9 @@ class Pool:
     """Expert workers and RemoteExperts on one event loop in a background thread (as in a worker process:
     the engine calls from its own thread)."""
 
-    def __init__(self, model_dir) -> None:
+    def __init__(self, model_dir, device: str = "cpu") -> None:
         self.model_dir = model_dir
+        self.device = torch.device(device)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="pool-loop", daemon=True)
         self.thread.start()
@@ -56,8 +57,8 @@ class Pool:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=60)
 
     def worker(self, name: str, spec: str) -> PoolWorker:
-        shard = load_expert_shard(self.model_dir, parse_expert_set(spec, 8), "cpu", torch.bfloat16)
-        worker = ExpertWorker(name, shard, torch.device("cpu"), torch.bfloat16)
+        shard = load_expert_shard(self.model_dir, parse_expert_set(spec, 8), self.device, torch.bfloat16)
+        worker = ExpertWorker(name, shard, self.device, torch.bfloat16)
         self.experts[name] = worker
         server = UcxExpertServer(worker.compute)
         self.servers.append(server)
@@ -184,3 +185,29 @@ def test_a_lost_worker_fails_the_call_and_leaves_the_pool(pool, llm):
         with pytest.raises(Unavailable, match=r"does not cover every routed expert after 0.5 s: missing 16"):
             llm.score(PROMPTS[0])
     assert time.monotonic() - start < 15
+
+
+@pytest.mark.gpu
+def test_on_cuda_greedy_with_remote_experts_equals_colocated(tiny_dir):
+    """Attention and expert workers on one GPU (the wire staged through host memory over TCP): the colocated
+    engine runs eagerly, as one with remote experts must (no CUDA graph spans the round trip); logits bit for
+    bit, greedy tokens equal."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    config = EngineConfig(page_size=8, num_kv_pages=128, max_num_seqs=8, max_num_batched_tokens=48,
+                          cuda_graph_batch_sizes=())  # fmt: skip
+    llm = LLM(tiny_dir, device="cuda", dtype="bfloat16", engine_config=config)
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    want_logits = [llm.score(ids) for ids in PROMPTS]
+    want = [c.token_ids for c in llm.generate(PROMPTS, params)]
+    pool = Pool(tiny_dir, "cuda")
+    try:
+        remote = pool.remote(llm, [pool.worker(f"g{i}", f"{i}/3") for i in range(3)])
+        with experts_on(llm, remote):
+            logits = [llm.score(ids) for ids in PROMPTS]
+            got = [c.token_ids for c in llm.generate(PROMPTS, params)]
+    finally:
+        pool.close()
+    for i, (mine, ref) in enumerate(zip(logits, want_logits, strict=True)):
+        assert torch.equal(mine, ref), f"prompt {i}: max diff {(mine - ref).abs().max()}"
+    assert got == want
