@@ -136,15 +136,18 @@ class _Part:
 
 
 class PendingExperts:
-    """One layer's batches in flight. result() blocks (the engine thread) until every worker answered."""
+    """One layer's batches in flight. result() blocks (the engine thread) until every worker answered.
+    retry: called once when a worker was lost while replicas still cover every expert — the layer goes out
+    again to the survivors (a replica takes over inside the step)."""
 
     def __init__(self, future: concurrent.futures.Future | None, parts: list[_Part], hidden: torch.Tensor,
-                 top_k: int, wait_s: float) -> None:  # fmt: skip
+                 top_k: int, wait_s: float, retry: Callable[[], PendingExperts] | None = None) -> None:  # fmt: skip
         self._future = future
         self._parts = parts
         self._hidden = hidden
         self._top_k = top_k
         self._wait_s = wait_s
+        self._retry = retry
 
     def result(self) -> torch.Tensor:
         hidden, k = self._hidden, self._top_k
@@ -156,6 +159,12 @@ class PendingExperts:
             except concurrent.futures.TimeoutError:
                 self._future.cancel()
                 raise Unavailable(f"the expert pool did not answer within {self._wait_s} s") from None
+            except Unavailable as err:
+                retry = self._retry() if self._retry is not None else None
+                if retry is None:
+                    raise
+                log.warning("%s; the layer goes to the replicas", err)
+                return retry.result()
             for part, out in zip(self._parts, outputs, strict=True):
                 slots[part.slot_index.to(hidden.device)] = out.to(hidden.device, hidden.dtype)
         # the combine of moe.combine_slots: every token's k weighted rows summed in slot order
@@ -267,9 +276,15 @@ class RemoteExperts:
         return self.submit(layer_idx, hidden, topk_ids, topk_weights).result()
 
     def submit(
-        self, layer_idx: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+        self,
+        layer_idx: int,
+        hidden: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        retry: bool = True,
     ) -> PendingExperts:
-        """Sends the layer's tokens and returns without waiting for the outputs."""
+        """Sends the layer's tokens and returns without waiting for the outputs. retry: when a worker is lost
+        and the others still cover every expert, `result()` sends the layer once more."""
         loop = self._loop
         if loop is None:
             raise RuntimeError("RemoteExperts.start() was not awaited")
@@ -298,7 +313,13 @@ class RemoteExperts:
             )  # fmt: skip
             parts.append(_Part(table.workers[index], batch, mask.flatten().nonzero()[:, 0]))
         future = asyncio.run_coroutine_threadsafe(self._send_all(parts), loop)
-        return PendingExperts(future, parts, hidden, k, wait_s)
+
+        def again() -> PendingExperts | None:
+            if not self.table.complete:  # nobody left to take over: fail the step
+                return None
+            return self.submit(layer_idx, hidden, topk_ids, topk_weights, retry=False)
+
+        return PendingExperts(future, parts, hidden, k, wait_s, again if retry else None)
 
     def _wait_for_table(self) -> ExpertTable:
         with self._changed:

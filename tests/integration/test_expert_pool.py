@@ -173,6 +173,17 @@ def test_a_batch_for_experts_the_worker_does_not_host_is_refused_naming_them(poo
         llm.score(PROMPTS[1])
 
 
+def test_a_replica_takes_over_the_layer_of_a_lost_worker(pool, llm, local):
+    (dead_port,) = free_ports(1)
+    gone = PoolWorker("gone", f"127.0.0.1:{dead_port}", {1: tuple(range(8)), 2: tuple(range(8))})
+    remote = pool.remote(llm, [gone, pool.shards["all"]])
+    assert remote.table.counts[1].tolist() == [2] * 8
+    with experts_on(llm, remote):
+        logits = llm.score(PROMPTS[1])  # the first layer's batch to `gone` fails; `all` takes the layer over
+    assert torch.equal(logits, local[0][1])
+    assert sorted(remote.workers) == ["all"]
+
+
 def test_a_lost_worker_fails_the_call_and_leaves_the_pool(pool, llm):
     (dead_port,) = free_ports(1)
     gone = PoolWorker("gone", f"127.0.0.1:{dead_port}", {1: tuple(range(8)), 2: tuple(range(8))})

@@ -29,7 +29,7 @@ def test_bad_worker_knobs_name_field_and_value():
         WorkerConfig.from_args(serve_args("prefill", "--lease-ttl-s", "0"), {})
     with pytest.raises(ValueError, match="page_size=0 must be >= 1"):
         WorkerConfig.from_args(serve_args("prefill"), {"MOEMESH_PAGE_SIZE": "0"})
-    with pytest.raises(ValueError, match="role='gateway' must be prefill, decode or colocated"):
+    with pytest.raises(ValueError, match="role='gateway' must be prefill, decode, colocated or expert"):
         WorkerConfig(role="gateway", worker_id="g")
 
 
