@@ -132,6 +132,7 @@ class ExpertTable:
 class _Part:
     worker: PoolWorker
     batch: ExpertBatch
+    payload: torch.Tensor  # batch.payload(), built on the engine thread
     slot_index: torch.Tensor  # int64 [S]: where its output rows go among the T*k slots
 
 
@@ -311,7 +312,9 @@ class RemoteExperts:
                 torch.where(mask, ids, -1)[rows].to(self.wire_device, torch.int32),
                 topk_weights[rows.to(topk_weights.device)].to(self.wire_device, torch.float32),
             )  # fmt: skip
-            parts.append(_Part(table.workers[index], batch, mask.flatten().nonzero()[:, 0]))
+            parts.append(_Part(table.workers[index], batch, batch.payload(), mask.flatten().nonzero()[:, 0]))
+        if self.wire_device.type == "cuda":  # UCX reads the buffers from another thread: they must be written
+            torch.cuda.current_stream(self.wire_device).synchronize()
         future = asyncio.run_coroutine_threadsafe(self._send_all(parts), loop)
 
         def again() -> PendingExperts | None:
@@ -355,7 +358,7 @@ class RemoteExperts:
 
         async def wire() -> expert_pb2.ExpertResultHeader:
             await ep.send(as_ucx_buffer(pack_frame(batch.header())), tag=TAG_HEADER)
-            await ep.send(as_ucx_buffer(batch.payload()), tag=payload_tag(batch.batch_id))
+            await ep.send(as_ucx_buffer(part.payload), tag=payload_tag(batch.batch_id))
             await ep.recv(as_ucx_buffer(frame), tag=result_tag(batch.batch_id))
             reply = unpack_frame(frame, expert_pb2.ExpertResultHeader)
             if not reply.error:

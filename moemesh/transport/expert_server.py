@@ -102,6 +102,8 @@ class UcxExpertServer:
         try:
             out = await self.compute(ExpertBatch.from_wire(header, payload))
             out = out.to(self.wire_device, torch.bfloat16).contiguous()
+            if out.is_cuda:
+                torch.cuda.current_stream(out.device).synchronize()
             reply.num_tokens = header.num_tokens
             reply.payloads.append(
                 expert_pb2.PayloadSpec(kind=expert_pb2.PAYLOAD_KIND_OUTPUT, num_bytes=out.numel() * 2)

@@ -76,6 +76,8 @@ class ExpertWorker:
                 )
             weights = batch.weights.to(self.device, torch.float32).flatten()[slots]
             out = experts.slot_outputs(hidden, slots // batch.top_k, local, weights)
+            if out.is_cuda:  # the event loop's thread hands it to UCX next: it must be written by then
+                torch.cuda.current_stream(out.device).synchronize()
         self.tokens[batch.layer] += torch.bincount(
             experts_of.cpu(), minlength=self.tokens[batch.layer].numel()
         )
