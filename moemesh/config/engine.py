@@ -21,6 +21,9 @@ class EngineConfig:
     * gpu_memory_utilization: share of device memory the worker may take on CUDA.
     * enable_prefix_caching: reuse full pages of earlier requests by chained page hashes.
     * cuda_graph_batch_sizes: decode batch buckets captured as CUDA graphs (CUDA only; () = eager).
+    * pingpong: an eager decode batch of >= 2 requests runs as two micro-batches interleaved at the MoE layers
+      whose experts are remote (one half's attention while the other half's tokens are at the expert pool);
+      output-identical, useful only with remote experts.
     """
 
     page_size: int = 64
@@ -32,6 +35,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
     cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64)
+    pingpong: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "cuda_graph_batch_sizes", tuple(sorted(set(self.cuda_graph_batch_sizes))))

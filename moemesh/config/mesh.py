@@ -24,6 +24,7 @@ environment. `moemesh serve <role>` hands its parsed flags (and the flags it did
     expert wire token format       --expert-token-format         MOEMESH_EXPERT_TOKEN_FORMAT
     expert round-trip limit        --expert-timeout-s            MOEMESH_EXPERT_TIMEOUT_S
     experts an expert worker hosts --experts (expert role)       (none: per worker)
+    ping-pong decode micro-batches --pingpong                    MOEMESH_PINGPONG
     gateway in-flight limit        --max-inflight                MOEMESH_MAX_INFLIGHT
     drain on SIGTERM, at most      --drain-grace-s               MOEMESH_DRAIN_GRACE_S
     mesh this process belongs to   --mesh-id                     MOEMESH_MESH_ID
@@ -189,6 +190,7 @@ class WorkerConfig:
             num_kv_pages=extra.num_kv_pages,
             kv_cache_memory_bytes=extra.kv_cache_bytes,
             gpu_memory_utilization=extra.gpu_memory_fraction,
+            pingpong=extra.pingpong,
         )
         transports = extra.ucx_transports
         if transports is None:
@@ -327,4 +329,7 @@ def _worker_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument("--expert-token-format", default=env.get("MOEMESH_EXPERT_TOKEN_FORMAT", "bf16"))
     p.add_argument("--expert-timeout-s", type=float, default=float(env.get("MOEMESH_EXPERT_TIMEOUT_S", 10.0)))
     p.add_argument("--experts", default="all")
+    p.add_argument(
+        "--pingpong", action="store_true", default=env.get("MOEMESH_PINGPONG", "") in ("1", "true")
+    )
     return p

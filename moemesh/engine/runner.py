@@ -72,6 +72,7 @@ class ModelRunner:
         self.eager_staging = BatchStaging(max_tokens, max_seqs, self.max_pages_per_seq, self.device)
         self._static = self.decode_staging.dev  # the graphs' inputs
         self.host_prepare_s = 0.0  # the last step's host time before its forwards run (batch building)
+        self.num_pingpong_steps = 0
 
     # -- one step -------------------------------------------------------------------------------------------
 
@@ -165,8 +166,24 @@ class ModelRunner:
         return staged, starts
 
     def _run_eager(self, group: list[tuple[str, int]], wants: list[bool]) -> torch.Tensor:
-        staged, starts = self._stage(self.eager_staging, group, wants, len(group))
-        batch = ForwardBatch(
+        return self.model(self._eager_batch(self.eager_staging, group, wants), self.kv_caches)
+
+    def _run_pingpong(self, group: list[tuple[str, int]], wants: list[bool]) -> torch.Tensor:
+        """An eager decode batch as two micro-batches interleaved at the remote MoE layers
+        (`forward_pingpong`); the second half stages in the decode buffers, which no graph reads this step."""
+        half = len(group) // 2
+        batches = [
+            self._eager_batch(self.eager_staging, group[:half], wants[:half]),
+            self._eager_batch(self.decode_staging, group[half:], wants[half:]),
+        ]
+        self.num_pingpong_steps += 1
+        return torch.cat(self.model.forward_pingpong(batches, self.kv_caches))
+
+    def _eager_batch(
+        self, staging: BatchStaging, group: list[tuple[str, int]], wants: list[bool]
+    ) -> ForwardBatch:
+        staged, starts = self._stage(staging, group, wants, len(group))
+        return ForwardBatch(
             input_ids=staged.input_ids,
             positions=staged.positions,
             query_start=tuple(starts),
@@ -176,11 +193,12 @@ class ModelRunner:
             logits_rows=staged.logits_rows,
             seq_lens_host=tuple(self.requests[rid].num_computed_tokens + n for rid, n in group),
         )
-        return self.model(batch, self.kv_caches)
 
     def _run_decode(self, group: list[tuple[str, int]], wants: list[bool]) -> torch.Tensor:
         bucket = next((b for b in sorted(self.graphs) if b >= len(group)), None)
         if bucket is None:
+            if self.config.pingpong and len(group) >= 2:
+                return self._run_pingpong(group, wants)
             return self._run_eager(group, wants)
         # straight into the graph's inputs; only the live width of the page table moves (entries past a
         # sequence's pages are never read), padding rows up to the bucket attend to nothing

@@ -10,7 +10,7 @@ from moemesh.model.attention import MLAttention
 from moemesh.model.batch import ForwardBatch
 from moemesh.model.config import ModelConfig
 from moemesh.model.layers import MLP, RMSNorm
-from moemesh.model.moe import MoE
+from moemesh.model.moe import DeferredExpertBackend, MoE
 from moemesh.model.rope import RotaryEmbedding
 
 
@@ -29,13 +29,17 @@ class DecoderLayer(nn.Module):
     def forward(self, x, residual, batch, kv_cache, rotary, rope_tables):
         """The residual stream rides beside the layer output: (x, residual) -> (mlp output, residual), with
         each `residual + x` fused into the next norm."""
+        x, residual = self.attend(x, residual, batch, kv_cache, rotary, rope_tables)
+        return self.mlp(x), residual
+
+    def attend(self, x, residual, batch, kv_cache, rotary, rope_tables):
+        """Everything before the MLP: (x, residual) -> (the MLP's input, residual)."""
         if residual is None:
             x, residual = self.input_layernorm(x), x
         else:
             x, residual = self.input_layernorm.add_forward(x, residual)
         x = self.self_attn(x, batch, kv_cache, rotary, rope_tables)
-        x, residual = self.post_attention_layernorm.add_forward(x, residual)
-        return self.mlp(x), residual
+        return self.post_attention_layernorm.add_forward(x, residual)
 
 
 class Backbone(nn.Module):
@@ -65,6 +69,52 @@ class DeepseekForCausalLM(nn.Module):
         rope_tables = self.rotary.tables(batch.positions)
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
             x, residual = layer(x, residual, batch, kv_cache, self.rotary, rope_tables)
+        if batch.logits_rows is not None:
+            x, residual = x[batch.logits_rows], residual[batch.logits_rows]
+        return self.lm_head(self.model.norm.add_forward(x, residual)[0]).float()
+
+    @torch.inference_mode()
+    def forward_pingpong(
+        self, batches: list[ForwardBatch], kv_caches: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """`forward` of several micro-batches (disjoint sequences) interleaved at the MoE layers whose routed
+        experts are away (a `DeferredExpertBackend`): while one micro-batch's tokens are at the expert pool,
+        the next one runs its attention (MegaScale-Infer's ping-pong). Each micro-batch computes exactly what
+        `forward` computes for it alone; returns their logits in order."""
+        runs = [self._stages(batch, kv_caches) for batch in batches]
+        logits: list[torch.Tensor | None] = [None] * len(runs)
+        waiting: list = [None] * len(runs)
+        for i, run in enumerate(runs):  # each to its first remote MoE layer (or to its end)
+            try:
+                waiting[i] = next(run)
+            except StopIteration as done:
+                logits[i] = done.value
+        while any(w is not None for w in waiting):
+            for i, run in enumerate(runs):
+                if waiting[i] is None:
+                    continue
+                try:
+                    waiting[i] = run.send(waiting[i].result())  # its routed outputs; on to its next MoE layer
+                except StopIteration as done:
+                    waiting[i], logits[i] = None, done.value
+        return logits
+
+    def _stages(self, batch: ForwardBatch, kv_caches: list[torch.Tensor]):
+        """`forward` as a generator: yields a PendingExperts at each MoE layer whose experts are away, is sent
+        the routed output back, returns the logits."""
+        x, residual = self.model.embed_tokens(batch.input_ids), None
+        rope_tables = self.rotary.tables(batch.positions)
+        for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
+            x, residual = layer.attend(x, residual, batch, kv_cache, self.rotary, rope_tables)
+            mlp = layer.mlp
+            if isinstance(mlp, MoE) and isinstance(mlp.expert_backend, DeferredExpertBackend):
+                weights, ids = mlp.gate(x)
+                pending = mlp.expert_backend.submit(mlp.layer_idx, x, ids, weights)
+                shared = mlp.shared_experts(x) if mlp.shared_experts is not None else None
+                routed = yield pending
+                x = routed if shared is None else routed + shared
+            else:
+                x = mlp(x)
         if batch.logits_rows is not None:
             x, residual = x[batch.logits_rows], residual[batch.logits_rows]
         return self.lm_head(self.model.norm.add_forward(x, residual)[0]).float()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import threading
 import time
 
@@ -25,6 +26,7 @@ from moemesh.supervisor import free_ports
 from moemesh.transport.errors import InvalidArgument, Unavailable
 from moemesh.transport.expert_client import PoolWorker, RemoteExperts, RemoteExpertsOptions
 from moemesh.transport.expert_server import UcxExpertServer
+from moemesh.transport.expert_wire import ExpertBatch
 from tests.integration.mesh_tiny import build_tiny
 
 pytest.importorskip("ucxx")
@@ -152,6 +154,19 @@ def test_bf16_tokens_give_the_local_logits_and_tokens_bit_for_bit(layout, pool, 
         assert int(computed["s1"][2:5].sum() + computed["s2"][5:7].sum() + computed["s0"][2:2].sum()) > 0
 
 
+def test_pingpong_micro_batches_give_the_same_tokens(pool, llm, local, tiny_dir):
+    """Decode batches of 4 split in two, interleaved at the remote MoE layers: the same greedy tokens."""
+    config = dataclasses.replace(llm.engine.config, pingpong=True)
+    pingpong = LLM(tiny_dir, device="cpu", dtype="bfloat16", engine_config=config)
+    remote = pool.remote(pingpong, [pool.shards[n] for n in ("s0", "s1", "s2")])
+    with experts_on(pingpong, remote):
+        tokens = [
+            c.token_ids for c in pingpong.generate(PROMPTS, SamplingParams(max_tokens=6, ignore_eos=True))
+        ]
+    assert tokens == local[1]
+    assert pingpong.engine.runner.num_pingpong_steps >= 5  # every decode step of the 4 requests was split
+
+
 def test_fp8_tokens_stay_within_the_stated_logit_tolerance(pool, llm, local, tiny_dir):
     remote = pool.remote(llm, [pool.shards[n] for n in ("s0", "s1", "s2")], token_format="fp8")
     with experts_on(llm, remote):
@@ -222,3 +237,34 @@ def test_on_cuda_greedy_with_remote_experts_equals_colocated(tiny_dir):
     for i, (mine, ref) in enumerate(zip(logits, want_logits, strict=True)):
         assert torch.equal(mine, ref), f"prompt {i}: max diff {(mine - ref).abs().max()}"
     assert got == want
+
+
+def test_grpc_fallback_and_describe_answer_like_the_wire(pool):
+    """`Dispatch` (payloads inline) gives the rows the UCX path gives; `DescribeExperts` lists the shard."""
+    from moemesh._proto.v1 import expert_pb2
+    from moemesh.services.expert.servicer import ExpertServicer
+
+    worker = pool.experts["s1"]
+    servicer = ExpertServicer(worker, "127.0.0.1:1")
+    described = pool.run(servicer.DescribeExperts(expert_pb2.DescribeExpertsRequest(), None))
+    assert [(p.layer, list(p.expert_ids)) for p in described.placements] == [(1, [2, 3, 4]), (2, [2, 3, 4])]
+    assert (described.num_routed_experts, described.ucx_address) == (8, "127.0.0.1:1")
+    hidden = torch.randn(5, worker.hidden_size, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    ids = torch.tensor([[2, -1], [3, 4], [-1, 4], [2, 3], [-1, 2]], dtype=torch.int32)
+    batch = ExpertBatch(7, 1, expert_pb2.TOKEN_FORMAT_BF16, worker.hidden_size, token_encoder("bf16")(hidden), ids,
+                        torch.rand(5, 2, generator=torch.Generator().manual_seed(2)))  # fmt: skip
+    parts = [
+        batch.tokens,
+        batch.expert_ids.view(torch.uint8).flatten(),
+        batch.weights.view(torch.uint8).flatten(),
+    ]
+    request = expert_pb2.ExpertBatch(header=batch.header(), payloads=[p.numpy().tobytes() for p in parts])
+    reply = pool.run(servicer.Dispatch(request, None))
+    header = reply.header
+    assert (header.micro_batch_id, header.layer, header.payloads[0].num_bytes) == (
+        7,
+        1,
+        7 * 2 * worker.hidden_size,
+    )
+    rows = torch.frombuffer(bytearray(reply.payloads[0]), dtype=torch.bfloat16).view(7, worker.hidden_size)
+    assert torch.equal(rows, worker.compute_sync(batch))
