@@ -262,6 +262,11 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--api-key-file", default=None, metavar="FILE",
+                   help="with --target: send FILE's first key (the --api-keys format) as the API key")  # fmt: skip
+    p.add_argument("--tls-dir", default=None, metavar="DIR",
+                   help="with --target: connect with TLS as the client of DIR (ca.crt, tls.crt, tls.key: "
+                        "make-certs' DIR/client)")  # fmt: skip
     p.add_argument("prompt")
     p.set_defaults(func=_cmd_generate)
 
@@ -275,12 +280,17 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     if args.target:
-        from moemesh.sdk import Client, InvalidRequest, MoemeshError
+        from moemesh.config.security import SecurityConfig
+        from moemesh.sdk import Client, InvalidRequest, MoemeshError, TlsOptions
 
         printed = False
         try:
             target = _check_target(args.target)
-            with Client(target) as client:
+            api_key = (
+                SecurityConfig(api_keys_file=args.api_key_file).api_keys()[0] if args.api_key_file else None
+            )
+            tls = TlsOptions.from_dir(args.tls_dir) if args.tls_dir else None
+            with Client(target, api_key=api_key, tls=tls) as client:
                 for chunk in client.generate(prompt=args.prompt, **sampling):
                     print(("" if printed else args.prompt) + chunk.text, end="", flush=True)
                     printed = True

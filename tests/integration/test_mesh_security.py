@@ -117,3 +117,19 @@ def test_no_secret_in_any_log_line(mesh, certs):
         body = "".join(secret.read_text().splitlines()[1:-1])
         assert body[:40] not in logs.replace("\n", "")
     assert "PRIVATE KEY" not in logs
+
+
+def test_the_cli_generates_with_a_key_file_and_a_client_certificate(mesh, certs):
+    import subprocess
+    import sys
+
+    out, _, keys = certs
+    base = [sys.executable, "-m", "moemesh.cli", "generate", "--target", mesh.address, "--max-tokens", "4"]
+    ok = subprocess.run([*base, "--api-key-file", str(keys), "--tls-dir", str(out / "client"), "To Sherlock"],
+                        capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.startswith("To Sherlock") and len(ok.stdout.strip()) > len("To Sherlock")
+    refused = subprocess.run([*base, "--tls-dir", str(out / "client"), "To Sherlock"],
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert refused.returncode == 1
+    assert "UNAUTHENTICATED" in refused.stderr and KEYS[0] not in refused.stderr
