@@ -367,7 +367,7 @@ def _tail(child: Child) -> str:
 
 
 TOPOLOGIES = ("colocated", "pd", "pd-experts")
-METRICS_ROLES = ("prefill", "decode", "colocated")  # the roles that serve /metrics on --http-port
+METRICS_ROLES = ("prefill", "decode", "colocated", "expert")  # the roles that serve /metrics on --http-port
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,9 @@ where the event happens.
                     moemesh_preemptions_total                        counter
                     moemesh_engine_steps_total                       counter
     expert pool     moemesh_expert_tokens_total                      counter    layer, expert
+                    moemesh_expert_batches_total                     counter
+                    moemesh_expert_batch_tokens_total                counter    (token rows received)
+                    moemesh_expert_compute_seconds                   histogram  (one batch's compute)
 """
 
 from __future__ import annotations
@@ -227,14 +230,26 @@ class PrefillMetrics:
 
 
 class ExpertMetrics:
-    """Tokens routed to each expert (the expert pool calls `record_tokens` per layer and micro-batch)."""
+    """An expert-pool worker's work: tokens routed to each expert (`record_tokens` per layer and micro-batch),
+    batches and token rows served (`record_batch`)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.tokens = Counter(f"{PREFIX}_expert_tokens", "tokens an expert computed", ["layer", "expert"],
                               registry=registry)  # fmt: skip
+        self.batches = Counter(f"{PREFIX}_expert_batches", "expert batches (one layer of one micro-batch) served",
+                               registry=registry)  # fmt: skip
+        self.batch_tokens = Counter(f"{PREFIX}_expert_batch_tokens", "token rows received in expert batches",
+                                    registry=registry)  # fmt: skip
+        self.compute_seconds = Histogram(f"{PREFIX}_expert_compute_seconds", "one expert batch's compute",
+                                         buckets=TOKEN_BUCKETS_S, registry=registry)  # fmt: skip
 
     def record_tokens(self, layer: int, tokens_per_expert: Sequence[int], first_expert: int = 0) -> None:
         """tokens_per_expert[i]: tokens expert `first_expert + i` of `layer` computed (zeros are skipped)."""
         for i, count in enumerate(tokens_per_expert):
             if count:
                 self.tokens.labels(str(layer), str(first_expert + i)).inc(int(count))
+
+    def record_batch(self, num_tokens: int, seconds: float) -> None:
+        self.batches.inc()
+        self.batch_tokens.inc(num_tokens)
+        self.compute_seconds.observe(seconds)

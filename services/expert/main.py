@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import logging
 
 import torch
@@ -18,9 +19,11 @@ from moemesh.model.config import ModelConfig
 from moemesh.model.expert_shard import load_expert_shard
 from moemesh.services.expert.servicer import ExpertServicer
 from moemesh.services.expert.worker import ExpertWorker
+from moemesh.services.metrics_http import metrics_app, serve_http
 from moemesh.services.registration import run_worker_server
 from moemesh.services.remote_experts import wire_device
 from moemesh.services.ucx_lifecycle import stop_ucx, ucx_options
+from moemesh.telemetry.metrics import ExpertMetrics, new_registry, register_build_info
 from moemesh.transport.expert_server import UcxExpertServer
 from moemesh.transport.peers import WorkerInfo
 from moemesh.transport.security import MeshSecurity
@@ -45,7 +48,7 @@ def device_and_dtype(config: WorkerConfig) -> tuple[torch.device, torch.dtype]:
     return device, _DTYPES[config.dtype]
 
 
-def load_worker(config: WorkerConfig) -> ExpertWorker:
+def load_worker(config: WorkerConfig, metrics: ExpertMetrics | None = None) -> ExpertWorker:
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     device, dtype = device_and_dtype(config)
@@ -54,12 +57,15 @@ def load_worker(config: WorkerConfig) -> ExpertWorker:
     shard = load_expert_shard(config.model_dir, hosted, device, dtype)
     log.info("%s hosts %d of %d routed experts (%s) of %d MoE layers on %s in %s", config.worker_id, len(hosted),
              model_config.n_routed_experts, config.experts, len(shard.layers), device, dtype)  # fmt: skip
-    return ExpertWorker(config.worker_id, shard, device, dtype)
+    return ExpertWorker(config.worker_id, shard, device, dtype, metrics)
 
 
 async def serve(config: WorkerConfig) -> int:
     security = MeshSecurity.from_config(config.security)
-    worker = await asyncio.to_thread(load_worker, config)
+    registry = new_registry()  # /metrics on --http-port: build info, tokens per expert, batches
+    register_build_info(registry, version=importlib.metadata.version("moemesh"), role="expert",
+                        model=config.model_dir.name, device=config.device)  # fmt: skip
+    worker = await asyncio.to_thread(load_worker, config, ExpertMetrics(registry))
     wire = UcxExpertServer(worker.compute, config.host, options=ucx_options(config),
                            wire_device=wire_device(config, worker.device))  # fmt: skip
     await wire.start()
@@ -73,7 +79,8 @@ async def serve(config: WorkerConfig) -> int:
     await server.start()
     me = WorkerInfo(config.worker_id, "expert", server.address, wire.address)
     try:
-        await run_worker_server(config, server, me, worker.load, [])
+        async with serve_http(metrics_app(registry), config.host, config.http_port):
+            await run_worker_server(config, server, me, worker.load, [])
     finally:
         await wire.close()
         worker.close()

@@ -20,6 +20,7 @@ import torch
 
 from moemesh.kernels.token_format import TokenLayout, decode_tokens
 from moemesh.model.expert_shard import ExpertShard
+from moemesh.telemetry.metrics import ExpertMetrics
 from moemesh.transport.errors import InvalidArgument
 from moemesh.transport.expert_wire import ExpertBatch
 from moemesh.transport.registry import ExpertTokenCount, LoadReport
@@ -28,8 +29,13 @@ from moemesh.transport.registry import ExpertTokenCount, LoadReport
 class ExpertWorker:
     """Lifecycle: construct with the loaded shard, serve `compute` until close()."""
 
-    def __init__(self, worker_id: str, shard: ExpertShard, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self, worker_id: str, shard: ExpertShard, device: torch.device, dtype: torch.dtype,
+        metrics: ExpertMetrics | None = None,
+    ) -> None:  # fmt: skip
+        """metrics: where each batch's per-expert token counts also go (Prometheus; None: GetLoad only)."""
         self.worker_id = worker_id
+        self.metrics = metrics
         self.shard = shard
         self.device = device
         self.dtype = dtype
@@ -47,6 +53,7 @@ class ExpertWorker:
         return await asyncio.get_running_loop().run_in_executor(self._executor, self.compute_sync, batch)
 
     def compute_sync(self, batch: ExpertBatch) -> torch.Tensor:
+        start_s = time.perf_counter()
         experts = self.shard.layers.get(batch.layer)
         if experts is None:
             raise InvalidArgument(f"layer={batch.layer} is not a MoE layer of this model")
@@ -78,10 +85,12 @@ class ExpertWorker:
             out = experts.slot_outputs(hidden, slots // batch.top_k, local, weights)
             if out.is_cuda:  # the event loop's thread hands it to UCX next: it must be written by then
                 torch.cuda.current_stream(out.device).synchronize()
-        self.tokens[batch.layer] += torch.bincount(
-            experts_of.cpu(), minlength=self.tokens[batch.layer].numel()
-        )
+        counts = torch.bincount(experts_of.cpu(), minlength=self.tokens[batch.layer].numel())
+        self.tokens[batch.layer] += counts
         self.num_batches += 1
+        if self.metrics is not None:
+            self.metrics.record_tokens(batch.layer, counts.tolist())
+            self.metrics.record_batch(batch.num_tokens, time.perf_counter() - start_s)
         return out
 
     def load(self) -> LoadReport:

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import threading
 import time
+import urllib.request
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from moemesh import LLM, SamplingParams
 from moemesh.config.engine import EngineConfig
@@ -78,6 +81,38 @@ def test_concurrent_greedy_requests_equal_the_colocated_model(mesh, colocated):
         assert {c.expert_id for c in counts} == experts and {c.layer for c in counts} == {1, 2}
         assert sum(c.num_tokens for c in counts) > 0, name
     assert mesh.wait_settled() == {name: 0 for name in mesh.workers}
+
+
+def test_each_expert_worker_serves_its_token_counts_at_metrics(mesh):
+    urls = {name: url for name, url in (re.match(r"started (\S+) pid=\d+ on \S+ \(metrics (\S+)\)", line).groups()
+            for line in mesh.lines if line.startswith("started "))}  # fmt: skip
+    assert {"expert-0", "expert-1", "expert-2"} <= set(urls)  # `up` gave each an HTTP port and printed it
+    hosted = {"expert-0": {0, 1}, "expert-1": {2, 3, 4}, "expert-2": {5, 6, 7}}
+    for name, experts in hosted.items():
+        samples = _scrape(urls[name])  # after the requests above: nothing runs, so GetLoad agrees
+        load = {(c.layer, c.expert_id): c.num_tokens for c in mesh.load(name).expert_tokens}
+        served = {(int(dict(labels)["layer"]), int(dict(labels)["expert"])): v
+                  for labels, v in samples.get("moemesh_expert_tokens_total", {}).items()}  # fmt: skip
+        assert served == {key: n for key, n in load.items() if n > 0}, name
+        assert {expert for _, expert in served} == experts, name  # > 0 exactly for its own experts
+        batches = sum(samples["moemesh_expert_batches_total"].values())
+        assert batches > 0 and sum(samples["moemesh_expert_compute_seconds_count"].values()) == batches
+        rows = sum(samples["moemesh_expert_batch_tokens_total"].values())
+        assert batches <= rows <= sum(served.values())  # a row per token sent, each with >= 1 slot here
+        (info,) = map(dict, samples["moemesh_build_info"])
+        assert info["role"] == "expert" and info["device"] == "cpu"
+
+
+def _scrape(url: str) -> dict[str, dict[tuple, float]]:
+    """name -> {labels (sorted (key, value) pairs) -> value}."""
+    with urllib.request.urlopen(url, timeout=30) as response:
+        assert response.headers["Content-Type"].startswith("text/plain")
+        text = response.read().decode()
+    out: dict[str, dict] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return out
 
 
 def test_a_killed_expert_worker_ends_requests_unavailable_without_leaking_pages(mesh):

@@ -223,19 +223,19 @@ def test_plan_children_puts_the_gateway_first_and_points_workers_at_it():
         UpOptions(topology="ring")
 
 
-def test_plan_children_gives_every_engine_worker_an_http_port_for_its_metrics():
+def test_plan_children_gives_every_worker_an_http_port_for_its_metrics():
     specs = plan_children(
         UpOptions(topology="pd-experts", num_prefill=1, num_decode=2, port=50125, http_port=8123)
     )
     by_name = {s.name: s for s in specs}
     assert by_name["gateway"].metrics_url == "http://127.0.0.1:8123/metrics"
-    workers = [by_name[n] for n in ("prefill-0", "decode-0", "decode-1")]
+    workers = [by_name[n] for n in ("prefill-0", "decode-0", "decode-1", "expert-0")]
     for spec in workers:
         args = list(spec.serve_args)
         assert args[args.index("--http-port") + 1] == str(spec.http_port) != "0"
     ports = [s.port for s in specs] + [s.http_port for s in specs]
-    assert len(set(ports)) == len(ports)  # all distinct (the expert worker's 0 once: it has none)
-    assert by_name["expert-0"].http_port == 0 and "--http-port" not in by_name["expert-0"].serve_args
+    assert len(set(ports)) == len(ports)  # all distinct
+    assert by_name["expert-0"].metrics_url == f"http://127.0.0.1:{by_name['expert-0'].http_port}/metrics"
     off = plan_children(UpOptions(topology="pd", port=50126, http_port=0))
     assert [s.metrics_url for s in off] == [None, None, None]
     assert [s.serve_args.count("--http-port") for s in off] == [1, 0, 0]  # the gateway's "--http-port 0"
