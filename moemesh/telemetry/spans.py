@@ -15,6 +15,7 @@ KV_SEND = "kv.send"  # P: the first KV chunk sent -> the last acknowledged (byte
 KV_RECEIVE = "kv.receive"  # D: the lease opened -> every byte landed
 DECODE_FIRST_TOKEN = "decode.first_token"  # D: admitted -> the first token out
 DECODE_STREAM = "decode.stream"  # D: the first token -> the last (tokens)
+EXPERT_DISPATCH = "expert.dispatch"  # P or D: a request's exchanges with the expert pool, first -> last
 
 # Attribute keys.
 REQUEST_ID = "moemesh.request_id"
@@ -34,6 +35,13 @@ KV_CHUNKS = "moemesh.kv.chunks"
 KV_LAYERS = "moemesh.kv.layers"
 KV_DURATION_MS = "moemesh.kv.duration_ms"
 LEASE = "moemesh.kv.lease"
+EXPERT_STEPS = "moemesh.expert.steps"  # engine steps that sent tokens to the pool
+EXPERT_LAYERS = "moemesh.expert.layers"  # MoE layer exchanges of those steps
+EXPERT_TOKENS = "moemesh.expert.tokens"  # token rows sent (summed over layers and pool workers)
+EXPERT_BYTES_SENT = "moemesh.expert.bytes_sent"
+EXPERT_BYTES_RECEIVED = "moemesh.expert.bytes_received"
+EXPERT_WAIT_MS = "moemesh.expert.wait_ms"  # time the engine waited for the pool's answers
+EXPERT_WORKERS = "moemesh.expert.workers"  # the pool workers it reached
 
 
 @dataclass(frozen=True)

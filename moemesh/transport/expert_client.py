@@ -26,8 +26,9 @@ import concurrent.futures
 import itertools
 import logging
 import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import torch
@@ -129,6 +130,36 @@ class ExpertTable:
 
 
 @dataclass
+class DispatchStats:
+    """What the MoE layers sent to the pool since the last `RemoteExperts.take_stats()` (one engine step, when
+    the worker takes them after every step): tracing's `expert.dispatch` (services/expert_spans.py). Updated
+    on the engine thread; plain counters, so keeping them costs nothing measurable."""
+
+    layers: int = 0  # layer exchanges (a layer of a micro-batch, all its workers at once)
+    tokens: int = 0  # token rows sent, summed over workers and layers
+    bytes_sent: int = 0  # payloads (tokens, ids, weights)
+    bytes_received: int = 0  # output rows
+    wait_ns: int = 0  # time the engine thread waited for the pool's answers
+    first_unix_ns: int = 0  # the first layer's submit
+    last_unix_ns: int = 0  # the last layer's answers combined
+    workers: set[str] = field(default_factory=set)
+
+    def submitted(self, parts: list[_Part]) -> None:
+        now = time.time_ns()
+        self.first_unix_ns = self.first_unix_ns or now
+        self.layers += 1
+        for part in parts:
+            self.tokens += part.batch.num_tokens
+            self.bytes_sent += part.payload.numel()
+            self.bytes_received += part.slot_index.numel() * part.batch.hidden_size * 2  # bf16 rows
+            self.workers.add(part.worker.worker_id)
+
+    def answered(self, waited_ns: int) -> None:
+        self.wait_ns += waited_ns
+        self.last_unix_ns = time.time_ns()
+
+
+@dataclass
 class _Part:
     worker: PoolWorker
     batch: ExpertBatch
@@ -142,7 +173,9 @@ class PendingExperts:
     again to the survivors (a replica takes over inside the step)."""
 
     def __init__(self, future: concurrent.futures.Future | None, parts: list[_Part], hidden: torch.Tensor,
-                 top_k: int, wait_s: float, retry: Callable[[], PendingExperts] | None = None) -> None:  # fmt: skip
+                 top_k: int, wait_s: float, retry: Callable[[], PendingExperts] | None = None,
+                 stats: DispatchStats | None = None) -> None:  # fmt: skip
+        self._stats = stats
         self._future = future
         self._parts = parts
         self._hidden = hidden
@@ -155,6 +188,7 @@ class PendingExperts:
         num_tokens = hidden.shape[0]
         slots = torch.zeros(num_tokens * k, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
         if self._future is not None:
+            waiting_ns = time.perf_counter_ns()
             try:
                 outputs = self._future.result(timeout=self._wait_s)
             except concurrent.futures.TimeoutError:
@@ -166,6 +200,8 @@ class PendingExperts:
                     raise
                 log.warning("%s; the layer goes to the replicas", err)
                 return retry.result()
+            if self._stats is not None:
+                self._stats.answered(time.perf_counter_ns() - waiting_ns)
             for part, out in zip(self._parts, outputs, strict=True):
                 slots[part.slot_index.to(hidden.device)] = out.to(hidden.device, hidden.dtype)
         # the combine of moe.combine_slots: every token's k weighted rows summed in slot order
@@ -200,6 +236,7 @@ class RemoteExperts:
         self.workers: dict[str, PoolWorker] = {}
         self.table = ExpertTable([], num_experts, self.layers)
         self.num_batches = 0
+        self.stats = DispatchStats()  # engine thread: since the last take_stats()
         self._ids = itertools.count(1)
         self._changed = threading.Condition()
         self._undescribed: set[str] = set()
@@ -210,6 +247,12 @@ class RemoteExperts:
 
     async def close(self) -> None:
         await self.pool.close()
+
+    def take_stats(self) -> DispatchStats:
+        """The exchanges since the last call, and a fresh count (call while the engine thread does not step:
+        from an `on_step` hook or on the engine thread)."""
+        stats, self.stats = self.stats, DispatchStats()
+        return stats
 
     # -- the pool (event loop) -------------------------------------------------------------------------------
 
@@ -316,13 +359,14 @@ class RemoteExperts:
         if self.wire_device.type == "cuda":  # UCX reads the buffers from another thread: they must be written
             torch.cuda.current_stream(self.wire_device).synchronize()
         future = asyncio.run_coroutine_threadsafe(self._send_all(parts), loop)
+        self.stats.submitted(parts)
 
         def again() -> PendingExperts | None:
             if not self.table.complete:  # nobody left to take over: fail the step
                 return None
             return self.submit(layer_idx, hidden, topk_ids, topk_weights, retry=False)
 
-        return PendingExperts(future, parts, hidden, k, wait_s, again if retry else None)
+        return PendingExperts(future, parts, hidden, k, wait_s, again if retry else None, self.stats)
 
     def _wait_for_table(self) -> ExpertTable:
         with self._changed:

@@ -14,6 +14,7 @@ from moemesh.services.decode.leases import LeaseTable
 from moemesh.services.decode.servicer import DecodeServicer
 from moemesh.services.decode.worker import DecodeWorker
 from moemesh.services.engine_loop import EngineLoop
+from moemesh.services.expert_spans import ExpertDispatchSpans
 from moemesh.services.metrics_http import engine_stats, metrics_app, serve_http, worker_registry
 from moemesh.services.model_loading import load_engine
 from moemesh.services.registration import run_worker_server
@@ -70,7 +71,11 @@ async def serve(config: WorkerConfig, telemetry_config: TelemetryConfig | None =
     stats = engine_stats(loaded.engine, pages_leased)
     registry = worker_registry(config.role, loaded.model_id, config.device, stats)
     servicer = DecodeServicer(
-        worker, loaded.engine.max_model_len, DecodeMetrics(registry), telemetry=telemetry
+        worker,
+        loaded.engine.max_model_len,
+        DecodeMetrics(registry),
+        telemetry=telemetry,
+        expert_spans=ExpertDispatchSpans.install(telemetry, loop, remote),
     )
     server.add(worker_pb2_grpc.add_DecodeWorkerServicer_to_server, servicer, "moemesh.v1.DecodeWorker")
     spans_service.add_to_server(server, telemetry.store)

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from moemesh._proto.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from moemesh.services.decode.outbox import MAX_EVENTS, STALL_S, Outbox
 from moemesh.services.decode.worker import DecodeJob, DecodeWorker
+from moemesh.services.expert_spans import ExpertDispatchSpans
 from moemesh.services.sampling import FINISH_REASONS, logprob_to_proto, sampling_for_prompt
 from moemesh.telemetry import spans
 from moemesh.telemetry.metrics import DecodeMetrics
@@ -39,14 +40,17 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         session_stall_s: float = STALL_S,
         *,
         telemetry: Telemetry | None = None,
+        expert_spans: ExpertDispatchSpans | None = None,
     ) -> None:
-        """max_session_events / session_stall_s: a session's outgoing bound (`services/decode/outbox.py`)."""
+        """max_session_events / session_stall_s: a session's outgoing bound (`services/decode/outbox.py`);
+        expert_spans: each request's `expert.dispatch` (remote experts, tracing on)."""
         self.worker = worker
         self.max_model_len = max_model_len
         self.metrics = metrics
         self.max_session_events = max_session_events
         self.session_stall_s = session_stall_s
         self.telemetry = telemetry or Telemetry.disabled()
+        self.expert_spans = expert_spans
 
     @map_errors
     async def Generate(self, request, context):
@@ -88,7 +92,8 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         peer = None
         if request.HasField("prefill") and request.prefill.worker_id:
             peer = WorkerInfo(request.prefill.worker_id, "prefill", request.prefill.grpc_address)
-        traced = _RequestSpans(self.telemetry, request.request_id, traceparent or request.traceparent)
+        traced = _RequestSpans(self.telemetry, request.request_id, traceparent or request.traceparent,
+                               self.expert_spans)  # fmt: skip
         job = DecodeJob(request.request_id, prompt, params, peer, tuple(request.generated_token_ids),
                         traceparent=traced.traceparent)  # fmt: skip
         num_tokens = 0
@@ -165,10 +170,16 @@ def _error_event(request_id: str, exc: BaseException) -> worker_pb2.SessionEvent
 class _RequestSpans:
     """D's spans of one request, under the gateway's: `decode.first_token` (arrival here -> the first token
     out; `decode.admit` and the prefill worker's spans hang under it) and `decode.stream` (the first token ->
-    the last, with the token count). Started and ended explicitly: they live across `yield`s."""
+    the last, with the token count), and under the last of them the request's `expert.dispatch` when its
+    experts are remote. Started and ended explicitly: they live across `yield`s."""
 
-    def __init__(self, telemetry: Telemetry, request_id: str, traceparent: str) -> None:
+    def __init__(
+        self, telemetry: Telemetry, request_id: str, traceparent: str,
+        expert_spans: ExpertDispatchSpans | None = None,
+    ) -> None:  # fmt: skip
         self.telemetry = telemetry
+        self.request_id = request_id
+        self.expert_spans = expert_spans
         self.attributes = {spans.REQUEST_ID: request_id, spans.WORKER: telemetry.worker}
         self.first = telemetry.start(spans.DECODE_FIRST_TOKEN, traceparent, self.attributes)
         self.traceparent = telemetry.traceparent(self.first)
@@ -197,4 +208,6 @@ class _RequestSpans:
                 mark_failed(span, failed)
             if self.stream is not None:
                 self.stream.set_attribute(spans.TOKENS, self.num_tokens)
+            if self.expert_spans is not None:
+                self.expert_spans.finish(self.request_id, span)
             span.end()

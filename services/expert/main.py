@@ -24,6 +24,7 @@ from moemesh.services.registration import run_worker_server
 from moemesh.services.remote_experts import wire_device
 from moemesh.services.ucx_lifecycle import stop_ucx, ucx_options
 from moemesh.telemetry.metrics import ExpertMetrics, new_registry, register_build_info
+from moemesh.transport import spans as spans_service
 from moemesh.transport.expert_server import UcxExpertServer
 from moemesh.transport.peers import WorkerInfo
 from moemesh.transport.security import MeshSecurity
@@ -76,6 +77,7 @@ async def serve(config: WorkerConfig) -> int:
     )
     server.add(expert_pb2_grpc.add_ExpertPoolServicer_to_server, ExpertServicer(worker, wire.address),
                "moemesh.v1.ExpertPool")  # fmt: skip
+    spans_service.add_to_server(server, None)  # no spans of its own: the trace view asks every worker
     await server.start()
     me = WorkerInfo(config.worker_id, "expert", server.address, wire.address)
     try:

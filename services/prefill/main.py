@@ -10,6 +10,7 @@ from moemesh._proto.v1 import worker_pb2_grpc
 from moemesh.config.mesh import CUDA_UCX_TRANSPORTS, WorkerConfig
 from moemesh.config.telemetry import TelemetryConfig
 from moemesh.services.engine_loop import EngineLoop
+from moemesh.services.expert_spans import ExpertDispatchSpans
 from moemesh.services.metrics_http import engine_stats, metrics_app, serve_http, worker_registry
 from moemesh.services.model_loading import load_engine
 from moemesh.services.prefill.servicer import PrefillServicer
@@ -58,7 +59,8 @@ async def serve(config: WorkerConfig, telemetry_config: TelemetryConfig | None =
     )
     acceptor = HandshakeAcceptor(WorkerInfo(config.worker_id, "prefill", "", "", loaded.fingerprint), sender)
     registry = worker_registry("prefill", loaded.model_id, config.device, engine_stats(loaded.engine))
-    servicer = PrefillServicer(worker, acceptor, PrefillMetrics(registry), telemetry=telemetry)
+    servicer = PrefillServicer(worker, acceptor, PrefillMetrics(registry), telemetry=telemetry,
+                               expert_spans=ExpertDispatchSpans.install(telemetry, loop, remote))  # fmt: skip
     server.add(worker_pb2_grpc.add_PrefillWorkerServicer_to_server, servicer, "moemesh.v1.PrefillWorker")
     spans_service.add_to_server(server, telemetry.store)
     await server.start()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from moemesh._proto.v1 import worker_pb2, worker_pb2_grpc
+from moemesh.services.expert_spans import ExpertDispatchSpans
 from moemesh.services.prefill.worker import PrefillOutcome, PrefillWorker
 from moemesh.services.sampling import logprob_to_proto, sampling_from_proto
 from moemesh.telemetry import spans
@@ -23,18 +24,22 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
         metrics: PrefillMetrics | None = None,
         *,
         telemetry: Telemetry | None = None,
+        expert_spans: ExpertDispatchSpans | None = None,
     ) -> None:
         self.worker = worker
         self.acceptor = acceptor
         self.metrics = metrics
         self.telemetry = telemetry or Telemetry.disabled()
+        self.expert_spans = expert_spans  # each prefill's `expert.dispatch` (remote experts, tracing on)
 
     @map_errors
     async def Prefill(self, request, context):
         target = KvTarget.from_proto(request.kv_target)
         params = sampling_from_proto(request.sampling, default_max_tokens=1)
         parent = traceparent_from_metadata(context.invocation_metadata()) or target.traceparent
-        with _PrefillSpans(self.telemetry, target, len(request.token_ids), parent) as traced:
+        with _PrefillSpans(
+            self.telemetry, target, len(request.token_ids), parent, self.expert_spans
+        ) as traced:
             try:
                 outcome = await self.worker.prefill(list(request.token_ids), params, target)
             except (LeaseRefused, ConnectionError, TimeoutError):  # refused by D, D lost, or too slow
@@ -76,8 +81,10 @@ class _PrefillSpans:
     """P's spans of one Prefill, under D's `decode.admit`: `prefill.forward` (arrival -> the prompt's forward
     ended) and `kv.send` (the first KV chunk sent -> the last acknowledged: bytes, pages, chunks)."""
 
-    def __init__(self, telemetry: Telemetry, target: KvTarget, num_prompt_tokens: int, parent: str) -> None:
+    def __init__(self, telemetry: Telemetry, target: KvTarget, num_prompt_tokens: int, parent: str,
+                 expert_spans: ExpertDispatchSpans | None = None) -> None:  # fmt: skip
         self.telemetry, self.target, self.parent = telemetry, target, parent
+        self.expert_spans = expert_spans
         self.arrived_ns = time.time_ns()
         self.forward = telemetry.start(spans.PREFILL_FORWARD, parent, {
             spans.REQUEST_ID: target.request_id, spans.PROMPT_TOKENS: num_prompt_tokens,
@@ -90,6 +97,8 @@ class _PrefillSpans:
     def done(self, outcome: PrefillOutcome) -> None:
         forward_end_ns = self.arrived_ns + int(outcome.prefill_ms * 1e6)
         self.forward.set_attribute(spans.CACHED_TOKENS, outcome.num_cached_tokens)
+        if self.expert_spans is not None:
+            self.expert_spans.finish(self.target.request_id, self.forward)
         self.forward.end(end_time=forward_end_ns)
         if outcome.kv_first_send_unix_ns:
             end_ns = forward_end_ns + int(outcome.kv_transfer_ms * 1e6)
@@ -103,4 +112,6 @@ class _PrefillSpans:
     def __exit__(self, kind, exc, tb) -> None:
         if exc is not None:
             mark_failed(self.forward, exc)
+            if self.expert_spans is not None:
+                self.expert_spans.finish(self.target.request_id, self.forward)
             self.forward.end()

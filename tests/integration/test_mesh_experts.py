@@ -8,6 +8,7 @@ worker. One mesh for the module (the kill comes last)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import threading
@@ -19,7 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from moemesh import LLM, SamplingParams
 from moemesh.config.engine import EngineConfig
-from moemesh.sdk import AsyncClient, Unavailable
+from moemesh.sdk import AsyncClient, Client, Unavailable
+from moemesh.telemetry import spans as names
 from tests.integration.mesh_tiny import TINY_ENV, build_tiny, start_mesh
 from tests.integration.test_mesh_generate import mixed_prompts
 
@@ -101,6 +103,52 @@ def test_each_expert_worker_serves_its_token_counts_at_metrics(mesh):
         assert batches <= rows <= sum(served.values())  # a row per token sent, each with >= 1 slot here
         (info,) = map(dict, samples["moemesh_build_info"])
         assert info["role"] == "expert" and info["device"] == "cpu"
+
+
+def test_each_attention_worker_traces_one_expert_dispatch_per_request(mesh, tiny_dir):
+    """`up` keeps traces by default (--trace-buffer 256): the gateway's trace view shows P's and D's
+    `expert.dispatch`, one per request and worker, and the output rows they say came back are the slots the
+    pool counted (GetLoad) for that request."""
+    config = json.loads((tiny_dir / "config.json").read_text())
+    row_bytes = 2 * config["hidden_size"]  # bf16 output rows
+    moe_layers, top_k = 2, config["num_experts_per_tok"]
+    pool = [name for name in mesh.workers if name.startswith("expert")]
+
+    def pool_slots() -> int:
+        return sum(c.num_tokens for name in pool for c in mesh.load(name).expert_tokens)
+
+    before = pool_slots()
+    prompt, max_tokens = list(range(5, 24)), 6
+    with Client(mesh.address, timeout_s=120) as client:
+        client.complete(token_ids=prompt, max_tokens=max_tokens, temperature=0, request_id="experts-traced")
+    deadline = time.monotonic() + 30
+    while True:  # each process ends its spans as its part ends
+        url = f"http://127.0.0.1:{mesh.http_port}/traces/experts-traced?format=json"
+        with urllib.request.urlopen(url, timeout=30) as reply:
+            trace = json.loads(reply.read())
+        found = [s for s in trace["spans"] if s["name"] == names.EXPERT_DISPATCH]
+        if len(found) == 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    by_id = {s["span_id"]: s for s in trace["spans"]}
+    dispatch = {s["worker"]: s for s in found}
+    assert sorted(dispatch) == ["decode-0", "prefill-0"], [(s["worker"], s["name"]) for s in found]
+    p, d = dispatch["prefill-0"]["attributes"], dispatch["decode-0"]["attributes"]
+    assert by_id[dispatch["prefill-0"]["parent_id"]]["name"] == names.PREFILL_FORWARD
+    assert by_id[dispatch["decode-0"]["parent_id"]]["name"] == names.DECODE_STREAM
+    # P: the prompt in one step; D: a step per token after P's first, the request alone in its batch
+    assert (p[names.EXPERT_STEPS], p[names.EXPERT_LAYERS]) == (1, moe_layers)
+    assert (d[names.EXPERT_STEPS], d[names.EXPERT_LAYERS]) == (max_tokens - 1, moe_layers * (max_tokens - 1))
+    assert p[names.EXPERT_BYTES_RECEIVED] == len(prompt) * top_k * row_bytes * moe_layers
+    assert d[names.EXPERT_BYTES_RECEIVED] == (max_tokens - 1) * top_k * row_bytes * moe_layers
+    slots = (p[names.EXPERT_BYTES_RECEIVED] + d[names.EXPERT_BYTES_RECEIVED]) // row_bytes
+    assert slots == pool_slots() - before  # what the pool computed for this request
+    for a, tokens in ((p, len(prompt)), (d, max_tokens - 1)):
+        assert tokens * moe_layers <= a[names.EXPERT_TOKENS] <= tokens * moe_layers * top_k
+        assert a[names.EXPERT_BYTES_SENT] > a[names.EXPERT_TOKENS] * row_bytes  # bf16 rows + ids + weights
+        assert set(a[names.EXPERT_WORKERS]) <= set(pool) and a[names.EXPERT_WORKERS]
+    for span in found:  # the waits lie inside the span: first layer sent -> last answer combined
+        assert 0 < span["attributes"][names.EXPERT_WAIT_MS] <= span["end_ms"] - span["start_ms"] + 0.01
 
 
 def _scrape(url: str) -> dict[str, dict[tuple, float]]:
