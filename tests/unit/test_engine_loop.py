@@ -130,7 +130,9 @@ def test_a_call_cancelled_before_it_ran_never_runs():
         loop = EngineLoop(engine)
         runner = asyncio.ensure_future(loop.run())
         try:
-            await loop.call(engine.add, "long", 4)  # the thread is now in 50 ms steps
+            await loop.call(
+                engine.add, "long", 40
+            )  # the thread is now in 50 ms steps (2 s of them: a loaded box)
             await asyncio.sleep(0.01)
             pending = asyncio.ensure_future(loop.call(engine.add, "never", 1))
             await asyncio.sleep(0)  # queued behind the running step
@@ -155,7 +157,7 @@ def test_a_call_cancelled_while_running_raises_at_once_and_its_result_is_undone(
 
     def slow_reserve() -> str:
         started.set()
-        release.wait(5)
+        release.wait(60)  # generous: on a loaded box a short wait could end before the test checks
         return "pages-7"
 
     async def body():
@@ -168,7 +170,7 @@ def test_a_call_cancelled_while_running_raises_at_once_and_its_result_is_undone(
 
         try:
             task = asyncio.ensure_future(caller())
-            await asyncio.to_thread(started.wait, 5)
+            assert await asyncio.to_thread(started.wait, 60)
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task  # at once: the command still runs
@@ -181,7 +183,7 @@ def test_a_call_cancelled_while_running_raises_at_once_and_its_result_is_undone(
         assert seen == []
         assert undone == [("pages-7", "engine")]
 
-    asyncio.run(asyncio.wait_for(body(), 10))
+    asyncio.run(asyncio.wait_for(body(), 120))
 
 
 def _thread() -> str:
@@ -197,7 +199,9 @@ def test_a_must_run_command_cancelled_before_it_started_still_runs_and_its_calle
         loop = EngineLoop(engine)
         runner = asyncio.ensure_future(loop.run())
         try:
-            await loop.call(engine.add, "long", 4)  # the thread is now in 50 ms steps
+            await loop.call(
+                engine.add, "long", 40
+            )  # the thread is now in 50 ms steps (2 s of them: a loaded box)
             await asyncio.sleep(0.01)
             cleanup = asyncio.ensure_future(loop.must_run(engine.abort, "long"))
             await asyncio.sleep(0)  # queued behind the running step
