@@ -281,7 +281,7 @@ class StagingPool:
 class PagedKvSink:
     """A KvSink over per-layer caches `[num_pages, page_size, ...]` (any dtype, contiguous). A one-layer
     segment (a run of consecutive pages, `plan_segments`) is received straight into its pages; a segment of
-    several layers into a pooled staging buffer (`StagingPool`), then scattered per layer (`scatter`,
+    several layers into a pooled staging buffer (`StagingPool`), then scattered (`scatter_layers`,
     index_copy_ here). The page ids go up through pinned memory without blocking (a pageable copy would wait
     for the whole stream, i.e. for a forward in flight); on CUDA a staging buffer is reused only after an
     event recorded behind its scatter has passed."""
@@ -296,7 +296,7 @@ class PagedKvSink:
         buffers = []
         for seg in segments:
             cache = self.caches[header.layer + seg.layer]
-            if seg.num_layers == 1 and cache.is_contiguous():
+            if seg.direct and cache.is_contiguous():
                 first = lease.page_ids[header.first_page + seg.page]
                 rows = cache.view(cache.shape[0], -1)[first : first + seg.num_pages]  # consecutive pages
                 buffers.append(rows.view(torch.uint8).view(-1))
@@ -311,16 +311,14 @@ class PagedKvSink:
         self, lease: Lease, header: ChunkHeader, segments: list[Segment], buffers: list[torch.Tensor]
     ) -> None:
         for seg, buffer in zip(segments, buffers, strict=True):
-            if seg.num_layers == 1 and self.caches[header.layer + seg.layer].is_contiguous():
+            if seg.direct and self.caches[header.layer + seg.layer].is_contiguous():
                 continue  # landed in place
             first = header.first_page + seg.page
             ids = torch.tensor(lease.page_ids[first : first + seg.num_pages], dtype=torch.long)
-            rows = buffer.view(seg.num_layers, seg.num_pages, -1)
+            layers = self.caches[header.layer + seg.layer : header.layer + seg.layer + seg.num_layers]
+            index = ids.pin_memory().to(buffer.device, non_blocking=True) if buffer.is_cuda else ids
+            self.scatter_layers(layers, index, buffer.view(seg.num_layers, seg.num_pages, -1))
             done = None
-            for i in range(seg.num_layers):
-                cache = self.caches[header.layer + seg.layer + i]
-                index = ids.pin_memory().to(cache.device, non_blocking=True) if cache.is_cuda else ids
-                self.scatter(cache, index, rows[i])
             if buffer.is_cuda:
                 done = torch.cuda.Event()
                 done.record()
@@ -332,9 +330,10 @@ class PagedKvSink:
             for buffer in buffers:
                 self.staging.give_back(buffer)
 
-    def scatter(self, cache: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
-        """rows `[n, page_bytes]` uint8 into pages `index` of `cache`."""
-        cache.view(cache.shape[0], -1).view(torch.uint8).index_copy_(0, index, rows)
+    def scatter_layers(self, caches: list[torch.Tensor], index: torch.Tensor, rows: torch.Tensor) -> None:
+        """rows `[num_layers, n, page_bytes]` uint8 into pages `index` of each of `caches`."""
+        for cache, layer_rows in zip(caches, rows, strict=True):
+            cache.view(cache.shape[0], -1).view(torch.uint8).index_copy_(0, index, layer_rows)
 
 
 class KvSender(Protocol):

@@ -1,8 +1,9 @@
 """The KV sender and receiver over ucxx (see kv.py for the transfer's lifecycle, kv_wire.py for the bytes).
 
 Per chunk, on one endpoint P -> D (tags are scoped to the endpoint by ucxx, so two senders' ids never mix):
-    P: send header (HEADER_BYTES, tag TAG_HEADER) -> send its segments (`plan_segments`: one per layer and run
-       of consecutive destination pages, tag _data_tag(id, i)), all at once -> recv ack (ACK_BYTES)
+    P: send header (HEADER_BYTES, tag TAG_HEADER), its segments (`plan_segments`: one per layer and run of
+       consecutive destination pages, or one staged, tag _data_tag(id, i)) and recv the ack (ACK_BYTES), all
+       posted at once
     D: recv header -> inbox.admit -> recv every segment into the sink's buffers (the pages themselves, or
        pooled staging) -> inbox.land -> send ack (accepted, or refused with the reason and message)
 A chunk of several layers and few page runs is a few large messages and one round trip. A refused header's
@@ -206,13 +207,14 @@ class UcxKvSender:
         ack = torch.zeros(ACK_BYTES, dtype=torch.uint8)
 
         async def wire() -> None:
-            await ep.send(as_ucx_buffer(raw), tag=TAG_HEADER)
-            await asyncio.gather(*(  # rendezvous: D must progress
-                ep.send(as_ucx_buffer(data[s.offset_bytes : s.offset_bytes + s.num_bytes]),
-                        tag=_data_tag(header.transfer_id, i))
-                for i, s in enumerate(segments)
-            ))  # fmt: skip
-            await ep.recv(as_ucx_buffer(ack), tag=_ack_tag(header.transfer_id))
+            # Header, payload and ack all posted at once, in that order (no wait for the header's completion:
+            # one hop less). The payload's rendezvous waits for D to post its receives, after the header.
+            await asyncio.gather(
+                ep.send(as_ucx_buffer(raw), tag=TAG_HEADER),
+                *(ep.send(as_ucx_buffer(data[s.offset_bytes : s.offset_bytes + s.num_bytes]),
+                          tag=_data_tag(header.transfer_id, i)) for i, s in enumerate(segments)),
+                ep.recv(as_ucx_buffer(ack), tag=_ack_tag(header.transfer_id)),
+            )  # fmt: skip
 
         try:
             await asyncio.wait_for(wire(), self.timeout_s)

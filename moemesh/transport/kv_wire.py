@@ -26,8 +26,11 @@ _FLAG_CHECKSUM = 1
 # (the receiver drops the connection without allocating anything).
 MAX_CHUNK_BYTES = 64 << 20
 # A chunk goes as one message per (layer, run of consecutive destination pages) — received straight into
-# the pages — unless that would take more messages than this: then as one message into a staging buffer.
-MAX_SEGMENTS = 64
+# the pages — when the destination pages form at most MAX_DIRECT_RUNS runs; otherwise as one message into a
+# staging buffer, scattered by one kernel. Each message costs a rendezvous (~50 us on an H200 between two
+# processes, bench/kv_latency.py): 8 layers x 8 one-page runs took 4.3-5.4 ms for 4.7 MB, one run 1-2 ms.
+MAX_DIRECT_RUNS = 2
+MAX_SEGMENTS = 64  # what a header may claim (a receiver drops a connection whose header claims more)
 
 
 class RefusalReason(enum.IntEnum):
@@ -88,7 +91,8 @@ class ChunkHeader:
 @dataclass(frozen=True)
 class Segment:
     """One message of a chunk: layers [layer, +num_layers) x chunk pages [page, +num_pages) (indices into the
-    chunk), at `offset_bytes` of the chunk's layer-major payload. Either one layer, or every page."""
+    chunk), at `offset_bytes` of the chunk's layer-major payload. Either one layer of consecutive destination
+    pages (`direct`: received straight into them), or every layer and page (staged, then scattered)."""
 
     layer: int
     num_layers: int
@@ -96,22 +100,24 @@ class Segment:
     num_pages: int
     offset_bytes: int
     num_bytes: int
+    direct: bool = True
 
 
 def plan_segments(
     page_ids: Sequence[int], num_layers: int, page_bytes: int, max_segments: int = MAX_SEGMENTS
 ) -> list[Segment]:
     """How a chunk of `num_layers` layers of the destination pages `page_ids` goes on the wire: one message
-    per layer and run of consecutive page ids (each lands straight in its pages), or one message for all
-    when that would take more than `max_segments`. Sender and receiver compute it alike."""
+    per layer and run of consecutive page ids (each lands straight in its pages) when they form at most
+    MAX_DIRECT_RUNS runs, else one message for all (staged, then scattered). Sender and receiver compute it
+    alike."""
     runs, start = [], 0
     for i in range(1, len(page_ids) + 1):
         if i == len(page_ids) or page_ids[i] != page_ids[i - 1] + 1:
             runs.append((start, i - start))
             start = i
     n = len(page_ids)
-    if len(runs) * num_layers > max_segments:
-        return [Segment(0, num_layers, 0, n, 0, num_layers * n * page_bytes)]
+    if len(runs) > MAX_DIRECT_RUNS or len(runs) * num_layers > max_segments:
+        return [Segment(0, num_layers, 0, n, 0, num_layers * n * page_bytes, direct=False)]
     return [
         Segment(layer, 1, page, count, (layer * n + page) * page_bytes, count * page_bytes)
         for layer in range(num_layers)

@@ -39,8 +39,11 @@ class EngineKvSink(PagedKvSink):
     """`PagedKvSink` over the engine's per-layer caches `[num_pages, page_size, kv_dim]` whose scatter is the
     `unpack_kv` kernel (transport may not import kernels, so the plain index_copy_ stays there)."""
 
-    def scatter(self, cache: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
-        unpack_kv(rows.view(cache.dtype).view(rows.shape[0], *cache.shape[1:]), cache, index)
+    def scatter_layers(self, caches: list[torch.Tensor], index: torch.Tensor, rows: torch.Tensor) -> None:
+        """One launch for every layer of the chunk (`unpack_kv` over the list of caches)."""
+        unpack_kv(
+            rows.view(caches[0].dtype).view(len(caches), rows.shape[1], *caches[0].shape[1:]), caches, index
+        )
 
 
 @dataclass(eq=False)

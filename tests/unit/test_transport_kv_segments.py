@@ -22,11 +22,13 @@ LAYOUT = KvLayout("bf16", PAGE_SIZE, DIM * 2, LAYERS)
 
 
 def test_plan_segments_follows_runs_of_consecutive_pages():
-    segs = plan_segments([5, 6, 7, 2, 9, 10], 2, 48)
+    segs = plan_segments([5, 6, 7, 9, 10], 2, 48)
     assert [(s.layer, s.page, s.num_pages, s.offset_bytes, s.num_bytes) for s in segs] == [
-        (0, 0, 3, 0, 144), (0, 3, 1, 144, 48), (0, 4, 2, 192, 96),
-        (1, 0, 3, 288, 144), (1, 3, 1, 432, 48), (1, 4, 2, 480, 96),
+        (0, 0, 3, 0, 144), (0, 3, 2, 144, 96), (1, 0, 3, 240, 144), (1, 3, 2, 384, 96),
     ]  # fmt: skip
+    # more than MAX_DIRECT_RUNS runs: one staged message for every layer (a rendezvous per run costs more)
+    (whole,) = plan_segments([5, 6, 7, 2, 9, 10], 2, 48)
+    assert (whole.layer, whole.num_layers, whole.page, whole.num_pages, whole.num_bytes) == (0, 2, 0, 6, 576)
     scattered = list(range(0, 2 * MAX_SEGMENTS, 2))  # no two consecutive: one staged message
     (whole,) = plan_segments(scattered, 3, 48)
     assert (whole.num_layers, whole.num_pages, whole.num_bytes) == (3, MAX_SEGMENTS, 3 * MAX_SEGMENTS * 48)
@@ -84,7 +86,8 @@ def test_multi_layer_chunks_land_exactly_as_the_local_copy(kind):
                 assert torch.equal(got.isnan(), want.isnan())
                 assert torch.equal(got.nan_to_num().view(torch.int16), want.nan_to_num().view(torch.int16))
             assert sink.num_direct_segments > 0 and sink.num_staged_segments > 0
-            assert sink.staging is not None and sink.staging.num_allocated <= 2  # pooled, not one per chunk
+            # pooled: at most one buffer per chunk in flight at once (3 here), not one per chunk (12)
+            assert sink.staging is not None and sink.staging.num_allocated <= 3
             assert receiver.inbox.num_live == 0 and list(receiver.inbox.refusals) == []
         finally:
             await sender.close()
