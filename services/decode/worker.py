@@ -55,6 +55,14 @@ class DecodeJob:
     traceparent: str = ""  # the span this request's decode.admit hangs under
 
 
+def _first_output(job: DecodeJob, prefilled: worker_pb2.PrefillResult) -> RequestOutput:
+    """The request's first token as P sampled it (its outputs so far: what migrated here, then this one)."""
+    first = prefilled.first_token_id
+    logprobs = (logprob_from_proto(prefilled.first_logprob),) if prefilled.HasField("first_logprob") else ()
+    return RequestOutput(job.request_id, (first,), (*job.generated_ids, first), "", False, logprobs=logprobs,
+                         num_cached_tokens=prefilled.num_cached_tokens)  # fmt: skip
+
+
 class DecodeWorker:
     def __init__(
         self,
@@ -92,27 +100,26 @@ class DecodeWorker:
         timing: common_pb2.TtftBreakdown | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yields the request's outputs until the finished one. Closing the iterator aborts the request.
-        `timing` gets the TTFT breakdown, complete once the first output of the engine was yielded."""
+        `timing` gets the TTFT breakdown, complete once the first output of the engine was yielded.
+
+        With a remote prefill, P's first token is yielded as soon as P's forward ended (its early result),
+        while its KV is still moving; the engine's outputs follow once the KV landed."""
         rid = job.request_id
         queue = self.loop.subscribe(rid)
         finished = False
         timing = timing if timing is not None else common_pb2.TtftBreakdown()
+        early: asyncio.Future[worker_pb2.PrefillResult] = asyncio.get_running_loop().create_future()
+        admission = asyncio.ensure_future(self._admit_traced(job, time_remaining, timing, early))
         try:
-            with self.telemetry.span(spans.DECODE_ADMIT, job.traceparent, {spans.REQUEST_ID: rid,
-                                     spans.PROMPT_TOKENS: len(job.prompt_ids)}) as admit:  # fmt: skip
-                prefilled, admitted_s = await self._admit(job, time_remaining, timing)
-                admit.set_attribute(spans.CACHED_TOKENS, prefilled.num_cached_tokens if prefilled else 0)
+            await asyncio.wait({admission, early}, return_when=asyncio.FIRST_COMPLETED)
             emitted = len(job.generated_ids)  # output_ids[:emitted] were streamed already (or elsewhere)
-            if prefilled is not None:  # P sampled the first token; the engine's outputs start after it
+            if early.done():  # P's first token, before its KV landed
                 emitted += 1
-                first = prefilled.first_token_id
-                logprobs = (
-                    (logprob_from_proto(prefilled.first_logprob),)
-                    if prefilled.HasField("first_logprob")
-                    else ()
-                )
-                yield RequestOutput(rid, (first,), (*job.generated_ids, first), "", False, logprobs=logprobs,
-                                    num_cached_tokens=prefilled.num_cached_tokens)  # fmt: skip
+                yield _first_output(job, early.result())
+            prefilled, admitted_s = await admission
+            if prefilled is not None and not early.done():  # P sampled the first token; the engine's follow
+                emitted += 1
+                yield _first_output(job, prefilled)
             while not finished:
                 out = await queue.get()
                 if admitted_s:  # the engine's first output: a decode step after P's KV, or the local prefill
@@ -136,6 +143,10 @@ class DecodeWorker:
                     logprobs = logprobs[-len(new) :] if new else []
                     yield replace(out, new_token_ids=new, logprobs=tuple(logprobs), num_cached_tokens=cached)
         finally:
+            early.cancel()
+            if not admission.done():
+                admission.cancel()
+            await asyncio.gather(admission, return_exceptions=True)  # its leases end, its pages return
             self.loop.unsubscribe(rid)
             if not finished:
                 with contextlib.suppress(Exception):
@@ -153,11 +164,30 @@ class DecodeWorker:
 
     # -- admission ------------------------------------------------------------------------------------------
 
+    async def _admit_traced(
+        self,
+        job: DecodeJob,
+        time_remaining: Callable[[], float | None],
+        timing: common_pb2.TtftBreakdown,
+        early: asyncio.Future[worker_pb2.PrefillResult],
+    ) -> tuple[worker_pb2.PrefillResult | None, float]:
+        """`_admit` under its `decode.admit` span (current in this task: the Prefill call carries it)."""
+        with self.telemetry.span(spans.DECODE_ADMIT, job.traceparent, {spans.REQUEST_ID: job.request_id,
+                                 spans.PROMPT_TOKENS: len(job.prompt_ids)}) as span:  # fmt: skip
+            prefilled, admitted_s = await self._admit(job, time_remaining, timing, early)
+            span.set_attribute(spans.CACHED_TOKENS, prefilled.num_cached_tokens if prefilled else 0)
+            return prefilled, admitted_s
+
     async def _admit(
-        self, job: DecodeJob, time_remaining: Callable[[], float | None], timing: common_pb2.TtftBreakdown
+        self,
+        job: DecodeJob,
+        time_remaining: Callable[[], float | None],
+        timing: common_pb2.TtftBreakdown,
+        early: asyncio.Future[worker_pb2.PrefillResult],
     ) -> tuple[worker_pb2.PrefillResult | None, float]:
         """Queues the request in the engine. Returns the prefill worker's result (its first token) if one ran
-        it, and when the engine took the request (time.monotonic(), on the engine thread)."""
+        it, and when the engine took the request (time.monotonic(), on the engine thread). P's early result
+        (its first token, before the KV landed) is set on `early` as soon as it comes."""
         arrived_s = time.monotonic()
         peer = None if self.config.force_local_prefill or job.generated_ids else job.prefill_worker
         tried: list[str] = []
@@ -173,16 +203,20 @@ class DecodeWorker:
                 await self.loop.must_run(self.engine.cancel_reservation, reservation)
                 break
             try:
-                called_s = time.monotonic()
-                result, adopted_s = await self._prefill_remote(job, peer, reservation, time_remaining)
+                result, adopted_s = await self._prefill_remote(
+                    job, peer, reservation, time_remaining, timing, early
+                )
                 self.num_remote_prefills += 1
                 timing.remote_prefill = True
-                timing.prefill_ms, timing.kv_transfer_ms = result.prefill_ms, result.kv_transfer_ms
-                waited_ms = 1000 * (adopted_s - called_s)
-                timing.handoff_ms = max(0.0, waited_ms - result.prefill_ms - result.kv_transfer_ms)
                 return result, adopted_s
             except Unavailable as err:  # P is lost; its lease is closed (and the pages freed) already
                 tried.append(peer.worker_id)
+                if early.done():  # its first token is out: the rest is computed here, after that token
+                    job = replace(job, generated_ids=(*job.generated_ids, early.result().first_token_id))
+                    self.num_prefill_fallbacks += 1
+                    log.warning("prefill worker %s lost %s after its first token (%s); prefilling it here",
+                                tried[-1], job.request_id, err)  # fmt: skip
+                    break
                 peer = self._other_prefill(tried)
                 then = f"retrying on {peer.worker_id}" if peer else "prefilling it here"
                 if peer is None:
@@ -212,9 +246,12 @@ class DecodeWorker:
         peer: WorkerInfo,
         reservation: KvReservation,
         time_remaining: Callable[[], float | None],
+        timing: common_pb2.TtftBreakdown,
+        early: asyncio.Future[worker_pb2.PrefillResult],
     ) -> tuple[worker_pb2.PrefillResult, float]:
-        """P's result and when the engine adopted the KV (engine thread's time.monotonic()). Owns `reservation`:
-        whatever happens, its pages end adopted by the engine or returned to the pool."""
+        """P's final result and when the engine adopted the KV (engine thread's time.monotonic()); P's early
+        result goes to `early` as it comes. Owns `reservation`: whatever happens, its pages end adopted by the
+        engine or returned to the pool."""
         try:
             channel = await self._channel(peer)
             remaining_s = (
@@ -231,11 +268,26 @@ class DecodeWorker:
             kv_target=replace(lease.target, traceparent=traceparent).to_proto(),
         )  # fmt: skip
         p_done = False
+        called_s = time.monotonic()
+        call = stub.Prefill(request, timeout=remaining_s, metadata=self.telemetry.metadata())
         try:
             try:
-                result = await self._call_while_leased(
-                    stub.Prefill(request, timeout=remaining_s, metadata=self.telemetry.metadata()), lease
-                )
+                result = await self._read_while_leased(call, lease, peer)
+                if not result.kv_complete:  # the early result: P's first token, its KV still moving
+                    timing.prefill_ms = result.prefill_ms
+                    timing.handoff_ms = max(0.0, 1000 * (time.monotonic() - called_s) - result.prefill_ms)
+                    if not early.done():
+                        early.set_result(result)
+                    result = await self._read_while_leased(call, lease, peer)
+                    if not result.kv_complete:
+                        raise MeshError(
+                            f"{job.request_id}: prefill worker {peer.worker_id} sent two early results"
+                        )
+                else:  # a P that answers once, with its KV acknowledged
+                    timing.prefill_ms = result.prefill_ms
+                    timing.handoff_ms = max(0.0, 1000 * (time.monotonic() - called_s) - result.prefill_ms
+                                            - result.kv_transfer_ms)  # fmt: skip
+                timing.kv_transfer_ms = result.kv_transfer_ms
             except grpc.RpcError as err:
                 raise from_rpc_error(err) from None
             p_done = True
@@ -259,8 +311,16 @@ class DecodeWorker:
             )
             return result, adopted_s
         except BaseException:
+            call.cancel()
             await finish(self._give_up(lease, stub, p_done))
             raise
+
+    async def _read_while_leased(self, call, lease: OpenLease, peer: WorkerInfo) -> worker_pb2.PrefillResult:
+        """The Prefill stream's next result (`_call_while_leased`); a stream that ends without one is a lost P."""
+        result = await self._call_while_leased(call.read(), lease)
+        if result is grpc.aio.EOF:
+            raise Unavailable(f"prefill worker {peer.worker_id} ended the Prefill stream without its result")
+        return result
 
     async def _call_while_leased(self, call, lease: OpenLease):
         """Awaits P's answer, but no longer than the lease lives: a P that stops sending lets the lease expire

@@ -34,14 +34,19 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
 
     @map_errors
     async def Prefill(self, request, context):
+        """Streams the early result (the first token, at the forward's end) and then the final one."""
         target = KvTarget.from_proto(request.kv_target)
         params = sampling_from_proto(request.sampling, default_max_tokens=1)
         parent = traceparent_from_metadata(context.invocation_metadata()) or target.traceparent
+
+        async def forward_done(early: PrefillOutcome) -> None:
+            await context.write(_result(target, early, kv_complete=False))
+
         with _PrefillSpans(
             self.telemetry, target, len(request.token_ids), parent, self.expert_spans
         ) as traced:
             try:
-                outcome = await self.worker.prefill(list(request.token_ids), params, target)
+                outcome = await self.worker.prefill(list(request.token_ids), params, target, forward_done)
             except (LeaseRefused, ConnectionError, TimeoutError):  # refused by D, D lost, or too slow
                 if self.metrics is not None:
                     self.metrics.kv_failures.inc()
@@ -50,18 +55,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
         if self.metrics is not None:
             self.metrics.kv_bytes.inc(outcome.kv_bytes_sent)
             self.metrics.kv_seconds.observe(outcome.kv_transfer_ms / 1000)
-        result = worker_pb2.PrefillResult(
-            request_id=target.request_id,
-            first_token_id=outcome.first_token_id,
-            num_prompt_tokens=outcome.num_prompt_tokens,
-            num_cached_tokens=outcome.num_cached_tokens,
-            kv_bytes_sent=outcome.kv_bytes_sent,
-            prefill_ms=outcome.prefill_ms,
-            kv_transfer_ms=outcome.kv_transfer_ms,
-        )
-        if outcome.first_logprob is not None:
-            result.first_logprob.CopyFrom(logprob_to_proto(outcome.first_logprob))
-        return result
+        await context.write(_result(target, outcome, kv_complete=True))
 
     @map_errors
     async def Abort(self, request, context):
@@ -75,6 +69,18 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
     @map_errors
     async def GetLoad(self, request, context):
         return self.worker.load().to_proto()
+
+
+def _result(target: KvTarget, outcome: PrefillOutcome, kv_complete: bool) -> worker_pb2.PrefillResult:
+    result = worker_pb2.PrefillResult(
+        request_id=target.request_id, first_token_id=outcome.first_token_id,
+        num_prompt_tokens=outcome.num_prompt_tokens, num_cached_tokens=outcome.num_cached_tokens,
+        kv_bytes_sent=outcome.kv_bytes_sent, prefill_ms=outcome.prefill_ms, kv_transfer_ms=outcome.kv_transfer_ms,
+        kv_complete=kv_complete,
+    )  # fmt: skip
+    if outcome.first_logprob is not None:
+        result.first_logprob.CopyFrom(logprob_to_proto(outcome.first_logprob))
+    return result
 
 
 class _PrefillSpans:

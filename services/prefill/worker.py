@@ -11,7 +11,9 @@ One `prefill()` per request (the Prefill RPC):
    A finished request's first token is taken and its own pages go back to the pool (`release_handoff`): the
    packed copies are what is sent. The forward itself has no hook and no sync.
 3. `prefill()` sends each chunk as soon as its copy is done on the device (waited for off the event loop),
-   many in flight (a TaskGroup), then returns the first token. A chunk of several layers goes as one message
+   many in flight (a TaskGroup); hands the first token on (`on_forward_done`: the Prefill stream's early
+   result, which D streams to the client) as soon as the prompt's forward ended, while the chunks are still
+   moving; and returns the whole outcome once every chunk was acknowledged. A chunk of several layers goes as one message
    per layer and run of D's consecutive pages (`plan_segments`): a few large messages, one round trip.
 On `Abort`, a gRPC cancel, a `LeaseRefused` or any failure the request leaves the engine (its pages return)
 and nothing more is sent; `abort()` returns only once `prefill()` stopped sending.
@@ -23,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -95,9 +98,16 @@ class PrefillWorker:
         loop.on_step.append(self._after_step)
         loop.on_failed.append(self._step_failed)
 
-    async def prefill(self, prompt: list[int], params: SamplingParams, target: KvTarget) -> PrefillOutcome:
-        """Runs the prompt, pushes its KV into target's lease, returns the first token. Raises LeaseRefused
-        when D refused a write or aborted the request."""
+    async def prefill(
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        target: KvTarget,
+        on_forward_done: Callable[[PrefillOutcome], Awaitable[None]] | None = None,
+    ) -> PrefillOutcome:
+        """Runs the prompt, pushes its KV into target's lease, returns the first token. `on_forward_done` gets
+        the first token as soon as the forward ended (an outcome without the KV fields), while the KV chunks
+        are sent. Raises LeaseRefused when D refused a write or aborted the request."""
         rid = target.request_id
         if rid in self.jobs:
             raise ValueError(f"request_id={rid!r} is already being prefilled here")
@@ -116,6 +126,10 @@ class PrefillWorker:
                         if job.aborted:
                             break
                         sends.append(group.create_task(self._send(job, chunk)))
+                    if on_forward_done is not None and job.first_token_id is not None and not job.aborted:
+                        await on_forward_done(PrefillOutcome(
+                            job.first_token_id, len(prompt), 0, job.num_cached_tokens, job.first_logprob,
+                            prefill_ms=1000 * (job.forward_done_s - arrived_s)))  # fmt: skip
             except ExceptionGroup as failed:  # the first failed send (LeaseRefused, Unavailable, ...)
                 raise failed.exceptions[0] from None
             if job.failed is not None:

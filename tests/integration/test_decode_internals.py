@@ -251,3 +251,66 @@ def test_a_failing_forward_on_a_prefill_worker_fails_that_request_alone(tiny_dir
         assert_every_page_back(loaded)
 
     asyncio.run(asyncio.wait_for(body(), 60))
+
+
+class _GatedSender:
+    """A KV sender whose sends wait for `gate` (KV slow to move), counting what went out."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.gate = asyncio.Event()
+        self.num_sent = 0
+
+    async def send(self, *args, **kwargs) -> int:
+        await self.gate.wait()
+        self.num_sent += 1
+        return await self.inner.send(*args, **kwargs)
+
+
+def test_the_prefill_worker_hands_its_first_token_on_before_the_kv_moves(tiny_dir, loaded):
+    """P's early result (the Prefill stream's first message, which D streams to the client at once) comes at
+    the forward's end, not after the KV: with every send held back, the first token is out (and equals a local
+    prefill's) while no KV byte has landed; then the KV lands and D decodes what a local prefill decodes."""
+    p_loaded = _load(tiny_dir, "prefill")
+    prompt = list(range(20, 45))  # 25 tokens: 4 pages of 8
+
+    async def body():
+        from moemesh.services.prefill.worker import PrefillWorker
+
+        fabric = LoopbackFabric()
+        async with _Parts(loaded, fabric) as d:
+            want = await _collect(d.loop, "ref", lambda: d.engine.add_request(prompt, GREEDY, "ref"))
+            p_loop = EngineLoop(p_loaded.engine, exclusive=False)
+            sender = _GatedSender(fabric.sender())
+            p_worker = PrefillWorker("prefill-t", p_loop, sender)
+            p_runner = asyncio.ensure_future(p_loop.run())
+            try:
+                reservation = await d.loop.call(d.engine.reserve_kv, "early", prompt)
+                lease = d.leases.open(reservation)
+                early = asyncio.get_running_loop().create_future()
+
+                async def forward_done(outcome) -> None:
+                    early.set_result((outcome, d.receiver.inbox.progress(lease.key).bytes_received))
+
+                prefill = asyncio.ensure_future(p_worker.prefill(prompt, GREEDY, lease.target, forward_done))
+                first, landed_then = await asyncio.wait_for(early, 20)
+                assert first.first_token_id == want[0] and first.kv_bytes_sent == 0 and first.prefill_ms > 0
+                assert landed_then == 0 and sender.num_sent == 0 and not prefill.done()
+                sender.gate.set()
+                outcome = await prefill
+                progress = await d.receiver.inbox.wait_complete(lease.key, timeout_s=10)
+                assert outcome.kv_bytes_sent == progress.bytes_received == progress.expected_bytes > 0
+                queue = d.loop.subscribe("early")
+                await lease.adopt(
+                    lambda: d.engine.add_prefilled(reservation, prompt, first.first_token_id, GREEDY)
+                )
+                while not (out := await queue.get()).finished:
+                    pass
+                d.loop.unsubscribe("early")
+                assert out.output_ids == want
+            finally:
+                p_runner.cancel()
+                await asyncio.gather(p_runner, return_exceptions=True)
+        assert_every_page_back(loaded)
+
+    asyncio.run(asyncio.wait_for(body(), 60))

@@ -108,6 +108,11 @@ def test_lost_prefill_worker_d_retries_the_other_one(mesh_2p_2d, llm):
                 *(client.complete(token_ids=ids, max_tokens=6, temperature=0) for ids in work)
             )
 
+    deadline = time.monotonic() + 30  # every D handshaken with both Ps: a retry has somewhere to go
+    pairs = [(f"[prefill-{p}]", f"handshake with decode-{d} accepted") for p in (0, 1) for d in (0, 1)]
+    while not all(any(who in line and what in line for line in mesh.lines) for who, what in pairs):
+        assert time.monotonic() < deadline, "the decode workers never handshook both prefill workers"
+        time.sleep(0.05)
     sender = threading.Thread(target=lambda: results.extend(asyncio.run(complete_all())))
     sender.start()
     deadline = time.monotonic() + 20

@@ -73,11 +73,10 @@ class FakePrefill(worker_pb2_grpc.PrefillWorkerServicer):
             raise
         finally:
             del self.running[target.request_id]
-        return worker_pb2.PrefillResult(
-            request_id=target.request_id,
-            first_token_id=first_token(token_ids),
-            num_prompt_tokens=len(token_ids),
-        )
+        await context.write(worker_pb2.PrefillResult(  # a P that streams only its final result
+            request_id=target.request_id, first_token_id=first_token(token_ids),
+            num_prompt_tokens=len(token_ids), kv_complete=True,
+        ))  # fmt: skip
 
     @map_errors
     async def Abort(self, request, context):
@@ -119,7 +118,7 @@ class FakeDecode(worker_pb2_grpc.DecodeWorkerServicer):
                     worker_pb2.PrefillRequest(request_id=request.request_id, token_ids=prompt,
                                               sampling=request.sampling, kv_target=target.to_proto()),
                     timeout=context.time_remaining(),  # the client's deadline bounds this hop too
-                )  # fmt: skip
+                ).read()  # fmt: skip
             except grpc.RpcError as err:
                 raise from_rpc_error(err) from None
             prefill_done = True

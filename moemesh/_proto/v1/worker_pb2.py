@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from moemesh._proto.v1 import common_pb2 as moemesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17moemesh/v1/worker.proto\x12\nmoemesh.v1\x1a\x17moemesh/v1/common.proto\"n\n\x08KvLayout\x12\"\n\x05\x64type\x18\x01 \x01(\x0e\x32\x13.moemesh.v1.KvDtype\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x17\n\x0f\x62ytes_per_token\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\"b\n\x0b\x46ingerprint\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\'\n\tkv_layout\x18\x02 \x01(\x0b\x32\x14.moemesh.v1.KvLayout\x12\x18\n\x10protocol_version\x18\x03 \x01(\r\"\xfa\x01\n\x08KvTarget\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\x04\x12\x18\n\x10lease_generation\x18\x03 \x01(\x04\x12\x13\n\x0bucx_address\x18\x04 \x01(\t\x12\x10\n\x08page_ids\x18\x05 \x03(\r\x12\x17\n\x0fnum_skip_tokens\x18\x06 \x01(\r\x12$\n\x06layout\x18\x07 \x01(\x0b\x32\x14.moemesh.v1.KvLayout\x12\x13\n\x0btraceparent\x18\x08 \x01(\t\x12\x1e\n\x16lease_deadline_unix_ms\x18\t \x01(\x04\x12\x13\n\x0blease_token\x18\n \x01(\x06\"V\n\x0eSessionRequest\x12*\n\x05start\x18\x01 \x01(\x0b\x32\x19.moemesh.v1.DecodeRequestH\x00\x12\x10\n\x06\x63\x61ncel\x18\x02 \x01(\tH\x00\x42\x06\n\x04kind\"w\n\x0cSessionEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x17.moemesh.v1.DecodeChunk\x12\x13\n\x0bstatus_code\x18\x03 \x01(\x05\x12\x16\n\x0estatus_message\x18\x04 \x01(\t\"9\n\rSessionUpdate\x12(\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x18.moemesh.v1.SessionEvent\"6\n\x0bPrefillPeer\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x02 \x01(\t\"\xda\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.moemesh.v1.SamplingParams\x12(\n\x07prefill\x18\x04 \x01(\x0b\x32\x17.moemesh.v1.PrefillPeer\x12\x1b\n\x13generated_token_ids\x18\x05 \x03(\r\x12\x11\n\ttimeout_s\x18\x06 \x01(\x02\x12\x13\n\x0btraceparent\x18\x07 \x01(\t\"\x9f\x01\n\x0b\x44\x65\x63odeChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12*\n\x08logprobs\x18\x02 \x03(\x0b\x32\x18.moemesh.v1.TokenLogprob\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.moemesh.v1.FinishReason\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.moemesh.v1.Usage\"\x8e\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.moemesh.v1.SamplingParams\x12\'\n\tkv_target\x18\x04 \x01(\x0b\x32\x14.moemesh.v1.KvTarget\"\xe5\x01\n\rPrefillResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\r\x12/\n\rfirst_logprob\x18\x03 \x01(\x0b\x32\x18.moemesh.v1.TokenLogprob\x12\x19\n\x11num_prompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x05 \x01(\r\x12\x15\n\rkv_bytes_sent\x18\x06 \x01(\x04\x12\x12\n\nprefill_ms\x18\x07 \x01(\x02\x12\x16\n\x0ekv_transfer_ms\x18\x08 \x01(\x02\"N\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\x04\x12\x18\n\x10lease_generation\x18\x03 \x01(\x04\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x8e\x01\n\x10HandshakeRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12$\n\x04role\x18\x02 \x01(\x0e\x32\x16.moemesh.v1.WorkerRole\x12,\n\x0b\x66ingerprint\x18\x03 \x01(\x0b\x32\x17.moemesh.v1.Fingerprint\x12\x13\n\x0bucx_address\x18\x04 \x01(\t\"i\n\x11HandshakeResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12,\n\x0b\x66ingerprint\x18\x02 \x01(\x0b\x32\x17.moemesh.v1.Fingerprint\x12\x13\n\x0bucx_address\x18\x03 \x01(\t\"\x10\n\x0eGetLoadRequest\"\xce\x02\n\nLoadReport\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12$\n\x04role\x18\x02 \x01(\x0e\x32\x16.moemesh.v1.WorkerRole\x12\x1c\n\x14num_running_requests\x18\x03 \x01(\r\x12\x1b\n\x13num_queued_requests\x18\x04 \x01(\r\x12\x19\n\x11num_queued_tokens\x18\x05 \x01(\x04\x12\x16\n\x0enum_free_pages\x18\x06 \x01(\r\x12\x17\n\x0fnum_total_pages\x18\x07 \x01(\r\x12\x0f\n\x07unix_ms\x18\x08 \x01(\x04\x12\x1b\n\x13num_remote_prefills\x18\t \x01(\x04\x12\x1d\n\x15num_prefill_fallbacks\x18\n \x01(\x04\x12\x33\n\rexpert_tokens\x18\x0b \x03(\x0b\x32\x1c.moemesh.v1.ExpertTokenCount\"H\n\x10\x45xpertTokenCount\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x11\n\texpert_id\x18\x02 \x01(\r\x12\x12\n\nnum_tokens\x18\x03 \x01(\x04\"\x9e\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12$\n\x04role\x18\x02 \x01(\x0e\x32\x16.moemesh.v1.WorkerRole\x12\x14\n\x0cgrpc_address\x18\x03 \x01(\t\x12\x13\n\x0bucx_address\x18\x04 \x01(\t\x12,\n\x0b\x66ingerprint\x18\x05 \x01(\x0b\x32\x17.moemesh.v1.Fingerprint\"J\n\x0fRegisterRequest\x12&\n\x06worker\x18\x01 \x01(\x0b\x32\x16.moemesh.v1.WorkerInfo\x12\x0f\n\x07mesh_id\x18\x02 \x01(\t\"j\n\x10RegisterResponse\x12\x1d\n\x15heartbeat_interval_ms\x18\x01 \x01(\r\x12%\n\x05peers\x18\x02 \x03(\x0b\x32\x16.moemesh.v1.WorkerInfo\x12\x10\n\x08settling\x18\x03 \x01(\x08\"[\n\x11HeartbeatResponse\x12%\n\x05peers\x18\x01 \x03(\x0b\x32\x16.moemesh.v1.WorkerInfo\x12\r\n\x05known\x18\x02 \x01(\x08\x12\x10\n\x08settling\x18\x03 \x01(\x08\"7\n\x11\x44\x65registerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07mesh_id\x18\x02 \x01(\t\"\x14\n\x12\x44\x65registerResponse\"$\n\x0fGetSpansRequest\x12\x11\n\ttrace_ids\x18\x01 \x03(\t\"\xb9\x01\n\nSpanRecord\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06worker\x18\x02 \x01(\t\x12\x10\n\x08trace_id\x18\x03 \x01(\t\x12\x0f\n\x07span_id\x18\x04 \x01(\t\x12\x16\n\x0eparent_span_id\x18\x05 \x01(\t\x12\x15\n\rstart_unix_ns\x18\x06 \x01(\x03\x12\x13\n\x0b\x65nd_unix_ns\x18\x07 \x01(\x03\x12\x17\n\x0f\x61ttributes_json\x18\x08 \x01(\t\x12\r\n\x05\x65rror\x18\t \x01(\x08\"9\n\x10GetSpansResponse\x12%\n\x05spans\x18\x01 \x03(\x0b\x32\x16.moemesh.v1.SpanRecord*\x8d\x01\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02\x12\x19\n\x15WORKER_ROLE_COLOCATED\x10\x03\x12\x16\n\x12WORKER_ROLE_EXPERT\x10\x04*`\n\x07KvDtype\x12\x18\n\x14KV_DTYPE_UNSPECIFIED\x10\x00\x12\x11\n\rKV_DTYPE_BF16\x10\x01\x12\x15\n\x11KV_DTYPE_FP8_E4M3\x10\x02\x12\x11\n\rKV_DTYPE_FP32\x10\x03\x32\xd5\x01\n\x0c\x44\x65\x63odeWorker\x12@\n\x08Generate\x12\x19.moemesh.v1.DecodeRequest\x1a\x17.moemesh.v1.DecodeChunk0\x01\x12\x44\n\x07Session\x12\x1a.moemesh.v1.SessionRequest\x1a\x19.moemesh.v1.SessionUpdate(\x01\x30\x01\x12=\n\x07GetLoad\x12\x1a.moemesh.v1.GetLoadRequest\x1a\x16.moemesh.v1.LoadReport2\x98\x02\n\rPrefillWorker\x12@\n\x07Prefill\x12\x1a.moemesh.v1.PrefillRequest\x1a\x19.moemesh.v1.PrefillResult\x12<\n\x05\x41\x62ort\x12\x18.moemesh.v1.AbortRequest\x1a\x19.moemesh.v1.AbortResponse\x12H\n\tHandshake\x12\x1c.moemesh.v1.HandshakeRequest\x1a\x1d.moemesh.v1.HandshakeResponse\x12=\n\x07GetLoad\x12\x1a.moemesh.v1.GetLoadRequest\x1a\x16.moemesh.v1.LoadReport2\xe2\x01\n\x08Registry\x12\x45\n\x08Register\x12\x1b.moemesh.v1.RegisterRequest\x1a\x1c.moemesh.v1.RegisterResponse\x12\x42\n\tHeartbeat\x12\x16.moemesh.v1.LoadReport\x1a\x1d.moemesh.v1.HeartbeatResponse\x12K\n\nDeregister\x12\x1d.moemesh.v1.DeregisterRequest\x1a\x1e.moemesh.v1.DeregisterResponse2N\n\x05Spans\x12\x45\n\x08GetSpans\x12\x1b.moemesh.v1.GetSpansRequest\x1a\x1c.moemesh.v1.GetSpansResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17moemesh/v1/worker.proto\x12\nmoemesh.v1\x1a\x17moemesh/v1/common.proto\"n\n\x08KvLayout\x12\"\n\x05\x64type\x18\x01 \x01(\x0e\x32\x13.moemesh.v1.KvDtype\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x17\n\x0f\x62ytes_per_token\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\"b\n\x0b\x46ingerprint\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\'\n\tkv_layout\x18\x02 \x01(\x0b\x32\x14.moemesh.v1.KvLayout\x12\x18\n\x10protocol_version\x18\x03 \x01(\r\"\xfa\x01\n\x08KvTarget\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\x04\x12\x18\n\x10lease_generation\x18\x03 \x01(\x04\x12\x13\n\x0bucx_address\x18\x04 \x01(\t\x12\x10\n\x08page_ids\x18\x05 \x03(\r\x12\x17\n\x0fnum_skip_tokens\x18\x06 \x01(\r\x12$\n\x06layout\x18\x07 \x01(\x0b\x32\x14.moemesh.v1.KvLayout\x12\x13\n\x0btraceparent\x18\x08 \x01(\t\x12\x1e\n\x16lease_deadline_unix_ms\x18\t \x01(\x04\x12\x13\n\x0blease_token\x18\n \x01(\x06\"V\n\x0eSessionRequest\x12*\n\x05start\x18\x01 \x01(\x0b\x32\x19.moemesh.v1.DecodeRequestH\x00\x12\x10\n\x06\x63\x61ncel\x18\x02 \x01(\tH\x00\x42\x06\n\x04kind\"w\n\x0cSessionEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x17.moemesh.v1.DecodeChunk\x12\x13\n\x0bstatus_code\x18\x03 \x01(\x05\x12\x16\n\x0estatus_message\x18\x04 \x01(\t\"9\n\rSessionUpdate\x12(\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x18.moemesh.v1.SessionEvent\"6\n\x0bPrefillPeer\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x02 \x01(\t\"\xda\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.moemesh.v1.SamplingParams\x12(\n\x07prefill\x18\x04 \x01(\x0b\x32\x17.moemesh.v1.PrefillPeer\x12\x1b\n\x13generated_token_ids\x18\x05 \x03(\r\x12\x11\n\ttimeout_s\x18\x06 \x01(\x02\x12\x13\n\x0btraceparent\x18\x07 \x01(\t\"\x9f\x01\n\x0b\x44\x65\x63odeChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12*\n\x08logprobs\x18\x02 \x03(\x0b\x32\x18.moemesh.v1.TokenLogprob\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.moemesh.v1.FinishReason\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.moemesh.v1.Usage\"\x8e\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.moemesh.v1.SamplingParams\x12\'\n\tkv_target\x18\x04 \x01(\x0b\x32\x14.moemesh.v1.KvTarget\"\xfa\x01\n\rPrefillResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\r\x12/\n\rfirst_logprob\x18\x03 \x01(\x0b\x32\x18.moemesh.v1.TokenLogprob\x12\x19\n\x11num_prompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x05 \x01(\r\x12\x15\n\rkv_bytes_sent\x18\x06 \x01(\x04\x12\x12\n\nprefill_ms\x18\x07 \x01(\x02\x12\x16\n\x0ekv_transfer_ms\x18\x08 \x01(\x02\x12\x13\n\x0bkv_complete\x18\t \x01(\x08\"N\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\x04\x12\x18\n\x10lease_generation\x18\x03 \x01(\x04\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x8e\x01\n\x10HandshakeRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12$\n\x04role\x18\x02 \x01(\x0e\x32\x16.moemesh.v1.WorkerRole\x12,\n\x0b\x66ingerprint\x18\x03 \x01(\x0b\x32\x17.moemesh.v1.Fingerprint\x12\x13\n\x0bucx_address\x18\x04 \x01(\t\"i\n\x11HandshakeResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12,\n\x0b\x66ingerprint\x18\x02 \x01(\x0b\x32\x17.moemesh.v1.Fingerprint\x12\x13\n\x0bucx_address\x18\x03 \x01(\t\"\x10\n\x0eGetLoadRequest\"\xce\x02\n\nLoadReport\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12$\n\x04role\x18\x02 \x01(\x0e\x32\x16.moemesh.v1.WorkerRole\x12\x1c\n\x14num_running_requests\x18\x03 \x01(\r\x12\x1b\n\x13num_queued_requests\x18\x04 \x01(\r\x12\x19\n\x11num_queued_tokens\x18\x05 \x01(\x04\x12\x16\n\x0enum_free_pages\x18\x06 \x01(\r\x12\x17\n\x0fnum_total_pages\x18\x07 \x01(\r\x12\x0f\n\x07unix_ms\x18\x08 \x01(\x04\x12\x1b\n\x13num_remote_prefills\x18\t \x01(\x04\x12\x1d\n\x15num_prefill_fallbacks\x18\n \x01(\x04\x12\x33\n\rexpert_tokens\x18\x0b \x03(\x0b\x32\x1c.moemesh.v1.ExpertTokenCount\"H\n\x10\x45xpertTokenCount\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x11\n\texpert_id\x18\x02 \x01(\r\x12\x12\n\nnum_tokens\x18\x03 \x01(\x04\"\x9e\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12$\n\x04role\x18\x02 \x01(\x0e\x32\x16.moemesh.v1.WorkerRole\x12\x14\n\x0cgrpc_address\x18\x03 \x01(\t\x12\x13\n\x0bucx_address\x18\x04 \x01(\t\x12,\n\x0b\x66ingerprint\x18\x05 \x01(\x0b\x32\x17.moemesh.v1.Fingerprint\"J\n\x0fRegisterRequest\x12&\n\x06worker\x18\x01 \x01(\x0b\x32\x16.moemesh.v1.WorkerInfo\x12\x0f\n\x07mesh_id\x18\x02 \x01(\t\"j\n\x10RegisterResponse\x12\x1d\n\x15heartbeat_interval_ms\x18\x01 \x01(\r\x12%\n\x05peers\x18\x02 \x03(\x0b\x32\x16.moemesh.v1.WorkerInfo\x12\x10\n\x08settling\x18\x03 \x01(\x08\"[\n\x11HeartbeatResponse\x12%\n\x05peers\x18\x01 \x03(\x0b\x32\x16.moemesh.v1.WorkerInfo\x12\r\n\x05known\x18\x02 \x01(\x08\x12\x10\n\x08settling\x18\x03 \x01(\x08\"7\n\x11\x44\x65registerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07mesh_id\x18\x02 \x01(\t\"\x14\n\x12\x44\x65registerResponse\"$\n\x0fGetSpansRequest\x12\x11\n\ttrace_ids\x18\x01 \x03(\t\"\xb9\x01\n\nSpanRecord\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06worker\x18\x02 \x01(\t\x12\x10\n\x08trace_id\x18\x03 \x01(\t\x12\x0f\n\x07span_id\x18\x04 \x01(\t\x12\x16\n\x0eparent_span_id\x18\x05 \x01(\t\x12\x15\n\rstart_unix_ns\x18\x06 \x01(\x03\x12\x13\n\x0b\x65nd_unix_ns\x18\x07 \x01(\x03\x12\x17\n\x0f\x61ttributes_json\x18\x08 \x01(\t\x12\r\n\x05\x65rror\x18\t \x01(\x08\"9\n\x10GetSpansResponse\x12%\n\x05spans\x18\x01 \x03(\x0b\x32\x16.moemesh.v1.SpanRecord*\x8d\x01\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02\x12\x19\n\x15WORKER_ROLE_COLOCATED\x10\x03\x12\x16\n\x12WORKER_ROLE_EXPERT\x10\x04*`\n\x07KvDtype\x12\x18\n\x14KV_DTYPE_UNSPECIFIED\x10\x00\x12\x11\n\rKV_DTYPE_BF16\x10\x01\x12\x15\n\x11KV_DTYPE_FP8_E4M3\x10\x02\x12\x11\n\rKV_DTYPE_FP32\x10\x03\x32\xd5\x01\n\x0c\x44\x65\x63odeWorker\x12@\n\x08Generate\x12\x19.moemesh.v1.DecodeRequest\x1a\x17.moemesh.v1.DecodeChunk0\x01\x12\x44\n\x07Session\x12\x1a.moemesh.v1.SessionRequest\x1a\x19.moemesh.v1.SessionUpdate(\x01\x30\x01\x12=\n\x07GetLoad\x12\x1a.moemesh.v1.GetLoadRequest\x1a\x16.moemesh.v1.LoadReport2\x9a\x02\n\rPrefillWorker\x12\x42\n\x07Prefill\x12\x1a.moemesh.v1.PrefillRequest\x1a\x19.moemesh.v1.PrefillResult0\x01\x12<\n\x05\x41\x62ort\x12\x18.moemesh.v1.AbortRequest\x1a\x19.moemesh.v1.AbortResponse\x12H\n\tHandshake\x12\x1c.moemesh.v1.HandshakeRequest\x1a\x1d.moemesh.v1.HandshakeResponse\x12=\n\x07GetLoad\x12\x1a.moemesh.v1.GetLoadRequest\x1a\x16.moemesh.v1.LoadReport2\xe2\x01\n\x08Registry\x12\x45\n\x08Register\x12\x1b.moemesh.v1.RegisterRequest\x1a\x1c.moemesh.v1.RegisterResponse\x12\x42\n\tHeartbeat\x12\x16.moemesh.v1.LoadReport\x1a\x1d.moemesh.v1.HeartbeatResponse\x12K\n\nDeregister\x12\x1d.moemesh.v1.DeregisterRequest\x1a\x1e.moemesh.v1.DeregisterResponse2N\n\x05Spans\x12\x45\n\x08GetSpans\x12\x1b.moemesh.v1.GetSpansRequest\x1a\x1c.moemesh.v1.GetSpansResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'moemesh.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WORKERROLE']._serialized_start=3209
-  _globals['_WORKERROLE']._serialized_end=3350
-  _globals['_KVDTYPE']._serialized_start=3352
-  _globals['_KVDTYPE']._serialized_end=3448
+  _globals['_WORKERROLE']._serialized_start=3230
+  _globals['_WORKERROLE']._serialized_end=3371
+  _globals['_KVDTYPE']._serialized_start=3373
+  _globals['_KVDTYPE']._serialized_end=3469
   _globals['_KVLAYOUT']._serialized_start=64
   _globals['_KVLAYOUT']._serialized_end=174
   _globals['_FINGERPRINT']._serialized_start=176
@@ -57,45 +57,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREFILLREQUEST']._serialized_start=1237
   _globals['_PREFILLREQUEST']._serialized_end=1379
   _globals['_PREFILLRESULT']._serialized_start=1382
-  _globals['_PREFILLRESULT']._serialized_end=1611
-  _globals['_ABORTREQUEST']._serialized_start=1613
-  _globals['_ABORTREQUEST']._serialized_end=1691
-  _globals['_ABORTRESPONSE']._serialized_start=1693
-  _globals['_ABORTRESPONSE']._serialized_end=1723
-  _globals['_HANDSHAKEREQUEST']._serialized_start=1726
-  _globals['_HANDSHAKEREQUEST']._serialized_end=1868
-  _globals['_HANDSHAKERESPONSE']._serialized_start=1870
-  _globals['_HANDSHAKERESPONSE']._serialized_end=1975
-  _globals['_GETLOADREQUEST']._serialized_start=1977
-  _globals['_GETLOADREQUEST']._serialized_end=1993
-  _globals['_LOADREPORT']._serialized_start=1996
-  _globals['_LOADREPORT']._serialized_end=2330
-  _globals['_EXPERTTOKENCOUNT']._serialized_start=2332
-  _globals['_EXPERTTOKENCOUNT']._serialized_end=2404
-  _globals['_WORKERINFO']._serialized_start=2407
-  _globals['_WORKERINFO']._serialized_end=2565
-  _globals['_REGISTERREQUEST']._serialized_start=2567
-  _globals['_REGISTERREQUEST']._serialized_end=2641
-  _globals['_REGISTERRESPONSE']._serialized_start=2643
-  _globals['_REGISTERRESPONSE']._serialized_end=2749
-  _globals['_HEARTBEATRESPONSE']._serialized_start=2751
-  _globals['_HEARTBEATRESPONSE']._serialized_end=2842
-  _globals['_DEREGISTERREQUEST']._serialized_start=2844
-  _globals['_DEREGISTERREQUEST']._serialized_end=2899
-  _globals['_DEREGISTERRESPONSE']._serialized_start=2901
-  _globals['_DEREGISTERRESPONSE']._serialized_end=2921
-  _globals['_GETSPANSREQUEST']._serialized_start=2923
-  _globals['_GETSPANSREQUEST']._serialized_end=2959
-  _globals['_SPANRECORD']._serialized_start=2962
-  _globals['_SPANRECORD']._serialized_end=3147
-  _globals['_GETSPANSRESPONSE']._serialized_start=3149
-  _globals['_GETSPANSRESPONSE']._serialized_end=3206
-  _globals['_DECODEWORKER']._serialized_start=3451
-  _globals['_DECODEWORKER']._serialized_end=3664
-  _globals['_PREFILLWORKER']._serialized_start=3667
-  _globals['_PREFILLWORKER']._serialized_end=3947
-  _globals['_REGISTRY']._serialized_start=3950
-  _globals['_REGISTRY']._serialized_end=4176
-  _globals['_SPANS']._serialized_start=4178
-  _globals['_SPANS']._serialized_end=4256
+  _globals['_PREFILLRESULT']._serialized_end=1632
+  _globals['_ABORTREQUEST']._serialized_start=1634
+  _globals['_ABORTREQUEST']._serialized_end=1712
+  _globals['_ABORTRESPONSE']._serialized_start=1714
+  _globals['_ABORTRESPONSE']._serialized_end=1744
+  _globals['_HANDSHAKEREQUEST']._serialized_start=1747
+  _globals['_HANDSHAKEREQUEST']._serialized_end=1889
+  _globals['_HANDSHAKERESPONSE']._serialized_start=1891
+  _globals['_HANDSHAKERESPONSE']._serialized_end=1996
+  _globals['_GETLOADREQUEST']._serialized_start=1998
+  _globals['_GETLOADREQUEST']._serialized_end=2014
+  _globals['_LOADREPORT']._serialized_start=2017
+  _globals['_LOADREPORT']._serialized_end=2351
+  _globals['_EXPERTTOKENCOUNT']._serialized_start=2353
+  _globals['_EXPERTTOKENCOUNT']._serialized_end=2425
+  _globals['_WORKERINFO']._serialized_start=2428
+  _globals['_WORKERINFO']._serialized_end=2586
+  _globals['_REGISTERREQUEST']._serialized_start=2588
+  _globals['_REGISTERREQUEST']._serialized_end=2662
+  _globals['_REGISTERRESPONSE']._serialized_start=2664
+  _globals['_REGISTERRESPONSE']._serialized_end=2770
+  _globals['_HEARTBEATRESPONSE']._serialized_start=2772
+  _globals['_HEARTBEATRESPONSE']._serialized_end=2863
+  _globals['_DEREGISTERREQUEST']._serialized_start=2865
+  _globals['_DEREGISTERREQUEST']._serialized_end=2920
+  _globals['_DEREGISTERRESPONSE']._serialized_start=2922
+  _globals['_DEREGISTERRESPONSE']._serialized_end=2942
+  _globals['_GETSPANSREQUEST']._serialized_start=2944
+  _globals['_GETSPANSREQUEST']._serialized_end=2980
+  _globals['_SPANRECORD']._serialized_start=2983
+  _globals['_SPANRECORD']._serialized_end=3168
+  _globals['_GETSPANSRESPONSE']._serialized_start=3170
+  _globals['_GETSPANSRESPONSE']._serialized_end=3227
+  _globals['_DECODEWORKER']._serialized_start=3472
+  _globals['_DECODEWORKER']._serialized_end=3685
+  _globals['_PREFILLWORKER']._serialized_start=3688
+  _globals['_PREFILLWORKER']._serialized_end=3970
+  _globals['_REGISTRY']._serialized_start=3973
+  _globals['_REGISTRY']._serialized_end=4199
+  _globals['_SPANS']._serialized_start=4201
+  _globals['_SPANS']._serialized_end=4279
 # @@protoc_insertion_point(module_scope)

@@ -205,7 +205,7 @@ class PrefillWorkerStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Prefill = channel.unary_unary(
+        self.Prefill = channel.unary_stream(
                 '/moemesh.v1.PrefillWorker/Prefill',
                 request_serializer=moemesh_dot_v1_dot_worker__pb2.PrefillRequest.SerializeToString,
                 response_deserializer=moemesh_dot_v1_dot_worker__pb2.PrefillResult.FromString,
@@ -233,7 +233,10 @@ class PrefillWorkerServicer:
     """
 
     def Prefill(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Two results: the first token as soon as the prompt's forward ended (kv_complete false: D may stream it
+        to the client while the KV is still moving), then the whole result once D acknowledged every KV chunk
+        (kv_complete true). An error ends the stream instead.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -261,7 +264,7 @@ class PrefillWorkerServicer:
 
 def add_PrefillWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Prefill': grpc.unary_unary_rpc_method_handler(
+            'Prefill': grpc.unary_stream_rpc_method_handler(
                     servicer.Prefill,
                     request_deserializer=moemesh_dot_v1_dot_worker__pb2.PrefillRequest.FromString,
                     response_serializer=moemesh_dot_v1_dot_worker__pb2.PrefillResult.SerializeToString,
@@ -305,7 +308,7 @@ class PrefillWorker:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
+        return grpc.experimental.unary_stream(
             request,
             target,
             '/moemesh.v1.PrefillWorker/Prefill',
