@@ -112,3 +112,42 @@ def _scale(name: str, files: dict[str, Path]) -> torch.Tensor:
         raise CheckpointError(f"FP8 tensor {name} has no {scale_name}")
     with safe_open(files[scale_name], "pt", device="cpu") as f:
         return f.get_tensor(scale_name)
+
+
+def merge_shards(a: ExpertShard, b: ExpertShard) -> ExpertShard:
+    """The experts of both (disjoint sets, same layers) in one shard, ascending ids. Copies the weights: the
+    caller drops `a` and `b` afterwards."""
+    overlap = set(a.expert_ids) & set(b.expert_ids)
+    if overlap or a.layers.keys() != b.layers.keys():
+        raise ValueError(f"cannot merge shards: experts {sorted(overlap)[:8]} in both, or other layers")
+    ids = a.expert_ids + b.expert_ids
+    order = sorted(range(len(ids)), key=ids.__getitem__)
+    return _stacked(a.config, tuple(ids[i] for i in order), a.layers, b.layers, order)
+
+
+def select_experts(shard: ExpertShard, expert_ids: Sequence[int]) -> ExpertShard:
+    """A shard of `expert_ids` (all hosted by `shard`), the weights copied out of it."""
+    ids = tuple(sorted(set(expert_ids)))
+    missing = sorted(set(ids) - set(shard.expert_ids))
+    if not ids or missing:
+        raise ValueError(
+            f"expert_ids={list(expert_ids)} must be non-empty and hosted; not hosted: {missing[:8]}"
+        )
+    local = {e: i for i, e in enumerate(shard.expert_ids)}
+    empty = {layer: None for layer in shard.layers}
+    return _stacked(shard.config, ids, shard.layers, empty, [local[e] for e in ids])
+
+
+def _stacked(config: ModelConfig, ids: tuple[int, ...], a: dict, b: dict, order: list[int]) -> ExpertShard:
+    """Per layer, the rows `order` of a's experts followed by b's (b may map layers to None)."""
+    layers = {}
+    with torch.no_grad():
+        for layer, experts in a.items():
+            w13 = experts.w13 if b[layer] is None else torch.cat([experts.w13, b[layer].w13])
+            w2 = experts.w2 if b[layer] is None else torch.cat([experts.w2, b[layer].w2])
+            index = torch.tensor(order, dtype=torch.int64, device=w13.device)
+            merged = LocalExperts(0, config.hidden_size, config.moe_intermediate_size)
+            merged.w13 = torch.nn.Parameter(w13.index_select(0, index), requires_grad=False)
+            merged.w2 = torch.nn.Parameter(w2.index_select(0, index), requires_grad=False)
+            layers[layer] = merged
+    return ExpertShard(config, ids, layers)

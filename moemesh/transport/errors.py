@@ -14,6 +14,8 @@ INVALID_ARGUMENT with that message.
     IncompatiblePeer                     FAILED_PRECONDITION
     LeaseRefused                         FAILED_PRECONDITION
     RegistrationRefused                  FAILED_PRECONDITION
+    FailedPrecondition                   FAILED_PRECONDITION
+    StalePlacement                       ABORTED
     NotFound (KeyError / LookupError)    NOT_FOUND
     Cancelled (asyncio.CancelledError)   CANCELLED
     anything else                        INTERNAL (logged with its traceback)
@@ -88,6 +90,20 @@ class RegistrationRefused(MeshError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class FailedPrecondition(MeshError):
+    """The system is not in a state the operation needs (no expert workers to rebalance, one already
+    running); the message says which."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class StalePlacement(MeshError):
+    """An expert batch was routed by an expert placement its worker has since changed (the epoch in its
+    header is not the worker's): the sender describes the pool again and resends."""
+
+    code = grpc.StatusCode.ABORTED
+
+
 class NotFound(MeshError, LookupError):
     code = grpc.StatusCode.NOT_FOUND
 
@@ -116,6 +132,7 @@ _EXCEPTION_FOR_CODE: dict[grpc.StatusCode, type[MeshError]] = {
     grpc.StatusCode.FAILED_PRECONDITION: IncompatiblePeer,
     grpc.StatusCode.NOT_FOUND: NotFound,
     grpc.StatusCode.CANCELLED: Cancelled,
+    grpc.StatusCode.ABORTED: StalePlacement,
 }
 
 

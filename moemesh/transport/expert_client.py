@@ -17,6 +17,10 @@ Failure: a worker that does not answer within `timeout_s`, or whose connection d
 experts move to their replicas if any) and the call raises Unavailable; calls wait up to `placement_wait_s`
 for the pool to cover every expert (start-up, a worker restarting), then raise Unavailable naming what is
 missing. Never a hang.
+
+Placement changes (`moemesh rebalance`): every batch carries the placement epoch of its worker's last
+description; a worker whose placement changed since refuses it (StalePlacement). The pool is then described
+again (`refresh`) and the layer resent, up to MAX_STALE_RESENDS times.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import torch
 from moemesh._proto.v1 import expert_pb2, expert_pb2_grpc
 from moemesh.transport.errors import (
     MeshError,
+    StalePlacement,
     Unavailable,
     from_rpc_error,
     from_status,
@@ -56,6 +61,7 @@ from moemesh.transport.peers import WorkerInfo
 from moemesh.transport.ucx import UcxEndpointPool, UcxOptions, as_ucx_buffer
 
 log = logging.getLogger(__name__)
+MAX_STALE_RESENDS = 4  # a layer refused as routed by an old placement is resent after a refresh this often
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,8 @@ class PoolWorker:
     worker_id: str
     ucx_address: str
     placements: dict[int, tuple[int, ...]]
+    placement_epoch: int = 0  # sent with every batch (0: unchecked)
+    grpc_address: str = ""  # where `refresh` describes it again ("": it cannot be)
 
 
 class ExpertTable:
@@ -174,7 +182,10 @@ class PendingExperts:
 
     def __init__(self, future: concurrent.futures.Future | None, parts: list[_Part], hidden: torch.Tensor,
                  top_k: int, wait_s: float, retry: Callable[[], PendingExperts] | None = None,
-                 stats: DispatchStats | None = None) -> None:  # fmt: skip
+                 stats: DispatchStats | None = None,
+                 resend: Callable[[], PendingExperts | None] | None = None) -> None:  # fmt: skip
+        """resend: after a StalePlacement (the pool was described again), the layer sent once more."""
+        self._resend = resend
         self._stats = stats
         self._future = future
         self._parts = parts
@@ -194,6 +205,12 @@ class PendingExperts:
             except concurrent.futures.TimeoutError:
                 self._future.cancel()
                 raise Unavailable(f"the expert pool did not answer within {self._wait_s} s") from None
+            except StalePlacement as err:
+                resend = self._resend() if self._resend is not None else None
+                if resend is None:
+                    raise Unavailable(f"the expert placement kept changing: {err}") from None
+                log.info("%s; the layer goes out again by the refreshed placement", err)
+                return resend.result()
             except Unavailable as err:
                 retry = self._retry() if self._retry is not None else None
                 if retry is None:
@@ -295,7 +312,25 @@ class RemoteExperts:
                       self.options.token_format)  # fmt: skip
             return None
         placements = {p.layer: tuple(p.expert_ids) for p in reply.placements}
-        return PoolWorker(member.worker_id, reply.ucx_address, placements)
+        return PoolWorker(
+            member.worker_id, reply.ucx_address, placements, reply.placement_epoch, member.grpc_address
+        )
+
+    async def refresh(self, attempts: int = 3) -> None:
+        """Describes every known worker again (after a StalePlacement); until the pool covers every expert
+        again, at most `attempts` rounds (descriptions straddling a rebalance's PREPARE -> COMMIT boundary can
+        leave a transient gap)."""
+        for attempt in range(attempts):
+            known = [w for w in self.workers.values() if w.grpc_address]
+            members = [WorkerInfo(w.worker_id, "expert", w.grpc_address, w.ucx_address) for w in known]
+            described = await asyncio.gather(*(self._describe(m) for m in members))
+            for worker in described:
+                if worker is not None and worker.worker_id in self.workers:  # not forgotten meanwhile
+                    self.workers[worker.worker_id] = worker
+            self._rebuild()
+            if self.table.complete:
+                return
+            await asyncio.sleep(0.05 * (attempt + 1))
 
     def add_worker(self, worker: PoolWorker) -> None:
         """A worker known without the registry (tests, benchmarks)."""
@@ -326,9 +361,11 @@ class RemoteExperts:
         topk_ids: torch.Tensor,
         topk_weights: torch.Tensor,
         retry: bool = True,
+        resends: int = MAX_STALE_RESENDS,
     ) -> PendingExperts:
         """Sends the layer's tokens and returns without waiting for the outputs. retry: when a worker is lost
-        and the others still cover every expert, `result()` sends the layer once more."""
+        and the others still cover every expert, `result()` sends the layer once more. resends: how often
+        `result()` may send it again after a StalePlacement."""
         loop = self._loop
         if loop is None:
             raise RuntimeError("RemoteExperts.start() was not awaited")
@@ -354,6 +391,7 @@ class RemoteExperts:
                 self.encode(hidden[rows.to(hidden.device)]).to(self.wire_device),
                 torch.where(mask, ids, -1)[rows].to(self.wire_device, torch.int32),
                 topk_weights[rows.to(topk_weights.device)].to(self.wire_device, torch.float32),
+                placement_epoch=table.workers[index].placement_epoch,
             )  # fmt: skip
             parts.append(_Part(table.workers[index], batch, batch.payload(), mask.flatten().nonzero()[:, 0]))
         if self.wire_device.type == "cuda":  # UCX reads the buffers from another thread: they must be written
@@ -364,9 +402,14 @@ class RemoteExperts:
         def again() -> PendingExperts | None:
             if not self.table.complete:  # nobody left to take over: fail the step
                 return None
-            return self.submit(layer_idx, hidden, topk_ids, topk_weights, retry=False)
+            return self.submit(layer_idx, hidden, topk_ids, topk_weights, retry=False, resends=resends)
 
-        return PendingExperts(future, parts, hidden, k, wait_s, again if retry else None, self.stats)
+        def resend() -> PendingExperts | None:
+            if resends <= 0:
+                return None
+            return self.submit(layer_idx, hidden, topk_ids, topk_weights, retry, resends - 1)
+
+        return PendingExperts(future, parts, hidden, k, wait_s, again if retry else None, self.stats, resend)
 
     def _wait_for_table(self) -> ExpertTable:
         with self._changed:
@@ -384,6 +427,8 @@ class RemoteExperts:
 
     async def _send_all(self, parts: list[_Part]) -> list[torch.Tensor]:
         results = await asyncio.gather(*(self._exchange(p) for p in parts), return_exceptions=True)
+        if any(isinstance(r, StalePlacement) for r in results):  # before the engine thread resends
+            await self.refresh()
         for result in results:
             if isinstance(result, BaseException):
                 raise result

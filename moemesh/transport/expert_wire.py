@@ -78,6 +78,7 @@ class ExpertBatch:
     expert_ids: torch.Tensor
     weights: torch.Tensor
     traceparent: str = ""
+    placement_epoch: int = 0  # the receiver's epoch the sender routed by; 0: unchecked
 
     @property
     def num_tokens(self) -> int:
@@ -98,7 +99,7 @@ class ExpertBatch:
             micro_batch_id=self.batch_id, layer=self.layer, num_tokens=self.num_tokens,
             hidden_size=self.hidden_size, top_k=self.top_k, token_format=self.token_format,
             payloads=[expert_pb2.PayloadSpec(kind=k, num_bytes=n) for k, n in zip(_KIND_ORDER, sizes, strict=True)],
-            traceparent=self.traceparent,
+            traceparent=self.traceparent, placement_epoch=self.placement_epoch,
         )  # fmt: skip
 
     def payload(self) -> torch.Tensor:
@@ -132,7 +133,7 @@ class ExpertBatch:
         weights = payload[offsets[2] : offsets[2] + sizes[2]].view(torch.float32).view(shape)
         tokens = payload[offsets[0] : offsets[0] + sizes[0]]
         return cls(header.micro_batch_id, header.layer, header.token_format, header.hidden_size, tokens, ids,
-                   weights, header.traceparent)  # fmt: skip
+                   weights, header.traceparent, header.placement_epoch)  # fmt: skip
 
 
 def payload_bytes(header: expert_pb2.ExpertBatchHeader) -> int:

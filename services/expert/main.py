@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import importlib.metadata
 import logging
 
@@ -58,7 +59,8 @@ def load_worker(config: WorkerConfig, metrics: ExpertMetrics | None = None) -> E
     shard = load_expert_shard(config.model_dir, hosted, device, dtype)
     log.info("%s hosts %d of %d routed experts (%s) of %d MoE layers on %s in %s", config.worker_id, len(hosted),
              model_config.n_routed_experts, config.experts, len(shard.layers), device, dtype)  # fmt: skip
-    return ExpertWorker(config.worker_id, shard, device, dtype, metrics)
+    load_experts = functools.partial(load_expert_shard, config.model_dir, device=device, dtype=dtype)
+    return ExpertWorker(config.worker_id, shard, device, dtype, metrics, load_experts)
 
 
 async def serve(config: WorkerConfig) -> int:

@@ -18,6 +18,19 @@ class ExpertServicer(expert_pb2_grpc.ExpertPoolServicer):
 
     @map_errors
     async def DescribeExperts(self, request, context):
+        return self._describe()
+
+    @map_errors
+    async def SetExperts(self, request, context):
+        if request.phase == expert_pb2.PLACEMENT_PHASE_PREPARE:
+            await self.worker.prepare(request.expert_ids)
+        elif request.phase == expert_pb2.PLACEMENT_PHASE_COMMIT:
+            await self.worker.commit(request.expert_ids)
+        else:
+            raise InvalidArgument.field("phase", request.phase, "PLACEMENT_PHASE_PREPARE or _COMMIT")
+        return self._describe()
+
+    def _describe(self) -> expert_pb2.DescribeExpertsResponse:
         shard = self.worker.shard
         return expert_pb2.DescribeExpertsResponse(
             worker_id=self.worker.worker_id,
@@ -27,6 +40,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertPoolServicer):
             token_formats=[expert_pb2.TOKEN_FORMAT_BF16, expert_pb2.TOKEN_FORMAT_FP8_E4M3_BLOCK128],
             ucx_address=self.ucx_address,
             num_routed_experts=shard.config.n_routed_experts,
+            placement_epoch=self.worker.placement_epoch,
         )
 
     @map_errors

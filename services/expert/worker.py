@@ -8,22 +8,32 @@ computes for the same slots in a colocated worker, by the same code (`LocalExper
 attention worker's combine gives the colocated result bit for bit (BF16 tokens).
 
 Batches run one at a time on one compute thread (the event loop keeps receiving meanwhile).
+
+Placement (`SetExperts`, two phases; docs/experts.md): `prepare(ids)` loads the experts of ids it lacks from
+the checkpoint (off the compute thread) and then hosts the union; `commit(ids)` keeps only ids and advances
+`placement_epoch` when that differs from the last committed set. Both swap the shard on the compute thread,
+between batches, so a batch sees one shard whole. A batch whose header names another epoch is refused
+(StalePlacement, ABORTED): it was routed by a placement this worker no longer has.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import time
+from collections.abc import Callable, Sequence
 
 import torch
 
 from moemesh.kernels.token_format import TokenLayout, decode_tokens
-from moemesh.model.expert_shard import ExpertShard
+from moemesh.model.expert_shard import ExpertShard, merge_shards, select_experts
 from moemesh.telemetry.metrics import ExpertMetrics
-from moemesh.transport.errors import InvalidArgument
+from moemesh.transport.errors import FailedPrecondition, InvalidArgument, StalePlacement
 from moemesh.transport.expert_wire import ExpertBatch
 from moemesh.transport.registry import ExpertTokenCount, LoadReport
+
+log = logging.getLogger(__name__)
 
 
 class ExpertWorker:
@@ -32,9 +42,15 @@ class ExpertWorker:
     def __init__(
         self, worker_id: str, shard: ExpertShard, device: torch.device, dtype: torch.dtype,
         metrics: ExpertMetrics | None = None,
+        load_experts: Callable[[Sequence[int]], ExpertShard] | None = None,
     ) -> None:  # fmt: skip
-        """metrics: where each batch's per-expert token counts also go (Prometheus; None: GetLoad only)."""
+        """metrics: where each batch's per-expert token counts also go (Prometheus; None: GetLoad only).
+        load_experts: expert ids -> their shard from the checkpoint (None: the hosted set cannot change)."""
         self.worker_id = worker_id
+        self.load_experts = load_experts
+        self.placement_epoch = time.time_ns() // 1_000_000  # distinct across restarts; +1 per commit
+        self.committed_ids = shard.expert_ids  # the set of the current epoch (PREPARE may host more)
+        self._placing = asyncio.Lock()
         self.metrics = metrics
         self.shard = shard
         self.device = device
@@ -54,6 +70,11 @@ class ExpertWorker:
 
     def compute_sync(self, batch: ExpertBatch) -> torch.Tensor:
         start_s = time.perf_counter()
+        if batch.placement_epoch and batch.placement_epoch != self.placement_epoch:
+            raise StalePlacement(
+                f"batch of layer {batch.layer} routed by placement epoch {batch.placement_epoch}; "
+                f"{self.worker_id} is at epoch {self.placement_epoch} (experts {_ranges(self.shard.expert_ids)})"
+            )
         experts = self.shard.layers.get(batch.layer)
         if experts is None:
             raise InvalidArgument(f"layer={batch.layer} is not a MoE layer of this model")
@@ -93,13 +114,86 @@ class ExpertWorker:
             self.metrics.record_batch(batch.num_tokens, time.perf_counter() - start_s)
         return out
 
+    # -- placement (event loop) --------------------------------------------------------------------------
+
+    async def prepare(self, expert_ids: Sequence[int]) -> None:
+        """Loads the experts of expert_ids not hosted yet, then hosts the union (same epoch: everything it
+        announced before, it still computes)."""
+        ids = self._check_ids(expert_ids)
+        async with self._placing:
+            added = sorted(set(ids) - set(self.shard.expert_ids))
+            if not added:
+                return
+            if self.load_experts is None:
+                raise FailedPrecondition(f"{self.worker_id} cannot load experts (no checkpoint loader)")
+            start_s = time.perf_counter()
+            loaded = await asyncio.to_thread(self.load_experts, added)
+            union = await asyncio.to_thread(merge_shards, self.shard, loaded)
+            await self._install(union, self.placement_epoch)
+            log.info("%s loaded experts %s in %.1f s; hosts %s", self.worker_id, _ranges(added),
+                     time.perf_counter() - start_s, _ranges(union.expert_ids))  # fmt: skip
+
+    async def commit(self, expert_ids: Sequence[int]) -> None:
+        """Hosts exactly expert_ids (all loaded: prepare them first). When that differs from the last committed
+        set the epoch advances, so attention workers routing by an older description learn the change at their
+        next batch (grown sets included: they would not use the new replicas otherwise)."""
+        ids = self._check_ids(expert_ids)
+        async with self._placing:
+            missing = sorted(set(ids) - set(self.shard.expert_ids))
+            if missing:
+                raise FailedPrecondition(
+                    f"experts {_ranges(missing)} are not loaded on {self.worker_id}: PREPARE them first"
+                )
+            if ids == self.committed_ids and ids == self.shard.expert_ids:
+                return
+            kept = self.shard
+            if ids != self.shard.expert_ids:
+                kept = await asyncio.to_thread(select_experts, self.shard, ids)
+            await self._install(kept, self.placement_epoch + 1)
+            self.committed_ids = ids
+            log.info("%s hosts experts %s at placement epoch %d", self.worker_id, _ranges(ids),
+                     self.placement_epoch)  # fmt: skip
+
+    def _check_ids(self, expert_ids: Sequence[int]) -> tuple[int, ...]:
+        num = self.shard.config.n_routed_experts
+        ids = tuple(sorted(set(expert_ids)))
+        if not ids or ids[0] < 0 or ids[-1] >= num:
+            raise InvalidArgument(f"expert_ids={list(expert_ids)[:16]} must name experts in 0..{num - 1}")
+        return ids
+
+    async def _install(self, shard: ExpertShard, epoch: int) -> None:
+        """Swaps the shard on the compute thread, between batches."""
+
+        def swap() -> None:  # the epoch last: a DescribeExperts in between pairs the new set with the old
+            # epoch, whose batches are then refused as stale — never the old set with the new epoch
+            self.shard = shard
+            self.local_index = shard.local_index(self.device)
+            self.placement_epoch = epoch
+
+        await asyncio.get_running_loop().run_in_executor(self._executor, swap)
+
     def load(self) -> LoadReport:
+        """Token counts of every hosted expert, and of experts hosted earlier that computed tokens here (so
+        the pool's sum per expert stays its total across rebalances)."""
+        hosted = set(self.shard.expert_ids)
         counts = tuple(
-            ExpertTokenCount(layer, expert, int(tokens[expert]))
+            ExpertTokenCount(layer, expert, n)
             for layer, tokens in self.tokens.items()
-            for expert in self.shard.expert_ids
+            for expert, n in enumerate(tokens.tolist())
+            if n > 0 or expert in hosted
         )
         return LoadReport(self.worker_id, "expert", unix_ms=int(time.time() * 1000), expert_tokens=counts)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _ranges(ids: Sequence[int]) -> str:
+    """(0, 1, 2, 5, 7, 8) -> "0-2,5,7-8"."""
+    parts: list[str] = []
+    for expert in sorted(ids):
+        if parts and int(parts[-1].rpartition("-")[2]) == expert - 1:
+            parts[-1] = f"{parts[-1].partition('-')[0]}-{expert}"
+        else:
+            parts.append(str(expert))
+    return ",".join(parts)

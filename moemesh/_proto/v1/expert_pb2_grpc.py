@@ -50,6 +50,11 @@ class ExpertPoolStub:
                 request_serializer=moemesh_dot_v1_dot_worker__pb2.GetLoadRequest.SerializeToString,
                 response_deserializer=moemesh_dot_v1_dot_worker__pb2.LoadReport.FromString,
                 _registered_method=True)
+        self.SetExperts = channel.unary_unary(
+                '/moemesh.v1.ExpertPool/SetExperts',
+                request_serializer=moemesh_dot_v1_dot_expert__pb2.SetExpertsRequest.SerializeToString,
+                response_deserializer=moemesh_dot_v1_dot_expert__pb2.DescribeExpertsResponse.FromString,
+                _registered_method=True)
 
 
 class ExpertPoolServicer:
@@ -74,6 +79,12 @@ class ExpertPoolServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetExperts(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExpertPoolServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -91,6 +102,11 @@ def add_ExpertPoolServicer_to_server(servicer, server):
                     servicer.GetLoad,
                     request_deserializer=moemesh_dot_v1_dot_worker__pb2.GetLoadRequest.FromString,
                     response_serializer=moemesh_dot_v1_dot_worker__pb2.LoadReport.SerializeToString,
+            ),
+            'SetExperts': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetExperts,
+                    request_deserializer=moemesh_dot_v1_dot_expert__pb2.SetExpertsRequest.FromString,
+                    response_serializer=moemesh_dot_v1_dot_expert__pb2.DescribeExpertsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -174,6 +190,111 @@ class ExpertPool:
             '/moemesh.v1.ExpertPool/GetLoad',
             moemesh_dot_v1_dot_worker__pb2.GetLoadRequest.SerializeToString,
             moemesh_dot_v1_dot_worker__pb2.LoadReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetExperts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moemesh.v1.ExpertPool/SetExperts',
+            moemesh_dot_v1_dot_expert__pb2.SetExpertsRequest.SerializeToString,
+            moemesh_dot_v1_dot_expert__pb2.DescribeExpertsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class ExpertAdminStub:
+    """Served by the gateway (a mesh service: with TLS, callers need the mesh certificate).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Rebalance = channel.unary_unary(
+                '/moemesh.v1.ExpertAdmin/Rebalance',
+                request_serializer=moemesh_dot_v1_dot_expert__pb2.RebalanceRequest.SerializeToString,
+                response_deserializer=moemesh_dot_v1_dot_expert__pb2.RebalanceResponse.FromString,
+                _registered_method=True)
+
+
+class ExpertAdminServicer:
+    """Served by the gateway (a mesh service: with TLS, callers need the mesh certificate).
+    """
+
+    def Rebalance(self, request, context):
+        """Reads GetLoad from every expert worker, computes an EPLB placement and applies it with SetExperts
+        (PREPARE on every worker, then COMMIT). FAILED_PRECONDITION: no expert workers, no load measured yet, a
+        rebalance already running; UNAVAILABLE: a worker did not answer (the placement then stays valid).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ExpertAdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Rebalance': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rebalance,
+                    request_deserializer=moemesh_dot_v1_dot_expert__pb2.RebalanceRequest.FromString,
+                    response_serializer=moemesh_dot_v1_dot_expert__pb2.RebalanceResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'moemesh.v1.ExpertAdmin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('moemesh.v1.ExpertAdmin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class ExpertAdmin:
+    """Served by the gateway (a mesh service: with TLS, callers need the mesh certificate).
+    """
+
+    @staticmethod
+    def Rebalance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moemesh.v1.ExpertAdmin/Rebalance',
+            moemesh_dot_v1_dot_expert__pb2.RebalanceRequest.SerializeToString,
+            moemesh_dot_v1_dot_expert__pb2.RebalanceResponse.FromString,
             options,
             channel_credentials,
             insecure,
