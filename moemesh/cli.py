@@ -1,4 +1,4 @@
-"""`moemesh up | serve <role> | generate | ...`: the command line. A composition root: it parses flags and
+"""`moemesh up | serve <role> | generate | rebalance | ...`: the command line. A composition root: it parses flags and
 hands them to the module that does the work.
 
 Each subcommand adds its own subparser through a `_add_<name>(subparsers)` function listed in SUBCOMMANDS.
@@ -21,7 +21,7 @@ from moemesh import make_checkpoint, tls_certs
 if TYPE_CHECKING:
     from moemesh.supervisor import UpOptions
 
-from moemesh import trace_cli
+from moemesh import rebalance_cli, trace_cli
 from moemesh.config.telemetry import TelemetryConfig
 from moemesh.config.telemetry import add_arguments as add_telemetry_arguments
 from moemesh.console import Console
@@ -343,6 +343,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_bench,
     make_checkpoint.add_parser,
     trace_cli.add_parser,
+    rebalance_cli.add_parser,
 ]
 
 

@@ -1,5 +1,5 @@
 """`moemesh serve gateway`: composes the gateway — tokenizer, the Registry (membership + load reports), the
-public Gateway service, tracing, and the HTTP port (OpenAI-compatible routes, /metrics and the trace view, when
+public Gateway service, the expert placement (ExpertAdmin: `moemesh rebalance`), tracing, and the HTTP port (OpenAI-compatible routes, /metrics and the trace view, when
 `http_port` is set); serves until SIGTERM / SIGINT."""
 
 from __future__ import annotations
@@ -10,13 +10,14 @@ import importlib.metadata
 import logging
 import math
 
-from moemesh._proto.v1 import gateway_pb2_grpc, worker_pb2_grpc
+from moemesh._proto.v1 import expert_pb2_grpc, gateway_pb2_grpc, worker_pb2_grpc
 from moemesh.config.mesh import GatewayConfig
 from moemesh.config.telemetry import TelemetryConfig
 from moemesh.model.config import ModelConfig
 from moemesh.model.tokenizer import Tokenizer
 from moemesh.services.gateway.http import api_key_check, build_http_app
-from moemesh.services.gateway.servicer import GatewayServicer
+from moemesh.services.gateway.rebalance import Rebalancer
+from moemesh.services.gateway.servicer import ExpertAdminServicer, GatewayServicer
 from moemesh.services.gateway.traces import TraceView
 from moemesh.services.gateway.traces_http import trace_routes
 from moemesh.services.gateway.worker import Gateway
@@ -72,6 +73,14 @@ async def serve(config: GatewayConfig, telemetry_config: TelemetryConfig | None 
     server.add(gateway_pb2_grpc.add_GatewayServicer_to_server, GatewayServicer(gateway), "moemesh.v1.Gateway")
     server.add(
         worker_pb2_grpc.add_RegistryServicer_to_server, RegistryServicer(membership), "moemesh.v1.Registry"
+    )
+    rebalancer = Rebalancer(
+        membership, MeshChannels(security.tls)
+    )  # a mesh service: not in access()'s public ones
+    server.add(
+        expert_pb2_grpc.add_ExpertAdminServicer_to_server,
+        ExpertAdminServicer(rebalancer),
+        "moemesh.v1.ExpertAdmin",
     )
     await server.start()
     try:

@@ -1,8 +1,10 @@
-"""Gateway RPCs (public API): proto <-> `GenerateJob` / `Delta`; exceptions -> status codes (`map_errors`)."""
+"""Gateway RPCs: the public API (proto <-> `GenerateJob` / `Delta`) and the expert placement (ExpertAdmin);
+exceptions -> status codes (`map_errors`)."""
 
 from __future__ import annotations
 
-from moemesh._proto.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from moemesh._proto.v1 import common_pb2, expert_pb2, expert_pb2_grpc, gateway_pb2, gateway_pb2_grpc
+from moemesh.services.gateway.rebalance import Rebalancer
 from moemesh.services.gateway.worker import Gateway
 from moemesh.telemetry.tracing import traceparent_from_metadata
 from moemesh.transport.errors import InvalidArgument, map_errors
@@ -59,3 +61,24 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             vocab_size=self.gateway.vocab_size,
         )  # fmt: skip
         return gateway_pb2.ListModelsResponse(models=[info])
+
+
+class ExpertAdminServicer(expert_pb2_grpc.ExpertAdminServicer):
+    """`moemesh rebalance`: proto <-> `Rebalancer` (a mesh service: with TLS, mesh certificates only)."""
+
+    def __init__(self, rebalancer: Rebalancer) -> None:
+        self.rebalancer = rebalancer
+
+    @map_errors
+    async def Rebalance(self, request, context):
+        report = await self.rebalancer.rebalance(request.slots_per_worker, request.dry_run)
+
+        def listing(workers):
+            return [expert_pb2.WorkerExperts(worker_id=w.worker_id, expert_ids=w.expert_ids, load=w.load)
+                    for w in workers]  # fmt: skip
+
+        return expert_pb2.RebalanceResponse(
+            expert_load=report.expert_load, before=listing(report.before), after=listing(report.after),
+            balance_before=report.balance_before, balance_after=report.balance_after, applied=report.applied,
+            experts_loaded=report.experts_loaded,
+        )  # fmt: skip
