@@ -10,23 +10,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import threading
 import time
 
+import grpc
 import pytest
 import torch
 
 from moemesh import LLM, SamplingParams
+from moemesh._proto.v1 import expert_pb2, expert_pb2_grpc
 from moemesh.config.engine import EngineConfig
 from moemesh.config.mesh import parse_expert_set
 from moemesh.model.expert_shard import load_expert_shard
+from moemesh.services.expert.servicer import ExpertServicer
 from moemesh.services.expert.worker import ExpertWorker
+from moemesh.services.gateway.rebalance import Rebalancer
 from moemesh.services.remote_experts import token_encoder
 from moemesh.supervisor import free_ports
-from moemesh.transport.errors import InvalidArgument, Unavailable
+from moemesh.transport.channels import aio_channel
+from moemesh.transport.errors import FailedPrecondition, InvalidArgument, StalePlacement, Unavailable
 from moemesh.transport.expert_client import PoolWorker, RemoteExperts, RemoteExpertsOptions
 from moemesh.transport.expert_server import UcxExpertServer
 from moemesh.transport.expert_wire import ExpertBatch
+from moemesh.transport.peers import WorkerInfo
+from moemesh.transport.registry import Membership
 from tests.integration.mesh_tiny import build_tiny
 
 pytest.importorskip("ucxx")
@@ -213,6 +221,85 @@ def test_a_lost_worker_fails_the_call_and_leaves_the_pool(pool, llm):
     assert time.monotonic() - start < 15
 
 
+async def _serve_grpc(worker: ExpertWorker, ucx_address: str) -> tuple[grpc.aio.Server, str]:
+    server = grpc.aio.server()
+    expert_pb2_grpc.add_ExpertPoolServicer_to_server(ExpertServicer(worker, ucx_address), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+def test_a_rebalance_between_calls_moves_experts_and_the_logits_stay(pool, llm, local, tiny_dir):
+    """Two expert workers with their gRPC service (DescribeExperts, GetLoad, SetExperts) and the gateway's
+    Rebalancer over a Membership that lists them: the placement computed from GetLoad is applied (PREPARE,
+    then COMMIT); the attention side's next batches are refused as routed by the old epoch, it describes the
+    pool again and resends the layer — the logits stay the local ones bit for bit."""
+    members, grpc_servers = [], []
+    for name, spec in (("a", "0-3"), ("b", "4-7")):
+        load = functools.partial(load_expert_shard, tiny_dir, device=pool.device, dtype=torch.bfloat16)
+        worker = ExpertWorker(name, load(parse_expert_set(spec, 8)), pool.device, torch.bfloat16, None, load)
+        pool.experts[name] = worker
+        server = UcxExpertServer(worker.compute)
+        pool.servers.append(server)
+        ucx_address = pool.run(server.start())
+        grpc_server, address = pool.run(_serve_grpc(worker, ucx_address))
+        grpc_servers.append(grpc_server)
+        members.append(WorkerInfo(name, "expert", address, ucx_address))
+    a, b = pool.experts["a"], pool.experts["b"]
+    try:
+        membership = Membership()
+        for member in members:
+            membership.register(member)
+        rebalancer = Rebalancer(membership, aio_channel)
+        with pytest.raises(FailedPrecondition, match="counted no tokens yet"):
+            pool.run(rebalancer.rebalance())
+        remote = pool.remote(llm, [])
+        remote.channel_factory = aio_channel
+        pool.run(remote.sync(members))
+        with experts_on(llm, remote):
+            assert all(torch.equal(llm.score(ids), want) for ids, want in zip(PROMPTS, local[0], strict=True))
+        epochs = (a.placement_epoch, b.placement_epoch)
+        with pytest.raises(ValueError, match=r"slots_per_worker=3 x 2 workers < 8 routed experts"):
+            pool.run(rebalancer.rebalance(3))
+        dry = pool.run(rebalancer.rebalance(5, dry_run=True))
+        assert not dry.applied and (a.shard.expert_ids, b.shard.expert_ids) == ((0, 1, 2, 3), (4, 5, 6, 7))
+        loads = [int(a.tokens[1][e] + a.tokens[2][e] + b.tokens[1][e] + b.tokens[2][e]) for e in range(8)]
+        assert list(dry.expert_load) == loads and sum(loads) > 0
+        report = pool.run(rebalancer.rebalance(5))  # 10 slots: the two hottest experts get a second replica
+        assert report.applied and [w.expert_ids for w in report.after] == [w.expert_ids for w in dry.after]
+        assert (a.shard.expert_ids, b.shard.expert_ids) == tuple(w.expert_ids for w in report.after)
+        hottest = sorted(range(8), key=lambda e: (-loads[e], e))[:2]
+        assert sorted(set(a.shard.expert_ids) & set(b.shard.expert_ids)) == sorted(hottest)
+        assert report.balance_after <= report.balance_before
+        assert a.placement_epoch == epochs[0] + 1 and b.placement_epoch == epochs[1] + 1
+        moved = [
+            set(new.expert_ids) - set(old.expert_ids)
+            for old, new in zip(report.before, report.after, strict=True)
+        ]
+        assert report.experts_loaded == sum(map(len, moved)) >= 2  # at least the two new replicas
+        with experts_on(llm, remote):  # routed by the old epochs: refused, described again, resent
+            for ids, want in zip(PROMPTS, local[0], strict=True):
+                assert torch.equal(llm.score(ids), want)
+        assert {n: (w.placement_epoch, w.placements[1]) for n, w in remote.workers.items()} == {
+            "a": (a.placement_epoch, a.shard.expert_ids),
+            "b": (b.placement_epoch, b.shard.expert_ids),
+        }
+        # what the protocol never lets happen is still answered clearly: an old epoch, an unprepared commit
+        stale = ExpertBatch(1, 1, expert_pb2.TOKEN_FORMAT_BF16, a.hidden_size,
+                            token_encoder("bf16")(torch.zeros(1, a.hidden_size)), torch.tensor([[0, -1]], dtype=torch.int32),
+                            torch.ones(1, 2), placement_epoch=epochs[0])  # fmt: skip
+        with pytest.raises(StalePlacement, match=rf"routed by placement epoch {epochs[0]}; a is at epoch"):
+            a.compute_sync(stale)
+        missing = sorted(set(range(8)) - set(a.shard.expert_ids))[:1]
+        with pytest.raises(FailedPrecondition, match=rf"experts {missing[0]} are not loaded on a: PREPARE"):
+            pool.run(a.commit(missing))
+        with pytest.raises(FailedPrecondition, match="no expert workers in the mesh"):
+            pool.run(Rebalancer(Membership(), aio_channel).rebalance())
+    finally:
+        for server in grpc_servers:
+            pool.run(server.stop(None))
+
+
 @pytest.mark.gpu
 def test_on_cuda_greedy_with_remote_experts_equals_colocated(tiny_dir):
     """Attention and expert workers on one GPU (the wire staged through host memory over TCP): the colocated
@@ -241,9 +328,6 @@ def test_on_cuda_greedy_with_remote_experts_equals_colocated(tiny_dir):
 
 def test_grpc_fallback_and_describe_answer_like_the_wire(pool):
     """`Dispatch` (payloads inline) gives the rows the UCX path gives; `DescribeExperts` lists the shard."""
-    from moemesh._proto.v1 import expert_pb2
-    from moemesh.services.expert.servicer import ExpertServicer
-
     worker = pool.experts["s1"]
     servicer = ExpertServicer(worker, "127.0.0.1:1")
     described = pool.run(servicer.DescribeExperts(expert_pb2.DescribeExpertsRequest(), None))
