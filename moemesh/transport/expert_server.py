@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from moemesh._proto.v1 import expert_pb2
-from moemesh.transport.errors import status_code_number, status_for
+from moemesh.transport.errors import StalePlacement, status_code_number, status_for
 from moemesh.transport.expert_wire import (
     FRAME_BYTES,
     TAG_HEADER,
@@ -111,8 +111,9 @@ class UcxExpertServer:
             self.num_batches += 1
         except Exception as err:
             code, message = status_for(err)
-            log.warning(
-                "expert batch %d of layer %d failed: %s", header.micro_batch_id, header.layer, message
+            level = logging.INFO if isinstance(err, StalePlacement) else logging.WARNING  # a rebalance's
+            log.log(
+                level, "expert batch %d of layer %d failed: %s", header.micro_batch_id, header.layer, message
             )
             reply.error, reply.error_code, out = message or code.name, status_code_number(code), None
         with contextlib.suppress(Exception):  # a lost client learns from its own failed exchange

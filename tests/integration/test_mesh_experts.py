@@ -3,7 +3,7 @@ decode and three expert-pool workers; real gRPC and UCX over loopback) on the ti
 output of concurrent ragged prompts through the SDK equals the colocated model's (`LLM`, one process, its
 experts local) token for token; each expert worker reports tokens for its own experts only; an expert worker
 killed mid-request ends the affected requests with UNAVAILABLE within their deadline, and no page leaks on any
-worker. One mesh for the module (the kill comes last)."""
+worker; `moemesh rebalance` under load loses no request. One mesh for the module (the kill comes last)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import asyncio
 import json
 import os
 import re
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -19,10 +21,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from moemesh import LLM, SamplingParams
+from moemesh._proto.v1 import expert_pb2, expert_pb2_grpc
 from moemesh.config.engine import EngineConfig
 from moemesh.sdk import AsyncClient, Client, Unavailable
 from moemesh.telemetry import spans as names
-from tests.integration.mesh_tiny import TINY_ENV, build_tiny, start_mesh
+from moemesh.transport.channels import MeshChannels
+from tests.integration.mesh_tiny import ROOT, TINY_ENV, build_tiny, start_mesh
 from tests.integration.test_mesh_generate import mixed_prompts
 
 pytest.importorskip("ucxx")
@@ -161,6 +165,111 @@ def _scrape(url: str) -> dict[str, dict[tuple, float]]:
         for sample in family.samples:
             out.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
     return out
+
+
+def _describe(mesh, name: str) -> tuple[int, ...]:
+    """The experts `name` hosts (the same set in every MoE layer)."""
+    with MeshChannels(None).sync(mesh.workers[name]) as channel:
+        reply = expert_pb2_grpc.ExpertPoolStub(channel).DescribeExperts(
+            expert_pb2.DescribeExpertsRequest(), timeout=5
+        )
+    (hosted,) = {tuple(p.expert_ids) for p in reply.placements}
+    return hosted
+
+
+def _rebalance(mesh, *flags: str) -> subprocess.CompletedProcess:
+    argv = [sys.executable, "-m", "moemesh.cli", "rebalance", "--target", mesh.address, *flags]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+def _printed_placement(stdout: str, block: str) -> dict[str, set[int]]:
+    """`moemesh rebalance`'s "before:" / "after:" block -> worker -> experts."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"{block}:"))
+    out = {}
+    for line in lines[start + 1 :]:
+        m = re.match(r"  (\S+)\s+experts (\S+)\s+load", line)
+        if not m:
+            break
+        out[m.group(1)] = {e for part in m.group(2).split(",") for e in _span(part)}
+    return out
+
+
+def _span(part: str) -> range:
+    first, _, last = part.partition("-")
+    return range(int(first), int(last or first) + 1)
+
+
+def test_a_rebalance_under_load_loses_no_request(mesh, colocated):
+    """`moemesh rebalance` (the CLI, through the gateway) while concurrent greedy requests decode: every request
+    completes with the colocated model's tokens, some of them after the new placement was applied; the expert
+    workers then describe the placement the command printed (3 experts each, 9 slots for 8: one replica) and
+    new requests still equal colocated. (The kill test below relies on expert-1 then still hosting an expert
+    nobody else does: at most one of its three is the replicated one.)"""
+    before = {name: _describe(mesh, name) for name in ("expert-0", "expert-1", "expert-2")}
+    assert before == {"expert-0": (0, 1), "expert-1": (2, 3, 4), "expert-2": (5, 6, 7)}
+    work = [(ids, 48) for ids, _ in mixed_prompts(6, seed=21)]
+    finished: dict[int, float] = {}
+
+    async def send_all():
+        async def one(i, ids, n):
+            try:
+                return await client.complete(token_ids=ids, max_tokens=n, temperature=0, ignore_eos=True)
+            finally:
+                finished[i] = time.monotonic()
+
+        async with AsyncClient(mesh.address, timeout_s=120) as client:
+            return await asyncio.gather(
+                *(one(i, ids, n) for i, (ids, n) in enumerate(work)), return_exceptions=True
+            )
+
+    results: list = []
+    sender = threading.Thread(target=lambda: results.extend(asyncio.run(send_all())))
+    sender.start()
+    deadline = time.monotonic() + 60
+    while mesh.load("decode-0").num_running_requests < 2:  # decoding: every step goes to the pool
+        assert time.monotonic() < deadline and sender.is_alive(), "no requests reached decode-0"
+        time.sleep(0.02)
+    dry = _rebalance(mesh, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "dry run: nothing changed" in dry.stdout and _printed_placement(dry.stdout, "before") == {
+        name: set(hosted) for name, hosted in before.items()
+    }
+    assert {name: _describe(mesh, name) for name in before} == before
+    done = _rebalance(mesh, "--slots-per-worker", "3")
+    applied_s = time.monotonic()
+    assert done.returncode == 0, done.stderr
+    assert "applied:" in done.stdout, done.stdout
+    sender.join(timeout=120)
+    assert not sender.is_alive(), "requests hung across the rebalance"
+    assert max(finished.values()) > applied_s, "every request ended before the rebalance: not under load"
+    for i, ((ids, n), got) in enumerate(zip(work, results, strict=True)):
+        assert not isinstance(got, BaseException), f"request {i}: {got!r}"
+        want = colocated.generate([ids], SamplingParams(max_tokens=n, ignore_eos=True))[0]
+        assert got.token_ids == want.token_ids, f"request {i} ({len(ids)} prompt tokens)"
+    deadline = time.monotonic() + 10  # D's batches routed by the old epochs were refused and resent
+    while not any("[decode-0]" in line and "by the refreshed placement" in line for line in list(mesh.lines)):
+        assert time.monotonic() < deadline, "decode-0 never resent a layer by the new placement"
+        time.sleep(0.1)
+    after = _printed_placement(done.stdout, "after")
+    assert {name: set(_describe(mesh, name)) for name in before} == after
+    assert all(len(hosted) == 3 for hosted in after.values())
+    replicas = [sum(e in hosted for hosted in after.values()) for e in range(8)]
+    assert sorted(replicas) == [1] * 7 + [2]
+    balance = [float(x) for x in re.findall(r"max/mean load per worker (\S+)", done.stdout)]
+    assert len(balance) == 2 and balance[1] <= balance[0]
+    counts = {name: mesh.load(name).expert_tokens for name in before}
+    work = mixed_prompts(4, seed=22)
+    results = asyncio.run(_complete_all(mesh.address, work))
+    for i, ((ids, n), got) in enumerate(zip(work, results, strict=True)):
+        assert not isinstance(got, BaseException), f"request {i}: {got!r}"
+        assert got.token_ids == colocated.generate([ids], SamplingParams(max_tokens=n))[0].token_ids, i
+    for name, hosted in after.items():  # the new sets compute, the dropped experts no more
+        now = {(c.layer, c.expert_id): c.num_tokens for c in mesh.load(name).expert_tokens}
+        then = {(c.layer, c.expert_id): c.num_tokens for c in counts[name]}
+        grew = {e for (layer, e), n in now.items() if n > then.get((layer, e), 0)}
+        assert grew and grew <= hosted, (name, grew, hosted)
+    assert mesh.wait_settled() == {name: 0 for name in mesh.workers}
 
 
 def test_a_killed_expert_worker_ends_requests_unavailable_without_leaking_pages(mesh):
