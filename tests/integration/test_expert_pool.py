@@ -22,6 +22,7 @@ from moemesh import LLM, SamplingParams
 from moemesh._proto.v1 import expert_pb2, expert_pb2_grpc
 from moemesh.config.engine import EngineConfig
 from moemesh.config.mesh import parse_expert_set
+from moemesh.model.checkpoint import CheckpointError
 from moemesh.model.expert_shard import load_expert_shard
 from moemesh.services.expert.servicer import ExpertServicer
 from moemesh.services.expert.worker import ExpertWorker
@@ -258,11 +259,28 @@ def test_a_rebalance_between_calls_moves_experts_and_the_logits_stay(pool, llm, 
         pool.run(remote.sync(members))
         with experts_on(llm, remote):
             assert all(torch.equal(llm.score(ids), want) for ids, want in zip(PROMPTS, local[0], strict=True))
-        epochs = (a.placement_epoch, b.placement_epoch)
         with pytest.raises(ValueError, match=r"slots_per_worker=3 x 2 workers < 8 routed experts"):
             pool.run(rebalancer.rebalance(3))
         dry = pool.run(rebalancer.rebalance(5, dry_run=True))
         assert not dry.applied and (a.shard.expert_ids, b.shard.expert_ids) == ((0, 1, 2, 3), (4, 5, 6, 7))
+        (dead_port,) = free_ports(1)  # a worker the registry lists but nobody answers for: named
+        lost = Membership()
+        for member in (members[0], WorkerInfo("gone", "expert", f"127.0.0.1:{dead_port}")):
+            lost.register(member)
+        with pytest.raises(Unavailable, match=r"^expert worker gone: "):
+            pool.run(Rebalancer(lost, aio_channel).rebalance(5))
+
+        def broken(ids):
+            raise CheckpointError(f"{tiny_dir}: expert tensors missing")
+
+        pre = (a.placement_epoch, b.placement_epoch)
+        b.load_experts, load_b = broken, b.load_experts  # b cannot load: a, prepared already, rolls back
+        with pytest.raises(InvalidArgument, match=r"^expert worker b: .*expert tensors missing"):
+            pool.run(rebalancer.rebalance(5))
+        b.load_experts = load_b
+        assert (a.shard.expert_ids, b.shard.expert_ids) == ((0, 1, 2, 3), (4, 5, 6, 7))
+        epochs = (a.placement_epoch, b.placement_epoch)
+        assert epochs == (pre[0] + 1, pre[1])  # a loaded its new experts and dropped them again
         loads = [int(a.tokens[1][e] + a.tokens[2][e] + b.tokens[1][e] + b.tokens[2][e]) for e in range(8)]
         assert list(dry.expert_load) == loads and sum(loads) > 0
         report = pool.run(rebalancer.rebalance(5))  # 10 slots: the two hottest experts get a second replica
