@@ -318,6 +318,44 @@ def test_a_rebalance_between_calls_moves_experts_and_the_logits_stay(pool, llm, 
             pool.run(server.stop(None))
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_prepare_and_commit_hold_what_a_fresh_load_gives(device, tiny_dir):
+    """SetExperts' two phases on one worker: PREPARE hosts the union (same epoch), COMMIT the new set (next
+    epoch); the weights are a fresh load's bit for bit, and so are the rows it computes."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    load = functools.partial(load_expert_shard, tiny_dir, device=device, dtype=torch.bfloat16)
+    worker = ExpertWorker("w", load((0, 1, 2, 3)), torch.device(device), torch.bfloat16, None, load)
+    fresh = ExpertWorker("f", load((2, 3, 6)), torch.device(device), torch.bfloat16)
+    epoch = worker.placement_epoch
+
+    async def apply():
+        await worker.prepare((2, 3, 6))
+        union = (worker.shard.expert_ids, worker.placement_epoch)
+        await worker.commit((2, 3, 6))
+        return union
+
+    try:
+        assert asyncio.run(apply()) == ((0, 1, 2, 3, 6), epoch)
+        assert (worker.shard.expert_ids, worker.placement_epoch) == ((2, 3, 6), epoch + 1)
+        for layer, experts in worker.shard.layers.items():
+            assert torch.equal(experts.w13, fresh.shard.layers[layer].w13), layer
+            assert torch.equal(experts.w2, fresh.shard.layers[layer].w2), layer
+        hidden = torch.randn(6, worker.hidden_size, generator=torch.Generator().manual_seed(3)).to(
+            torch.bfloat16
+        )
+        ids = torch.tensor([[2, 6], [3, -1], [6, 3], [-1, 2], [6, -1], [2, 3]], dtype=torch.int32)
+        batch = ExpertBatch(1, 1, expert_pb2.TOKEN_FORMAT_BF16, worker.hidden_size, token_encoder("bf16")(hidden),
+                            ids, torch.rand(6, 2, generator=torch.Generator().manual_seed(4)),
+                            placement_epoch=worker.placement_epoch)  # fmt: skip
+        assert torch.equal(
+            worker.compute_sync(batch), fresh.compute_sync(dataclasses.replace(batch, placement_epoch=0))
+        )
+    finally:
+        worker.close()
+        fresh.close()
+
+
 @pytest.mark.gpu
 def test_on_cuda_greedy_with_remote_experts_equals_colocated(tiny_dir):
     """Attention and expert workers on one GPU (the wire staged through host memory over TCP): the colocated
