@@ -1,7 +1,8 @@
 """A pd mesh with mutual TLS and API keys (`moemesh up --tls-dir DIR --api-keys FILE`), tried from a client's
 side: the right key and certificate get the same tokens as in-process `LLM.generate`; a missing or wrong key is
 UNAUTHENTICATED; no certificate, a foreign CA's certificate or plaintext cannot connect; a client certificate
-cannot call a worker (mesh peers only); and no key or private key ever reaches a log line."""
+cannot call a worker (mesh peers only), nor `moemesh rebalance`; and no key or private key ever reaches a log
+line."""
 
 from __future__ import annotations
 
@@ -133,3 +134,16 @@ def test_the_cli_generates_with_a_key_file_and_a_client_certificate(mesh, certs)
                              capture_output=True, text=True, timeout=120)  # fmt: skip
     assert refused.returncode == 1
     assert "UNAUTHENTICATED" in refused.stderr and KEYS[0] not in refused.stderr
+
+
+def test_rebalance_takes_the_mesh_certificate_only(mesh, certs, capsys):
+    """`moemesh rebalance` is a mesh service on the gateway: the services' certificate gets through (this pd
+    mesh then has no expert worker to place), a client certificate is refused."""
+    from moemesh.cli import build_parser
+
+    out, _, _ = certs
+    for tls_dir, expected in ((out, "FAILED_PRECONDITION: no expert workers in the mesh"),
+                              (out / "client", "PERMISSION_DENIED: /moemesh.v1.ExpertAdmin/Rebalance is for mesh peers only")):  # fmt: skip
+        args = build_parser().parse_args(["rebalance", "--target", mesh.address, "--tls-dir", str(tls_dir)])
+        assert args.func(args) == 1
+        assert capsys.readouterr().err.strip().startswith(f"error: {mesh.address}: {expected}")
