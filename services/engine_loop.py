@@ -44,13 +44,24 @@ class EngineLoop:
       layer's KV while the forward goes on);
     * drain_s: after posting a step's outputs the engine thread waits up to this long for the event loop to
       stream them (`gil_parking.mark_drained`) before the next step.
-    On CUDA neither."""
+    On CUDA neither, but (`overlap`) a step's outputs are handed to the event loop only once the next step's
+    forward was launched (`Engine.step(on_launched=...)`), or at once when no step follows: the event loop
+    streams them while the device computes, and the engine thread's host work (schedule, batch inputs,
+    launch) does not share the GIL with it — otherwise that work waits for the event loop's turns while the
+    device idles. A loop with `on_step` hooks (the prefill worker) delivers at once."""
 
-    def __init__(self, engine: Engine, drain_s: float | None = None, exclusive: bool | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        drain_s: float | None = None,
+        exclusive: bool | None = None,
+        overlap: bool | None = None,
+    ) -> None:
         self.engine = engine
         on_cpu = engine.device.type != "cuda"
         self.drain_s = drain_s if drain_s is not None else (0.005 if on_cpu else 0.0)
         self.exclusive = exclusive if exclusive is not None else on_cpu
+        self.overlap = overlap if overlap is not None else not on_cpu
         self.loop_needed: Callable[[], bool] = lambda: False
         self.on_step: list[Callable[[list[RequestOutput]], None]] = []
         self.on_failed: list[Callable[[str, Exception], None]] = []  # (request id, error), in the event loop
@@ -59,6 +70,7 @@ class EngineLoop:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._event_loop: asyncio.AbstractEventLoop | None = None
+        self._held: list[RequestOutput] = []  # overlap: the last step's outputs, until the next one launched
 
     # -- commands (see services/engine_commands.py for what a cancelled caller does to each kind) -----------
 
@@ -130,10 +142,13 @@ class EngineLoop:
     def _turn(self) -> bool:
         """The commands waiting, then one step if there is work. False once stopping."""
         cond = self.commands.cond
+        if not self.engine.has_unfinished():
+            self._release_held()  # no step follows to launch first
         with cond:
             while not self._stopping and not self.commands.has_pending() and not self.engine.has_unfinished():
                 cond.wait()
             if self._stopping:
+                self._release_held()
                 return False
             commands = self.commands.take()
         for command in commands:
@@ -143,20 +158,27 @@ class EngineLoop:
         resume = None
         if self.exclusive and not self.loop_needed():
             resume = park(self.commands.post, self.drain_s)
+        overlap = self.overlap and not self.on_step
         try:
-            outputs = self.engine.step()
+            outputs = self.engine.step(on_launched=self._release_held) if overlap else self.engine.step()
         except StepFailed as err:  # its requests were aborted; the worker serves the others
+            self._release_held()  # the step before's outputs go first
             log.error("%s", err, exc_info=err.cause)
             self.commands.post(lambda err=err: self._fail(err.request_ids, err))
             return True
         except Exception as err:  # not the forward: the engine's state is in doubt, end every request
             log.exception("engine step failed outside the forward; aborting every request")
+            self._release_held()
             failed = self.engine.abort_all()
             self.commands.post(lambda err=err: self._fail(failed, err))
             return True
         finally:
+            self._release_held()  # the step ran no forward, or failed: the last step's outputs go first
             if resume is not None:
                 resume.set()
+        if overlap and outputs:
+            self._held = outputs
+            return True
         if self.on_step:  # the hooks run in the event loop, before anything else touches the engine
             self._wait(asyncio.run_coroutine_threadsafe(self._run_hooks(outputs), self._loop()), None)
         if outputs:
@@ -169,6 +191,12 @@ class EngineLoop:
                 if not self.commands.has_pending():
                     cond.wait(0.01)
         return True
+
+    def _release_held(self) -> None:
+        """Posts the outputs held back (overlap) to the event loop; from the engine thread."""
+        if self._held:
+            outputs, self._held = self._held, []
+            self.commands.post(lambda: self._deliver(outputs, None))
 
     def _wait(self, future: concurrent.futures.Future, timeout_s: float | None) -> None:
         """Waits for a future the event loop completes, up to timeout_s (None: until done or stopping)."""

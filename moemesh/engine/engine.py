@@ -13,6 +13,7 @@ Mesh hooks (see docs/engine.md): `reserve_kv` + `add_prefilled` (KV arrives by t
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -194,12 +195,14 @@ class Engine:
 
     # -- the step -------------------------------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
+    def step(self, on_launched: Callable[[], None] | None = None) -> list[RequestOutput]:
         """Raises StepFailed when the forward or the sampling raised (see there: a request that fails alone
-        is aborted, its pages returned; a failed batch is split); every other request is as it was."""
+        is aborted, its pages returned; a failed batch is split); every other request is as it was.
+        on_launched: called (at most once) when the step's forward was handed to the device, before the host
+        waits for its tokens (`ModelRunner.execute`); a step that runs no forward never calls it."""
         plan = self.scheduler.schedule()
         try:
-            sampled = self.runner.execute(plan)
+            sampled = self.runner.execute(plan, on_launched)
         except Exception as err:
             ran = [rid for rid, _ in plan.num_scheduled_tokens]
             if len(ran) > 1:  # which one? each runs alone next (Scheduler.isolate)

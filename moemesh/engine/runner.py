@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,8 +77,13 @@ class ModelRunner:
 
     # -- one step -------------------------------------------------------------------------------------------
 
-    def execute(self, out: SchedulerOutput) -> dict[str, SampledToken]:
-        """Runs the step; returns a token for each request whose tokens are all computed after it."""
+    def execute(
+        self, out: SchedulerOutput, on_launched: Callable[[], None] | None = None
+    ) -> dict[str, SampledToken]:
+        """Runs the step; returns a token for each request whose tokens are all computed after it.
+        on_launched: called once the device has this step's work and before the host waits for it: right after
+        the decode forward (a CUDA graph replay) and before an eager forward (its launches are host work as
+        long as the device's), whichever comes first. The caller does other host work then."""
         self.host_prepare_s = 0.0
         t0 = time.perf_counter()
         self._update_states(out)
@@ -91,8 +97,14 @@ class ModelRunner:
             if not group:
                 continue
             wants = [self._completes(rid, n) for rid, n in group]
+            if run is self._run_eager and on_launched is not None:
+                on_launched, fire = None, on_launched
+                fire()
             logits_parts.append(run(group, wants))
             sample_ids += [rid for (rid, _), w in zip(group, wants, strict=True) if w]
+            if on_launched is not None:
+                on_launched, fire = None, on_launched
+                fire()
         for request_id, n in out.num_scheduled_tokens:
             self.requests[request_id].num_computed_tokens += n
         if not sample_ids:

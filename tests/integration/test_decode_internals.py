@@ -314,3 +314,46 @@ def test_the_prefill_worker_hands_its_first_token_on_before_the_kv_moves(tiny_di
         assert_every_page_back(loaded)
 
     asyncio.run(asyncio.wait_for(body(), 60))
+
+
+def test_overlap_streams_the_tokens_the_engine_computes_alone(loaded):
+    """EngineLoop's CUDA mode (overlap: a step's outputs handed on once the next step launched) on the real
+    engine: concurrent ragged greedy prompts stream exactly the tokens the engine gives stepped on its own."""
+    prompts = {f"ov-{i}": [(7 * i + j) % 200 + 1 for j in range(5 + 9 * i)] for i in range(4)}
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    engine = loaded.engine
+    alone: dict[str, tuple[int, ...]] = {}
+    for rid, prompt in prompts.items():
+        engine.add_request(prompt, params, f"{rid}-alone")
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                alone[out.request_id.removesuffix("-alone")] = out.output_ids
+
+    async def body():
+        loop = EngineLoop(engine, drain_s=0.0, exclusive=False, overlap=True)
+        runner = asyncio.ensure_future(loop.run())
+        await asyncio.sleep(0)
+        try:
+            queues = {rid: loop.subscribe(rid) for rid in prompts}
+            for rid, prompt in prompts.items():
+                await loop.call(engine.add_request, prompt, params, rid)
+            streamed = {}
+            for rid, queue in queues.items():
+                tokens = []
+                while True:
+                    out = await queue.get()
+                    assert not isinstance(out, BaseException), out
+                    tokens += out.new_token_ids
+                    if out.finished:
+                        break
+                streamed[rid] = tuple(tokens)
+            return streamed
+        finally:
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
+
+    streamed = asyncio.run(asyncio.wait_for(body(), 60))
+    assert streamed == alone
+    assert all(len(tokens) == 6 for tokens in streamed.values())
+    assert_every_page_back(loaded)

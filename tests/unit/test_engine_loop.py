@@ -55,7 +55,7 @@ class FakeEngine:
         self.log.append(("abort_all", *aborted))
         return aborted
 
-    def step(self) -> list[RequestOutput]:
+    def step(self, on_launched=None) -> list[RequestOutput]:  # never launches: the loop delivers after it
         self.in_step = True
         try:
             self.threads.add(threading.current_thread().name)
@@ -399,3 +399,90 @@ def test_call_at_tells_when_the_engine_ran_the_call_not_when_the_caller_resumed(
 
     ran_s, resumed_s = asyncio.run(asyncio.wait_for(body(), 10))
     assert resumed_s - ran_s >= 0.08  # a whole step between the call running and its caller resuming
+
+
+class LaunchingEngine(FakeEngine):
+    """A FakeEngine whose step calls `on_launched` (as Engine.step does once the forward is on the device),
+    then waits as a device would (GIL released) until the test lets it finish."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.launched: list[int] = []
+        self.seen_before_launch: list[
+            int
+        ] = []  # steps whose outputs reached the event loop before the launch
+        self.delivered: list[int] = []  # step numbers of the outputs the event loop received, in order
+        self.proceed = threading.Event()
+
+    def step(self, on_launched=None) -> list[RequestOutput]:
+        n = len(self.launched) + 1
+        time.sleep(0.05)  # the host's half of the step: outputs of step n-1 must not be delivered during it
+        self.seen_before_launch += [s for s in self.delivered if s == n - 1]
+        self.launched.append(n)
+        if on_launched is not None:
+            on_launched()
+        assert self.proceed.wait(10), "the event loop never received the step before's outputs"
+        self.proceed.clear()
+        return super().step()
+
+
+def test_overlap_delivers_a_step_once_the_next_one_launched():
+    """overlap (the CUDA default): step n's outputs reach the event loop after step n+1 launched and while it
+    runs; the last step's outputs are delivered when no step follows. Every token arrives, in order."""
+    engine = LaunchingEngine()
+
+    async def body():
+        loop = EngineLoop(engine, drain_s=0.0, exclusive=False, overlap=True)
+        runner = asyncio.ensure_future(loop.run())
+        await asyncio.sleep(0)
+        try:
+            queue = loop.subscribe("a")
+            await loop.call(engine.add, "a", 3)
+            engine.proceed.set()  # step 1: nothing before it to deliver
+            tokens = []
+            while True:
+                out = await queue.get()
+                assert not isinstance(out, BaseException)
+                step_no = len(out.output_ids)
+                engine.delivered.append(step_no)
+                tokens += out.new_token_ids
+                if step_no < 3:  # delivered while step_no + 1 waits on the "device"
+                    assert engine.launched[-1] == step_no + 1
+                    engine.proceed.set()
+                if out.finished:
+                    break
+        finally:
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
+        assert tokens == [0, 1, 2]
+        assert engine.delivered == [1, 2, 3]
+        assert engine.launched == [1, 2, 3]
+        assert engine.seen_before_launch == []
+
+    asyncio.run(asyncio.wait_for(body(), 30))
+
+
+def test_overlap_delivers_the_step_before_a_failed_one_first():
+    """A step that fails (here one that never called on_launched) still hands on the step before's outputs,
+    ahead of its error: every token computed reaches the subscriber."""
+    engine = FakeEngine(step_s=0.02)
+
+    async def body():
+        loop = EngineLoop(engine, drain_s=0.0, exclusive=False, overlap=True)
+        runner = asyncio.ensure_future(loop.run())
+        await asyncio.sleep(0)
+        try:
+            queue = loop.subscribe("a")
+            await loop.call(engine.add, "a", 50)
+            got = [await queue.get()]
+            engine.fail_next = True
+            while not isinstance(got[-1], BaseException):
+                got.append(await queue.get())
+        finally:
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
+        assert isinstance(got[-1], StepFailed)
+        steps = [entry for entry in engine.log if entry[0] == "step"]
+        assert [out.output_ids for out in got[:-1]] == [tuple(range(n)) for n in range(1, len(steps) + 1)]
+
+    asyncio.run(asyncio.wait_for(body(), 30))
