@@ -58,6 +58,10 @@ class CommandQueue:
         """Call under `cond`."""
         return bool(self._pending)
 
+    def num_pending(self) -> int:
+        """Call under `cond`."""
+        return len(self._pending)
+
     # -- the event loop's side ------------------------------------------------------------------------------
 
     async def call_at(

@@ -32,6 +32,7 @@ from moemesh.services.gil_parking import mark_drained, park
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+GATHER_LIMIT_S = 0.02  # an idle engine gathers a burst of commands for at most this long
 
 
 class EngineLoop:
@@ -48,7 +49,12 @@ class EngineLoop:
     forward was launched (`Engine.step(on_launched=...)`), or at once when no step follows: the event loop
     streams them while the device computes, and the engine thread's host work (schedule, batch inputs,
     launch) does not share the GIL with it — otherwise that work waits for the event loop's turns while the
-    device idles. A loop with `on_step` hooks (the prefill worker) delivers at once."""
+    device idles. A loop with `on_step` hooks (the prefill worker) delivers at once.
+
+    gather_s (0: off): an idle engine woken by a command waits while more keep coming, each within gather_s of
+    the one before (at most GATHER_LIMIT_S in all), so a burst of requests arriving one RPC at a time starts
+    in one step, as it would in process, rather than the first few in a step of their own and the others
+    queued behind it. Costs a request that arrives alone gather_s of TTFT."""
 
     def __init__(
         self,
@@ -56,12 +62,16 @@ class EngineLoop:
         drain_s: float | None = None,
         exclusive: bool | None = None,
         overlap: bool | None = None,
+        gather_s: float = 0.0,
     ) -> None:
+        if not 0 <= gather_s <= GATHER_LIMIT_S:
+            raise ValueError(f"gather_s={gather_s} must be in [0, {GATHER_LIMIT_S}]")
         self.engine = engine
         on_cpu = engine.device.type != "cuda"
         self.drain_s = drain_s if drain_s is not None else (0.005 if on_cpu else 0.0)
         self.exclusive = exclusive if exclusive is not None else on_cpu
         self.overlap = overlap if overlap is not None else not on_cpu
+        self.gather_s = gather_s
         self.loop_needed: Callable[[], bool] = lambda: False
         self.on_step: list[Callable[[list[RequestOutput]], None]] = []
         self.on_failed: list[Callable[[str, Exception], None]] = []  # (request id, error), in the event loop
@@ -142,11 +152,14 @@ class EngineLoop:
     def _turn(self) -> bool:
         """The commands waiting, then one step if there is work. False once stopping."""
         cond = self.commands.cond
-        if not self.engine.has_unfinished():
+        idle = not self.engine.has_unfinished()
+        if idle:
             self._release_held()  # no step follows to launch first
         with cond:
             while not self._stopping and not self.commands.has_pending() and not self.engine.has_unfinished():
                 cond.wait()
+            if idle and self.gather_s > 0:
+                self._gather()
             if self._stopping:
                 self._release_held()
                 return False
@@ -191,6 +204,16 @@ class EngineLoop:
                 if not self.commands.has_pending():
                     cond.wait(0.01)
         return True
+
+    def _gather(self) -> None:
+        """Under the commands' condition: waits while commands keep arriving (see gather_s)."""
+        cond, seen = self.commands.cond, self.commands.num_pending()
+        limit = time.monotonic() + GATHER_LIMIT_S
+        while not self._stopping and (left := min(self.gather_s, limit - time.monotonic())) > 0:
+            cond.wait(left)
+            if self.commands.num_pending() == seen:
+                return
+            seen = self.commands.num_pending()
 
     def _release_held(self) -> None:
         """Posts the outputs held back (overlap) to the event loop; from the engine thread."""

@@ -31,6 +31,7 @@ from moemesh.transport.server import MeshServer, ServerOptions
 from moemesh.transport.ucx import probe_device_memory
 
 log = logging.getLogger(__name__)
+COLOCATED_GATHER_S = 0.001
 
 
 def main(args: argparse.Namespace) -> int:
@@ -45,7 +46,9 @@ async def serve(config: WorkerConfig, telemetry_config: TelemetryConfig | None =
     loaded = await asyncio.to_thread(load_engine, config)
     remote = install_remote_experts(loaded, config, MeshChannels(security.tls))
     # Remote experts: the event loop carries every MoE layer's round trip, so it never parks during a step.
-    loop = EngineLoop(loaded.engine, exclusive=False if remote is not None else None)
+    # Colocated: a burst of requests (one gateway RPC each) gathers into one first step (EngineLoop.gather_s).
+    gather_s = COLOCATED_GATHER_S if config.force_local_prefill else 0.0
+    loop = EngineLoop(loaded.engine, exclusive=False if remote is not None else None, gather_s=gather_s)
     receiver = UcxKvReceiver(host=config.host, options=ucx_options(config))
     if not config.force_local_prefill:
         problem = await probe_device_memory(receiver.listener.options, loaded.engine.device)

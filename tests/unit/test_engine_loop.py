@@ -486,3 +486,33 @@ def test_overlap_delivers_the_step_before_a_failed_one_first():
         assert [out.output_ids for out in got[:-1]] == [tuple(range(n)) for n in range(1, len(steps) + 1)]
 
     asyncio.run(asyncio.wait_for(body(), 30))
+
+
+def test_an_idle_engine_gathers_a_burst_of_requests_into_its_first_step():
+    """Requests arriving one RPC at a time (1 ms apart here) start in one step, as they would in process;
+    without gathering the first of them ran in a step of its own."""
+    engine = FakeEngine()
+
+    async def body():
+        loop = EngineLoop(engine, drain_s=0.0, exclusive=False, gather_s=0.02)
+        runner = asyncio.ensure_future(loop.run())
+        await asyncio.sleep(0)
+        try:
+            calls = []
+            for i in range(4):
+                calls.append(asyncio.ensure_future(loop.call(engine.add, f"r{i}", 2)))
+                await asyncio.sleep(0.001)
+            await asyncio.gather(*calls)
+            alone = await loop.call(engine.add, "late", 1)  # a command arriving alone still runs
+            assert alone == "late"
+        finally:
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
+        assert engine.log[:5] == [("add", "r0"), ("add", "r1"), ("add", "r2"), ("add", "r3"), ("step", 4)]
+
+    asyncio.run(asyncio.wait_for(body(), 30))
+
+
+def test_gather_s_out_of_range_is_refused():
+    with pytest.raises(ValueError, match=r"gather_s=0.5 must be in \[0, 0.02\]"):
+        EngineLoop(FakeEngine(), gather_s=0.5)
