@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import os
 import statistics
 import time
 from types import SimpleNamespace
@@ -213,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "session, overlap": lambda: run_session(engine(), args.requests, args.new_tokens, overlap=True),
     }
+    load_before = os.getloadavg()
     runs: dict[str, list[dict]] = {name: [] for name in modes}
     for _ in range(args.repeats):  # interleaved: a busy moment of a shared box hits every mode alike
         for name, run in modes.items():
@@ -229,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         row["step_vs_alone"] = round(row["step_ms"] / peer["step_ms"], 3)
     print_table(rows, ["mode", "wall_s", "out_tok_s", "mean_step_ms", "host_ms", "host_p90_ms", "late_ms", "steps",
                        "first_step_requests", "tok_s_vs_alone", "step_vs_alone"])  # fmt: skip
-    payload = {"name": "engine-loop-cpu", **header(), "config": vars(args), "rows": rows, "peer": "alone"}
+    payload = {"name": "engine-loop-cpu", **header(), "config": vars(args), "rows": rows, "peer": "alone",
+               "host_load_avg_1_5_15": {"before": load_before, "after": os.getloadavg()}}  # fmt: skip
     path = write_json("engine-loop-cpu", payload, args.out_dir)
     panel = {"title": f"{args.requests} requests x {args.new_tokens} tokens, device {args.device_ms} ms/step",
              "xlabel": "step period (ms)", "ylabel": "output tok/s vs alone",
