@@ -357,3 +357,21 @@ def test_overlap_streams_the_tokens_the_engine_computes_alone(loaded):
     assert streamed == alone
     assert all(len(tokens) == 6 for tokens in streamed.values())
     assert_every_page_back(loaded)
+
+
+def test_step_calls_on_launched_once_per_forward_before_it_returns(loaded):
+    """Engine.step(on_launched=...) on the real engine: once in every step that runs a forward (prefill
+    chunks, decodes, both at once), before the step's outputs exist."""
+    engine = loaded.engine
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    engine.add_request(list(range(30, 60)), params, "launch-long")  # 30 prompt tokens
+    calls: list[int] = []
+    num_steps = 0
+    while engine.has_unfinished():
+        if num_steps == 1:
+            engine.add_request([5, 6, 7], params, "launch-short")  # joins while the long one runs
+        outputs = engine.step(on_launched=lambda n=num_steps: calls.append(n))
+        assert all(out.request_id.startswith("launch-") for out in outputs)
+        num_steps += 1
+    assert calls == list(range(num_steps))
+    assert_every_page_back(loaded)
