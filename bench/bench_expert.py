@@ -8,11 +8,17 @@ same GPU, against the local MoE compute of the same tokens, at 1, 64 and 512 tok
   median of `--iters` calls (the engine waits for exactly this in a step);
 * wire: remote - local, the price of the disaggregation per layer.
 Wires: `device` (the buffers stay in GPU memory; UCX picks cuda_ipc between the two processes) and `host`
-(staged through host memory) — each with its own expert process; a wire that fails is recorded with its
-error, the other still runs.
+(staged through host memory) — each with its own expert process, both driven from one event loop here (ucxx
+binds its notifier to the first loop it serves); a wire that fails is recorded with its error, the other still
+runs.
+
+Where a round trip goes (`hops` in the JSON, table printed): both ends mark each batch's events
+(transport/expert_hops.py: built, engine -> loop hop, sends, the expert's receive, compute, the answer, the
+loop -> engine hop, combine) on the host's monotonic clock; per (wire, format, tokens) the median time of each
+event since submit and the median step from the event before it.
 
     python -m bench.bench_expert                       # the GPU run: JSON + PNG under bench/results/
-    python -m bench.bench_expert --device cpu --wires host --tokens 1,8 --iters 5 --small   # CPU smoke run
+    python -m bench.bench_expert --device cpu --quick  # CPU: tiny shapes, 1 and 8 tokens, both wires, BF16
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -75,7 +82,9 @@ def ucx_options(device: str):
 async def serve(args: argparse.Namespace) -> None:
     from moemesh.model.expert_shard import ExpertShard
     from moemesh.services.expert.worker import ExpertWorker
+    from moemesh.transport.expert_hops import HopLog
     from moemesh.transport.expert_server import UcxExpertServer
+    from moemesh.transport.ucx import UcxRuntime
 
     shape = SMALL_MOE if args.small else V2_LITE_MOE
     device = torch.device(args.device)
@@ -84,12 +93,20 @@ async def serve(args: argparse.Namespace) -> None:
         config, tuple(range(config.n_routed_experts)), {LAYER: build_experts(shape, args.device)}
     )
     worker = ExpertWorker("bench-expert", shard, device, torch.bfloat16)
+    worker.hop_log = hops = HopLog()
     wire_device = device if args.wire == "device" else torch.device("cpu")
-    server = UcxExpertServer(worker.compute, options=ucx_options(args.device), wire_device=wire_device)
+    server = UcxExpertServer(worker.compute, options=ucx_options(args.device), wire_device=wire_device,
+                             hop_log=hops)  # fmt: skip
     print("address", await server.start(), flush=True)
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)  # until the parent is done
+    loop = asyncio.get_running_loop()
+    while (
+        await loop.run_in_executor(None, sys.stdin.readline)
+    ).strip() == "hops":  # until the parent is done
+        print("hops", json.dumps(hops.export()), flush=True)
+        hops.batches.clear()
     await server.close()
     worker.close()
+    UcxRuntime.stop_notifier()  # else its thread keeps the process alive
 
 
 # ------------------------------------------------------------------------------------------ the decode side
@@ -101,6 +118,7 @@ def sync(device: str) -> None:
 
 
 def timed_ms(fn, device: str, iters: int, warmup: int = 5) -> float:
+    """Median wall time of `fn` (ms), device synced after each call."""
     for _ in range(warmup):
         fn()
     sync(device)
@@ -122,6 +140,7 @@ def routing(num_tokens: int, shape: dict, device: str):
 
 
 def start_expert(args: argparse.Namespace, wire: str) -> tuple[subprocess.Popen, str]:
+    """The expert process for `wire`; -> (process, its UCX address)."""
     argv = [sys.executable, "-m", "bench.bench_expert", "--serve", "--wire", wire, "--device", args.device]
     if args.small:
         argv.append("--small")
@@ -134,15 +153,35 @@ def start_expert(args: argparse.Namespace, wire: str) -> tuple[subprocess.Popen,
     raise RuntimeError(f"the expert process ({wire}) exited with {child.wait()} before listening")
 
 
-def measure_wire(args: argparse.Namespace, wire: str, local_ms: dict[int, float]) -> list[dict]:
+def expert_marks(child: subprocess.Popen) -> dict[int, dict[str, int]]:
+    """The expert process's hop marks since the last call (batch id -> event -> ns); it forgets them."""
+    child.stdin.write("hops\n")
+    child.stdin.flush()
+    for line in child.stdout:
+        if line.startswith("hops "):
+            return {int(k): v for k, v in json.loads(line[5:]).items()}
+    raise RuntimeError(f"the expert process exited with {child.wait()} before sending its hop marks")
+
+
+def stop_expert(child: subprocess.Popen) -> None:
+    with contextlib.suppress(OSError):
+        child.stdin.write("quit\n")
+        child.stdin.flush()
+    try:
+        child.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        child.kill()
+
+
+def measure_wire(args: argparse.Namespace, wire: str, local_ms: dict[int, float], loop) -> list[dict]:
+    """One expert process for `wire`; one RemoteExperts per token format on `loop` (the bench's one event loop:
+    ucxx completes every request on the loop it first served). -> rows with their hop timelines."""
     from moemesh.services.remote_experts import token_encoder
     from moemesh.transport.expert_client import PoolWorker, RemoteExperts, RemoteExpertsOptions
+    from moemesh.transport.expert_hops import HopLog, timeline_ms
 
     shape = SMALL_MOE if args.small else V2_LITE_MOE
     child, address = start_expert(args, wire)
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
     rows = []
     try:
         for fmt in args.formats.split(","):
@@ -153,44 +192,58 @@ def measure_wire(args: argparse.Namespace, wire: str, local_ms: dict[int, float]
             remote.add_worker(
                 PoolWorker("bench-expert", address, {LAYER: tuple(range(shape["n_routed_experts"]))})
             )
+            remote.hop_log = HopLog()
+            timed_batches = []  # (row index, the client's marks of its timed calls)
             for tokens in args.token_counts:
                 hidden, ids, weights = routing(tokens, shape, args.device)
-                ms = timed_ms(
-                    lambda h=hidden, i=ids, w=weights, r=remote: r(LAYER, h, i, w), args.device, args.iters
-                )
+                ms = timed_ms(lambda h=hidden, i=ids, w=weights, r=remote: r(LAYER, h, i, w), args.device,
+                              args.iters, args.warmup)  # fmt: skip
+                timed = sorted(remote.hop_log.batches)[-args.iters :]  # one batch per call: the timed ones
                 rows.append({"wire": wire, "format": fmt, "tokens": tokens, "local_ms": local_ms[tokens],
                              "remote_ms": ms, "wire_ms": ms - local_ms[tokens],
                              "ratio": ms / local_ms[tokens]})  # fmt: skip
+                timed_batches.append((len(rows) - 1, {b: remote.hop_log.batches[b] for b in timed}))
                 print_table(rows[-1:], list(rows[-1]))
             asyncio.run_coroutine_threadsafe(remote.close(), loop).result(timeout=30)
+            server = expert_marks(child)  # batch ids count from 1 in each RemoteExperts: join per format
+            for index, client in timed_batches:
+                rows[index]["hops"] = timeline_ms([{**client[b], **server.get(b, {})} for b in client])
     finally:
-        with contextlib.suppress(Exception):
-            child.stdin.write("\n")
-            child.stdin.flush()
-        try:
-            child.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            child.kill()
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=5)
+        stop_expert(child)
     return rows
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda")
     p.add_argument("--tokens", default="1,64,512")
     p.add_argument("--formats", default="bf16,fp8")
     p.add_argument("--wires", default="device,host")
     p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke run)")
+    p.add_argument("--quick", action="store_true",
+                   help="a CPU-sized run: --small --tokens 1,8 --formats bf16 --iters 20 --warmup 3")  # fmt: skip
     p.add_argument("--out", default=None, help="results directory (default bench/results)")
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--wire", default="host", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if args.quick:
+        args.small, args.tokens, args.formats, args.iters, args.warmup = True, "1,8", "bf16", 20, 3
+    for name in ("iters", "warmup"):
+        if getattr(args, name) < (1 if name == "iters" else 0):
+            p.error(f"--{name}={getattr(args, name)} must be >= {1 if name == 'iters' else 0}")
+    bad = [w for w in args.wires.split(",") if w not in ("device", "host")]
+    if bad:
+        p.error(f"--wires={args.wires!r}: {bad} not among device, host")
+    return args
+
+
+def main(argv: list[str] | None = None) -> Path | None:
+    args = parse_args(argv)
     if args.serve:
         asyncio.run(serve(args))
-        return
+        return None
     args.token_counts = [int(t) for t in args.tokens.split(",")]
     shape = SMALL_MOE if args.small else V2_LITE_MOE
     experts = build_experts(shape, args.device)
@@ -199,19 +252,35 @@ def main() -> None:
         hidden, ids, weights = routing(tokens, shape, args.device)
         with torch.no_grad():
             local_ms[tokens] = timed_ms(lambda h=hidden, i=ids, w=weights: experts(LAYER, h, i, w), args.device,
-                                        args.iters)  # fmt: skip
+                                        args.iters, args.warmup)  # fmt: skip
     rows, failures = [], {}
-    for wire in args.wires.split(","):
-        try:
-            rows += measure_wire(args, wire, local_ms)
-        except Exception as err:  # record it; the other wire still runs
-            failures[wire] = f"{type(err).__name__}: {err}"
-            print(f"wire {wire} failed: {failures[wire]}")
+    loop = asyncio.new_event_loop()  # one for every wire: ucxx serves one loop per process
+    thread = threading.Thread(target=loop.run_forever, name="bench-loop", daemon=True)
+    thread.start()
+    try:
+        for wire in args.wires.split(","):
+            try:
+                rows += measure_wire(args, wire, local_ms, loop)
+            except Exception as err:  # record it; the other wire still runs
+                failures[wire] = f"{type(err).__name__}: {err}"
+                print(f"wire {wire} failed: {failures[wire]}")
+    finally:
+        from moemesh.transport.ucx import UcxRuntime
+
+        UcxRuntime.stop_notifier()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
     meta = header()
-    name = "bench_expert-" + meta["card"].replace(" ", "_")
+    name = "bench_expert-" + meta["card"].replace(" ", "_") + ("-quick" if args.quick else "")
     payload = {**meta, "shape": shape, "layer": "one MoE layer, all experts in one expert process",
                "local_ms": local_ms, "rows": rows, "failures": failures}  # fmt: skip
-    print(f"wrote {write_json(name, payload, args.out)}")
+    path = write_json(name, payload, args.out)
+    for row in rows:
+        print(
+            f"\nwhere {row['wire']}/{row['format']} at {row['tokens']} tokens goes ({row['remote_ms']:.3f} ms):"
+        )
+        print_table(row.get("hops", []), ["event", "since_submit_ms", "step_ms"])
+    print(f"wrote {path}")
     print_table(rows, ["wire", "format", "tokens", "local_ms", "remote_ms", "wire_ms", "ratio"])
     series = {f"{w}/{f}": ([r["tokens"] for r in rows if (r["wire"], r["format"]) == (w, f)],
                            [r["remote_ms"] for r in rows if (r["wire"], r["format"]) == (w, f)])
@@ -220,6 +289,7 @@ def main() -> None:
     save_plot(name, [{"title": f"MoE layer dispatch+combine vs local ({meta['card']}, {meta['commit']})",
                       "xlabel": "tokens", "ylabel": "ms per layer", "series": series, "logx": True}],
               args.out)  # fmt: skip
+    return path
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ from moemesh.transport.errors import (
     from_status,
     status_code_from_number,
 )
+from moemesh.transport.expert_hops import HopLog
 from moemesh.transport.expert_wire import (
     FRAME_BYTES,
     TAG_HEADER,
@@ -193,6 +194,7 @@ class PendingExperts:
         self._top_k = top_k
         self._wait_s = wait_s
         self._retry = retry
+        self.hop_log: HopLog | None = None  # RemoteExperts.hop_log: marks woke / combined per batch
 
     def result(self) -> torch.Tensor:
         hidden, k = self._hidden, self._top_k
@@ -219,10 +221,21 @@ class PendingExperts:
                 return retry.result()
             if self._stats is not None:
                 self._stats.answered(time.perf_counter_ns() - waiting_ns)
+            self._mark("woke")
             for part, out in zip(self._parts, outputs, strict=True):
                 slots[part.slot_index.to(hidden.device)] = out.to(hidden.device, hidden.dtype)
         # the combine of moe.combine_slots: every token's k weighted rows summed in slot order
-        return slots.view(num_tokens, k, -1).sum(dim=1).to(hidden.dtype)
+        combined = slots.view(num_tokens, k, -1).sum(dim=1).to(hidden.dtype)
+        if self.hop_log is not None:
+            if combined.is_cuda:
+                torch.cuda.current_stream(combined.device).synchronize()
+            self._mark("combined")
+        return combined
+
+    def _mark(self, event: str) -> None:
+        if self.hop_log is not None:
+            for part in self._parts:
+                self.hop_log.mark(part.batch.batch_id, event)
 
 
 class RemoteExperts:
@@ -254,6 +267,7 @@ class RemoteExperts:
         self.table = ExpertTable([], num_experts, self.layers)
         self.num_batches = 0
         self.stats = DispatchStats()  # engine thread: since the last take_stats()
+        self.hop_log: HopLog | None = None  # benchmarks: per-batch timestamps (expert_hops.py)
         self._ids = itertools.count(1)
         self._changed = threading.Condition()
         self._undescribed: set[str] = set()
@@ -379,6 +393,7 @@ class RemoteExperts:
         wait_s = self.options.timeout_s + 1.0
         if num_tokens == 0:
             return PendingExperts(None, [], hidden, k, wait_s)
+        submit_ns = time.perf_counter_ns()
         table = self._wait_for_table()
         ids = topk_ids.to("cpu", torch.int64)
         owner = table.assign(layer_idx, ids)  # [T, k]
@@ -396,6 +411,10 @@ class RemoteExperts:
             parts.append(_Part(table.workers[index], batch, batch.payload(), mask.flatten().nonzero()[:, 0]))
         if self.wire_device.type == "cuda":  # UCX reads the buffers from another thread: they must be written
             torch.cuda.current_stream(self.wire_device).synchronize()
+        if self.hop_log is not None:
+            for part in parts:
+                self.hop_log.mark(part.batch.batch_id, "submit", submit_ns)
+                self.hop_log.mark(part.batch.batch_id, "built")
         future = asyncio.run_coroutine_threadsafe(self._send_all(parts), loop)
         self.stats.submitted(parts)
 
@@ -409,7 +428,11 @@ class RemoteExperts:
                 return None
             return self.submit(layer_idx, hidden, topk_ids, topk_weights, retry, resends - 1)
 
-        return PendingExperts(future, parts, hidden, k, wait_s, again if retry else None, self.stats, resend)
+        pending = PendingExperts(
+            future, parts, hidden, k, wait_s, again if retry else None, self.stats, resend
+        )
+        pending.hop_log = self.hop_log
+        return pending
 
     def _wait_for_table(self) -> ExpertTable:
         with self._changed:
@@ -437,25 +460,15 @@ class RemoteExperts:
 
     async def _exchange(self, part: _Part) -> torch.Tensor:
         worker, batch = part.worker, part.batch
+        self._mark(batch.batch_id, "loop")
         try:
             ep = await self.pool.get(worker.ucx_address)
         except MeshError as err:
             self._forget(worker.worker_id, f"is unreachable ({err})")
             raise Unavailable(f"expert worker {worker.worker_id} is unreachable: {err}") from None
-        frame = torch.empty(FRAME_BYTES, dtype=torch.uint8)
-        out = torch.empty(batch.num_slots, batch.hidden_size, dtype=torch.bfloat16, device=self.wire_device)
-
-        async def wire() -> expert_pb2.ExpertResultHeader:
-            await ep.send(as_ucx_buffer(pack_frame(batch.header())), tag=TAG_HEADER)
-            await ep.send(as_ucx_buffer(part.payload), tag=payload_tag(batch.batch_id))
-            await ep.recv(as_ucx_buffer(frame), tag=result_tag(batch.batch_id))
-            reply = unpack_frame(frame, expert_pb2.ExpertResultHeader)
-            if not reply.error:
-                await ep.recv(as_ucx_buffer(out.view(torch.uint8)), tag=output_tag(batch.batch_id))
-            return reply
-
         try:
-            reply = await asyncio.wait_for(wire(), self.options.timeout_s)
+            async with asyncio.timeout(self.options.timeout_s):
+                reply, out = await self._wire(ep, part)
         except BaseException as err:
             self.pool.drop(worker.ucx_address, ep)  # aborting cancels its requests: nothing lands later
             self._forget(
@@ -472,3 +485,27 @@ class RemoteExperts:
                 status_code_from_number(reply.error_code), f"expert worker {worker.worker_id}: {reply.error}"
             )
         return out
+
+    async def _wire(self, ep, part: _Part) -> tuple[expert_pb2.ExpertResultHeader, torch.Tensor]:
+        """One batch's four messages, all posted in one event-loop turn: the sends do not wait for each other and
+        the answer's two receives are posted before it arrives (the server sends an empty output message with
+        an error frame), so a round trip waits for UCX completions once each way, not once per message."""
+        batch = part.batch
+        frame = torch.empty(FRAME_BYTES, dtype=torch.uint8)
+        out = torch.empty(batch.num_slots, batch.hidden_size, dtype=torch.bfloat16, device=self.wire_device)
+
+        async def done(request, event: str) -> None:
+            await request
+            self._mark(batch.batch_id, event)
+
+        await asyncio.gather(
+            done(ep.send(as_ucx_buffer(pack_frame(batch.header())), tag=TAG_HEADER), "header_sent"),
+            done(ep.send(as_ucx_buffer(part.payload), tag=payload_tag(batch.batch_id)), "payload_sent"),
+            done(ep.recv(as_ucx_buffer(frame), tag=result_tag(batch.batch_id)), "frame_received"),
+            done(ep.recv(as_ucx_buffer(out.view(torch.uint8)), tag=output_tag(batch.batch_id)), "output_received"),
+        )  # fmt: skip
+        return unpack_frame(frame, expert_pb2.ExpertResultHeader), out
+
+    def _mark(self, batch_id: int, event: str) -> None:
+        if self.hop_log is not None:
+            self.hop_log.mark(batch_id, event)

@@ -19,6 +19,7 @@ import torch
 
 from moemesh._proto.v1 import expert_pb2
 from moemesh.transport.errors import StalePlacement, status_code_number, status_for
+from moemesh.transport.expert_hops import HopLog
 from moemesh.transport.expert_wire import (
     FRAME_BYTES,
     TAG_HEADER,
@@ -49,8 +50,11 @@ class UcxExpertServer:
         options: UcxOptions | None = None,
         wire_device: torch.device | str = "cpu",
         recv_timeout_s: float = 30.0,
+        hop_log: HopLog | None = None,
     ) -> None:
+        """hop_log: benchmarks' per-batch timestamps (srv_header, srv_payload, srv_computed, srv_sent)."""
         self.compute = compute
+        self.hop_log = hop_log
         self.wire_device = torch.device(wire_device)
         self.recv_timeout_s = recv_timeout_s
         self.listener = UcxListener(self._serve, host, port, options)
@@ -84,30 +88,35 @@ class UcxExpertServer:
             ) as err:  # an unreadable header: nothing after it on this connection can be trusted
                 log.warning("closing an expert connection: %s", err)
                 return
+            self._mark(header.micro_batch_id, "srv_header")
             try:
-                recv = ep.recv(as_ucx_buffer(payload), tag=payload_tag(header.micro_batch_id))
-                await asyncio.wait_for(recv, self.recv_timeout_s)
+                async with asyncio.timeout(self.recv_timeout_s):
+                    await ep.recv(as_ucx_buffer(payload), tag=payload_tag(header.micro_batch_id))
             except Exception as err:
                 log.warning("expert batch %d payload not received (%s); dropping the connection",
                             header.micro_batch_id, err)  # fmt: skip
                 ep.abort()
                 return
+            self._mark(header.micro_batch_id, "srv_payload")
             task = asyncio.ensure_future(self._answer(ep, header, payload))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
     async def _answer(self, ep: Any, header: expert_pb2.ExpertBatchHeader, payload: torch.Tensor) -> None:
+        """Sends the result frame and the output rows together (an error frame comes with an empty output
+        message: the client posts both receives up front)."""
         reply = expert_pb2.ExpertResultHeader(micro_batch_id=header.micro_batch_id, layer=header.layer)
-        out = None
+        out = torch.empty(0, dtype=torch.uint8)
         try:
-            out = await self.compute(ExpertBatch.from_wire(header, payload))
-            out = out.to(self.wire_device, torch.bfloat16).contiguous()
-            if out.is_cuda:
-                torch.cuda.current_stream(out.device).synchronize()
+            rows = await self.compute(ExpertBatch.from_wire(header, payload))
+            rows = rows.to(self.wire_device, torch.bfloat16).contiguous()
+            if rows.is_cuda:
+                torch.cuda.current_stream(rows.device).synchronize()
             reply.num_tokens = header.num_tokens
             reply.payloads.append(
-                expert_pb2.PayloadSpec(kind=expert_pb2.PAYLOAD_KIND_OUTPUT, num_bytes=out.numel() * 2)
+                expert_pb2.PayloadSpec(kind=expert_pb2.PAYLOAD_KIND_OUTPUT, num_bytes=rows.numel() * 2)
             )
+            out = rows.view(torch.uint8)
             self.num_batches += 1
         except Exception as err:
             code, message = status_for(err)
@@ -115,8 +124,15 @@ class UcxExpertServer:
             log.log(
                 level, "expert batch %d of layer %d failed: %s", header.micro_batch_id, header.layer, message
             )
-            reply.error, reply.error_code, out = message or code.name, status_code_number(code), None
+            reply.error, reply.error_code = message or code.name, status_code_number(code)
+        self._mark(header.micro_batch_id, "srv_computed")
         with contextlib.suppress(Exception):  # a lost client learns from its own failed exchange
-            await ep.send(as_ucx_buffer(pack_frame(reply)), tag=result_tag(header.micro_batch_id))
-            if out is not None:
-                await ep.send(as_ucx_buffer(out.view(torch.uint8)), tag=output_tag(header.micro_batch_id))
+            await asyncio.gather(
+                ep.send(as_ucx_buffer(pack_frame(reply)), tag=result_tag(header.micro_batch_id)),
+                ep.send(as_ucx_buffer(out), tag=output_tag(header.micro_batch_id)),
+            )
+        self._mark(header.micro_batch_id, "srv_sent")
+
+    def _mark(self, batch_id: int, event: str) -> None:
+        if self.hop_log is not None:
+            self.hop_log.mark(batch_id, event)

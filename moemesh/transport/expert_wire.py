@@ -2,9 +2,10 @@
 attention worker to one expert-pool worker, and the expert outputs back.
 
 Per batch, on one UCX endpoint (tags are scoped to the endpoint; `id` is the batch's micro_batch_id):
-    client: header frame (tag TAG_HEADER) -> payload (tag 8*id+2) -> recv result frame (tag 8*id+3)
-            -> recv output (tag 8*id+4) unless the result frame carries an error
-    server: recv header frame -> recv payload -> compute -> result frame -> output
+    client: header frame (tag TAG_HEADER), payload (tag 8*id+2), recv result frame (tag 8*id+3) and recv
+            output (tag 8*id+4), all four posted at once
+    server: recv header frame -> recv payload -> compute -> result frame and output, sent together; with an
+            error frame the output message is empty (0 bytes), so the client's posted receive completes
 A frame is FRAME_BYTES: a little-endian uint32 length, then the serialized ExpertBatchHeader /
 ExpertResultHeader. The payload is one buffer: the token buffer (kernels/token_format.py's layout, scales
 inside), expert ids int32 [T, k] (-1: a slot another worker computes), routing weights fp32 [T, k], each

@@ -30,6 +30,7 @@ from moemesh.kernels.token_format import TokenLayout, decode_tokens
 from moemesh.model.expert_shard import ExpertShard, merge_shards, select_experts
 from moemesh.telemetry.metrics import ExpertMetrics
 from moemesh.transport.errors import FailedPrecondition, InvalidArgument, StalePlacement
+from moemesh.transport.expert_hops import HopLog
 from moemesh.transport.expert_wire import ExpertBatch
 from moemesh.transport.registry import ExpertTokenCount, LoadReport
 
@@ -62,6 +63,7 @@ class ExpertWorker:
         self.tokens = {
             layer: torch.zeros(shard.config.n_routed_experts, dtype=torch.int64) for layer in shard.layers
         }
+        self.hop_log: HopLog | None = None  # benchmarks: marks compute_start / compute_end per batch
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="experts")
 
     async def compute(self, batch: ExpertBatch) -> torch.Tensor:
@@ -70,6 +72,8 @@ class ExpertWorker:
 
     def compute_sync(self, batch: ExpertBatch) -> torch.Tensor:
         start_s = time.perf_counter()
+        if self.hop_log is not None:
+            self.hop_log.mark(batch.batch_id, "compute_start")
         if batch.placement_epoch and batch.placement_epoch != self.placement_epoch:
             raise StalePlacement(
                 f"batch of layer {batch.layer} routed by placement epoch {batch.placement_epoch}; "
@@ -106,6 +110,8 @@ class ExpertWorker:
             out = experts.slot_outputs(hidden, slots // batch.top_k, local, weights)
             if out.is_cuda:  # the event loop's thread hands it to UCX next: it must be written by then
                 torch.cuda.current_stream(out.device).synchronize()
+        if self.hop_log is not None:
+            self.hop_log.mark(batch.batch_id, "compute_end")
         counts = torch.bincount(experts_of.cpu(), minlength=self.tokens[batch.layer].numel())
         self.tokens[batch.layer] += counts
         self.num_batches += 1
