@@ -1,0 +1,154 @@
+"""The expert pool computes what the colocated worker computes, whatever the grouping: `RemoteExperts` (its real
+split by owner and its combine) over a wire that is a function call (each batch goes through its header frame and
+payload bytes to a real `ExpertWorker` holding a real shard: everything but UCX) against `LocalExperts` — the
+colocated eager path — on the same tokens: bit for bit with BF16 tokens, for one worker, three, replicas that
+split an expert's tokens, and a skewed routing that gives a worker many more rows per expert than the whole layer
+has (on CUDA that picks another tile shape of torch's grouped GEMM on the worker than on the colocated side). And
+the MoE block adds the shared experts to the routed sum the same way with its experts here or away.
+
+CPU (BF16: the per-expert loop) always; CUDA (BF16: the grouped GEMM) at V2-Lite expert shapes with the `gpu`
+marker."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+
+from moemesh.config.mesh import parse_expert_set
+from moemesh.model.config import ModelConfig
+from moemesh.model.expert_shard import ExpertShard
+from moemesh.model.moe import MoE
+from moemesh.services.expert.worker import ExpertWorker
+from moemesh.services.remote_experts import token_encoder
+from moemesh.transport.expert_client import PoolWorker, RemoteExperts, RemoteExpertsOptions
+from moemesh.transport.expert_wire import ExpertBatch, pack_frame, unpack_frame
+
+LAYER = 1
+TINY = dict(hidden_size=64, moe_intermediate_size=32, n_routed_experts=16, num_experts_per_tok=4)
+V2_LITE = dict(hidden_size=2048, moe_intermediate_size=1408, n_routed_experts=64, num_experts_per_tok=6)
+LAYOUTS = {"one": ["all"], "three": ["0/3", "1/3", "2/3"], "replicas": ["0/3", "1/3", "2/3", "1-6"]}
+
+
+def model_config(shape: dict) -> ModelConfig:
+    return ModelConfig.from_dict({
+        "model_type": "deepseek_v2", "vocab_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8,
+        "v_head_dim": 16, "first_k_dense_replace": 1, "n_shared_experts": 1, **shape,
+    })  # fmt: skip
+
+
+def random_moe(config: ModelConfig, device: str) -> MoE:
+    gen = torch.Generator().manual_seed(3)
+    moe = MoE(config, LAYER)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    return moe.to(device=device, dtype=torch.bfloat16).requires_grad_(False)
+
+
+class LoopbackExperts(RemoteExperts):
+    """RemoteExperts whose wire is a call: each batch's header goes through its frame bytes and its payload is
+    copied, then the worker's `compute_sync` answers; the split, the encode and the combine are RemoteExperts'
+    own."""
+
+    def __init__(self, workers: dict[str, ExpertWorker], config: ModelConfig) -> None:
+        super().__init__(
+            [LAYER], config.n_routed_experts, token_encoder("bf16"), RemoteExpertsOptions("bf16")
+        )
+        self.experts = workers
+
+    async def _exchange(self, part) -> torch.Tensor:
+        header = unpack_frame(pack_frame(part.batch.header()), type(part.batch.header()))
+        batch = ExpertBatch.from_wire(header, part.payload.clone())
+        return self.experts[part.worker.worker_id].compute_sync(batch).to(self.wire_device, torch.bfloat16)
+
+
+class Loop:
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def pool(self, moe: MoE, specs: list[str], device: str) -> LoopbackExperts:
+        config = moe.config
+        workers = {}
+        for i, spec in enumerate(specs):
+            ids = parse_expert_set(spec, config.n_routed_experts)
+            experts = type(moe.experts)(len(ids), config.hidden_size, config.moe_intermediate_size)
+            with torch.no_grad():
+                experts.w13.data = moe.experts.w13[list(ids)].clone()
+                experts.w2.data = moe.experts.w2[list(ids)].clone()
+            shard = ExpertShard(config, ids, {LAYER: experts})
+            workers[f"w{i}"] = ExpertWorker(f"w{i}", shard, torch.device(device), torch.bfloat16)
+        remote = LoopbackExperts(workers, config)
+        asyncio.run_coroutine_threadsafe(remote.start(), self.loop).result(timeout=30)
+        for name, worker in workers.items():
+            remote.add_worker(PoolWorker(name, "loopback:0", {LAYER: worker.shard.expert_ids}))
+        return remote
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def loop():
+    loop = Loop()
+    yield loop
+    loop.close()
+
+
+def routing(moe: MoE, num_tokens: int, skew: bool, seed: int):
+    """hidden bf16 [T, D] and the block's own routing of it; `skew` pushes every token to experts 0..7."""
+    gen = torch.Generator().manual_seed(seed)
+    device = moe.experts.w13.device
+    hidden = torch.randn(num_tokens, moe.config.hidden_size, generator=gen).to(device, torch.bfloat16)
+    if not skew:
+        weights, ids = moe.gate(hidden)
+        return hidden, ids, weights
+    logits = torch.randn(num_tokens, moe.config.n_routed_experts, generator=gen)
+    logits[:, :8] += 20.0
+    weights, ids = logits.softmax(-1).topk(moe.config.num_experts_per_tok, dim=-1)
+    return hidden, ids.to(device), weights.to(device)
+
+
+def check_rows_and_block(loop: Loop, moe: MoE, layout: str, cases: list[tuple[int, bool]]) -> None:
+    device = str(moe.experts.w13.device)
+    remote = loop.pool(moe, LAYOUTS[layout], device)
+    for num_tokens, skew in cases:
+        hidden, ids, weights = routing(moe, num_tokens, skew, seed=num_tokens)
+        with torch.no_grad():
+            local = moe.experts(LAYER, hidden, ids, weights)
+            away = remote(LAYER, hidden, ids, weights)
+        assert torch.equal(away, local), (layout, num_tokens, skew, float((away - local).abs().max()))
+    hidden = routing(moe, 33, False, seed=7)[0]
+    with torch.no_grad():
+        here = moe(hidden)
+        moe.set_expert_backend(remote)
+        try:
+            there = moe(hidden)  # the deferred path: shared experts while the routed ones are away
+        finally:
+            moe.set_expert_backend(moe.experts)
+    assert torch.equal(there, here), (layout, float((there - here).abs().max()))
+    assert remote.num_batches >= len(cases) + 1
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_pool_rows_equal_the_colocated_rows_bit_for_bit(loop, layout):
+    moe = random_moe(model_config(TINY), "cpu")
+    check_rows_and_block(loop, moe, layout, [(1, False), (3, False), (17, False), (64, False), (40, True)])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_on_cuda_pool_rows_equal_the_colocated_rows_bit_for_bit(loop, layout):
+    """V2-Lite expert shapes. The skewed 1024-token case: the colocated grouped GEMM sees 6144 rows over 64
+    experts (96 a group: torch's small tile), a worker hosting experts 0..7 about 6144 over 8 (its large tile)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    moe = random_moe(model_config(V2_LITE), "cuda")
+    cases = [(1, False), (6, False), (64, False), (512, False), (2048, False), (1024, True)]
+    check_rows_and_block(loop, moe, layout, cases)
