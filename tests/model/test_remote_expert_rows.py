@@ -41,12 +41,13 @@ def model_config(shape: dict) -> ModelConfig:
 
 
 def random_moe(config: ModelConfig, device: str) -> MoE:
-    gen = torch.Generator().manual_seed(3)
-    moe = MoE(config, LAYER)
+    """Seeded random BF16 weights, drawn on `device` (V2-Lite's experts are 0.5 G values)."""
+    gen = torch.Generator(device).manual_seed(3)
+    moe = MoE(config, LAYER).to(device=device, dtype=torch.bfloat16).requires_grad_(False)
     with torch.no_grad():
         for p in moe.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    return moe.to(device=device, dtype=torch.bfloat16).requires_grad_(False)
+            p.copy_(torch.randn(p.shape, generator=gen, device=device) * 0.05)
+    return moe
 
 
 class LoopbackExperts(RemoteExperts):
@@ -101,6 +102,13 @@ def loop():
     loop.close()
 
 
+@pytest.fixture(scope="module")
+def cuda_moe():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    return random_moe(model_config(V2_LITE), "cuda")
+
+
 def routing(moe: MoE, num_tokens: int, skew: bool, seed: int):
     """hidden bf16 [T, D] and the block's own routing of it; `skew` pushes every token to experts 0..7."""
     gen = torch.Generator().manual_seed(seed)
@@ -144,11 +152,9 @@ def test_pool_rows_equal_the_colocated_rows_bit_for_bit(loop, layout):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_on_cuda_pool_rows_equal_the_colocated_rows_bit_for_bit(loop, layout):
+def test_on_cuda_pool_rows_equal_the_colocated_rows_bit_for_bit(loop, cuda_moe, layout):
     """V2-Lite expert shapes. The skewed 1024-token case: the colocated grouped GEMM sees 6144 rows over 64
-    experts (96 a group: torch's small tile), a worker hosting experts 0..7 about 6144 over 8 (its large tile)."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    moe = random_moe(model_config(V2_LITE), "cuda")
+    experts (96 a group: torch's small tile), the worker hosting experts 0..21 nearly all of them over 22 (its
+    large tile)."""
     cases = [(1, False), (6, False), (64, False), (512, False), (2048, False), (1024, True)]
-    check_rows_and_block(loop, moe, layout, cases)
+    check_rows_and_block(loop, cuda_moe, layout, cases)
