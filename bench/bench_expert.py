@@ -19,6 +19,7 @@ event since submit and the median step from the event before it.
 
     python -m bench.bench_expert                       # the GPU run: JSON + PNG under bench/results/
     python -m bench.bench_expert --device cpu --quick  # CPU: tiny shapes, 1 and 8 tokens, both wires, BF16
+    python -m bench.bench_expert --progress polling    # the same with UCX progressed on the event loops
 """
 
 from __future__ import annotations
@@ -66,14 +67,19 @@ def build_experts(shape: dict, device: str):
     return experts.to(device=device, dtype=torch.bfloat16).requires_grad_(False)
 
 
-def ucx_options(device: str):
+PROGRESS = ("thread", "thread-poll", "polling", "blocking")
+
+
+def ucx_options(device: str, progress: str = "thread"):
     """One set per process (UCX runs once): on a GPU machine UCX picks its transports (cuda_ipc for device
-    buffers, shared memory for host ones); on a CPU box TCP over loopback."""
+    buffers, shared memory for host ones); on a CPU box TCP over loopback. progress: "thread" = ucxx's progress
+    thread + its notifier thread completing each request's future (what the workers run); "thread-poll" = the
+    progress thread, futures polled from the event loop; "polling" / "blocking" = progress on the event loop."""
     from moemesh.transport.ucx import UcxOptions
 
-    if device.startswith("cuda"):
-        return UcxOptions("", "", progress_mode="thread", notifier_thread=True)
-    return UcxOptions("tcp,self", "lo", progress_mode="thread", notifier_thread=True)
+    transports, devices = ("", "") if device.startswith("cuda") else ("tcp,self", "lo")
+    mode = "thread" if progress.startswith("thread") else progress
+    return UcxOptions(transports, devices, progress_mode=mode, notifier_thread=progress == "thread")
 
 
 # ------------------------------------------------------------------------------------------ the expert process
@@ -95,7 +101,7 @@ async def serve(args: argparse.Namespace) -> None:
     worker = ExpertWorker("bench-expert", shard, device, torch.bfloat16)
     worker.hop_log = hops = HopLog()
     wire_device = device if args.wire == "device" else torch.device("cpu")
-    server = UcxExpertServer(worker.compute, options=ucx_options(args.device), wire_device=wire_device,
+    server = UcxExpertServer(worker.compute, options=ucx_options(args.device, args.progress), wire_device=wire_device,
                              hop_log=hops)  # fmt: skip
     print("address", await server.start(), flush=True)
     loop = asyncio.get_running_loop()
@@ -141,11 +147,12 @@ def routing(num_tokens: int, shape: dict, device: str):
 
 def start_expert(args: argparse.Namespace, wire: str) -> tuple[subprocess.Popen, str]:
     """The expert process for `wire`; -> (process, its UCX address)."""
-    argv = [sys.executable, "-m", "bench.bench_expert", "--serve", "--wire", wire, "--device", args.device]
+    argv = [sys.executable, "-m", "bench.bench_expert", "--serve", "--wire", wire, "--device", args.device,
+            "--progress", args.progress]  # fmt: skip
     if args.small:
         argv.append("--small")
     child = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                             env={**os.environ, "UCXPY_PROGRESS_MODE": "thread"})  # fmt: skip
+                             env={**os.environ, "UCXPY_PROGRESS_MODE": ucx_options(args.device, args.progress).progress_mode})  # fmt: skip
     assert child.stdout is not None
     for line in child.stdout:
         if line.startswith("address "):
@@ -186,7 +193,7 @@ def measure_wire(args: argparse.Namespace, wire: str, local_ms: dict[int, float]
     try:
         for fmt in args.formats.split(","):
             remote = RemoteExperts([LAYER], shape["n_routed_experts"], token_encoder(fmt),
-                                   RemoteExpertsOptions(fmt, timeout_s=60.0), ucx_options(args.device),
+                                   RemoteExpertsOptions(fmt, timeout_s=60.0), ucx_options(args.device, args.progress),
                                    wire_device=args.device if wire == "device" else "cpu")  # fmt: skip
             asyncio.run_coroutine_threadsafe(remote.start(), loop).result()
             remote.add_worker(
@@ -220,6 +227,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--formats", default="bf16,fp8")
     p.add_argument("--wires", default="device,host")
     p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--progress", default="thread", choices=PROGRESS,
+                   help="UCX progress on both ends (thread: the workers' setting)")  # fmt: skip
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke run)")
     p.add_argument("--quick", action="store_true",
@@ -272,7 +281,9 @@ def main(argv: list[str] | None = None) -> Path | None:
         thread.join(timeout=10)
     meta = header()
     name = "bench_expert-" + meta["card"].replace(" ", "_") + ("-quick" if args.quick else "")
+    name += "" if args.progress == "thread" else f"-{args.progress}"
     payload = {**meta, "shape": shape, "layer": "one MoE layer, all experts in one expert process",
+               "progress": args.progress,
                "local_ms": local_ms, "rows": rows, "failures": failures}  # fmt: skip
     path = write_json(name, payload, args.out)
     for row in rows:
