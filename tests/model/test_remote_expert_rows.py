@@ -72,6 +72,7 @@ class Loop:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
+        self.workers: list[ExpertWorker] = []
 
     def pool(self, moe: MoE, specs: list[str], device: str) -> LoopbackExperts:
         config = moe.config
@@ -84,6 +85,7 @@ class Loop:
                 experts.w2.data = moe.experts.w2[list(ids)].clone()
             shard = ExpertShard(config, ids, {LAYER: experts})
             workers[f"w{i}"] = ExpertWorker(f"w{i}", shard, torch.device(device), torch.bfloat16)
+        self.workers += workers.values()
         remote = LoopbackExperts(workers, config)
         asyncio.run_coroutine_threadsafe(remote.start(), self.loop).result(timeout=30)
         for name, worker in workers.items():
@@ -91,6 +93,8 @@ class Loop:
         return remote
 
     def close(self) -> None:
+        for worker in self.workers:
+            worker.close()
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
 
