@@ -24,7 +24,7 @@ from moemesh.model.moe import MoE
 from moemesh.services.expert.worker import ExpertWorker
 from moemesh.services.remote_experts import token_encoder
 from moemesh.transport.expert_client import PoolWorker, RemoteExperts, RemoteExpertsOptions
-from moemesh.transport.expert_wire import ExpertBatch, pack_frame, unpack_frame
+from moemesh.transport.expert_wire import TOKEN_FORMATS, ExpertBatch, pack_frame, unpack_frame
 
 LAYER = 1
 TINY = dict(hidden_size=64, moe_intermediate_size=32, n_routed_experts=16, num_experts_per_tok=4)
@@ -70,7 +70,7 @@ class LoopbackExperts(RemoteExperts):
 class Loop:
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread = threading.Thread(target=self.loop.run_forever, name="pool-loop", daemon=True)
         self.thread.start()
         self.workers: list[ExpertWorker] = []
 
@@ -152,6 +152,26 @@ def check_rows_and_block(loop: Loop, moe: MoE, layout: str, cases: list[tuple[in
 def test_pool_rows_equal_the_colocated_rows_bit_for_bit(loop, layout):
     moe = random_moe(model_config(TINY), "cpu")
     check_rows_and_block(loop, moe, layout, [(1, False), (3, False), (17, False), (64, False), (40, True)])
+
+
+def test_small_batches_compute_on_the_event_loop_the_rest_on_the_compute_thread(loop):
+    moe = random_moe(model_config(TINY), "cpu")
+    worker = loop.pool(moe, ["all"], "cpu").experts["w0"]
+    worker.inline_max_tokens = 8
+    threads, compute_sync = [], worker.compute_sync
+    worker.compute_sync = lambda batch: (
+        threads.append(threading.current_thread().name),
+        compute_sync(batch),
+    )[1]
+    for num_tokens in (8, 9):
+        hidden, ids, weights = routing(moe, num_tokens, False, seed=num_tokens)
+        batch = ExpertBatch(num_tokens, LAYER, TOKEN_FORMATS["bf16"], moe.config.hidden_size,
+                            token_encoder("bf16")(hidden), ids.to(torch.int32), weights.float())  # fmt: skip
+        rows = asyncio.run_coroutine_threadsafe(worker.compute(batch), loop.loop).result(timeout=30)
+        assert torch.equal(rows, compute_sync(batch))
+    assert threads[0] == "pool-loop" and threads[1].startswith("experts"), threads
+    with pytest.raises(ValueError, match=r"inline_max_tokens=-1 must be >= 0"):
+        ExpertWorker("x", worker.shard, torch.device("cpu"), torch.bfloat16, inline_max_tokens=-1)
 
 
 @pytest.mark.gpu
