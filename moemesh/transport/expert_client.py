@@ -450,10 +450,12 @@ class RemoteExperts:
 
     async def _send_all(self, parts: list[_Part]) -> list[torch.Tensor]:
         if len(parts) == 1:  # no task of its own: one event-loop turn fewer
-            results = [await self._exchange(parts[0])]
-            self.num_batches += 1
-            return results
-        results = await asyncio.gather(*(self._exchange(p) for p in parts), return_exceptions=True)
+            try:
+                results = [await self._exchange(parts[0])]
+            except StalePlacement as err:
+                results = [err]
+        else:
+            results = await asyncio.gather(*(self._exchange(p) for p in parts), return_exceptions=True)
         if any(isinstance(r, StalePlacement) for r in results):  # before the engine thread resends
             await self.refresh()
         for result in results:
