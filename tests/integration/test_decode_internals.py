@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import grpc
 import pytest
 
 from moemesh._proto.v1 import common_pb2, worker_pb2
@@ -17,10 +18,11 @@ from moemesh.engine.sampling_params import SamplingParams
 from moemesh.services.decode.leases import LeaseTable
 from moemesh.services.decode.outbox import Outbox
 from moemesh.services.decode.servicer import DecodeServicer
-from moemesh.services.decode.worker import DecodeWorker
+from moemesh.services.decode.worker import DecodeJob, DecodeWorker
 from moemesh.services.engine_loop import EngineLoop
 from moemesh.services.model_loading import LoadedModel, load_engine
 from moemesh.transport.kv_loopback import LoopbackFabric
+from moemesh.transport.peers import WorkerInfo
 from tests.model.tiny import build_hf, save_hf
 
 PROMPT = list(range(1, 20))  # 19 tokens: 3 pages of 8. The lease tests adopt it without writing its KV, so
@@ -375,3 +377,81 @@ def test_step_calls_on_launched_once_per_forward_before_it_returns(loaded):
         num_steps += 1
     assert calls == list(range(num_steps))
     assert_every_page_back(loaded)
+
+
+class _PrefillThatDiesAfterItsFirstToken:
+    """A prefill worker that streams its early result (the right first token) and is lost before its KV."""
+
+    def __init__(self, first_token_id: int) -> None:
+        self.first_token_id = first_token_id
+        self.aborts = 0
+
+    async def Prefill(self, request, context):
+        await context.write(worker_pb2.PrefillResult(request_id=request.request_id, kv_complete=False,
+                                                     first_token_id=self.first_token_id, prefill_ms=1.0))  # fmt: skip
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "prefill worker lost")
+
+    async def Abort(self, request, context):
+        self.aborts += 1
+        return worker_pb2.AbortResponse(found=False)
+
+
+class _OnePeer:
+    """The PeerSet surface the decode worker uses: one handshaken prefill worker."""
+
+    def __init__(self, info: WorkerInfo, channel) -> None:
+        self.ready = {info.worker_id: info}
+        self.refused: dict = {}
+        self._channel = channel
+
+    def channel(self, worker_id: str):
+        return self._channel
+
+
+def test_a_prefill_worker_lost_after_its_first_token_is_finished_here_after_that_token(loaded):
+    """The client has P's first token already (here not the greedy one, as a sampled token may be), then P is
+    lost: D computes prompt + that token itself (no other P, whose first token could differ), the stream goes on without a gap or a repeat, and every page returns.
+    (The reference run leaves the prompt in D's prefix cache: local_prefill_tokens=0 still sends it to P.)"""
+    prompt = list(range(40, 65))
+
+    async def body():
+        async with _Parts(loaded) as parts:
+            greedy = await _collect(
+                parts.loop, "ref", lambda: parts.engine.add_request(prompt, GREEDY, "ref")
+            )
+            sampled = (greedy[0] + 7) % 90 + 2  # what P might have sampled: not the greedy first token
+            want = await _collect(parts.loop, "ref2", lambda: parts.engine.add_request(
+                prompt, GREEDY, "ref2", output_ids=(sampled,)))  # fmt: skip
+            assert want[0] == sampled and want[1:] != greedy[1:]
+            fake = _PrefillThatDiesAfterItsFirstToken(sampled)
+            server = grpc.aio.server()
+            port = server.add_insecure_port("127.0.0.1:0")
+            handlers = {
+                "Prefill": grpc.unary_stream_rpc_method_handler(
+                    fake.Prefill, worker_pb2.PrefillRequest.FromString, worker_pb2.PrefillResult.SerializeToString),
+                "Abort": grpc.unary_unary_rpc_method_handler(
+                    fake.Abort, worker_pb2.AbortRequest.FromString, worker_pb2.AbortResponse.SerializeToString),
+            }  # fmt: skip
+            server.add_generic_rpc_handlers(
+                (grpc.method_handlers_generic_handler("moemesh.v1.PrefillWorker", handlers),)
+            )
+            await server.start()
+            info = WorkerInfo("prefill-0", "prefill", f"127.0.0.1:{port}")
+            try:
+                async with grpc.aio.insecure_channel(info.grpc_address) as channel:
+                    config = WorkerConfig(
+                        role="decode", worker_id="decode-t", model="unused", local_prefill_tokens=0
+                    )
+                    worker = DecodeWorker(config, parts.loop, parts.leases, _OnePeer(info, channel))
+                    job = DecodeJob("lost-p", prompt, GREEDY, prefill_worker=info)
+                    timing = common_pb2.TtftBreakdown()
+                    outs = [out async for out in worker.generate(job, lambda: 30.0, timing)]
+            finally:
+                await server.stop(None)
+        assert [t for out in outs for t in out.new_token_ids] == list(want)
+        assert outs[0].new_token_ids == (want[0],) and outs[-1].output_ids == want and outs[-1].finished
+        assert fake.aborts == 1 and worker.num_prefill_fallbacks == 1 and worker.num_remote_prefills == 0
+        assert not timing.remote_prefill
+        assert_every_page_back(loaded)
+
+    asyncio.run(asyncio.wait_for(body(), 60))
