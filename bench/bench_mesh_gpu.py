@@ -4,7 +4,8 @@ in-process (`Engine.step()` as `LLM.generate` drives it), `moemesh up --topology
 `--topology pd` (P and D processes sharing the card, KV over UCX's CUDA transports) — at several concurrencies
 and prompt lengths, greedy, ignore_eos.
 
-Per case: TTFT (client side, mean), TPOT (mean over requests), output tokens/s over the wave, the TTFT
+Per case, three timed waves of `concurrency` requests, each metric the median of the waves': TTFT (client side,
+mean over the wave), TPOT (mean over requests), output tokens/s over the wave, the TTFT
 breakdown (`usage.ttft`: queue on D, prefill, the KV transfer's tail after P's forward, handoff, D's first
 decode step), how many pd requests were prefilled remotely, the KV bytes per request and the rate of the
 transfer's tail (bytes / tail: the whole transfer when the prompt is one step) against the device-to-device
@@ -39,6 +40,9 @@ from bench.harness import copy_bandwidth_gbs, header, print_table, save_plot, wr
 ROOT = Path(__file__).resolve().parent.parent
 SPANS = ("queue_ms", "prefill_ms", "kv_transfer_ms", "handoff_ms", "first_decode_step_ms")
 LOCAL_PREFILL_TOKENS = 16
+
+
+WAVES = 3  # timed waves per case; each metric is their median
 
 
 def prompts(count: int, length: int, seed: int) -> list[list[int]]:
@@ -103,10 +107,13 @@ def run_mesh(address: str, work: list[list[int]], new_tokens: int, concurrency: 
 
 
 def _mean(waves: list[dict]) -> dict:
-    out = {k: statistics.mean(w[k] for w in waves) for k in ("ttft_ms", "tpot_ms", "out_tok_s", "wall_s")}
+    """Each metric's median over the waves (three per case: one wave stalled by something else on the box
+    moves a mean, not a median), with the number of waves."""
+    out = {k: statistics.median(w[k] for w in waves) for k in ("ttft_ms", "tpot_ms", "out_tok_s", "wall_s")}
+    out["waves"] = len(waves)
     if "ttft_breakdown_ms" in waves[0]:
         out["ttft_breakdown_ms"] = {
-            s: statistics.mean(w["ttft_breakdown_ms"][s] for w in waves) for s in SPANS
+            s: statistics.median(w["ttft_breakdown_ms"][s] for w in waves) for s in SPANS
         }
         out["remote_prefills"] = sum(w["remote_prefills"] for w in waves)
         out["requests"] = sum(w["requests"] for w in waves)
@@ -182,7 +189,7 @@ def bench_model(model: Path, label: str, args, cases) -> list[dict]:
     from moemesh import LLM
 
     rows = []
-    work = {(n, c): prompts(3 if c == 1 else c, n, seed=n + c) for n, c in cases}
+    work = {(n, c): prompts(WAVES * c, n, seed=n + c) for n, c in cases}  # WAVES timed waves of c requests
     # Warm-up: one short prompt, and with --warm-up cases one untimed wave of every case (other prompts, 4 new
     # tokens): the first wave of a shape otherwise pays Triton compiles (or cache loads) that only it meets —
     # issue 10's first run showed in-process 512 x8 at 283 ms TTFT against 116 ms at x32.

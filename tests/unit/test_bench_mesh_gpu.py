@@ -42,8 +42,10 @@ def test_reduced_cpu_run_writes_json_and_png(tmp_path):
     assert payload["card"] == "cpu" and payload["commit"] and payload["date"]
     (row,) = payload["rows"]
     assert (row["mode"], row["prompt_tokens"], row["concurrency"]) == ("pd", 40, 2)
-    assert row["remote_prefills"] == row["requests"] == 2 and row["prefill_fallbacks"] == 0
+    assert (
+        row["waves"] == 3 and row["remote_prefills"] == row["requests"] == 6 and row["prefill_fallbacks"] == 0
+    )
     assert row["kv_bytes_per_request"] == 40 * 1 * (64 + 16) * 2  # tokens x layers x (kv_lora + rope) x bf16
     assert row["ttft_breakdown_ms"]["prefill_ms"] > 0 and row["tpot_ms"] > 0
-    assert payload["verdicts"][0].startswith("('tiny-1L-bf16', 40, 2): remote 2/2")
+    assert payload["verdicts"][0].startswith("('tiny-1L-bf16', 40, 2): remote 6/6")
     assert (tmp_path / "mesh-gpu-cpu.png").stat().st_size > 1000
