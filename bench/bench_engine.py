@@ -1,8 +1,8 @@
 """The engine's decode step at DeepSeek-V2-Lite shapes (random BF16 / FP8 weights) against transformers'
 DeepseekV3ForCausalLM with the same config on the same card, and against the memory floor of the same run.
 
-Per decode step and batch (1, 8, 64, 256), for each MoE path (`reference`: the block's own torch path;
-`fused`: `moemesh.model.moe_fused`) and weight dtype: `step_ms` (Engine.step end to end), `device_ms` (the
+Per decode step and batch (1, 8, 64, 256), for each MoE path (`fused`: `moemesh.model.moe_fused`, the CUDA
+default; `reference`: the block's own torch path, on request) and weight dtype: `step_ms` (Engine.step end to end), `device_ms` (the
 captured decode graph's replay), `host_prepare_ms` (the runner's Python side of building the step's inputs),
 `launches` (kernels in one replay of the graph, from the profiler; eager forward where the profiler cannot see
 inside graphs), `floor_ms` and `step_over_floor`; the transformers peer at batch 1 and 64.
@@ -16,7 +16,7 @@ inside graphs), `floor_ms` and `step_over_floor`; the transformers peer at batch
   the step's tokens pick — 6 per MoE layer at batch 1, in expectation nearly all 64 at batch 64) plus the KV
   read, over the device-to-device copy bandwidth measured in this run (bytes read + written).
 
-    python -m bench.bench_engine [--out DIR] [--quick] [--fp8] [--moe reference,fused] [--device cpu]
+    python -m bench.bench_engine [--out DIR] [--quick] [--fp8] [--moe fused[,reference]] [--device cpu]
 
 `--device cpu` runs a reduced form (a tiny config, batches 1 and 8, no graphs: device time is the eager forward,
 launches are the profiler's torch ops) so the benchmark itself is tested on a CPU.
@@ -202,10 +202,11 @@ def build_engine(model, batches: tuple[int, ...]):
 
 
 def set_moe_path(engine, path: str) -> None:
-    """Switches the model's MoE layers to `path` and recaptures the decode graphs with it."""
-    from moemesh.model.moe_fused import enable_fused
+    """Switches the model's MoE and MLP blocks to `path` (fused: the CUDA default; reference: the block's torch
+    path, the previous GPU path) and recaptures the decode graphs with it."""
+    from moemesh.model.moe_fused import set_fused
 
-    enable_fused(engine.model, on=path == "fused")
+    set_fused(engine.model, path == "fused")
     if engine.runner.graphs:
         engine.runner.graphs.clear()
         gc.collect()
@@ -396,7 +397,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--skip-peer", action="store_true")
     parser.add_argument("--fp8", action="store_true", help="also run ours with FP8 projections and experts")
     parser.add_argument(
-        "--moe", default="reference,fused", help="MoE paths to measure, comma-separated: reference, fused"
+        "--moe", default="fused", help="MoE paths to measure, comma-separated: fused (default), reference"
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)

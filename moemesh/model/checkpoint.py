@@ -22,6 +22,8 @@ from tqdm.auto import tqdm
 from moemesh.kernels import weight_dequant, weight_quant
 from moemesh.model.config import ModelConfig
 from moemesh.model.fp8 import to_fp8
+from moemesh.model.layers import MLP
+from moemesh.model.moe_fused import stack_gate_up
 from moemesh.model.network import DeepseekForCausalLM
 
 log = logging.getLogger("moemesh")
@@ -77,7 +79,8 @@ def build_empty(
     config: ModelConfig, device: torch.device, dtype: torch.dtype, fp8: bool = False
 ) -> DeepseekForCausalLM:
     """The network with uninitialized parameters on `device`: router weights and biases in fp32; with `fp8`,
-    the projections and experts DeepSeek quantizes hold e4m3 weights and block scales."""
+    the projections and experts DeepSeek quantizes hold e4m3 weights and block scales; every MLP's gate and up
+    projections are views into one stacked weight (`moe_fused.stack_gate_up`)."""
     with torch.device("meta"):
         model = DeepseekForCausalLM(config).to(dtype)
         if fp8:
@@ -85,6 +88,9 @@ def build_empty(
     model = model.to_empty(device=device)
     for moe in model.moe_layers():
         moe.gate.float()
+    for module in model.modules():
+        if isinstance(module, MLP):  # gate and up as views into one weight, filled by the load (one GEMM)
+            stack_gate_up(module)
     model.rotary = type(model.rotary)(config).to(device)
     return model
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from moemesh.model.config import ModelConfig
 from moemesh.model.layers import MLP
+from moemesh.model.moe_fused import fused_moe
 
 
 def route(
@@ -104,8 +105,8 @@ class LocalExperts(nn.Module):
     def forward(
         self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
     ) -> torch.Tensor:
-        if hidden.is_cuda and torch.cuda.is_current_stream_capturing():
-            return self.forward_static(hidden, topk_ids, topk_weights)
+        """The reference (CPU) path, and the expert pool's: every token's k weighted slot rows, summed in slot
+        order. On CUDA the MoE block takes `moe_fused.fused_moe` instead."""
         num_tokens, k = topk_ids.shape
         token_of = torch.arange(num_tokens, device=hidden.device).repeat_interleave(k)  # [T*k]
         slots = self.slot_outputs(hidden, token_of, topk_ids.flatten(), topk_weights.flatten())
@@ -117,8 +118,9 @@ class LocalExperts(nn.Module):
         """One row per slot s: weights[s] * expert[expert_ids[s]](hidden[token_of[s]]), in hidden.dtype.
 
         hidden [T, D]; token_of, expert_ids int64 [S] (indices into hidden and into w13 / w2); weights fp32
-        [S]. BF16 on CUDA: one grouped GEMM, no host sync; else a loop over the experts that got tokens, each
-        on its tokens in slot order (so a worker holding a subset of the slots computes the same rows)."""
+        [S]. BF16 on CUDA (an expert-pool worker): one grouped GEMM, no host sync; else a loop over the experts
+        that got tokens, each on its tokens in slot order (so a worker holding a subset of the slots computes
+        the same rows)."""
         if hidden.is_cuda and hidden.dtype == torch.bfloat16:
             return self._slots_grouped(hidden, token_of, expert_ids, weights)
         out = torch.empty(expert_ids.numel(), hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
@@ -134,45 +136,6 @@ class LocalExperts(nn.Module):
             y = F.linear(F.silu(gate) * up, self.w2[expert])
             out[rows] = (y * weights[rows, None]).to(out.dtype)
         return out
-
-    def forward_static(
-        self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
-    ) -> torch.Tensor:
-        """`forward` without a host sync, so CUDA graphs can capture it (decode steps).
-
-        * tokens hit about every expert (T*k >= E, T <= 4E): every expert runs on every token, weighted by the
-          (mostly zero) routing weights — the weight bytes of any sparse form, and on an H200 at 64 tokens
-          faster than the grouped GEMM;
-        * else BF16 on CUDA: `forward_grouped`;
-        * else few tokens (3*T*k <= E): gather each slot's expert weights and run batched GEMVs;
-        * else: the dense form above."""
-        num_tokens, k = topk_ids.shape
-        num_experts = self.w13.shape[0]
-        all_hit = num_experts <= num_tokens * k and num_tokens <= 4 * num_experts
-        if hidden.is_cuda and hidden.dtype == torch.bfloat16 and not all_hit:
-            return self.forward_grouped(hidden, topk_ids, topk_weights)
-        if not all_hit and 3 * num_tokens * k <= num_experts:
-            ids = topk_ids.flatten()
-            x = hidden.repeat_interleave(k, dim=0)[:, :, None]  # [T*k, D, 1]
-            gate, up = torch.bmm(self.w13[ids], x)[..., 0].chunk(2, dim=-1)  # [T*k, I] each
-            y = torch.bmm(self.w2[ids], (F.silu(gate) * up)[:, :, None])[..., 0]  # [T*k, D]
-            y = y * topk_weights.flatten()[:, None].to(y.dtype)
-            return y.view(num_tokens, k, -1).sum(dim=1).to(hidden.dtype)
-        weights = torch.zeros(num_tokens, num_experts, dtype=torch.float32, device=hidden.device)
-        weights.scatter_(1, topk_ids, topk_weights.float())  # [T, E]
-        x = hidden[None].expand(num_experts, -1, -1)  # [E, T, D]
-        gate, up = torch.bmm(x, self.w13.transpose(1, 2)).chunk(2, dim=-1)  # [E, T, I] each
-        y = torch.bmm(F.silu(gate) * up, self.w2.transpose(1, 2))  # [E, T, D]
-        return (y * weights.T[:, :, None].to(y.dtype)).sum(dim=0).to(hidden.dtype)
-
-    def forward_grouped(
-        self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
-    ) -> torch.Tensor:
-        """`forward` through the grouped GEMM (no host sync)."""
-        num_tokens, k = topk_ids.shape
-        token_of = torch.arange(num_tokens, device=hidden.device).repeat_interleave(k)
-        slots = self._slots_grouped(hidden, token_of, topk_ids.flatten(), topk_weights.flatten())
-        return combine_slots(slots, num_tokens, k, hidden.dtype)
 
     def _slots_grouped(
         self, hidden: torch.Tensor, token_of: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
@@ -195,10 +158,16 @@ class LocalExperts(nn.Module):
 
 
 class MoE(nn.Module):
+    """The MoE block. Two paths, by device: with local experts on CUDA, `moe_fused.fused_moe` (our kernels, a
+    handful of launches, no host sync, CUDA-graph safe); else the router, the expert backend (`LocalExperts` /
+    `Fp8Experts` here: the torch reference; `RemoteExperts`: the expert pool) and the shared MLP.
+    `use_fused` overrides the choice (None: by device; `moe_fused.set_fused` sets it on a whole model)."""
+
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
+        self.use_fused: bool | None = None
         self.gate = Router(config)
         self.experts = LocalExperts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
         self.set_expert_backend(self.experts)
@@ -214,8 +183,10 @@ class MoE(nn.Module):
         object.__setattr__(self, "expert_backend", backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = self.gate(x)
         backend = self.expert_backend
+        if backend is self.experts and (x.is_cuda if self.use_fused is None else self.use_fused):
+            return fused_moe(self, x)
+        weights, ids = self.gate(x)
         if isinstance(backend, DeferredExpertBackend):  # routed experts away: shared ones meanwhile
             pending = backend.submit(self.layer_idx, x, ids, weights)
             shared = self.shared_experts(x) if self.shared_experts is not None else None

@@ -13,9 +13,10 @@ The FP8 path quantizes x once and feeds both the routed experts' and the shared 
 SiLU-and-mul stays one launch between the GEMMs: the stacked w13 puts gate and up in different N tiles, so no
 tile of the first GEMM holds both halves of a product.
 
-`fused_moe(moe, x)` is what the MoE block calls for local experts on CUDA; on a CPU every op falls back to its
-torch reference (or, under `TRITON_INTERPRET=1`, runs its Triton kernel), which is how the tests compare this
-path with the plain torch one (`MoE.forward` with `LocalExperts`).
+`fused_moe(moe, x)` is what the MoE block calls for local experts on CUDA, `fused_mlp(mlp, x)` what a dense MLP
+calls there; on a CPU every op falls back to its torch reference (or, under `TRITON_INTERPRET=1`, runs its
+Triton kernel), which is how the tests compare this path with the plain torch one (`set_fused(model, False)`,
+`MoE.forward` with `LocalExperts`).
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def _views_of(stacked: StackedGateUp, gate: nn.Module, up: nn.Module) -> bool:
     return ok
 
 
-def shared_experts_forward(mlp: nn.Module, x: torch.Tensor, x_fp8=None) -> torch.Tensor:
+def fused_mlp(mlp: nn.Module, x: torch.Tensor, x_fp8=None) -> torch.Tensor:
     """down(silu(gate x) * up x) with gate and up as one GEMM; `x_fp8 = (values, scales)` reuses an existing
     1x128 quantization of x for an FP8 gate/up."""
     stacked = stack_gate_up(mlp)
@@ -132,24 +133,19 @@ def _silu_mul(h: torch.Tensor) -> torch.Tensor:
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """x [M, K] sorted by expert (expert e owns rows offsets[e]:offsets[e + 1]), w [E, N, K] -> [M, N] in x's
-    dtype; rows past offsets[E] are zero (or, BF16 on CUDA, unwritten). BF16 with 16-byte rows:
-    `torch._grouped_mm`; otherwise (fp32 models, odd test shapes) each row's expert weight is gathered and
-    multiplied as a batched GEMV. Neither syncs the host, so both can be captured in a CUDA graph."""
+    """x [M, K] sorted by expert (expert e owns rows offsets[e]:offsets[e + 1], offsets[E] = M: every row has
+    an expert, as `moe_permute` lays out valid ids), w [E, N, K] -> [M, N] in x's dtype. BF16 with 16-byte
+    rows: `torch._grouped_mm`; otherwise (fp32 models, odd test shapes) each row's expert weight is gathered
+    and multiplied as a batched GEMV. Neither syncs the host, so both can be captured in a CUDA graph."""
     m, k = x.shape
     n = w.shape[1]
     aligned = (k * x.element_size()) % 16 == 0 and (n * x.element_size()) % 16 == 0
     if aligned and x.dtype == torch.bfloat16:
-        out = torch._grouped_mm(x, w.transpose(1, 2), offs=offsets[1:])
-        if x.is_cuda:
-            return out
-    else:
-        ends = offsets[1:].contiguous()
-        rows_i32 = torch.arange(m, dtype=offsets.dtype, device=x.device)
-        expert = torch.searchsorted(ends, rows_i32, right=True).clamp_(max=w.shape[0] - 1)  # [M]
-        out = torch.bmm(w[expert], x[:, :, None])[..., 0]  # [M, N]
-    rows = torch.arange(m, device=x.device)[:, None]
-    return torch.where(rows < offsets[-1], out, 0)
+        return torch._grouped_mm(x, w.transpose(1, 2), offs=offsets[1:])
+    ends = offsets[1:].contiguous()
+    rows_i32 = torch.arange(m, dtype=offsets.dtype, device=x.device)
+    expert = torch.searchsorted(ends, rows_i32, right=True).clamp_(max=w.shape[0] - 1)  # [M]
+    return torch.bmm(w[expert], x[:, :, None])[..., 0]  # [M, N]
 
 
 def fused_moe(moe: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -170,29 +166,30 @@ def fused_moe(moe: nn.Module, x: torch.Tensor) -> torch.Tensor:
         h = fp8_grouped_gemm(rows.x, rows.x_scale, experts.w13, experts.w13_scale_inv, rows.offsets)
         a_fp8, a_scale = silu_mul_quant(h)  # [T*k, I] e4m3 + 1x128 scales
         y = fp8_grouped_gemm(a_fp8, a_scale, experts.w2, experts.w2_scale_inv, rows.offsets)
-        s = None if shared is None else shared_experts_forward(shared, x, (x_fp8, x_scale))
+        s = None if shared is None else fused_mlp(shared, x, (x_fp8, x_scale))
     else:
         rows = moe_permute(x, route.ids, num_experts)
         h = grouped_mm(rows.x, experts.w13, rows.offsets)  # [T*k, 2I]
         y = grouped_mm(_silu_mul(h), experts.w2, rows.offsets)  # [T*k, D]
-        s = None if shared is None else shared_experts_forward(shared, x)
+        s = None if shared is None else fused_mlp(shared, x)
     if s is not None:
         s = s.to(y.dtype)
     return moe_combine(y, route.weights, rows.slot_rows, shared=s).to(x.dtype)
 
 
-def enable_fused(model: nn.Module, on: bool = True) -> int:
-    """Routes every MoE layer of `model` whose experts are local through `fused_moe` (or back to the block's own
-    forward with `on=False`), per instance; returns how many layers changed. Until the MoE block calls
-    `fused_moe` itself on CUDA, benchmarks and the GPU tests switch paths with this."""
+def set_fused(model: nn.Module, on: bool | None = True) -> int:
+    """Sets which path every MoE block and dense MLP of `model` takes: True the fused one (on a CPU too, where
+    each op runs its torch reference or, under `TRITON_INTERPRET=1`, its Triton kernel), False the torch
+    reference path (also on CUDA: the previous GPU path, for comparisons), None by device (the default: fused
+    on CUDA). Returns how many MoE blocks with local experts it set."""
+    from moemesh.model.layers import MLP
     from moemesh.model.moe import MoE
 
     changed = 0
     for m in model.modules():
-        if isinstance(m, MoE) and m.expert_backend is m.experts:
-            if on:
-                m.forward = lambda x, moe=m: fused_moe(moe, x)
-            else:
-                m.__dict__.pop("forward", None)
-            changed += 1
+        if isinstance(m, MoE):
+            m.use_fused = on
+            changed += m.expert_backend is m.experts
+        elif isinstance(m, MLP):
+            m.use_fused = on
     return changed

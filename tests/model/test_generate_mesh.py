@@ -11,7 +11,6 @@ from moemesh.config.engine import EngineConfig
 from moemesh.engine.engine import KvProgress
 from moemesh.engine.request import FinishReason
 from moemesh.kernels import pack_kv, unpack_kv
-from moemesh.model.moe import LocalExperts
 from tests.model.test_generate_engine import assert_no_leaks, prompts
 from tests.model.tiny import build_hf, save_hf
 
@@ -99,20 +98,6 @@ def test_export_then_import_elsewhere_continues_identically(tiny_dir, params):
 
 def assert_no_leaks_but(llm: LLM, running: int) -> None:
     assert llm.stats()["num_running"] + llm.stats()["num_waiting"] == running
-
-
-def test_graph_safe_expert_paths_match_the_sparse_loop():
-    torch.manual_seed(0)
-    experts = LocalExperts(16, 32, 24)
-    torch.nn.init.normal_(experts.w13, std=0.1)
-    torch.nn.init.normal_(experts.w2, std=0.1)
-    for tokens in (1, 2, 9):  # the gather path (3 * tokens * k <= experts) and the dense path
-        hidden = torch.randn(tokens, 32)
-        ids = torch.stack([torch.randperm(16)[:2] for _ in range(tokens)])
-        weights = torch.rand(tokens, 2)
-        ref = experts.forward(hidden, ids, weights)
-        torch.testing.assert_close(experts.forward_static(hidden, ids, weights), ref, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(experts.forward_grouped(hidden, ids, weights), ref, atol=1e-5, rtol=1e-5)
 
 
 # -- stop strings need a tokenizer: a byte-level BPE over a 300-token vocabulary ------------------------------

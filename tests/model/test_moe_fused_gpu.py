@@ -9,7 +9,7 @@ import torch
 
 from moemesh import LLM, SamplingParams
 from moemesh.config.engine import EngineConfig
-from moemesh.model.moe_fused import enable_fused, fused_moe
+from moemesh.model.moe_fused import fused_moe, set_fused
 from tests.kernels.test_moe_fused import _fp8_copy, make_moe
 from tests.model.test_generate_engine import assert_no_leaks, prompts
 from tests.model.tiny import build_hf, hf_greedy, save_hf
@@ -77,6 +77,8 @@ def test_fused_layer_replays_in_a_cuda_graph():
 
 
 def test_engine_greedy_tokens_unchanged_with_the_fused_path(tmp_path):
+    """The engine on CUDA (fused MoE, captured graphs) gives LLM.generate's greedy tokens on a CPU (the torch
+    reference path) and the previous GPU path's (`set_fused(model, False)`: the block's own torch path)."""
     hf = build_hf("v3", seed=3, q_lora_rank=24)
     path = save_hf(hf, tmp_path)
     config = EngineConfig(
@@ -85,16 +87,20 @@ def test_engine_greedy_tokens_unchanged_with_the_fused_path(tmp_path):
     )  # fmt: skip
     batch = prompts(16)
     params = SamplingParams(max_tokens=12, ignore_eos=True)
-    reference = LLM(path, device="cuda", dtype="float32", engine_config=config)
-    ref_tokens = [o.token_ids for o in reference.generate(batch, params)]
-    del reference
+    cpu = LLM(path, device="cpu", dtype="float32", engine_config=config)
+    cpu_tokens = [o.token_ids for o in cpu.generate(batch, params)]
+    del cpu
     llm = LLM(path, device="cuda", dtype="float32", engine_config=config)
-    assert enable_fused(llm.engine.model) == llm.engine.model.config.num_hidden_layers - 1
-    llm.engine.runner.graphs.clear()
-    llm.engine.runner.capture_decode_graphs()  # the graphs now hold the fused path
     assert sorted(llm.engine.runner.graphs) == [1, 4, 16]
-    together = [o.token_ids for o in llm.generate(batch, params)]
-    assert together == ref_tokens
-    for prompt, got in zip(batch[:4], together[:4], strict=True):
+    fused = [o.token_ids for o in llm.generate(batch, params)]
+    assert fused == cpu_tokens
+    for prompt, got in zip(batch[:4], fused[:4], strict=True):
         assert got == hf_greedy(hf, prompt, 12)
+    eager = LLM(path, device="cuda", dtype="float32", engine_config=EngineConfig(
+        page_size=8, max_num_seqs=16, max_num_batched_tokens=40, cuda_graph_batch_sizes=(),
+        kv_cache_memory_bytes=64 << 20,
+    ))  # fmt: skip
+    assert set_fused(eager.engine.model, False) == eager.engine.model.config.num_hidden_layers - 1
+    assert [o.token_ids for o in eager.generate(batch, params)] == fused
     assert_no_leaks(llm)
+    assert_no_leaks(eager)
