@@ -14,7 +14,7 @@ from moemesh.kernels.moe_permute import moe_combine, reference_combine
 from moemesh.model.config import ModelConfig
 from moemesh.model.fp8 import Fp8Experts, Fp8Linear
 from moemesh.model.moe import MoE, route
-from moemesh.model.moe_fused import fused_moe, route_config, stack_gate_up
+from moemesh.model.moe_fused import fused_moe, route_config, set_fused, stack_gate_up
 from tests.kernels.checks import assert_close
 
 # FP8 against fp32, as tests/kernels/test_moe_layer.py states (the interpreter's fp8 cast drops a carry)
@@ -71,6 +71,7 @@ def _fp8_copy(moe: MoE) -> tuple[MoE, MoE]:
         f.weight_scale_inv.copy_(s)
         setattr(fp8.shared_experts, name, f)
         getattr(oracle.shared_experts, name).weight.data = weight_dequant(q, s, torch.float32)
+    set_fused(oracle, False)  # the fp32 oracle is the torch path on every device
     return fp8, oracle
 
 

@@ -38,6 +38,7 @@ def test_fused_layer_equals_reference_bf16_v2_lite_shapes(kind):
         n_group=8 if kind == "v3" else 1,
         topk_group=4 if kind == "v3" else 1,
     )
+    set_fused(moe, False)  # moe(x): the block's torch path (router, grouped LocalExperts, shared MLP)
     for tokens in (1, 8, 64, 256):
         x = torch.randn(tokens, 2048, device="cuda").bfloat16()
         rel, cos = _rel(fused_moe(moe, x), moe(x))
@@ -47,6 +48,7 @@ def test_fused_layer_equals_reference_bf16_v2_lite_shapes(kind):
 def test_fused_layer_equals_reference_fp8_v2_lite_shapes():
     moe = make_moe("v2", device="cuda", **V2_LITE_MOE)
     fp8, oracle = _fp8_copy(moe)
+    set_fused(fp8, False)
     for tokens in (1, 8, 64, 256):
         x = torch.randn(tokens, 2048, device="cuda").bfloat16()
         fused = fused_moe(fp8, x)
