@@ -11,7 +11,7 @@ from moemesh.kernels.mla_decode import mla_decode
 from moemesh.kernels.mla_prefill import merge_attn_states, mla_prefill
 from moemesh.kernels.moe_permute import Permuted, moe_combine, moe_permute
 from moemesh.kernels.moe_route import RouteConfig, RouteResult, moe_route
-from moemesh.kernels.paged_kv import pack_kv, store_kv, unpack_kv
+from moemesh.kernels.paged_kv import StoreExtras, pack_kv, store_kv, unpack_kv
 from moemesh.kernels.rms_norm import add_rms_norm, rms_norm
 from moemesh.kernels.rope import RopeTables, rope
 from moemesh.kernels.sample import SampleResult, SamplingTensors, sample, token_counts
@@ -25,6 +25,7 @@ __all__ = [
     "mla_decode",
     "mla_prefill",
     "merge_attn_states",
+    "StoreExtras",
     "pack_kv",
     "store_kv",
     "unpack_kv",

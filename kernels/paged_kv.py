@@ -11,7 +11,9 @@ shapes), then k_pe in bf16 (656 bytes per token at V3 shapes). `latent ≈ e4m3 
 * `store_kv(kv_cache, latent, k_pe, slot_mapping, rope=None)`: in place; `latent [T, kv_lora_rank]`, `k_pe [T,
   rope_dim]` (any float dtype, last dim contiguous), `slot_mapping int64 [T]`, −1 skips the token. With
   `rope=RopeTables(positions, cos_cache, sin_cache)` it first rotates k_pe (as `rope.rope` does), writes the
-  rotated k_pe back into `k_pe` (every token, skipped ones too) and stores it: one pass instead of two.
+  rotated k_pe back into `k_pe` (every token, skipped ones too) and stores it: one pass instead of two. With
+  `extras=StoreExtras(norm_weight, eps, q_pe, q_out)` the same pass RMS-normalizes the latent first and rotates
+  the query's q_pe heads into q_out (MLA's kv_a_layernorm and the query RoPE: three launches become one).
 * `pack_kv(kv_cache, page_ids) -> buffer`: the listed pages, in order, into one contiguous buffer. kv_cache
   is one layer `[P, S, D]` (buffer `[n, S, D]`), all layers as one tensor `[L, P, S, D]` or a list of L layers
   (buffer `[L, n, S, D]`).
@@ -20,11 +22,14 @@ shapes), then k_pe in bf16 (656 bytes per token at V3 shapes). `latent ≈ e4m3 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
 from moemesh.kernels.dispatch import use_triton
+from moemesh.kernels.rms_norm import reference as rms_norm_reference
 from moemesh.kernels.rope import RopeTables, check_tables, rotate_pairs
 from moemesh.kernels.rope import reference as rope_reference
 
@@ -87,13 +92,38 @@ def _store_kv_kernel(
     cos_ptr,
     sin_ptr,
     stride_rope_cache,
+    norm_w_ptr,  # NORM: the latent's RMSNorm weight [kv_lora_rank]
+    eps,
+    q_ptr,  # Q_ROPE: q_pe [T, H, rope_dim] (any token / head strides), rotated into q_out
+    q_out_ptr,
+    num_heads,
+    stride_qt,
+    stride_qh,
+    stride_qot,
+    stride_qoh,
     BLOCK_D: tl.constexpr,
     BLOCK_R: tl.constexpr,
     FP8: tl.constexpr,
     GROUP: tl.constexpr,
     ROPE: tl.constexpr,
+    NORM: tl.constexpr,
+    Q_ROPE: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     t = tl.program_id(0)
+    if Q_ROPE:  # every token's query heads, padding rows too (as `rope` would)
+        offs_qi = tl.arange(0, BLOCK_R // 2)
+        offs_qh = tl.arange(0, BLOCK_H)
+        mask_q = (offs_qh[:, None] < num_heads) & (offs_qi[None, :] < rope_dim // 2)
+        q_row = q_ptr + t.to(tl.int64) * stride_qt + offs_qh[:, None] * stride_qh + 2 * offs_qi[None, :]
+        qe = tl.load(q_row, mask=mask_q, other=0.0).to(tl.float32)
+        qo = tl.load(q_row + 1, mask=mask_q, other=0.0).to(tl.float32)
+        q_pos = tl.load(pos_ptr + t)
+        re, ro = rotate_pairs(qe, qo, cos_ptr, sin_ptr, q_pos, offs_qi[None, :], offs_qi[None, :] < rope_dim // 2,
+                              stride_rope_cache)  # fmt: skip
+        o_row = q_out_ptr + t.to(tl.int64) * stride_qot + offs_qh[:, None] * stride_qoh + 2 * offs_qi[None, :]
+        tl.store(o_row, re.to(q_out_ptr.dtype.element_ty), mask=mask_q)
+        tl.store(o_row + 1, ro.to(q_out_ptr.dtype.element_ty), mask=mask_q)
     slot = tl.load(slot_ptr + t)
     # A padding row (slot -1) stores nothing: its masks are all false. Written as `offs < where(slot >= 0, n,
     # 0)`, not `(offs < n) & (slot >= 0)`: Triton 3.9's interpreter refuses a block & scalar mask ("mask has
@@ -105,6 +135,11 @@ def _store_kv_kernel(
     mask_d = offs_d < tl.where(valid, kv_lora_rank, 0)
     mask_r = offs_r < tl.where(valid, rope_dim, 0)
     x = tl.load(latent_ptr + t.to(tl.int64) * stride_latent + offs_d, mask=mask_d, other=0.0)
+    if NORM:  # rms_norm's numerics: normed rounded to the latent's dtype, times the weight, rounded again
+        xf = x.to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / kv_lora_rank + eps)
+        w = tl.load(norm_w_ptr + offs_d, mask=offs_d < kv_lora_rank, other=0.0).to(tl.float32)
+        x = ((xf * rstd).to(latent_ptr.dtype.element_ty).to(tl.float32) * w).to(latent_ptr.dtype.element_ty)
     pe_row = k_pe_ptr + t.to(tl.int64) * stride_pe
     if ROPE:
         # rotate pairs (2i, 2i+1) in fp32, write them back to k_pe, then re-interleave for the cache store
@@ -142,7 +177,7 @@ def _store_kv_kernel(
         tl.store(dst + kv_lora_rank + offs_r, pe.to(kv_ptr.dtype.element_ty), mask=mask_r)
 
 
-def _check_store(kv_cache, latent, k_pe, slot_mapping, rope) -> bool:
+def _check_store(kv_cache, latent, k_pe, slot_mapping, rope, extras=None) -> bool:
     if latent.dim() != 2 or k_pe.dim() != 2 or latent.shape[0] != k_pe.shape[0]:
         raise ValueError(
             f"latent must be [T, kv_lora_rank] and k_pe [T, rope_dim], got {tuple(latent.shape)} and "
@@ -172,11 +207,54 @@ def _check_store(kv_cache, latent, k_pe, slot_mapping, rope) -> bool:
         if rope_dim % 2:
             raise ValueError(f"rope needs an even rope_dim, got k_pe of shape {tuple(k_pe.shape)}")
         check_tables(rope, num_tokens, rope_dim, kv_cache.device)
+    if extras is not None:
+        _check_extras(extras, latent, rope_dim, rope)
     return fp8
 
 
-def store_kv_reference(kv_cache, latent, k_pe, slot_mapping, rope: RopeTables | None = None) -> None:
-    fp8 = _check_store(kv_cache, latent, k_pe, slot_mapping, rope)
+def _check_extras(extras: StoreExtras, latent: torch.Tensor, rope_dim: int, rope) -> None:
+    w = extras.norm_weight
+    if w is not None and (tuple(w.shape) != (latent.shape[1],) or w.dtype != latent.dtype):
+        raise ValueError(
+            f"norm_weight must be {latent.dtype} [{latent.shape[1]}], got {w.dtype} {tuple(w.shape)}"
+        )
+    if w is not None and latent.stride(-1) != 1:
+        raise ValueError(f"latent needs a contiguous last dim, strides {latent.stride()}")
+    q, out = extras.q_pe, extras.q_out
+    if q is None:
+        return
+    want = (latent.shape[0], q.shape[1] if q.dim() == 3 else -1, rope_dim)
+    if rope is None or q.dim() != 3 or tuple(q.shape) != want or out is None or out.shape != q.shape:
+        raise ValueError(
+            f"q_pe and q_out must be [T={latent.shape[0]}, H, {rope_dim}] with rope tables, got "
+            f"{None if q is None else tuple(q.shape)} and {None if out is None else tuple(out.shape)}"
+        )
+    if q.stride(-1) != 1 or out.stride(-1) != 1 or q.device != latent.device or out.device != latent.device:
+        raise ValueError(f"q_pe and q_out need a contiguous last dim on {latent.device}")
+
+
+@dataclass(frozen=True)
+class StoreExtras:
+    """What `store_kv` also does in its one pass (the decode step's small per-token ops):
+
+    * `norm_weight`, `eps`: RMS-normalizes the latent first (`rms_norm`'s numerics; weight in the latent's dtype);
+    * `q_pe [T, H, rope_dim]`, `q_out` alike (any token / head strides): rotates every token's query heads by
+      the same `rope` tables into `q_out` (as `rope(q_pe, ..., out=q_out)` does; needs `rope`)."""
+
+    norm_weight: torch.Tensor | None = None
+    eps: float = 1e-6
+    q_pe: torch.Tensor | None = None
+    q_out: torch.Tensor | None = None
+
+
+def store_kv_reference(
+    kv_cache, latent, k_pe, slot_mapping, rope: RopeTables | None = None, extras=None
+) -> None:
+    fp8 = _check_store(kv_cache, latent, k_pe, slot_mapping, rope, extras)
+    if extras is not None and extras.q_pe is not None:
+        extras.q_out.copy_(rope_reference(extras.q_pe, rope.positions, rope.cos_cache, rope.sin_cache))
+    if extras is not None and extras.norm_weight is not None:
+        latent = rms_norm_reference(latent, extras.norm_weight, extras.eps)[0]
     if rope is not None:
         k_pe.copy_(rope_reference(k_pe, rope.positions, rope.cos_cache, rope.sin_cache))
     flat = kv_cache.view(-1, kv_cache.shape[-1])
@@ -194,16 +272,20 @@ def store_kv(
     k_pe: torch.Tensor,
     slot_mapping: torch.Tensor,
     rope: RopeTables | None = None,
+    extras: StoreExtras | None = None,
 ) -> None:
     """Writes token t's `latent[t] | k_pe[t]` into slot `slot_mapping[t]` of `kv_cache` (−1 skips); with `rope`,
-    rotates k_pe in place first (see module doc)."""
+    rotates k_pe in place first (see module doc); `extras` fuses the latent's norm and the query's RoPE into
+    the same launch."""
     if not use_triton(kv_cache):
-        return store_kv_reference(kv_cache, latent, k_pe, slot_mapping, rope)
-    fp8 = _check_store(kv_cache, latent, k_pe, slot_mapping, rope)
+        return store_kv_reference(kv_cache, latent, k_pe, slot_mapping, rope, extras)
+    fp8 = _check_store(kv_cache, latent, k_pe, slot_mapping, rope, extras)
     num_tokens, kv_lora_rank = latent.shape
     rope_dim = k_pe.shape[1]
     if num_tokens == 0:
         return None
+    norm = extras is not None and extras.norm_weight is not None
+    q = extras.q_pe if extras is not None and extras.q_pe is not None else None
     kv = kv_cache.view(torch.uint8) if fp8 else kv_cache
     _store_kv_kernel[(num_tokens,)](
         kv,
@@ -219,11 +301,23 @@ def store_kv(
         rope.cos_cache if rope is not None else latent,
         rope.sin_cache if rope is not None else latent,
         rope.cos_cache.stride(0) if rope is not None else 0,
+        extras.norm_weight if norm else latent,
+        extras.eps if norm else 0.0,
+        q if q is not None else latent,
+        extras.q_out if q is not None else latent,
+        q.shape[1] if q is not None else 0,
+        q.stride(0) if q is not None else 0,
+        q.stride(1) if q is not None else 0,
+        extras.q_out.stride(0) if q is not None else 0,
+        extras.q_out.stride(1) if q is not None else 0,
         BLOCK_D=triton.next_power_of_2(kv_lora_rank),
         BLOCK_R=max(2, triton.next_power_of_2(rope_dim)),
         FP8=fp8,
         GROUP=fp8_group_size(kv_lora_rank) if fp8 else 1,
         ROPE=rope is not None,
+        NORM=norm,
+        Q_ROPE=q is not None,
+        BLOCK_H=max(2, triton.next_power_of_2(q.shape[1])) if q is not None else 2,
         num_warps=4,
     )
     return None

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moemesh.kernels import RopeTables, mla_decode, mla_prefill, rope, store_kv, weight_dequant
+from moemesh.kernels import RopeTables, StoreExtras, mla_decode, mla_prefill, rope, store_kv, weight_dequant
 from moemesh.kernels.mla_prefill import Prefix
 from moemesh.model.batch import ForwardBatch
 from moemesh.model.config import ModelConfig
@@ -80,7 +80,6 @@ class MLAttention(nn.Module):
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         kv = self.kv_a_proj_with_mqa(x)  # [T, kv_lora_rank + rope]
         latent, k_pe = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        latent = self.kv_a_layernorm(latent)
         if batch.is_decode:
             # the absorbed query [T, H, kv_lora_rank + rope] is assembled in place: head-major storage, so the
             # q_nope @ W_UK GEMM writes its rows with a leading dimension of 576 and RoPE writes q_pe beside them
@@ -94,13 +93,18 @@ class MLAttention(nn.Module):
             q_pe_out = q_full[..., self.kv_lora_rank :]
         else:
             q_pe_out = q_pe
-        if rotary.interleaved:  # DeepSeek's layout: the fused kernels rotate in place
+        norm = self.kv_a_layernorm
+        if rotary.interleaved and norm.weight.dtype == latent.dtype:
+            # DeepSeek's layout: one launch norms the latent, ropes k_pe and q_pe, and stores the cache row
+            extras = StoreExtras(norm.weight, norm.eps, q_pe, q_pe_out)
+            store_kv(kv_cache, latent, k_pe, batch.slot_mapping, rope=rope_tables, extras=extras)
+        elif rotary.interleaved:
             rope(q_pe, rope_tables.positions, rope_tables.cos_cache, rope_tables.sin_cache, out=q_pe_out)
-            store_kv(kv_cache, latent, k_pe, batch.slot_mapping, rope=rope_tables)
+            store_kv(kv_cache, norm(latent), k_pe, batch.slot_mapping, rope=rope_tables)
         else:
             cos, sin = rotary.cos_sin(rope_tables.positions)
             q_pe_out.copy_(rotary.apply(q_pe, cos, sin))
-            store_kv(kv_cache, latent, rotary.apply(k_pe, cos, sin), batch.slot_mapping)
+            store_kv(kv_cache, norm(latent), rotary.apply(k_pe, cos, sin), batch.slot_mapping)
         if batch.is_decode:
             out = self._decode(q_nope, q_full, batch, kv_cache)
         else:

@@ -131,6 +131,52 @@ def test_store_kv_with_rope(fp8, device="cpu", kv_lora_rank=32, rope_dim=16, pag
         assert cache.view(-1, cache.shape[-1]).isnan().all(-1).sum() == 5 * page_size - 7
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+def test_store_kv_fuses_the_latent_norm_and_the_query_rope(
+    fp8, device="cpu", kv_lora_rank=32, rope_dim=16, num_heads=3, page_size=4
+):
+    """MLA's decode prep in one launch: the latent's RMSNorm, k_pe's and every query head's RoPE, the cache
+    store — against the three ops one after the other (the model's strided views: latent and k_pe slices of
+    one kv row, q_pe a slice of q, q_out the rope columns of a head-major absorbed query)."""
+    from moemesh.kernels import StoreExtras
+    from moemesh.kernels.paged_kv import fp8_dequant_rows, fp8_row_bytes
+
+    num_tokens, nope = 6, 8
+    t = _tables(num_tokens, rope_dim, device=device)
+    gen = torch.Generator().manual_seed(11)
+    kv = (3 * torch.randn(num_tokens, kv_lora_rank + rope_dim, generator=gen)).bfloat16().to(device)
+    latent, k_pe = kv.split([kv_lora_rank, rope_dim], dim=-1)
+    q = torch.randn(num_tokens, num_heads, nope + rope_dim, generator=gen).bfloat16().to(device)
+    q_pe = q[..., nope:]
+    weight = (1 + 0.1 * torch.randn(kv_lora_rank, generator=gen)).bfloat16().to(device)
+    q_full = torch.full((num_heads, num_tokens, kv_lora_rank + rope_dim), float("nan"), dtype=torch.bfloat16)
+    q_out = q_full.to(device).transpose(0, 1)[..., kv_lora_rank:]
+    slots = torch.tensor([5, -1, 0, 9, 2, 14], device=device)
+    row = fp8_row_bytes(kv_lora_rank, rope_dim) if fp8 else kv_lora_rank + rope_dim
+    cache = torch.zeros(4, page_size, row, dtype=torch.float8_e4m3fn if fp8 else torch.bfloat16).to(device)
+    expected, expected_pe = cache.clone(), k_pe.clone()
+    normed = norm_reference(latent, weight, 1e-6)[0]
+    store_kv_reference(expected, normed, expected_pe, slots, rope=t)
+    expected_q = rope_reference(q_pe, t.positions, t.cos_cache, t.sin_cache)
+    store_kv(cache, latent, k_pe, slots, rope=t, extras=StoreExtras(weight, 1e-6, q_pe, q_out))
+    assert_close(q_out, expected_q)
+    assert_close(k_pe, expected_pe)
+    keep = slots[slots >= 0]
+    got, want = cache.view(-1, row)[keep], expected.view(-1, row)[keep]
+    if fp8:  # the e4m3 latent within its quantization step; k_pe's bf16 bytes exact
+        g, w = fp8_dequant_rows(got, kv_lora_rank, rope_dim), fp8_dequant_rows(want, kv_lora_rank, rope_dim)
+        step = (
+            normed.float().abs().max().item() / 8
+        )  # e4m3 keeps 3 mantissa bits (the interpreter drops a carry)
+        torch.testing.assert_close(g.cpu(), w.cpu(), atol=step, rtol=0.07)
+    else:
+        assert_close(got, want)
+    with pytest.raises(ValueError, match="norm_weight must be"):
+        store_kv(cache, latent, k_pe, slots, rope=t, extras=StoreExtras(weight.float()))
+    with pytest.raises(ValueError, match="q_pe and q_out must be"):
+        store_kv(cache, latent, k_pe, slots, rope=None, extras=StoreExtras(q_pe=q_pe, q_out=q_out))
+
+
 @pytest.mark.gpu
 def test_norm_rope_v3_shapes():
     test_rms_norm((257,), 7168, device="cuda")
@@ -138,3 +184,7 @@ def test_norm_rope_v3_shapes():
     test_rope(128, device="cuda")
     test_store_kv_with_rope(False, device="cuda", kv_lora_rank=512, rope_dim=64, page_size=64)
     test_store_kv_with_rope(True, device="cuda", kv_lora_rank=512, rope_dim=64, page_size=64)
+    for fp8 in (False, True):
+        test_store_kv_fuses_the_latent_norm_and_the_query_rope(
+            fp8, device="cuda", kv_lora_rank=512, rope_dim=64, num_heads=128, page_size=64
+        )
