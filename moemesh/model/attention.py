@@ -20,6 +20,7 @@ from moemesh.model.batch import ForwardBatch
 from moemesh.model.config import ModelConfig
 from moemesh.model.layers import RMSNorm
 from moemesh.model.rope import RotaryEmbedding, softmax_scale
+from moemesh.model.stacked import Stacked, stack_linears
 
 
 def gather_latent(kv_cache: torch.Tensor, pages: torch.Tensor, length: int) -> torch.Tensor:
@@ -71,14 +72,11 @@ class MLAttention(nn.Module):
     ) -> torch.Tensor:
         """x [T, hidden] -> [T, hidden]; writes the new tokens' latent KV into `kv_cache` [pages, page_size, 576]."""
         num_tokens = x.shape[0]
-        q = (
-            self.q_proj(x)
-            if self.q_lora_rank is None
-            else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        )
+        q, kv = self._project_input(x)  # [T, H * (nope + rope)] or [T, q_lora_rank]; [T, kv_lora_rank + rope]
+        if self.q_lora_rank is not None:
+            q = self.q_b_proj(self.q_a_layernorm(q))
         q = q.view(num_tokens, self.num_heads, -1)  # [T, H, nope + rope]
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-        kv = self.kv_a_proj_with_mqa(x)  # [T, kv_lora_rank + rope]
         latent, k_pe = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         if batch.is_decode:
             # the absorbed query [T, H, kv_lora_rank + rope] is assembled in place: head-major storage, so the
@@ -110,6 +108,22 @@ class MLAttention(nn.Module):
         else:
             out = self._prefill(torch.cat([q_nope, q_pe], dim=-1), batch, kv_cache)
         return self.o_proj(out.reshape(num_tokens, -1))
+
+    def _project_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two projections of x — q_proj (or q_a_proj) and kv_a_proj_with_mqa — as one GEMM over their
+        stacked weights (`stacked.stack_linears`), or two where they cannot stack."""
+        stacked = self.stack_input_projections()
+        if stacked is None:
+            first = self.q_proj if self.q_lora_rank is None else self.q_a_proj
+            return first(x), self.kv_a_proj_with_mqa(x)
+        q, kv = stacked(x).split(stacked.sizes, dim=-1)
+        return q, kv
+
+    def stack_input_projections(self) -> Stacked | None:
+        """q_proj (or q_a_proj) and kv_a_proj_with_mqa stacked in place (once), or None where they cannot."""
+        return stack_linears(
+            self, ("q_proj" if self.q_lora_rank is None else "q_a_proj", "kv_a_proj_with_mqa")
+        )
 
     def _kv_b_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK [H, nope, kv_lora_rank] and W_UV [H, v, kv_lora_rank] out of kv_b_proj. An FP8 kv_b_proj is

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from moemesh.kernels import weight_dequant, weight_quant
+from moemesh.model.attention import MLAttention
 from moemesh.model.config import ModelConfig
 from moemesh.model.fp8 import to_fp8
 from moemesh.model.layers import MLP
@@ -79,8 +80,9 @@ def build_empty(
     config: ModelConfig, device: torch.device, dtype: torch.dtype, fp8: bool = False
 ) -> DeepseekForCausalLM:
     """The network with uninitialized parameters on `device`: router weights and biases in fp32; with `fp8`,
-    the projections and experts DeepSeek quantizes hold e4m3 weights and block scales; every MLP's gate and up
-    projections are views into one stacked weight (`moe_fused.stack_gate_up`)."""
+    the projections and experts DeepSeek quantizes hold e4m3 weights and block scales. Projections that read one
+    input (every MLP's gate and up; MLA's q_proj / q_a_proj and kv_a_proj_with_mqa) are views into one stacked
+    weight (`stacked.stack_linears`), so one GEMM computes them."""
     with torch.device("meta"):
         model = DeepseekForCausalLM(config).to(dtype)
         if fp8:
@@ -88,9 +90,11 @@ def build_empty(
     model = model.to_empty(device=device)
     for moe in model.moe_layers():
         moe.gate.float()
-    for module in model.modules():
-        if isinstance(module, MLP):  # gate and up as views into one weight, filled by the load (one GEMM)
+    for module in model.modules():  # projections of one input as views into one weight: one GEMM each
+        if isinstance(module, MLP):
             stack_gate_up(module)
+        elif isinstance(module, MLAttention):
+            module.stack_input_projections()
     model.rotary = type(model.rotary)(config).to(device)
     return model
 

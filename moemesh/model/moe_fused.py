@@ -21,8 +21,6 @@ Triton kernel), which is how the tests compare this path with the plain torch on
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,6 +37,7 @@ from moemesh.kernels import (
     silu_mul_quant,
 )
 from moemesh.model.config import ModelConfig
+from moemesh.model.stacked import Stacked, stack_linears
 
 FP8 = torch.float8_e4m3fn
 
@@ -57,53 +56,9 @@ def route_config(config: ModelConfig) -> RouteConfig:
     )
 
 
-@dataclass(frozen=True)
-class StackedGateUp:
-    """The shared experts' gate and up projections as one weight (gate rows, then up rows); the module's own
-    `gate_proj` / `up_proj` parameters are views into it, so nothing is stored twice."""
-
-    weight: torch.Tensor  # [2I, D] in the compute dtype, or e4m3
-    scale_inv: torch.Tensor | None  # fp32 [2I/128, ceil(D/128)] for FP8
-
-
-def stack_gate_up(mlp: nn.Module) -> StackedGateUp | None:
-    """Stacks `mlp.gate_proj` and `mlp.up_proj` in place (once; again if the parameters were replaced since) and
-    returns the stacked weight; None when they cannot be stacked (FP8 with I not a multiple of 128)."""
-    gate, up = mlp.gate_proj, mlp.up_proj
-    cached: StackedGateUp | None = mlp.__dict__.get("_stacked_gate_up")
-    if cached is not None and _views_of(cached, gate, up):
-        return cached
-    fp8 = gate.weight.dtype == FP8
-    rows = gate.weight.shape[0]
-    if fp8 and rows % 128:
-        return None
-    with torch.inference_mode(False), torch.no_grad():  # real parameters, even when first called in a forward
-        weight = torch.cat([gate.weight, up.weight])
-        gate.weight = nn.Parameter(weight[:rows], requires_grad=False)
-        up.weight = nn.Parameter(weight[rows:], requires_grad=False)
-        scale = None
-        if fp8:
-            scale = torch.cat([gate.weight_scale_inv, up.weight_scale_inv])
-            blocks = rows // 128
-            gate.weight_scale_inv = nn.Parameter(scale[:blocks], requires_grad=False)
-            up.weight_scale_inv = nn.Parameter(scale[blocks:], requires_grad=False)
-    stacked = StackedGateUp(weight, scale)
-    mlp.__dict__["_stacked_gate_up"] = stacked
-    return stacked
-
-
-def _views_of(stacked: StackedGateUp, gate: nn.Module, up: nn.Module) -> bool:
-    w = stacked.weight
-    ok = (
-        gate.weight.data_ptr() == w.data_ptr()
-        and up.weight.data_ptr() == w[gate.weight.shape[0] :].data_ptr()
-    )
-    if stacked.scale_inv is not None:
-        s = stacked.scale_inv
-        blocks = gate.weight_scale_inv.shape[0]
-        ok = ok and gate.weight_scale_inv.data_ptr() == s.data_ptr()
-        ok = ok and up.weight_scale_inv.data_ptr() == s[blocks:].data_ptr()
-    return ok
+def stack_gate_up(mlp: nn.Module) -> Stacked | None:
+    """`mlp.gate_proj` and `mlp.up_proj` stacked (gate rows, then up rows; `stacked.stack_linears`)."""
+    return stack_linears(mlp, ("gate_proj", "up_proj"))
 
 
 def fused_mlp(mlp: nn.Module, x: torch.Tensor, x_fp8=None) -> torch.Tensor:
@@ -112,11 +67,8 @@ def fused_mlp(mlp: nn.Module, x: torch.Tensor, x_fp8=None) -> torch.Tensor:
     stacked = stack_gate_up(mlp)
     if stacked is None:
         h = torch.cat([mlp.gate_proj(x), mlp.up_proj(x)], dim=-1)
-    elif stacked.scale_inv is not None:
-        xq, xs = x_fp8 if x_fp8 is not None else act_quant(x)
-        h = fp8_gemm(xq, xs, stacked.weight, stacked.scale_inv)
     else:
-        h = F.linear(x, stacked.weight)
+        h = stacked(x, x_fp8 if stacked.scale_inv is not None else None)
     down = mlp.down_proj
     if down.weight.dtype == FP8:
         a_fp8, a_scale = silu_mul_quant(h)

@@ -131,3 +131,33 @@ def test_combine_adds_the_shared_output_once():
     assert_close(out, (reference_combine(y, weights, rows).float() + shared.float()).bfloat16())
     with pytest.raises(ValueError, match=r"shared must be \[T=3, N=16\]"):
         moe_combine(y, weights, rows, shared=shared[:2])
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_stacked_projections_equal_the_separate_ones(fp8):
+    """MLA's q_proj + kv_a_proj_with_mqa as one GEMM (576 rows: a partial last scale block in FP8)."""
+    from moemesh.model.stacked import stack_linears
+
+    gen = torch.Generator().manual_seed(6)
+    owner = nn.Module()
+    for name, rows in (("q_proj", 256), ("kv_a_proj_with_mqa", 72), ("odd", 72)):
+        w = (torch.randn(rows, 128, generator=gen) * 0.1).bfloat16()
+        if fp8:
+            q, s = weight_quant(w)
+            linear = Fp8Linear(128, rows)
+            linear.weight.data.copy_(q)
+            linear.weight_scale_inv.data.copy_(s)
+        else:
+            linear = nn.Linear(128, rows, bias=False).bfloat16()
+            linear.weight.data.copy_(w)
+        setattr(owner, name, linear)
+    x = torch.randn(5, 128, generator=gen).bfloat16()
+    separate = torch.cat([owner.q_proj(x), owner.kv_a_proj_with_mqa(x)], dim=-1)
+    stacked = stack_linears(owner, ("q_proj", "kv_a_proj_with_mqa"))
+    assert stacked.sizes == (256, 72)
+    assert owner.kv_a_proj_with_mqa.weight.data_ptr() == stacked.weight[256:].data_ptr()
+    assert stack_linears(owner, ("q_proj", "kv_a_proj_with_mqa")) is stacked  # once
+    assert_close(stacked(x), separate)
+    assert_close(torch.cat([owner.q_proj(x), owner.kv_a_proj_with_mqa(x)], dim=-1), separate)
+    # FP8: a first part of 72 rows would put two parts in one scale block
+    assert (stack_linears(owner, ("odd", "q_proj")) is None) == fp8
