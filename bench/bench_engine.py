@@ -5,7 +5,7 @@ Per decode step and batch (1, 8, 64, 256), for each MoE path (`fused`: `moemesh.
 default; `reference`: the block's own torch path, on request) and weight dtype: `step_ms` (Engine.step end to end), `device_ms` (the
 captured decode graph's replay), `host_prepare_ms` (the runner's Python side of building the step's inputs),
 `launches` (kernels in one replay of the graph, from the profiler; eager forward where the profiler cannot see
-inside graphs), `floor_ms` and `step_over_floor`; the transformers peer at batch 1 and 64.
+inside graphs; `kernels` in the JSON lists them by name), `floor_ms` and `step_over_floor`; the transformers peer at batch 1 and 64.
 
 * peer: transformers, eager, DynamicCache; one decode step = one forward of B new tokens after a 32-token
   prompt per sequence (median of timed steps).
@@ -244,10 +244,10 @@ def _decode_batch(engine, batch: int):
     )
 
 
-def count_launches(engine, batch: int) -> tuple[int, str]:
-    """(kernels one decode step's forward launches, how they were counted): the profiler over one graph
-    replay; where it sees no kernel inside the graph, over one eager forward; on a CPU, the torch ops of one
-    eager forward."""
+def count_launches(engine, batch: int) -> tuple[int, str, dict[str, int]]:
+    """(kernels one decode step's forward launches, how they were counted, kernels by name — most frequent
+    first): the profiler over one graph replay; where it sees no kernel inside the graph, over one eager
+    forward; on a CPU, the torch ops of one eager forward."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = engine.kv_caches[0].is_cuda
@@ -256,21 +256,33 @@ def count_launches(engine, batch: int) -> tuple[int, str]:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             graph.graph.replay()
             torch.cuda.synchronize()
-        n = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
-        if n:
-            return n, "graph replay (profiler)"
+        names = _kernel_names(
+            e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+        )
+        if names:
+            return sum(names.values()), "graph replay (profiler)", names
     fwd = _decode_batch(engine, batch)
     activities = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
     with profile(activities=activities) as prof:
         engine.model(fwd, engine.kv_caches)
         _sync("cuda" if cuda else "cpu")
     if cuda:
-        return sum(
-            1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
-        ), "eager (profiler)"
-    return sum(
-        1 for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None
-    ), "cpu torch ops"
+        names = _kernel_names(
+            e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+        )
+        return sum(names.values()), "eager (profiler)", names
+    names = _kernel_names(
+        e.name for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None
+    )
+    return sum(names.values()), "cpu torch ops", names
+
+
+def _kernel_names(names) -> dict[str, int]:
+    """Kernel name (cut to 80 characters: CUTLASS names are templates) -> launches, most frequent first."""
+    counts: dict[str, int] = {}
+    for name in names:
+        counts[name[:80]] = counts.get(name[:80], 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def ours(engine, batch: int, steps: int) -> dict:
@@ -306,7 +318,7 @@ def ours(engine, batch: int, steps: int) -> dict:
             _time_ms(lambda: engine.model(fwd, engine.kv_caches), device),
             "eager forward",
         )
-    launches, launch_source = count_launches(engine, batch)
+    launches, launch_source, kernels = count_launches(engine, batch)
     context = PROMPT_LEN + 4 + steps
     for rid in ids:
         engine.abort(rid)
@@ -317,6 +329,7 @@ def ours(engine, batch: int, steps: int) -> dict:
         host_prepare_ms=_median(host),
         launches=launches,
         launch_source=launch_source,
+        kernels=kernels,
         prefill_step_ms=prefill_ms,
         context=context,
         pages_leaked_after_abort=engine.stats()["pages_leased"],
