@@ -18,7 +18,8 @@ y[slot_rows[t*k + j]]` over the slots that have a row, in fp32, stored in y's dt
 experts' output, is optional); `y` is the expert output in either layout
 (`[rows, N]` or `[E, max_m, N]`). A gather per token: no atomics, so the sum is deterministic.
 
-Three small launches for permute (histogram per block of assignments, positions, row copy), one for combine.
+Permute is one launch for up to SMALL_N (512) assignments — a decode step's up to 85 tokens at k = 6 — and three above (histogram per
+block of assignments, positions, row copy); combine is one launch.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import triton.language as tl
 from moemesh.kernels.dispatch import use_triton
 
 BLOCK_A = 128  # assignments per program in the histogram / position kernels
+SMALL_N = 512  # up to this many assignments the permute is one launch (`_permute_small_kernel`)
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,51 @@ def _copy_rows_kernel(
 
 
 @triton.jit
+def _permute_small_kernel(
+    ids_ptr, x_ptr, xs_ptr, out_ptr, outs_ptr, rows_ptr, counts_ptr, offsets_ptr,
+    N, E, K, H, HS, max_m, stride_x, stride_o, stride_xs, stride_os,
+    MASKED: tl.constexpr, HAS_SCALE: tl.constexpr, E_PAD: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_HS: tl.constexpr,
+):  # fmt: skip
+    """The whole permute in one launch for a decode step's assignments: program a recounts all N ids (N x E_PAD
+    compares, cheap at N <= SMALL_N), places assignment a and copies its row (and scales); program 0 also
+    writes counts and offsets. Same placement as the histogram / position kernels."""
+    a = tl.program_id(0)
+    mine = tl.load(ids_ptr + a).to(tl.int32)
+    experts = tl.arange(0, E_PAD)
+    total = tl.zeros([E_PAD], dtype=tl.int32)
+    rank = tl.sum(
+        tl.zeros([BLOCK], dtype=tl.int32), 0
+    )  # an int32 scalar (a loop-carried value keeps its type)
+    for c in range(0, N, BLOCK):  # every assignment's expert, BLOCK at a time
+        j = c + tl.arange(0, BLOCK)
+        ids = tl.load(ids_ptr + j, mask=j < N, other=-1).to(tl.int32)
+        total += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
+        rank += tl.sum(((ids == mine) & (j < a)).to(tl.int32), 0)
+    starts = tl.cumsum(total, 0) - total
+    if a == 0:
+        tl.store(counts_ptr + experts, total, mask=experts < E)
+        tl.store(offsets_ptr + experts, starts, mask=experts < E)
+        tl.store(offsets_ptr + E, tl.sum(tl.where(experts < E, total, 0), 0))
+    valid = (mine >= 0) & (mine < E)
+    if MASKED:
+        row = tl.where(valid & (rank < max_m), mine * max_m + rank, -1)
+    else:
+        row = tl.where(valid, tl.sum(tl.where(experts == mine, starts, 0), 0) + rank, -1)
+    tl.store(rows_ptr + a, row)
+    if row >= 0:
+        src = x_ptr + (a // K).to(tl.int64) * stride_x
+        dst = out_ptr + row.to(tl.int64) * stride_o
+        for h0 in range(0, H, BLOCK_H):
+            h = h0 + tl.arange(0, BLOCK_H)
+            tl.store(dst + h, tl.load(src + h, mask=h < H), mask=h < H)
+        if HAS_SCALE:
+            hs = tl.arange(0, BLOCK_HS)
+            v = tl.load(xs_ptr + (a // K).to(tl.int64) * stride_xs + hs, mask=hs < HS)
+            tl.store(outs_ptr + row.to(tl.int64) * stride_os + hs, v, mask=hs < HS)
+
+
+@triton.jit
 def _combine_kernel(
     y_ptr, w_ptr, rows_ptr, out_ptr, shared_ptr, N, stride_y, stride_o, stride_s,
     K: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SHARED: tl.constexpr,
@@ -219,10 +266,12 @@ def moe_permute(
     e_pad = triton.next_power_of_2(num_experts)
     num_blocks = max(1, triton.cdiv(n, BLOCK_A))
     flat = ids.reshape(-1).contiguous()
-    hist = torch.empty(num_blocks, e_pad, dtype=torch.int32, device=dev)
     rows = torch.empty(n, dtype=torch.int32, device=dev)
     counts = torch.empty(num_experts, dtype=torch.int32, device=dev)
     offsets = torch.empty(num_experts + 1, dtype=torch.int32, device=dev)
+    if 0 < n <= SMALL_N:
+        return _permute_small(x, x_scale, flat, rows, counts, offsets, k, num_experts, max_m)
+    hist = torch.empty(num_blocks, e_pad, dtype=torch.int32, device=dev)
     _histogram_kernel[(num_blocks,)](flat, hist, n, num_experts, E_PAD=e_pad, BLOCK=BLOCK_A)
     _position_kernel[(num_blocks,)](
         flat, hist, rows, counts, offsets, n, num_experts, num_blocks, max_m or 0,
@@ -231,6 +280,29 @@ def moe_permute(
     shape = (n,) if max_m is None else (num_experts, max_m)
     out = _copy_rows(x, rows, k, shape)
     out_scale = _copy_rows(x_scale, rows, k, shape) if x_scale is not None else None
+    return Permuted(out, out_scale, counts, offsets, rows)
+
+
+def _permute_small(x, x_scale, flat, rows, counts, offsets, k, num_experts, max_m) -> Permuted:
+    n = flat.numel()
+    shape = (n,) if max_m is None else (num_experts, max_m)
+    out = torch.empty(*shape, x.shape[1], dtype=x.dtype, device=x.device)
+    out_scale = None
+    if x_scale is not None:
+        x_scale = x_scale.contiguous()
+        out_scale = torch.empty(*shape, x_scale.shape[1], dtype=x_scale.dtype, device=x.device)
+    x = x.contiguous()
+    src, dst = (x.view(torch.uint8), out.view(torch.uint8)) if x.element_size() == 1 else (x, out)
+    scale_src = x_scale if x_scale is not None else src
+    scale_dst = out_scale if out_scale is not None else dst
+    hs = x_scale.shape[1] if x_scale is not None else 0
+    _permute_small_kernel[(n,)](
+        flat, src, scale_src, dst, scale_dst, rows, counts, offsets,
+        n, num_experts, k, x.shape[1], hs, max_m or 0, x.shape[1], x.shape[1], max(hs, 1), max(hs, 1),
+        MASKED=max_m is not None, HAS_SCALE=x_scale is not None, E_PAD=triton.next_power_of_2(num_experts),
+        BLOCK=min(BLOCK_A, triton.next_power_of_2(n)), BLOCK_H=min(1024, triton.next_power_of_2(max(x.shape[1], 1))),
+        BLOCK_HS=triton.next_power_of_2(max(hs, 1)),
+    )  # fmt: skip
     return Permuted(out, out_scale, counts, offsets, rows)
 
 

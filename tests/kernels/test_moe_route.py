@@ -86,13 +86,15 @@ def test_route_bad_config():
 
 
 @pytest.mark.parametrize(
-    "tokens, k, experts, max_m", [(37, 3, 8, None), (5, 2, 16, None), (300, 4, 6, None), (41, 3, 8, 9)]
-)
+    "tokens, k, experts, max_m",
+    [(37, 3, 8, None), (5, 2, 16, None), (300, 4, 6, None), (41, 3, 8, 9), (9, 6, 6, None), (7, 3, 8, 2)],
+)  # up to 512 assignments the one-launch permute (over several id blocks at 111 / 123), above it three launches
 def test_permute_and_combine(tokens, k, experts, max_m):
     gen = torch.Generator().manual_seed(tokens)
     ids = torch.randint(0, experts, (tokens, k), generator=gen, dtype=torch.int32)
     ids[ids == 1] = 2  # expert 1 stays empty
     ids[0, 0] = -1  # an assignment routed elsewhere
+    ids[-1, -1] = experts  # and one past the last expert (an expert-parallel shard's foreign id)
     x = torch.randn(tokens, 72, generator=gen).to(torch.bfloat16)
     x_scale = torch.rand(tokens, 3, generator=gen)
     got = perm.moe_permute(x.to(DEV), ids.to(DEV), experts, x_scale.to(DEV), max_m=max_m)
