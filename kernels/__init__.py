@@ -12,7 +12,7 @@ from moemesh.kernels.mla_prefill import merge_attn_states, mla_prefill
 from moemesh.kernels.moe_permute import Permuted, moe_combine, moe_permute
 from moemesh.kernels.moe_route import RouteConfig, RouteResult, moe_route
 from moemesh.kernels.paged_kv import StoreExtras, pack_kv, store_kv, unpack_kv
-from moemesh.kernels.rms_norm import add_rms_norm, rms_norm
+from moemesh.kernels.rms_norm import NormOutputs, add_rms_norm, rms_norm, rms_norm_outputs
 from moemesh.kernels.rope import RopeTables, rope
 from moemesh.kernels.sample import SampleResult, SamplingTensors, sample, token_counts
 from moemesh.kernels.silu_mul import silu_mul, silu_mul_quant
@@ -29,7 +29,9 @@ __all__ = [
     "pack_kv",
     "store_kv",
     "unpack_kv",
+    "NormOutputs",
     "add_rms_norm",
+    "rms_norm_outputs",
     "rms_norm",
     "RopeTables",
     "rope",

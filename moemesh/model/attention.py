@@ -14,11 +14,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moemesh.kernels import RopeTables, StoreExtras, mla_decode, mla_prefill, rope, store_kv, weight_dequant
+from moemesh.kernels import (
+    NormOutputs,
+    RopeTables,
+    StoreExtras,
+    mla_decode,
+    mla_prefill,
+    rope,
+    store_kv,
+    weight_dequant,
+)
 from moemesh.kernels.mla_prefill import Prefix
 from moemesh.model.batch import ForwardBatch
 from moemesh.model.config import ModelConfig
-from moemesh.model.layers import RMSNorm
+from moemesh.model.layers import InputFormats, RMSNorm
 from moemesh.model.rope import RotaryEmbedding, softmax_scale
 from moemesh.model.stacked import Stacked, stack_linears
 
@@ -69,10 +78,15 @@ class MLAttention(nn.Module):
         kv_cache: torch.Tensor,
         rotary: RotaryEmbedding,
         rope_tables: RopeTables,
+        normed: NormOutputs | None = None,
     ) -> torch.Tensor:
-        """x [T, hidden] -> [T, hidden]; writes the new tokens' latent KV into `kv_cache` [pages, page_size, 576]."""
+        """x [T, hidden] -> [T, hidden]; writes the new tokens' latent KV into `kv_cache` [pages, page_size, 576].
+        `normed`: the norm's outputs x came from (its FP8 form, when written, feeds FP8 input projections)."""
         num_tokens = x.shape[0]
-        q, kv = self._project_input(x)  # [T, H * (nope + rope)] or [T, q_lora_rank]; [T, kv_lora_rank + rope]
+        x_fp8 = None if normed is None or normed.y_fp8 is None else (normed.y_fp8, normed.y_scale)
+        q, kv = self._project_input(
+            x, x_fp8
+        )  # [T, H * (nope + rope)] or [T, q_lora_rank]; [T, kv_lora_rank + rope]
         if self.q_lora_rank is not None:
             q = self.q_b_proj(self.q_a_layernorm(q))
         q = q.view(num_tokens, self.num_heads, -1)  # [T, H, nope + rope]
@@ -109,15 +123,21 @@ class MLAttention(nn.Module):
             out = self._prefill(torch.cat([q_nope, q_pe], dim=-1), batch, kv_cache)
         return self.o_proj(out.reshape(num_tokens, -1))
 
-    def _project_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _project_input(self, x: torch.Tensor, x_fp8=None) -> tuple[torch.Tensor, torch.Tensor]:
         """The two projections of x — q_proj (or q_a_proj) and kv_a_proj_with_mqa — as one GEMM over their
-        stacked weights (`stacked.stack_linears`), or two where they cannot stack."""
+        stacked weights (`stacked.stack_linears`), or two where they cannot stack. `x_fp8 = (values, scales)`:
+        x already quantized (for a stacked FP8 weight)."""
         stacked = self.stack_input_projections()
         if stacked is None:
             first = self.q_proj if self.q_lora_rank is None else self.q_a_proj
             return first(x), self.kv_a_proj_with_mqa(x)
-        q, kv = stacked(x).split(stacked.sizes, dim=-1)
+        q, kv = stacked(x, x_fp8 if stacked.scale_inv is not None else None).split(stacked.sizes, dim=-1)
         return q, kv
+
+    def input_formats(self, x: torch.Tensor) -> InputFormats:
+        """FP8 input projections (stacked) read x quantized."""
+        stacked = self.stack_input_projections()
+        return InputFormats(fp8=stacked is not None and stacked.scale_inv is not None)
 
     def stack_input_projections(self) -> Stacked | None:
         """q_proj (or q_a_proj) and kv_a_proj_with_mqa stacked in place (once), or None where they cannot."""

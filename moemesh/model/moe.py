@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moemesh.kernels import NormOutputs
 from moemesh.model.config import ModelConfig
-from moemesh.model.layers import MLP
+from moemesh.model.layers import MLP, InputFormats
 from moemesh.model.moe_fused import fused_moe
 
 
@@ -182,10 +183,21 @@ class MoE(nn.Module):
         state dict keeps only the local weights."""
         object.__setattr__(self, "expert_backend", backend)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def fused(self, x: torch.Tensor) -> bool:
+        local = self.expert_backend is self.experts
+        return local and (x.is_cuda if self.use_fused is None else self.use_fused)
+
+    def input_formats(self, x: torch.Tensor) -> InputFormats:
+        """The fused path's router reads x in fp32, its FP8 experts x quantized."""
+        if not self.fused(x):
+            return InputFormats()
+        return InputFormats(fp32=x.dtype != torch.float32, fp8=self.experts.w13.dtype == torch.float8_e4m3fn)
+
+    def forward(self, x: torch.Tensor, normed: NormOutputs | None = None) -> torch.Tensor:
+        """`normed`: the norm's outputs x came from (`input_formats` says what the fused path reads there)."""
+        if self.fused(x):
+            return fused_moe(self, x, normed)
         backend = self.expert_backend
-        if backend is self.experts and (x.is_cuda if self.use_fused is None else self.use_fused):
-            return fused_moe(self, x)
         weights, ids = self.gate(x)
         if isinstance(backend, DeferredExpertBackend):  # routed experts away: shared ones meanwhile
             pending = backend.submit(self.layer_idx, x, ids, weights)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moemesh.kernels import (
+    NormOutputs,
     RouteConfig,
     act_quant,
     fp8_gemm,
@@ -66,7 +67,7 @@ def fused_mlp(mlp: nn.Module, x: torch.Tensor, x_fp8=None) -> torch.Tensor:
     1x128 quantization of x for an FP8 gate/up."""
     stacked = stack_gate_up(mlp)
     if stacked is None:
-        h = torch.cat([mlp.gate_proj(x), mlp.up_proj(x)], dim=-1)
+        h = torch.cat([_project(mlp.gate_proj, x, x_fp8), _project(mlp.up_proj, x, x_fp8)], dim=-1)
     else:
         h = stacked(x, x_fp8 if stacked.scale_inv is not None else None)
     down = mlp.down_proj
@@ -74,6 +75,13 @@ def fused_mlp(mlp: nn.Module, x: torch.Tensor, x_fp8=None) -> torch.Tensor:
         a_fp8, a_scale = silu_mul_quant(h)
         return fp8_gemm(a_fp8, a_scale, down.weight, down.weight_scale_inv).to(x.dtype)
     return F.linear(_silu_mul(h), down.weight)
+
+
+def _project(linear: nn.Module, x: torch.Tensor, x_fp8) -> torch.Tensor:
+    """linear(x), through `x_fp8 = (values, scales)` when the projection is FP8 and x is already quantized."""
+    if x_fp8 is None or linear.weight.dtype != FP8:
+        return linear(x)
+    return fp8_gemm(x_fp8[0], x_fp8[1], linear.weight, linear.weight_scale_inv).to(x.dtype)
 
 
 def _silu_mul(h: torch.Tensor) -> torch.Tensor:
@@ -100,20 +108,24 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch
     return torch.bmm(w[expert], x[:, :, None])[..., 0]  # [M, N]
 
 
-def fused_moe(moe: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def fused_moe(moe: nn.Module, x: torch.Tensor, normed: NormOutputs | None = None) -> torch.Tensor:
     """x [T, D] -> the MoE block's output [T, D] (routed experts + shared experts) in x's dtype.
 
     `moe` is a `moemesh.model.moe.MoE` whose routed experts are local: `moe.experts` with stacked `w13 [E, 2I,
-    D]` and `w2 [E, D, I]` in the compute dtype, or e4m3 with `w13_scale_inv` / `w2_scale_inv` (Fp8Experts)."""
+    D]` and `w2 [E, D, I]` in the compute dtype, or e4m3 with `w13_scale_inv` / `w2_scale_inv` (Fp8Experts).
+    `normed`: the norm's outputs x came from; its fp32 copy feeds the router and its FP8 form the experts
+    when it wrote them (the same values as x.float() and act_quant(x))."""
     config: ModelConfig = moe.config
     gate, experts = moe.gate, moe.experts
     bias = gate.e_score_correction_bias
-    logits = F.linear(x.float(), gate.weight.float())  # [T, E] fp32
+    x_f32 = normed.y_fp32 if normed is not None and normed.y_fp32 is not None else x.float()
+    logits = F.linear(x_f32, gate.weight.float())  # [T, E] fp32
     route = moe_route(logits, route_config(config), None if bias is None else bias.float())
     num_experts = config.n_routed_experts
     shared = moe.shared_experts
     if experts.w13.dtype == FP8:
-        x_fp8, x_scale = act_quant(x)
+        have = normed is not None and normed.y_fp8 is not None
+        x_fp8, x_scale = (normed.y_fp8, normed.y_scale) if have else act_quant(x)
         rows = moe_permute(x_fp8, route.ids, num_experts, x_scale=x_scale)
         h = fp8_grouped_gemm(rows.x, rows.x_scale, experts.w13, experts.w13_scale_inv, rows.offsets)
         a_fp8, a_scale = silu_mul_quant(h)  # [T*k, I] e4m3 + 1x128 scales

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moemesh.kernels import NormOutputs
 from moemesh.model.attention import MLAttention
 from moemesh.model.batch import ForwardBatch
 from moemesh.model.config import ModelConfig
@@ -29,17 +30,23 @@ class DecoderLayer(nn.Module):
     def forward(self, x, residual, batch, kv_cache, rotary, rope_tables):
         """The residual stream rides beside the layer output: (x, residual) -> (mlp output, residual), with
         each `residual + x` fused into the next norm."""
-        x, residual = self.attend(x, residual, batch, kv_cache, rotary, rope_tables)
-        return self.mlp(x), residual
+        normed = self._attend(x, residual, batch, kv_cache, rotary, rope_tables)
+        return self.mlp(normed.y, normed), normed.residual
 
     def attend(self, x, residual, batch, kv_cache, rotary, rope_tables):
         """Everything before the MLP: (x, residual) -> (the MLP's input, residual)."""
-        if residual is None:
-            x, residual = self.input_layernorm(x), x
-        else:
-            x, residual = self.input_layernorm.add_forward(x, residual)
-        x = self.self_attn(x, batch, kv_cache, rotary, rope_tables)
-        return self.post_attention_layernorm.add_forward(x, residual)
+        normed = self._attend(x, residual, batch, kv_cache, rotary, rope_tables)
+        return normed.y, normed.residual
+
+    def _attend(self, x, residual, batch, kv_cache, rotary, rope_tables) -> NormOutputs:
+        """Each norm also writes its output in the forms the next block reads (fp32, FP8: `input_formats`),
+        so that block does not convert it in a launch of its own."""
+        formats = self.self_attn.input_formats(x)
+        normed = self.input_layernorm.outputs(x, residual, fp32=formats.fp32, fp8=formats.fp8)
+        residual = x if residual is None else normed.residual
+        x = self.self_attn(normed.y, batch, kv_cache, rotary, rope_tables, normed)
+        formats = self.mlp.input_formats(x)
+        return self.post_attention_layernorm.outputs(x, residual, fp32=formats.fp32, fp8=formats.fp8)
 
 
 class Backbone(nn.Module):

@@ -44,6 +44,29 @@ def test_rms_norm(shape, hidden, device="cpu"):
     assert_close(y2, ref)
 
 
+@pytest.mark.parametrize("hidden,residual", [(300, True), (64, False), (2048, True)])
+def test_rms_norm_outputs_fp32_and_fp8_in_the_same_pass(hidden, residual, device="cpu"):
+    """The norm's extra outputs equal the conversions they replace: y.float() and act_quant(y)."""
+    from moemesh.kernels import act_quant, rms_norm_outputs
+    from tests.kernels.checks import assert_fp8_equal
+
+    gen = torch.Generator().manual_seed(hidden)
+    x = (3 * torch.randn(4, hidden, generator=gen)).bfloat16().to(device)
+    res = torch.randn(4, hidden, generator=gen).bfloat16().to(device) if residual else None
+    w = (1 + 0.1 * torch.randn(hidden, generator=gen)).bfloat16().to(device)
+    out = rms_norm_outputs(x, w, 1e-6, res, fp32=True, fp8=True)
+    y, new_res = add_rms_norm(x, res, w, 1e-6) if residual else (rms_norm(x, w, 1e-6), None)
+    assert torch.equal(out.y, y)
+    assert (out.residual is None) == (not residual) and (not residual or torch.equal(out.residual, new_res))
+    assert out.y_fp32.dtype == torch.float32 and torch.equal(out.y_fp32, y.float())
+    q, scale = act_quant(y)
+    assert out.y_scale.shape == scale.shape == (4, -(-hidden // 128))
+    assert_close(out.y_scale, scale)
+    assert_fp8_equal(out.y_fp8, q, interpreted=interpreting())
+    only_fp8 = rms_norm_outputs(x, w, 1e-6, res, fp8=True)
+    assert only_fp8.y_fp32 is None and torch.equal(only_fp8.y_scale, out.y_scale)
+
+
 def test_rms_norm_strided_rows_and_fp32_weight():
     x = torch.randn(5, 2 * 48).bfloat16()[:, :48]  # row stride 96
     w = torch.rand(48)
@@ -181,6 +204,7 @@ def test_store_kv_fuses_the_latent_norm_and_the_query_rope(
 def test_norm_rope_v3_shapes():
     test_rms_norm((257,), 7168, device="cuda")
     test_rms_norm((33,), 1536, device="cuda")
+    test_rms_norm_outputs_fp32_and_fp8_in_the_same_pass(7168, True, device="cuda")
     test_rope(128, device="cuda")
     test_store_kv_with_rope(False, device="cuda", kv_lora_rank=512, rope_dim=64, page_size=64)
     test_store_kv_with_rope(True, device="cuda", kv_lora_rank=512, rope_dim=64, page_size=64)
