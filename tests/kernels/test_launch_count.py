@@ -50,3 +50,18 @@ def test_the_counter_sees_the_reference_path_too():
     counts = count_decode_step(model, fwd, caches, dry=False)
     assert counts.launches[(1, "mlp")] > 2 * BUDGET["bf16"]["moe"]
     assert counts.launches[(1, "attention")] == BUDGET["bf16"]["attention"]
+
+
+def test_the_command_prints_the_per_layer_table(capsys):
+    from bench.launch_count import main
+
+    counts = main(["--shapes", "tiny", "--layers", "2", "--batch", "3", "--fp8"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["part", "attention", "mlp/moe", "launches", "syncs"]
+    assert lines[2].split()[:4] == [
+        "layer",
+        "0",
+        str(counts.launches[(0, "attention")]),
+        str(counts.launches[(0, "mlp")]),
+    ]
+    assert lines[-1].split() == ["total", str(counts.total), "0"]
