@@ -2,16 +2,18 @@
 
     logits  = x @ router.T                                   fp32 GEMM
     ids, w  = moe_route(logits)                              scores, group limit, top-k, weights: one kernel
-    rows    = moe_permute(x, ids)                            expert-sorted rows (3 launches; FP8: + scales)
-    h       = grouped GEMM(rows, w13)                        BF16: torch._grouped_mm · FP8: fp8_grouped_gemm
+    rows    = moe_permute(x, ids)                            expert-sorted rows (decode: 1 launch; FP8: + scales)
+    h       = grouped GEMM(rows, w13)                        BF16 decode: moe_grouped_gemm with SiLU-and-mul
+                                                             fused (else torch._grouped_mm) · FP8: fp8_grouped_gemm
     a       = silu_mul(h)                                    FP8: silu_mul_quant (fused 1x128 requant)
     y       = grouped GEMM(a, w2)
     s       = down(silu_mul(x @ [gate | up].T))              shared experts, gate and up stacked: one GEMM
     out     = moe_combine(y, w, rows, shared=s)              weights and shared output in one fp32 sum
 
 The FP8 path quantizes x once and feeds both the routed experts' and the shared experts' first GEMM with it.
-SiLU-and-mul stays one launch between the GEMMs: the stacked w13 puts gate and up in different N tiles, so no
-tile of the first GEMM holds both halves of a product.
+BF16 at decode sizes, `moe_grouped_gemm` loads each program's gate and up rows (two accumulators) and writes
+silu(gate) * up; elsewhere SiLU-and-mul stays one launch between the GEMMs (the FP8 GEMM's tiles cover 128 rows
+of one block scale, the stacked w13 puts gate and up in different ones).
 
 `fused_moe(moe, x)` is what the MoE block calls for local experts on CUDA, `fused_mlp(mlp, x)` what a dense MLP
 calls there; on a CPU every op falls back to its torch reference (or, under `TRITON_INTERPRET=1`, runs its
@@ -37,6 +39,8 @@ from moemesh.kernels import (
     silu_mul,
     silu_mul_quant,
 )
+from moemesh.kernels.dispatch import use_triton
+from moemesh.kernels.moe_grouped_gemm import MAX_ROWS_PER_EXPERT, moe_grouped_gemm
 from moemesh.model.config import ModelConfig
 from moemesh.model.stacked import Stacked, stack_linears
 
@@ -108,6 +112,16 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch
     return torch.bmm(w[expert], x[:, :, None])[..., 0]  # [M, N]
 
 
+def _decode_sized(rows: torch.Tensor, num_experts: int) -> bool:
+    """BF16 expert rows few enough per expert for `moe_grouped_gemm` (decode); prefill-sized batches take
+    `torch._grouped_mm`, tuned for large tiles."""
+    return (
+        rows.dtype == torch.bfloat16
+        and use_triton(rows)
+        and rows.shape[0] <= MAX_ROWS_PER_EXPERT * num_experts
+    )
+
+
 def fused_moe(moe: nn.Module, x: torch.Tensor, normed: NormOutputs | None = None) -> torch.Tensor:
     """x [T, D] -> the MoE block's output [T, D] (routed experts + shared experts) in x's dtype.
 
@@ -133,8 +147,12 @@ def fused_moe(moe: nn.Module, x: torch.Tensor, normed: NormOutputs | None = None
         s = None if shared is None else fused_mlp(shared, x, (x_fp8, x_scale))
     else:
         rows = moe_permute(x, route.ids, num_experts)
-        h = grouped_mm(rows.x, experts.w13, rows.offsets)  # [T*k, 2I]
-        y = grouped_mm(_silu_mul(h), experts.w2, rows.offsets)  # [T*k, D]
+        if _decode_sized(rows.x, num_experts):  # weight-bandwidth kernels, SiLU-and-mul in the first one
+            a = moe_grouped_gemm(rows.x, experts.w13, rows.offsets, silu_mul=True)  # [T*k, I]
+            y = moe_grouped_gemm(a, experts.w2, rows.offsets)  # [T*k, D]
+        else:
+            h = grouped_mm(rows.x, experts.w13, rows.offsets)  # [T*k, 2I]
+            y = grouped_mm(_silu_mul(h), experts.w2, rows.offsets)  # [T*k, D]
         s = None if shared is None else fused_mlp(shared, x)
     if s is not None:
         s = s.to(y.dtype)
