@@ -5,7 +5,11 @@ imports triton but touches no GPU.
 """
 
 from moemesh.kernels.fp8_gemm import fp8_gemm
-from moemesh.kernels.fp8_grouped_gemm import fp8_grouped_gemm, fp8_grouped_gemm_masked
+from moemesh.kernels.fp8_grouped_gemm import (
+    fp8_grouped_gemm,
+    fp8_grouped_gemm_masked,
+    fp8_grouped_gemm_silu_quant,
+)
 from moemesh.kernels.fp8_quant import act_quant, weight_dequant, weight_quant
 from moemesh.kernels.mla_decode import mla_decode
 from moemesh.kernels.mla_prefill import merge_attn_states, mla_prefill
@@ -42,6 +46,7 @@ __all__ = [
     "fp8_gemm",
     "fp8_grouped_gemm",
     "fp8_grouped_gemm_masked",
+    "fp8_grouped_gemm_silu_quant",
     "silu_mul",
     "silu_mul_quant",
     "Permuted",

@@ -29,6 +29,7 @@ from moemesh.kernels.fp8_gemm import (
     dequant_rows,
     pick_config,
 )
+from moemesh.kernels.fp8_quant import act_quant_reference
 
 
 @triton.jit
@@ -37,7 +38,11 @@ def _grouped_contiguous_kernel(
     stride_am, stride_as, stride_ask, stride_be, stride_bn, stride_bse, stride_bs, stride_cm,
     EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_E: tl.constexpr, MODE: tl.constexpr,
+    cs_ptr, stride_csm, HALF, SILU_QUANT: tl.constexpr,
 ):  # fmt: skip
+    """SILU_QUANT: B is w13 (gate rows, then up rows HALF further, HALF % 128 == 0), N = HALF output columns;
+    the tile's gate and up products give silu(gate) * up in fp32, quantized per row over the tile's 128 columns
+    (BLOCK_N == 128: one 1x128 group) into e4m3 c and fp32 scales cs [M, N / 128]."""
     pid = tl.program_id(0)
     tiles_n = tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * tiles_n
@@ -66,7 +71,19 @@ def _grouped_contiguous_kernel(
         stride_am, stride_as, stride_ask, stride_bn, stride_bs, EVEN_K, BLOCK_M, BLOCK_N, MODE,
     )  # fmt: skip
     c = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
-    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    if SILU_QUANT:
+        up = _scaled_tile(
+            a_ptr, as_ptr, b_ptr + ex * stride_be + HALF * stride_bn, bs_ptr + ex * stride_bse + (HALF // 128) * stride_bs,
+            offs_m, offs_n, row_ok, col_ok, K, stride_am, stride_as, stride_ask, stride_bn, stride_bs, EVEN_K,
+            BLOCK_M, BLOCK_N, MODE,
+        )  # fmt: skip
+        y = tl.where(col_ok[None, :], acc / (1.0 + tl.exp(-acc)) * up, 0.0)
+        scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(y), axis=1), 1e-10), 448.0)  # act_quant's numerics
+        q = tl.clamp(tl.math.div_rn(y, scale[:, None]), -448.0, 448.0)
+        tl.store(c, q.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+        tl.store(cs_ptr + offs_m.to(tl.int64) * stride_csm + pid_n, scale, mask=row_ok)
+    else:
+        tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -107,6 +124,20 @@ def reference(a_fp8, a_scale, b_fp8, b_scale_inv, expert_offsets) -> torch.Tenso
             a = dequant_rows(a_fp8[lo:hi], a_scale[lo:hi])
             out[lo:hi] = (a @ dequant_blocks(b_fp8[e], b_scale_inv[e]).T).to(torch.bfloat16)
     return out
+
+
+def reference_silu_quant(a_fp8, a_scale, b_fp8, b_scale_inv, expert_offsets):
+    """Contiguous layout, w13 stacked: act_quant(silu(gate) * up) of the fp32 products (no BF16 rounding)."""
+    check_operands(a_fp8, a_scale, b_fp8, b_scale_inv, grouped=True)
+    half = b_fp8.shape[1] // 2
+    y = torch.zeros(a_fp8.shape[0], half, dtype=torch.float32, device=a_fp8.device)
+    bounds = expert_offsets.tolist()
+    for e in range(b_fp8.shape[0]):
+        lo, hi = bounds[e], bounds[e + 1]
+        if hi > lo:
+            h = dequant_rows(a_fp8[lo:hi], a_scale[lo:hi]) @ dequant_blocks(b_fp8[e], b_scale_inv[e]).T
+            y[lo:hi] = torch.nn.functional.silu(h[:, :half]) * h[:, half:]
+    return act_quant_reference(y)
 
 
 def reference_masked(a_fp8, a_scale, b_fp8, b_scale_inv, counts) -> torch.Tensor:
@@ -158,9 +189,55 @@ def fp8_grouped_gemm(
         a_fp8.stride(0), a_scale.stride(0), a_scale.stride(1), b_fp8.stride(0), b_fp8.stride(1),
         b_scale_inv.stride(0), b_scale_inv.stride(1), out.stride(0),
         EVEN_K=k % 128 == 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m,
-        BLOCK_E=triton.next_power_of_2(e), MODE=cfg.mode, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BLOCK_E=triton.next_power_of_2(e), MODE=cfg.mode, cs_ptr=out, stride_csm=0, HALF=0, SILU_QUANT=False,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out
+
+
+def fp8_grouped_gemm_silu_quant(
+    a_fp8: torch.Tensor,
+    a_scale: torch.Tensor,
+    b_fp8: torch.Tensor,
+    b_scale_inv: torch.Tensor,
+    expert_offsets: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The routed experts' first GEMM with SiLU-and-mul and the 1x128 requantization fused (contiguous layout):
+    `b_fp8` is w13 `[E, 2I, K]` (gate rows, then up rows; I a multiple of 128) -> (`y_fp8 [M, I]` e4m3, `scale
+    fp32 [M, I / 128]`) = act_quant(silu(a @ gate.T) * (a @ up.T)) from the fp32 products, one launch instead
+    of the GEMM and `silu_mul_quant`. Rows outside the experts' ranges are not written."""
+    if a_fp8.dim() != 2:
+        raise ValueError(f"a_fp8 must be [M, K] (contiguous layout), got {tuple(a_fp8.shape)}")
+    n, k = check_operands(a_fp8, a_scale, b_fp8, b_scale_inv, grouped=True)
+    if n % 256:
+        raise ValueError(f"b_fp8 must be w13 [E, 2I, K] with I a multiple of 128, got N={n}")
+    e = b_fp8.shape[0]
+    if tuple(expert_offsets.shape) != (e + 1,) or expert_offsets.dtype != torch.int32:
+        raise ValueError(
+            f"expert_offsets is {expert_offsets.dtype} {tuple(expert_offsets.shape)}, expected int32 ({e + 1},)"
+        )
+    if not use_triton(a_fp8):
+        return reference_silu_quant(a_fp8, a_scale, b_fp8, b_scale_inv, expert_offsets)
+    m, half = a_fp8.shape[0], n // 2
+    out = torch.empty(m, half, dtype=torch.float8_e4m3fn, device=a_fp8.device)
+    scale = torch.empty(m, half // 128, dtype=torch.float32, device=a_fp8.device)
+    if m == 0 or e == 0:
+        return out, scale
+    a_fp8 = a_fp8.contiguous()
+    b_fp8, b_scale_inv = b_fp8.contiguous(), b_scale_inv.contiguous()
+    cfg = _checked(pick_config(max(1, m // e), half))
+    max_tiles = triton.cdiv(m, cfg.block_m) + e
+    grid = (max_tiles * triton.cdiv(half, cfg.block_n),)
+    _grouped_contiguous_kernel[grid](
+        a_fp8, a_scale, b_fp8, b_scale_inv, out, expert_offsets, e, half, k,
+        max_tiles, a_fp8.stride(0), a_scale.stride(0), a_scale.stride(1), b_fp8.stride(0), b_fp8.stride(1),
+        b_scale_inv.stride(0), b_scale_inv.stride(1), out.stride(0),
+        EVEN_K=k % 128 == 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m,
+        BLOCK_E=triton.next_power_of_2(e), MODE=cfg.mode,
+        cs_ptr=scale, stride_csm=scale.stride(0), HALF=half, SILU_QUANT=True,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return out, scale
 
 
 def fp8_grouped_gemm_masked(

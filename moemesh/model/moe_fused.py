@@ -5,15 +5,16 @@
     rows    = moe_permute(x, ids)                            expert-sorted rows (decode: 1 launch; FP8: + scales)
     h       = grouped GEMM(rows, w13)                        BF16 decode: moe_grouped_gemm with SiLU-and-mul
                                                              fused (else torch._grouped_mm) · FP8: fp8_grouped_gemm
-    a       = silu_mul(h)                                    FP8: silu_mul_quant (fused 1x128 requant)
+    a       = silu_mul(h)                                    FP8: fused into the GEMM with the 1x128 requant
     y       = grouped GEMM(a, w2)
     s       = down(silu_mul(x @ [gate | up].T))              shared experts, gate and up stacked: one GEMM
     out     = moe_combine(y, w, rows, shared=s)              weights and shared output in one fp32 sum
 
 The FP8 path quantizes x once and feeds both the routed experts' and the shared experts' first GEMM with it.
 BF16 at decode sizes, `moe_grouped_gemm` loads each program's gate and up rows (two accumulators) and writes
-silu(gate) * up; elsewhere SiLU-and-mul stays one launch between the GEMMs (the FP8 GEMM's tiles cover 128 rows
-of one block scale, the stacked w13 puts gate and up in different ones).
+silu(gate) * up; FP8, `fp8_grouped_gemm_silu_quant` does the same with block-scaled tiles (gate and up are
+I = k * 128 rows apart, so both tiles start on a scale block) and quantizes each row's 128 outputs (one 1x128
+group) in the epilogue; larger BF16 batches keep SiLU-and-mul one launch between torch's GEMMs.
 
 `fused_moe(moe, x)` is what the MoE block calls for local experts on CUDA, `fused_mlp(mlp, x)` what a dense MLP
 calls there; on a CPU every op falls back to its torch reference (or, under `TRITON_INTERPRET=1`, runs its
@@ -33,6 +34,7 @@ from moemesh.kernels import (
     act_quant,
     fp8_gemm,
     fp8_grouped_gemm,
+    fp8_grouped_gemm_silu_quant,
     moe_combine,
     moe_permute,
     moe_route,
@@ -141,8 +143,10 @@ def fused_moe(moe: nn.Module, x: torch.Tensor, normed: NormOutputs | None = None
         have = normed is not None and normed.y_fp8 is not None
         x_fp8, x_scale = (normed.y_fp8, normed.y_scale) if have else act_quant(x)
         rows = moe_permute(x_fp8, route.ids, num_experts, x_scale=x_scale)
-        h = fp8_grouped_gemm(rows.x, rows.x_scale, experts.w13, experts.w13_scale_inv, rows.offsets)
-        a_fp8, a_scale = silu_mul_quant(h)  # [T*k, I] e4m3 + 1x128 scales
+        # [T*k, I] e4m3 + 1x128 scales: SiLU-and-mul and the requant in the first GEMM's epilogue
+        a_fp8, a_scale = fp8_grouped_gemm_silu_quant(
+            rows.x, rows.x_scale, experts.w13, experts.w13_scale_inv, rows.offsets
+        )
         y = fp8_grouped_gemm(a_fp8, a_scale, experts.w2, experts.w2_scale_inv, rows.offsets)
         s = None if shared is None else fused_mlp(shared, x, (x_fp8, x_scale))
     else:

@@ -64,6 +64,35 @@ def test_grouped_contiguous(counts, n, k):
     assert_close(out, ref)
 
 
+@pytest.mark.parametrize("counts, k", [([5, 0, 17, 1], 200), ([0, 2], 128)])
+def test_grouped_silu_quant(counts, k, n=512):
+    """w13's GEMM with SiLU-and-mul and the 1x128 requant fused: the same values as the fp32 products quantized
+    (one e4m3 step where fp32 summation order tips a rounding), and as the two-step path within FP8's error."""
+    e = len(counts)
+    offsets = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32)
+    m = int(offsets[-1])
+    a, a_s = _a((m, k), seed=m + 1)
+    b, b_s = _b(e, n, k, seed=e + 1)
+    q, scale = grouped.fp8_grouped_gemm_silu_quant(a, a_s, b, b_s, offsets.to(DEV))
+    assert q.shape == (m, n // 2) and q.dtype == torch.float8_e4m3fn and scale.shape == (m, n // 256)
+    q_ref, s_ref = grouped.reference_silu_quant(a.cpu(), a_s.cpu(), b.cpu(), b_s.cpu(), offsets)
+    assert_close(scale, s_ref, name="scale")
+    if interpreting():  # its fp8 cast drops carries (checks.py): values equal up to that
+        assert_fp8_equal(q, q_ref, interpreted=True)
+    else:
+        assert (q.float().cpu() == q_ref.float()).float().mean() > 0.99
+        assert_close(
+            dense.dequant_rows(q, scale), dense.dequant_rows(q_ref, s_ref), dtype=torch.float8_e4m3fn
+        )
+    got = dense.dequant_rows(q, scale).cpu()
+    two_step = dense.dequant_rows(
+        *sm.silu_mul_quant(grouped.fp8_grouped_gemm(a, a_s, b, b_s, offsets.to(DEV)))
+    )
+    assert ((got - two_step.cpu()).norm() / two_step.norm()).item() < 0.05  # within FP8's error of each other
+    with pytest.raises(ValueError, match="I a multiple of 128"):
+        grouped.fp8_grouped_gemm_silu_quant(a, a_s, b[:, :384], b_s[:, :3], offsets.to(DEV))
+
+
 @pytest.mark.parametrize("counts, max_m", [([3, 0, 16, 1], 16), ([0, 0], 8), ([20, 7, 0], 33)])
 def test_grouped_masked(counts, max_m):
     e, n, k = len(counts), 136, 160
@@ -135,6 +164,23 @@ def test_gpu_grouped_v3(n, k):
     rows = torch.arange(max_m, device="cuda")[None, :, None] < cnt[:, None, None]
     out = grouped.fp8_grouped_gemm_masked(am, am_s, b, b_s, cnt)
     assert_close(torch.where(rows, out, 0), grouped.reference_masked(am, am_s, b, b_s, cnt))
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_grouped_silu_quant_v2_lite():
+    """V2-Lite's w13 (64 experts, 2I = 2816, K = 2048) at decode sizes."""
+    for tokens in (1, 64):
+        counts = torch.bincount(torch.randint(0, 64, (tokens * 6,)), minlength=64)
+        offsets = torch.tensor([0, *counts.cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+        a, a_s = act_quant(torch.randn(tokens * 6, 2048, device="cuda", dtype=torch.bfloat16))
+        b, b_s = _b(64, 2816, 2048, seed=3, device="cuda")
+        q, scale = grouped.fp8_grouped_gemm_silu_quant(a, a_s, b, b_s, offsets)
+        q_ref, s_ref = grouped.reference_silu_quant(a, a_s, b, b_s, offsets)
+        assert_close(scale, s_ref, name="scale")
+        assert_close(
+            dense.dequant_rows(q, scale), dense.dequant_rows(q_ref, s_ref), dtype=torch.float8_e4m3fn
+        )
 
 
 @pytest.mark.gpu

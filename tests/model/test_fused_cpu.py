@@ -36,10 +36,10 @@ def test_fused_path_gives_the_reference_greedy_tokens(tmp_path):
 
 
 def test_fused_fp8_path_as_close_to_fp32_as_the_reference(tmp_path):
-    """FP8 experts emit BF16: the fused path adds routed and shared outputs in one fp32 sum rounded once where
-    the reference rounds the routed sum to BF16 first, so the logits differ (within FP8's own error, which this
-    tiny random model amplifies to ~20 % of the fp32 model's) and the fused ones are no further from the fp32
-    model on the dequantized weights."""
+    """The fused FP8 path rounds less than the reference: SiLU-and-mul and the requant from the first GEMM's fp32
+    products (the reference rounds them to BF16 first), routed and shared outputs in one fp32 sum. So the logits
+    differ — FP8's error, which this tiny random model amplifies to ~20 % of the fp32 model's — and the fused
+    ones are no further from the fp32 model on the dequantized weights (here about half as far)."""
     llm = _tiny(tmp_path, fp8=True)
     oracle = LLM(llm.model_dir, device="cpu", dtype="float32", engine_config=CONFIG, fp8=False)
     tokens = prompts(1, seed=3)[0] * 2
@@ -51,7 +51,7 @@ def test_fused_fp8_path_as_close_to_fp32_as_the_reference(tmp_path):
     def rel(a, b):
         return ((a - b).norm() / b.norm()).item()
 
-    assert 0 < rel(fused, reference) < 0.1
+    assert rel(fused, reference) > 0
     assert rel(fused, exact) <= 1.05 * rel(reference, exact) < 0.5
     attn = model.model.layers[1].self_attn
     assert attn.stack_input_projections().scale_inv is not None  # FP8 q_a + kv_a: one FP8 GEMM
