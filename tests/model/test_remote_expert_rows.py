@@ -21,6 +21,7 @@ from moemesh.config.mesh import parse_expert_set
 from moemesh.model.config import ModelConfig
 from moemesh.model.expert_shard import ExpertShard
 from moemesh.model.moe import MoE
+from moemesh.model.moe_fused import set_fused
 from moemesh.services.expert.worker import ExpertWorker
 from moemesh.services.remote_experts import token_encoder
 from moemesh.transport.expert_client import PoolWorker, RemoteExperts, RemoteExpertsOptions
@@ -137,6 +138,9 @@ def check_rows_and_block(loop: Loop, moe: MoE, layout: str, cases: list[tuple[in
             away = remote(LAYER, hidden, ids, weights)
         assert torch.equal(away, local), (layout, num_tokens, skew, float((away - local).abs().max()))
     hidden = routing(moe, 33, False, seed=7)[0]
+    # The block's torch path, which a block with remote experts takes: on CUDA the default local path is the
+    # fused one (one fp32 combine of routed and shared rows), which rounds otherwise (docs/experts.md).
+    set_fused(moe, False)
     with torch.no_grad():
         here = moe(hidden)
         moe.set_expert_backend(remote)
@@ -144,6 +148,7 @@ def check_rows_and_block(loop: Loop, moe: MoE, layout: str, cases: list[tuple[in
             there = moe(hidden)  # the deferred path: shared experts while the routed ones are away
         finally:
             moe.set_expert_backend(moe.experts)
+            set_fused(moe, None)
     assert torch.equal(there, here), (layout, float((there - here).abs().max()))
     assert remote.num_batches >= len(cases) + 1
 
