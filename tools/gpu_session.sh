@@ -32,6 +32,9 @@ for step in "$@"; do
   timeout --kill-after=10 "$limit" bash -c "$cmd" >"$RUN/$name.log" 2>&1
   rc=$?
   printf '%-16s rc=%-4s %5ss\n' "$name" "$rc" "$(($(date +%s) - t0))" >>"$RUN/summary.txt"
+  # after every step, so a call cut short by its time limit still brings back what ran
+  find bench/results -newer "$RUN/.t0" -type f -exec cp {} "$RUN/" \; 2>/dev/null
+  tar czf "$OUT/run.tgz" -C "$RUN" . 2>/dev/null
 done
 find bench/results -newer "$RUN/.t0" -type f -exec cp {} "$RUN/" \; 2>/dev/null
 tar czf "$OUT/run.tgz" -C "$RUN" . 2>/dev/null
