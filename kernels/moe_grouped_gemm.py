@@ -112,9 +112,16 @@ def reference(
 
 
 def moe_grouped_gemm(
-    x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, *, silu_mul: bool = False
+    x: torch.Tensor,
+    w: torch.Tensor,
+    offsets: torch.Tensor,
+    *,
+    silu_mul: bool = False,
+    rows_per_expert: int | None = None,
 ) -> torch.Tensor:
-    """Grouped GEMM over expert-sorted rows (module docstring): [M, N], or [M, N / 2] with `silu_mul`."""
+    """Grouped GEMM over expert-sorted rows (module docstring): [M, N], or [M, N / 2] with `silu_mul`.
+    rows_per_expert picks the row tile (None: M // E); an expert-pool worker computing part of a layer passes
+    the whole layer's, so every row goes through the tile shape it gets in the colocated layer."""
     _check(x, w, offsets, silu_mul)
     if not use_triton(x):
         return reference(x, w, offsets, silu_mul)
@@ -128,7 +135,7 @@ def moe_grouped_gemm(
         x = x.contiguous()
     if w.stride(2) != 1:
         w = w.contiguous()
-    rows = max(1, m // num_experts)
+    rows = max(1, m // num_experts if rows_per_expert is None else rows_per_expert)
     block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
     block_n = 64
     max_tiles = triton.cdiv(m, block_m) + num_experts

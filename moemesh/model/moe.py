@@ -18,10 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moemesh.kernels import NormOutputs
+from moemesh.kernels import NormOutputs, moe_combine
 from moemesh.model.config import ModelConfig
 from moemesh.model.layers import MLP, InputFormats
-from moemesh.model.moe_fused import fused_moe
+from moemesh.model.moe_fused import fused_moe, fused_shared
+from moemesh.model.moe_fused import route as fused_route
 
 
 def route(
@@ -76,11 +77,15 @@ class PendingExperts(Protocol):
 @runtime_checkable
 class DeferredExpertBackend(ExpertBackend, Protocol):
     """A backend whose experts run elsewhere: `submit` sends the layer's tokens and returns at once, so the
-    shared experts run here while the routed ones are away; `result()` waits for the combined output."""
+    shared experts run here while the routed ones are away; `result()` waits for the combined output [T, D]
+    (each slot's row weighted and summed as `LocalExperts` does) or, with `unweighted`, for every slot's
+    bare expert row [T * k, D] in (token, slot) order, computed by the fused path's expert GEMMs
+    (`moe_fused.expert_rows`), for the caller's own combine."""
 
     def submit(
-        self, layer_idx: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
-    ) -> PendingExperts: ...
+        self, layer_idx: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+        *, unweighted: bool = False,
+    ) -> PendingExperts: ...  # fmt: skip
 
 
 def combine_slots(slots: torch.Tensor, num_tokens: int, top_k: int, dtype: torch.dtype) -> torch.Tensor:
@@ -159,10 +164,16 @@ class LocalExperts(nn.Module):
 
 
 class MoE(nn.Module):
-    """The MoE block. Two paths, by device: with local experts on CUDA, `moe_fused.fused_moe` (our kernels, a
-    handful of launches, no host sync, CUDA-graph safe); else the router, the expert backend (`LocalExperts` /
-    `Fp8Experts` here: the torch reference; `RemoteExperts`: the expert pool) and the shared MLP.
-    `use_fused` overrides the choice (None: by device; `moe_fused.set_fused` sets it on a whole model)."""
+    """The MoE block. Two paths, by device: on CUDA the fused one — with local experts `moe_fused.fused_moe`
+    (our kernels, a handful of launches, no host sync, CUDA-graph safe) — else the torch one: the router, the
+    expert backend (`LocalExperts` / `Fp8Experts` here: the torch reference) and the shared MLP. `use_fused`
+    overrides the choice (None: by device; `moe_fused.set_fused` sets it on a whole model).
+
+    With the routed experts away (`RemoteExperts`, a `DeferredExpertBackend`) the block computes what it
+    computes with them here on the same path (`deferred`): on the fused path it routes with `moe_route`, the
+    pool returns unweighted rows of the fused path's GEMMs and `moe_combine` sums them with the shared
+    experts' `fused_mlp` output in fp32, as `fused_moe` does; on the torch path it routes with the router, the
+    pool returns weighted rows summed as `LocalExperts` sums them, then the shared output is added."""
 
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
@@ -183,13 +194,17 @@ class MoE(nn.Module):
         state dict keeps only the local weights."""
         object.__setattr__(self, "expert_backend", backend)
 
+    def on_fused_path(self, x: torch.Tensor) -> bool:
+        """Whether the block takes the fused path (its experts here or away)."""
+        return x.is_cuda if self.use_fused is None else self.use_fused
+
     def fused(self, x: torch.Tensor) -> bool:
-        local = self.expert_backend is self.experts
-        return local and (x.is_cuda if self.use_fused is None else self.use_fused)
+        """Whether `fused_moe` computes the block: the fused path with local experts."""
+        return self.expert_backend is self.experts and self.on_fused_path(x)
 
     def input_formats(self, x: torch.Tensor) -> InputFormats:
-        """The fused path's router reads x in fp32, its FP8 experts x quantized."""
-        if not self.fused(x):
+        """The fused path's router reads x in fp32, its FP8 experts (and then its shared experts) x quantized."""
+        if not self.on_fused_path(x):
             return InputFormats()
         return InputFormats(fp32=x.dtype != torch.float32, fp8=self.experts.w13.dtype == torch.float8_e4m3fn)
 
@@ -198,14 +213,36 @@ class MoE(nn.Module):
         if self.fused(x):
             return fused_moe(self, x, normed)
         backend = self.expert_backend
-        weights, ids = self.gate(x)
         if isinstance(backend, DeferredExpertBackend):  # routed experts away: shared ones meanwhile
-            pending = backend.submit(self.layer_idx, x, ids, weights)
-            shared = self.shared_experts(x) if self.shared_experts is not None else None
-            out = pending.result()
-        else:
-            out = backend(self.layer_idx, x, ids, weights)
-            shared = self.shared_experts(x) if self.shared_experts is not None else None
+            stages = self.deferred(x, normed)
+            pending = next(stages)
+            try:
+                stages.send(pending.result())
+            except StopIteration as done:
+                return done.value
+            raise RuntimeError("MoE.deferred yielded twice")
+        weights, ids = self.gate(x)
+        out = backend(self.layer_idx, x, ids, weights)
+        shared = self.shared_experts(x) if self.shared_experts is not None else None
+        return out if shared is None else out + shared
+
+    def deferred(self, x: torch.Tensor, normed: NormOutputs | None = None):
+        """The block with its routed experts away (a `DeferredExpertBackend`), as a generator: routes, submits
+        (yields the PendingExperts), runs the shared experts meanwhile, is sent the pending's result and
+        returns the block's output — what the block computes with local experts on its current path."""
+        backend = self.expert_backend
+        if self.on_fused_path(x):  # fused_moe's routing, rows and combine
+            routed = fused_route(self, x, normed)
+            pending = backend.submit(self.layer_idx, x, routed.ids, routed.weights, unweighted=True)
+            shared = fused_shared(self, x, normed)
+            rows = yield pending  # [T * k, D] unweighted, in (token, slot) order
+            slot_rows = torch.arange(rows.shape[0], dtype=torch.int32, device=rows.device)
+            shared = None if shared is None else shared.to(rows.dtype)
+            return moe_combine(rows, routed.weights, slot_rows, shared=shared).to(x.dtype)
+        weights, ids = self.gate(x)
+        pending = backend.submit(self.layer_idx, x, ids, weights)
+        shared = self.shared_experts(x) if self.shared_experts is not None else None
+        out = yield pending
         return out if shared is None else out + shared
 
 

@@ -43,6 +43,7 @@ from moemesh.kernels import (
 )
 from moemesh.kernels.dispatch import use_triton
 from moemesh.kernels.moe_grouped_gemm import MAX_ROWS_PER_EXPERT, moe_grouped_gemm
+from moemesh.kernels.moe_route import RouteResult
 from moemesh.model.config import ModelConfig
 from moemesh.model.stacked import Stacked, stack_linears
 
@@ -114,14 +115,69 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch
     return torch.bmm(w[expert], x[:, :, None])[..., 0]  # [M, N]
 
 
-def _decode_sized(rows: torch.Tensor, num_experts: int) -> bool:
+def _decode_sized(rows: torch.Tensor, layer_rows: int, num_experts: int) -> bool:
     """BF16 expert rows few enough per expert for `moe_grouped_gemm` (decode); prefill-sized batches take
-    `torch._grouped_mm`, tuned for large tiles."""
+    `torch._grouped_mm`, tuned for large tiles. layer_rows: the whole layer's (token, slot) rows."""
     return (
-        rows.dtype == torch.bfloat16
-        and use_triton(rows)
-        and rows.shape[0] <= MAX_ROWS_PER_EXPERT * num_experts
+        rows.dtype == torch.bfloat16 and use_triton(rows) and layer_rows <= MAX_ROWS_PER_EXPERT * num_experts
     )
+
+
+def routed_gemms(
+    rows: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, offsets: torch.Tensor, layer_rows: int,
+    num_experts: int,
+) -> torch.Tensor:  # fmt: skip
+    """The fused path's BF16 / fp32 routed-expert math: rows [M, D] sorted by expert (`offsets`, as
+    `moe_permute` lays them out) -> unweighted w2(silu(w13 row) * ...) [M, D]. layer_rows and num_experts
+    describe the whole MoE layer (its T * k rows over its routed experts) and pick the kernel and its tile, so
+    an expert-pool worker holding part of the layer's rows and experts computes each row as the colocated
+    layer does (`expert_rows`)."""
+    if _decode_sized(
+        rows, layer_rows, num_experts
+    ):  # weight-bandwidth kernels, SiLU-and-mul in the first one
+        per_expert = layer_rows // num_experts
+        a = moe_grouped_gemm(rows, w13, offsets, silu_mul=True, rows_per_expert=per_expert)  # [M, I]
+        return moe_grouped_gemm(a, w2, offsets, rows_per_expert=per_expert)  # [M, D]
+    h = grouped_mm(rows, w13, offsets)  # [M, 2I]
+    return grouped_mm(_silu_mul(h), w2, offsets)  # [M, D]
+
+
+def expert_rows(
+    experts: nn.Module, hidden: torch.Tensor, ids: torch.Tensor, layer_rows: int, num_experts: int
+) -> torch.Tensor:
+    """An expert-pool worker's part of a fused layer: hidden [T, D], ids [T, k] (indices into the stacked
+    `experts.w13` / `w2`; -1 for slots another worker computes) -> one unweighted row per slot with an id,
+    in (token, slot) order [S, D]: `moe_permute`, then `routed_gemms` with the whole layer's shape."""
+    permuted = moe_permute(hidden, ids, experts.w13.shape[0])
+    flat = permuted.slot_rows.long()
+    mine = flat[
+        flat >= 0
+    ]  # [S] each computed slot's row, in (token, slot) order; rows 0..S-1 are all of them
+    y = routed_gemms(permuted.x[: mine.numel()], experts.w13, experts.w2, permuted.offsets, layer_rows,
+                     num_experts)  # fmt: skip
+    return y[mine]
+
+
+def route(moe: nn.Module, x: torch.Tensor, normed: NormOutputs | None = None) -> RouteResult:
+    """The fused path's routing of x: fp32 router GEMM, then `moe_route` (ids, fp32 weights [T, k])."""
+    gate = moe.gate
+    bias = gate.e_score_correction_bias
+    x_f32 = normed.y_fp32 if normed is not None and normed.y_fp32 is not None else x.float()
+    logits = F.linear(x_f32, gate.weight.float())  # [T, E] fp32
+    return moe_route(logits, route_config(moe.config), None if bias is None else bias.float())
+
+
+def fused_shared(moe: nn.Module, x: torch.Tensor, normed: NormOutputs | None = None) -> torch.Tensor | None:
+    """The shared experts' output as `fused_moe` computes it (None without shared experts): `fused_mlp`, fed
+    the 1x128 quantization of x when the routed experts are FP8 (the one fused_moe's experts read too)."""
+    shared = moe.shared_experts
+    if shared is None:
+        return None
+    x_fp8 = None
+    if moe.experts.w13.dtype == FP8:
+        have = normed is not None and normed.y_fp8 is not None
+        x_fp8 = (normed.y_fp8, normed.y_scale) if have else act_quant(x)
+    return fused_mlp(shared, x, x_fp8)
 
 
 def fused_moe(moe: nn.Module, x: torch.Tensor, normed: NormOutputs | None = None) -> torch.Tensor:
@@ -132,17 +188,14 @@ def fused_moe(moe: nn.Module, x: torch.Tensor, normed: NormOutputs | None = None
     `normed`: the norm's outputs x came from; its fp32 copy feeds the router and its FP8 form the experts
     when it wrote them (the same values as x.float() and act_quant(x))."""
     config: ModelConfig = moe.config
-    gate, experts = moe.gate, moe.experts
-    bias = gate.e_score_correction_bias
-    x_f32 = normed.y_fp32 if normed is not None and normed.y_fp32 is not None else x.float()
-    logits = F.linear(x_f32, gate.weight.float())  # [T, E] fp32
-    route = moe_route(logits, route_config(config), None if bias is None else bias.float())
+    experts = moe.experts
+    routed = route(moe, x, normed)
     num_experts = config.n_routed_experts
     shared = moe.shared_experts
     if experts.w13.dtype == FP8:
         have = normed is not None and normed.y_fp8 is not None
         x_fp8, x_scale = (normed.y_fp8, normed.y_scale) if have else act_quant(x)
-        rows = moe_permute(x_fp8, route.ids, num_experts, x_scale=x_scale)
+        rows = moe_permute(x_fp8, routed.ids, num_experts, x_scale=x_scale)
         # [T*k, I] e4m3 + 1x128 scales: SiLU-and-mul and the requant in the first GEMM's epilogue
         a_fp8, a_scale = fp8_grouped_gemm_silu_quant(
             rows.x, rows.x_scale, experts.w13, experts.w13_scale_inv, rows.offsets
@@ -150,17 +203,12 @@ def fused_moe(moe: nn.Module, x: torch.Tensor, normed: NormOutputs | None = None
         y = fp8_grouped_gemm(a_fp8, a_scale, experts.w2, experts.w2_scale_inv, rows.offsets)
         s = None if shared is None else fused_mlp(shared, x, (x_fp8, x_scale))
     else:
-        rows = moe_permute(x, route.ids, num_experts)
-        if _decode_sized(rows.x, num_experts):  # weight-bandwidth kernels, SiLU-and-mul in the first one
-            a = moe_grouped_gemm(rows.x, experts.w13, rows.offsets, silu_mul=True)  # [T*k, I]
-            y = moe_grouped_gemm(a, experts.w2, rows.offsets)  # [T*k, D]
-        else:
-            h = grouped_mm(rows.x, experts.w13, rows.offsets)  # [T*k, 2I]
-            y = grouped_mm(_silu_mul(h), experts.w2, rows.offsets)  # [T*k, D]
+        rows = moe_permute(x, routed.ids, num_experts)
+        y = routed_gemms(rows.x, experts.w13, experts.w2, rows.offsets, rows.x.shape[0], num_experts)
         s = None if shared is None else fused_mlp(shared, x)
     if s is not None:
         s = s.to(y.dtype)
-    return moe_combine(y, route.weights, rows.slot_rows, shared=s).to(x.dtype)
+    return moe_combine(y, routed.weights, rows.slot_rows, shared=s).to(x.dtype)
 
 
 def set_fused(model: nn.Module, on: bool | None = True) -> int:

@@ -115,11 +115,7 @@ class DeepseekForCausalLM(nn.Module):
             x, residual = layer.attend(x, residual, batch, kv_cache, self.rotary, rope_tables)
             mlp = layer.mlp
             if isinstance(mlp, MoE) and isinstance(mlp.expert_backend, DeferredExpertBackend):
-                weights, ids = mlp.gate(x)
-                pending = mlp.expert_backend.submit(mlp.layer_idx, x, ids, weights)
-                shared = mlp.shared_experts(x) if mlp.shared_experts is not None else None
-                routed = yield pending
-                x = routed if shared is None else routed + shared
+                x = yield from mlp.deferred(x)  # yields its PendingExperts, is sent their result
             else:
                 x = mlp(x)
         if batch.logits_rows is not None:

@@ -12,6 +12,8 @@ Per MoE layer, called on the engine thread with the layer's routing (the model r
    shared experts meanwhile), every worker in parallel;
 4. `result()` places each worker's weighted slot rows and sums every token's k rows in slot order — the same
    combine as `LocalExperts` (moe.combine_slots), so greedy output equals the colocated one for BF16 tokens.
+   With `unweighted` (a block on the fused path) the workers return bare expert rows of the fused path's
+   GEMMs and `result()` hands back every slot's row: the block combines them as `fused_moe` does.
 
 Failure: a worker that does not answer within `timeout_s`, or whose connection drops, is forgotten (its
 experts move to their replicas if any) and the call raises Unavailable; calls wait up to `placement_wait_s`
@@ -39,6 +41,7 @@ import torch
 
 from moemesh._proto.v1 import expert_pb2, expert_pb2_grpc
 from moemesh.transport.errors import (
+    FailedPrecondition,
     MeshError,
     StalePlacement,
     Unavailable,
@@ -184,8 +187,11 @@ class PendingExperts:
     def __init__(self, future: concurrent.futures.Future | None, parts: list[_Part], hidden: torch.Tensor,
                  top_k: int, wait_s: float, retry: Callable[[], PendingExperts] | None = None,
                  stats: DispatchStats | None = None,
-                 resend: Callable[[], PendingExperts | None] | None = None) -> None:  # fmt: skip
-        """resend: after a StalePlacement (the pool was described again), the layer sent once more."""
+                 resend: Callable[[], PendingExperts | None] | None = None,
+                 unweighted: bool = False) -> None:  # fmt: skip
+        """resend: after a StalePlacement (the pool was described again), the layer sent once more.
+        unweighted: result() is every slot's row [T * k, D] (token-major), not the combined [T, D]."""
+        self._unweighted = unweighted
         self._resend = resend
         self._stats = stats
         self._future = future
@@ -224,6 +230,11 @@ class PendingExperts:
             self._mark("woke")
             for part, out in zip(self._parts, outputs, strict=True):
                 slots[part.slot_index.to(hidden.device)] = out.to(hidden.device, hidden.dtype)
+        if self._unweighted:  # the block combines them (moe_combine, as fused_moe does)
+            combined = slots
+            if self.hop_log is not None:
+                self._mark("combined")
+            return combined
         # the combine of moe.combine_slots: every token's k weighted rows summed in slot order
         combined = slots.view(num_tokens, k, -1).sum(dim=1).to(hidden.dtype)
         if self.hop_log is not None:
@@ -376,10 +387,13 @@ class RemoteExperts:
         topk_weights: torch.Tensor,
         retry: bool = True,
         resends: int = MAX_STALE_RESENDS,
+        *,
+        unweighted: bool = False,
     ) -> PendingExperts:
         """Sends the layer's tokens and returns without waiting for the outputs. retry: when a worker is lost
         and the others still cover every expert, `result()` sends the layer once more. resends: how often
-        `result()` may send it again after a StalePlacement."""
+        `result()` may send it again after a StalePlacement. unweighted: the workers compute the fused path's
+        bare rows (for this layer of T * k rows) and `result()` returns them per slot [T * k, D]."""
         loop = self._loop
         if loop is None:
             raise RuntimeError("RemoteExperts.start() was not awaited")
@@ -392,7 +406,7 @@ class RemoteExperts:
         num_tokens, k = topk_ids.shape
         wait_s = self.options.timeout_s + 1.0
         if num_tokens == 0:
-            return PendingExperts(None, [], hidden, k, wait_s)
+            return PendingExperts(None, [], hidden, k, wait_s, unweighted=unweighted)
         submit_ns = time.perf_counter_ns()
         table = self._wait_for_table()
         ids = topk_ids.to("cpu", torch.int64)
@@ -406,7 +420,8 @@ class RemoteExperts:
                 self.encode(hidden[rows.to(hidden.device)]).to(self.wire_device),
                 torch.where(mask, ids, -1)[rows].to(self.wire_device, torch.int32),
                 topk_weights[rows.to(topk_weights.device)].to(self.wire_device, torch.float32),
-                placement_epoch=table.workers[index].placement_epoch,
+                placement_epoch=table.workers[index].placement_epoch, unweighted=unweighted,
+                layer_slots=num_tokens * k if unweighted else 0,
             )  # fmt: skip
             parts.append(_Part(table.workers[index], batch, batch.payload(), mask.flatten().nonzero()[:, 0]))
         if self.wire_device.type == "cuda":  # UCX reads the buffers from another thread: they must be written
@@ -421,15 +436,17 @@ class RemoteExperts:
         def again() -> PendingExperts | None:
             if not self.table.complete:  # nobody left to take over: fail the step
                 return None
-            return self.submit(layer_idx, hidden, topk_ids, topk_weights, retry=False, resends=resends)
+            return self.submit(layer_idx, hidden, topk_ids, topk_weights, retry=False, resends=resends,
+                               unweighted=unweighted)  # fmt: skip
 
         def resend() -> PendingExperts | None:
             if resends <= 0:
                 return None
-            return self.submit(layer_idx, hidden, topk_ids, topk_weights, retry, resends - 1)
+            return self.submit(layer_idx, hidden, topk_ids, topk_weights, retry, resends - 1,
+                               unweighted=unweighted)  # fmt: skip
 
         pending = PendingExperts(
-            future, parts, hidden, k, wait_s, again if retry else None, self.stats, resend
+            future, parts, hidden, k, wait_s, again if retry else None, self.stats, resend, unweighted
         )
         pending.hop_log = self.hop_log
         return pending
@@ -489,6 +506,14 @@ class RemoteExperts:
         if reply.error:
             raise from_status(
                 status_code_from_number(reply.error_code), f"expert worker {worker.worker_id}: {reply.error}"
+            )
+        if (
+            reply.unweighted != batch.unweighted
+        ):  # a worker that predates unweighted rows answers weighted ones
+            form = {True: "unweighted", False: "weighted"}
+            raise FailedPrecondition(
+                f"expert worker {worker.worker_id} answered {form[reply.unweighted]} rows to a batch asking "
+                f"for {form[batch.unweighted]} ones: it runs another version of the expert wire"
             )
         return out
 

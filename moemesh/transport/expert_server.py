@@ -105,7 +105,9 @@ class UcxExpertServer:
     async def _answer(self, ep: Any, header: expert_pb2.ExpertBatchHeader, payload: torch.Tensor) -> None:
         """Sends the result frame and the output rows together (an error frame comes with an empty output
         message: the client posts both receives up front)."""
-        reply = expert_pb2.ExpertResultHeader(micro_batch_id=header.micro_batch_id, layer=header.layer)
+        reply = expert_pb2.ExpertResultHeader(
+            micro_batch_id=header.micro_batch_id, layer=header.layer, unweighted=header.unweighted
+        )
         out = torch.empty(0, dtype=torch.uint8)
         try:
             rows = await self.compute(ExpertBatch.from_wire(header, payload))

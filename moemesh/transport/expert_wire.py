@@ -10,7 +10,9 @@ A frame is FRAME_BYTES: a little-endian uint32 length, then the serialized Exper
 ExpertResultHeader. The payload is one buffer: the token buffer (kernels/token_format.py's layout, scales
 inside), expert ids int32 [T, k] (-1: a slot another worker computes), routing weights fp32 [T, k], each
 starting on a 16-byte boundary. The output is bf16 [S, D], one row per slot with an expert id >= 0, in
-(token, slot) order, already weighted.
+(token, slot) order: weighted by its routing weight (the block's torch path), or with the header's `unweighted`
+the bare expert row of the fused path's GEMMs, which the attention worker weights in its own fp32 combine; the
+result frame echoes `unweighted`, so a worker that predates it (and answers weighted rows) is caught.
 """
 
 from __future__ import annotations
@@ -80,6 +82,8 @@ class ExpertBatch:
     weights: torch.Tensor
     traceparent: str = ""
     placement_epoch: int = 0  # the receiver's epoch the sender routed by; 0: unchecked
+    unweighted: bool = False  # rows of the fused path's expert GEMMs, not weighted (proto's `unweighted`)
+    layer_slots: int = 0  # unweighted: the whole layer's (token, slot) rows, which pick the kernel and tile
 
     @property
     def num_tokens(self) -> int:
@@ -100,7 +104,8 @@ class ExpertBatch:
             micro_batch_id=self.batch_id, layer=self.layer, num_tokens=self.num_tokens,
             hidden_size=self.hidden_size, top_k=self.top_k, token_format=self.token_format,
             payloads=[expert_pb2.PayloadSpec(kind=k, num_bytes=n) for k, n in zip(_KIND_ORDER, sizes, strict=True)],
-            traceparent=self.traceparent, placement_epoch=self.placement_epoch,
+            traceparent=self.traceparent, placement_epoch=self.placement_epoch, unweighted=self.unweighted,
+            layer_slots=self.layer_slots,
         )  # fmt: skip
 
     def payload(self) -> torch.Tensor:
@@ -134,7 +139,8 @@ class ExpertBatch:
         weights = payload[offsets[2] : offsets[2] + sizes[2]].view(torch.float32).view(shape)
         tokens = payload[offsets[0] : offsets[0] + sizes[0]]
         return cls(header.micro_batch_id, header.layer, header.token_format, header.hidden_size, tokens, ids,
-                   weights, header.traceparent, header.placement_epoch)  # fmt: skip
+                   weights, header.traceparent, header.placement_epoch, header.unweighted,
+                   header.layer_slots)  # fmt: skip
 
 
 def payload_bytes(header: expert_pb2.ExpertBatchHeader) -> int:

@@ -69,7 +69,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertPoolServicer):
         return expert_pb2.ExpertResult(
             header=expert_pb2.ExpertResultHeader(
                 micro_batch_id=header.micro_batch_id, layer=header.layer, num_tokens=header.num_tokens,
-                payloads=[expert_pb2.PayloadSpec(kind=expert_pb2.PAYLOAD_KIND_OUTPUT, num_bytes=out.numel() * 2)],
+                unweighted=header.unweighted, payloads=[expert_pb2.PayloadSpec(kind=expert_pb2.PAYLOAD_KIND_OUTPUT, num_bytes=out.numel() * 2)],
             ),
             payloads=[out.view(torch.uint8).numpy().tobytes()],
         )  # fmt: skip

@@ -3,9 +3,11 @@ sent, and count each expert's tokens (GetLoad, for placement).
 
 A batch (transport/expert_wire.py) holds the tokens in a token format (decoded here with
 kernels/token_format.py), each token's k expert ids (-1 for slots another worker computes) and its routing
-weights. The answer is one weighted row per computed slot, in (token, slot) order — the rows `LocalExperts`
-computes for the same slots in a colocated worker, by the same code (`LocalExperts.slot_outputs`), so the
-attention worker's combine gives the colocated result bit for bit (BF16 tokens).
+weights. The answer is one row per computed slot, in (token, slot) order, computed by the code the colocated
+block runs on its current path, so the attention worker's combine gives the colocated result bit for bit (BF16
+tokens): a block on the torch path gets weighted rows (`LocalExperts.slot_outputs`), one on the fused path
+(the batch's `unweighted`) the bare rows of the fused path's GEMMs, kernel and tile picked by the whole layer's
+rows (`moe_fused.expert_rows`).
 
 Batches run one at a time: a small one (at most `inline_max_tokens` tokens) on the event loop itself when
 nothing runs on the compute thread — two thread hops fewer per round trip (measured 0.4-1 ms of a 5-10 ms CPU
@@ -32,6 +34,7 @@ import torch
 
 from moemesh.kernels.token_format import TokenLayout, decode_tokens
 from moemesh.model.expert_shard import ExpertShard, merge_shards, select_experts
+from moemesh.model.moe_fused import expert_rows
 from moemesh.telemetry.metrics import ExpertMetrics
 from moemesh.transport.errors import FailedPrecondition, InvalidArgument, StalePlacement
 from moemesh.transport.expert_hops import HopLog
@@ -128,8 +131,18 @@ class ExpertWorker:
                 raise InvalidArgument(
                     f"experts {missing[:8]} of layer {batch.layer} are not hosted on {self.worker_id}"
                 )
-            weights = batch.weights.to(self.device, torch.float32).flatten()[slots]
-            out = experts.slot_outputs(hidden, slots // batch.top_k, local, weights)
+            if batch.unweighted:  # the fused path's rows: the block weights them in its own combine
+                if batch.layer_slots < slots.numel():
+                    raise InvalidArgument(
+                        f"layer_slots={batch.layer_slots} must be >= the {slots.numel()} slots of the batch"
+                    )
+                ids = torch.full_like(flat, -1)
+                ids[slots] = local
+                num_experts = self.local_index.numel()
+                out = expert_rows(experts, hidden, ids.view(-1, batch.top_k), batch.layer_slots, num_experts)
+            else:
+                weights = batch.weights.to(self.device, torch.float32).flatten()[slots]
+                out = experts.slot_outputs(hidden, slots // batch.top_k, local, weights)
             if out.is_cuda:  # the event loop's thread hands it to UCX next: it must be written by then
                 torch.cuda.current_stream(out.device).synchronize()
         if self.hop_log is not None:

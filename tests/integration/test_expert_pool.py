@@ -167,6 +167,74 @@ def test_bf16_tokens_give_the_local_logits_and_tokens_bit_for_bit(layout, pool, 
         assert int(computed["s1"][2:5].sum() + computed["s2"][5:7].sum() + computed["s0"][2:2].sum()) > 0
 
 
+@pytest.fixture(scope="module")
+def local_fused(llm):
+    """The colocated model on the fused path (the CUDA default; on a CPU each op's torch reference)."""
+    set_fused(llm.model, True)
+    try:
+        logits = [llm.score(ids) for ids in PROMPTS]
+        tokens = [c.token_ids for c in llm.generate(PROMPTS, SamplingParams(max_tokens=6, ignore_eos=True))]
+    finally:
+        set_fused(llm.model, None)
+    return logits, tokens
+
+
+@pytest.mark.parametrize("layout", [("all",), ("s0", "s1", "s2"), ("s0", "s1", "s2", "r")])
+def test_on_the_fused_path_the_pool_gives_the_fused_logits_and_tokens_bit_for_bit(layout, pool, llm, local,
+                                                                                    local_fused):  # fmt: skip
+    """Every block on the fused path with its experts away (`moe_route`, unweighted rows, `moe_combine`) gives
+    what the fused colocated model gives: logits bit for bit, the same greedy tokens."""
+    remote = pool.remote(llm, [pool.shards[name] for name in layout])
+    set_fused(llm.model, True)
+    try:
+        with experts_on(llm, remote):
+            logits = [llm.score(ids) for ids in PROMPTS]
+            tokens = [
+                c.token_ids for c in llm.generate(PROMPTS, SamplingParams(max_tokens=6, ignore_eos=True))
+            ]
+    finally:
+        set_fused(llm.model, None)
+    for i, (mine, ref) in enumerate(zip(logits, local_fused[0], strict=True)):
+        assert torch.equal(mine, ref), f"prompt {i}: max diff {(mine - ref).abs().max()}"
+    assert tokens == local_fused[1]
+    assert remote.num_batches >= 2 * len(PROMPTS)
+    # the two paths round differently, so the comparisons above tell them apart
+    assert not all(torch.equal(a, b) for a, b in zip(local_fused[0], local[0], strict=True))
+
+
+def test_a_worker_predating_unweighted_rows_is_refused_naming_it(pool, llm):
+    """A worker whose wire knows no `unweighted` computes weighted rows and does not echo the flag: the fused
+    block's call fails naming it, rather than combining weighted rows as unweighted ones."""
+
+    class OldServer(UcxExpertServer):
+        async def _answer(self, ep, header, payload):
+            header.ClearField("unweighted")  # what a receiver without fields 10 and 11 parses
+            header.ClearField("layer_slots")
+            await super()._answer(ep, header, payload)
+
+    worker = pool.experts["all"]
+    server = OldServer(worker.compute)
+    pool.servers.append(server)
+    old = PoolWorker("old", pool.run(server.start()), {layer: worker.shard.expert_ids for layer in (1, 2)})
+    remote = pool.remote(llm, [old])
+    assert torch.equal(llm.score(PROMPTS[0]), remote_score(llm, remote, PROMPTS[0]))  # torch path: fine
+    set_fused(llm.model, True)
+    try:
+        with (
+            experts_on(llm, remote),
+            pytest.raises(FailedPrecondition, match=r"expert worker old answered weighted rows to a batch "
+                                                    r"asking for unweighted ones: it runs another version"),
+        ):  # fmt: skip
+            llm.score(PROMPTS[0])
+    finally:
+        set_fused(llm.model, None)
+
+
+def remote_score(llm: LLM, remote: RemoteExperts, ids: list[int]) -> torch.Tensor:
+    with experts_on(llm, remote):
+        return llm.score(ids)
+
+
 def test_pingpong_micro_batches_give_the_same_tokens(pool, llm, local, tiny_dir):
     """Decode batches of 4 split in two, interleaved at the remote MoE layers: the same greedy tokens."""
     config = dataclasses.replace(llm.engine.config, pingpong=True)
@@ -363,8 +431,9 @@ def test_prepare_and_commit_hold_what_a_fresh_load_gives(device, tiny_dir):
 @pytest.mark.gpu
 def test_on_cuda_greedy_with_remote_experts_equals_colocated(tiny_dir):
     """Attention and expert workers on one GPU (the wire staged through host memory over TCP): the colocated
-    engine runs eagerly on the torch path of every block (as one with remote experts does), as one with remote experts must (no CUDA graph spans the round trip); logits bit for
-    bit, greedy tokens equal.
+    engine runs eagerly, as one with remote experts must (no CUDA graph spans the round trip), on each path of
+    every block — the fused one (the CUDA default) and the torch one (`set_fused(model, False)`) — and the same
+    engine with its experts in the pool on the same path gives its logits bit for bit and its greedy tokens.
 
     Without the prefix cache: the first H200 run of this test (79c2b4a) generated the remote run after the
     colocated one on the same engine, so the remote run hit the colocated run's cached prompt pages and
@@ -377,24 +446,26 @@ def test_on_cuda_greedy_with_remote_experts_equals_colocated(tiny_dir):
     config = EngineConfig(page_size=8, num_kv_pages=128, max_num_seqs=8, max_num_batched_tokens=48,
                           cuda_graph_batch_sizes=(), enable_prefix_caching=False)  # fmt: skip
     llm = LLM(tiny_dir, device="cuda", dtype="bfloat16", engine_config=config)
-    # Every block on its torch path, the one a block with remote experts takes: the default CUDA path (fused
-    # MoE and MLPs) rounds its one fp32 combine otherwise, so it is not the bit-exact reference here.
-    set_fused(llm.model, False)
     params = SamplingParams(max_tokens=8, ignore_eos=True)
-    want_logits = [llm.score(ids) for ids in PROMPTS]
-    want = [c.token_ids for c in llm.generate(PROMPTS, params)]
-    assert [c.token_ids for c in llm.generate(PROMPTS, params)] == want  # the colocated engine is repeatable
     pool = Pool(tiny_dir, "cuda")
     try:
         remote = pool.remote(llm, [pool.worker(f"g{i}", f"{i}/3") for i in range(3)])
-        with experts_on(llm, remote):
-            logits = [llm.score(ids) for ids in PROMPTS]
-            got = [c.token_ids for c in llm.generate(PROMPTS, params)]
+        for fused in (None, False):  # the default (fused on CUDA), then every block's torch path
+            set_fused(llm.model, fused)
+            want_logits = [llm.score(ids) for ids in PROMPTS]
+            want = [c.token_ids for c in llm.generate(PROMPTS, params)]
+            assert [c.token_ids for c in llm.generate(PROMPTS, params)] == want, fused  # repeatable
+            with experts_on(llm, remote):
+                logits = [llm.score(ids) for ids in PROMPTS]
+                got = [c.token_ids for c in llm.generate(PROMPTS, params)]
+            for i, (mine, ref) in enumerate(zip(logits, want_logits, strict=True)):
+                assert torch.equal(mine, ref), (
+                    f"fused={fused} prompt {i}: max diff {(mine - ref).abs().max()}"
+                )
+            assert got == want, fused
     finally:
+        set_fused(llm.model, None)
         pool.close()
-    for i, (mine, ref) in enumerate(zip(logits, want_logits, strict=True)):
-        assert torch.equal(mine, ref), f"prompt {i}: max diff {(mine - ref).abs().max()}"
-    assert got == want
     assert llm.engine.stats()["prefix_hit_tokens"] == 0
 
 

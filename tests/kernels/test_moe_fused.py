@@ -8,13 +8,20 @@ import pytest
 import torch
 from torch import nn
 
-from moemesh.kernels import moe_route, weight_dequant, weight_quant
+from moemesh.kernels import moe_permute, moe_route, weight_dequant, weight_quant
 from moemesh.kernels.dispatch import interpreting
 from moemesh.kernels.moe_permute import moe_combine, reference_combine
 from moemesh.model.config import ModelConfig
 from moemesh.model.fp8 import Fp8Experts, Fp8Linear
 from moemesh.model.moe import MoE, route
-from moemesh.model.moe_fused import fused_moe, route_config, set_fused, stack_gate_up
+from moemesh.model.moe_fused import (
+    expert_rows,
+    fused_moe,
+    route_config,
+    routed_gemms,
+    set_fused,
+    stack_gate_up,
+)
 from tests.kernels.checks import assert_close
 
 # FP8 against fp32, as tests/kernels/test_moe_layer.py states (the interpreter's fp8 cast drops a carry)
@@ -161,3 +168,37 @@ def test_stacked_projections_equal_the_separate_ones(fp8):
     assert_close(torch.cat([owner.q_proj(x), owner.kv_a_proj_with_mqa(x)], dim=-1), separate)
     # FP8: a first part of 72 rows would put two parts in one scale block
     assert (stack_linears(owner, ("odd", "q_proj")) is None) == fp8
+
+
+@pytest.mark.parametrize(("tokens", "skew"), [(5, False), (60, True)])
+def test_expert_rows_of_a_pool_worker_equal_the_layers_rows(tokens, skew):
+    """An expert-pool worker's part of a fused layer (`expert_rows`: its experts, its slots, the layer's shape)
+    gives the rows `fused_moe` computes for those slots, bit for bit, through the decode kernel (60 tokens
+    skewed onto experts 0-1: the worker's own rows per expert would pick another tile). The grouped GEMM's
+    form: tests/model/test_remote_expert_rows.py."""
+    moe = make_moe("v2")
+    num_experts, k = moe.config.n_routed_experts, moe.config.num_experts_per_tok
+    gen = torch.Generator().manual_seed(tokens)
+    hidden = torch.randn(tokens, moe.config.hidden_size, generator=gen).to(torch.bfloat16)
+    logits = torch.randn(tokens, num_experts, generator=gen)
+    if skew:
+        logits[:, :2] += 20.0
+    ids = logits.topk(k, dim=-1).indices
+    permuted = moe_permute(hidden, ids, num_experts)
+    w13, w2 = moe.experts.w13, moe.experts.w2
+    layer = routed_gemms(permuted.x, w13, w2, permuted.offsets, ids.numel(), num_experts)
+    layer = layer[permuted.slot_rows.long()].view(tokens, k, -1)
+    checked = 0
+    for hosted in ([0, 1, 2], [3, 4, 5, 6, 7]):
+        local = torch.full((num_experts,), -1, dtype=torch.int64)
+        local[hosted] = torch.arange(len(hosted))
+        mine = local[ids]  # [T, k], -1: another worker's slot
+        if not bool((mine >= 0).any()):  # skewed: nothing for this worker (the pool sends it no batch)
+            continue
+        experts = nn.Module()
+        experts.w13, experts.w2 = nn.Parameter(w13[hosted]), nn.Parameter(w2[hosted])
+        rows = expert_rows(experts, hidden, mine, ids.numel(), num_experts)
+        assert rows.shape[0] == int((mine >= 0).sum())
+        assert torch.equal(rows, layer[mine >= 0]), hosted
+        checked += rows.shape[0]
+    assert checked == ids.numel()  # every slot of the layer, by one worker or the other

@@ -1,10 +1,13 @@
 """The expert pool computes what the colocated worker computes, whatever the grouping: `RemoteExperts` (its real
 split by owner and its combine) over a wire that is a function call (each batch goes through its header frame and
-payload bytes to a real `ExpertWorker` holding a real shard: everything but UCX) against `LocalExperts` — the
-colocated eager path — on the same tokens: bit for bit with BF16 tokens, for one worker, three, replicas that
-split an expert's tokens, and a skewed routing that gives a worker many more rows per expert than the whole layer
-has (on CUDA that picks another tile shape of torch's grouped GEMM on the worker than on the colocated side). And
-the MoE block adds the shared experts to the routed sum the same way with its experts here or away.
+payload bytes to a real `ExpertWorker` holding a real shard: everything but UCX) against the colocated block on
+the same tokens, on both of its paths: bit for bit with BF16 tokens, for one worker, three, replicas that split an
+expert's tokens, and a skewed routing that gives a worker many more rows per expert than the whole layer has (on
+CUDA that picks another tile shape of torch's grouped GEMM on the worker than on the colocated side).
+* torch path (`set_fused(moe, False)`): the weighted rows against `LocalExperts`, and the block's output;
+* fused path (`set_fused(moe, True)`, the CUDA default): the unweighted rows against the rows `fused_moe`
+  computes (`moe_permute` + `routed_gemms` over the whole layer), and the block's output against `fused_moe`'s
+  (`moe_route`'s routing, one fp32 `moe_combine` with the shared experts' `fused_mlp`).
 
 CPU (BF16: the per-expert loop) always; CUDA (BF16: the grouped GEMM) at V2-Lite expert shapes with the `gpu`
 marker."""
@@ -18,10 +21,11 @@ import pytest
 import torch
 
 from moemesh.config.mesh import parse_expert_set
+from moemesh.kernels import moe_permute
 from moemesh.model.config import ModelConfig
 from moemesh.model.expert_shard import ExpertShard
 from moemesh.model.moe import MoE
-from moemesh.model.moe_fused import set_fused
+from moemesh.model.moe_fused import routed_gemms, set_fused
 from moemesh.services.expert.worker import ExpertWorker
 from moemesh.services.remote_experts import token_encoder
 from moemesh.transport.expert_client import PoolWorker, RemoteExperts, RemoteExpertsOptions
@@ -128,6 +132,15 @@ def routing(moe: MoE, num_tokens: int, skew: bool, seed: int):
     return hidden, ids.to(device), weights.to(device)
 
 
+def fused_rows(moe: MoE, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The unweighted row of every slot [T * k, D] (token-major) as `fused_moe` computes them: the whole
+    layer's rows permuted by expert, then its routed GEMMs."""
+    num_experts = moe.config.n_routed_experts
+    permuted = moe_permute(hidden, ids, num_experts)
+    y = routed_gemms(permuted.x, moe.experts.w13, moe.experts.w2, permuted.offsets, ids.numel(), num_experts)
+    return y[permuted.slot_rows.long()]
+
+
 def check_rows_and_block(loop: Loop, moe: MoE, layout: str, cases: list[tuple[int, bool]]) -> None:
     device = str(moe.experts.w13.device)
     remote = loop.pool(moe, LAYOUTS[layout], device)
@@ -136,21 +149,29 @@ def check_rows_and_block(loop: Loop, moe: MoE, layout: str, cases: list[tuple[in
         with torch.no_grad():
             local = moe.experts(LAYER, hidden, ids, weights)
             away = remote(LAYER, hidden, ids, weights)
-        assert torch.equal(away, local), (layout, num_tokens, skew, float((away - local).abs().max()))
+            assert torch.equal(away, local), (layout, num_tokens, skew, float((away - local).abs().max()))
+            local = fused_rows(moe, hidden, ids)
+            away = remote.submit(LAYER, hidden, ids, weights, unweighted=True).result()
+            assert torch.equal(away, local), (layout, num_tokens, skew, float((away - local).abs().max()))
     hidden = routing(moe, 33, False, seed=7)[0]
-    # The block's torch path, which a block with remote experts takes: on CUDA the default local path is the
-    # fused one (one fp32 combine of routed and shared rows), which rounds otherwise (docs/experts.md).
-    set_fused(moe, False)
-    with torch.no_grad():
-        here = moe(hidden)
-        moe.set_expert_backend(remote)
-        try:
-            there = moe(hidden)  # the deferred path: shared experts while the routed ones are away
-        finally:
-            moe.set_expert_backend(moe.experts)
-            set_fused(moe, None)
-    assert torch.equal(there, here), (layout, float((there - here).abs().max()))
-    assert remote.num_batches >= len(cases) + 1
+    # Both paths of the block, each against the same block with local experts on that path: the torch path
+    # (router, weighted rows summed in BF16, shared output added) and the fused one (moe_route, one fp32
+    # combine of unweighted rows and the shared output), which round differently.
+    outputs = {}
+    for fused in (False, True):
+        set_fused(moe, fused)
+        with torch.no_grad():
+            here = moe(hidden)
+            moe.set_expert_backend(remote)
+            try:
+                there = moe(hidden)  # the deferred path: shared experts while the routed ones are away
+            finally:
+                moe.set_expert_backend(moe.experts)
+                set_fused(moe, None)
+        assert torch.equal(there, here), (layout, fused, float((there - here).abs().max()))
+        outputs[fused] = here
+    assert not torch.equal(outputs[True], outputs[False])  # two paths indeed: the comparisons tell them apart
+    assert remote.num_batches >= 2 * len(cases) + 2
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
@@ -182,8 +203,10 @@ def test_small_batches_compute_on_the_event_loop_the_rest_on_the_compute_thread(
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_on_cuda_pool_rows_equal_the_colocated_rows_bit_for_bit(loop, cuda_moe, layout):
-    """V2-Lite expert shapes. The skewed 1024-token case: the colocated grouped GEMM sees 6144 rows over 64
-    experts (96 a group: torch's small tile), the worker hosting experts 0..21 nearly all of them over 22 (its
-    large tile)."""
-    cases = [(1, False), (6, False), (64, False), (512, False), (2048, False), (1024, True)]
+    """V2-Lite expert shapes, both paths of the block (the fused one is the CUDA default). The skewed 1024-token
+    case: the colocated grouped GEMM sees 6144 rows over 64 experts (96 a group: torch's small tile), the worker
+    hosting experts 0..21 nearly all of them over 22 (its large tile). The skewed 256-token case is the fused
+    path's decode kernel (1536 rows <= 32 a group): the layer's 24 rows per expert pick its 32-row tile, the
+    worker's own 1536 / 22 would pick the 64-row one — it is handed the layer's (`rows_per_expert`)."""
+    cases = [(1, False), (6, False), (64, False), (512, False), (2048, False), (1024, True), (256, True)]
     check_rows_and_block(loop, cuda_moe, layout, cases)

@@ -25,45 +25,45 @@ _sym_db = _symbol_database.Default()
 from moemesh._proto.v1 import worker_pb2 as moemesh_dot_v1_dot_worker__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17moemesh/v1/expert.proto\x12\nmoemesh.v1\x1a\x17moemesh/v1/worker.proto\"G\n\x0bPayloadSpec\x12%\n\x04kind\x18\x01 \x01(\x0e\x32\x17.moemesh.v1.PayloadKind\x12\x11\n\tnum_bytes\x18\x02 \x01(\x04\"\xfa\x01\n\x11\x45xpertBatchHeader\x12\x16\n\x0emicro_batch_id\x18\x01 \x01(\x04\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\r\n\x05top_k\x18\x05 \x01(\r\x12-\n\x0ctoken_format\x18\x06 \x01(\x0e\x32\x17.moemesh.v1.TokenFormat\x12)\n\x08payloads\x18\x07 \x03(\x0b\x32\x17.moemesh.v1.PayloadSpec\x12\x13\n\x0btraceparent\x18\x08 \x01(\t\x12\x17\n\x0fplacement_epoch\x18\t \x01(\x04\"\x9d\x01\n\x12\x45xpertResultHeader\x12\x16\n\x0emicro_batch_id\x18\x01 \x01(\x04\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12)\n\x08payloads\x18\x04 \x03(\x0b\x32\x17.moemesh.v1.PayloadSpec\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x12\n\nerror_code\x18\x06 \x01(\r\"N\n\x0b\x45xpertBatch\x12-\n\x06header\x18\x01 \x01(\x0b\x32\x1d.moemesh.v1.ExpertBatchHeader\x12\x10\n\x08payloads\x18\x02 \x03(\x0c\"P\n\x0c\x45xpertResult\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1e.moemesh.v1.ExpertResultHeader\x12\x10\n\x08payloads\x18\x02 \x03(\x0c\"4\n\x0f\x45xpertPlacement\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x12\n\nexpert_ids\x18\x02 \x03(\r\"\x18\n\x16\x44\x65scribeExpertsRequest\"\x85\x02\n\x17\x44\x65scribeExpertsResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12,\n\x0b\x66ingerprint\x18\x02 \x01(\x0b\x32\x17.moemesh.v1.Fingerprint\x12/\n\nplacements\x18\x03 \x03(\x0b\x32\x1b.moemesh.v1.ExpertPlacement\x12.\n\rtoken_formats\x18\x04 \x03(\x0e\x32\x17.moemesh.v1.TokenFormat\x12\x13\n\x0bucx_address\x18\x05 \x01(\t\x12\x1a\n\x12num_routed_experts\x18\x06 \x01(\r\x12\x17\n\x0fplacement_epoch\x18\x07 \x01(\x04\"R\n\x11SetExpertsRequest\x12)\n\x05phase\x18\x01 \x01(\x0e\x32\x1a.moemesh.v1.PlacementPhase\x12\x12\n\nexpert_ids\x18\x02 \x03(\r\"=\n\x10RebalanceRequest\x12\x0f\n\x07\x64ry_run\x18\x01 \x01(\x08\x12\x18\n\x10slots_per_worker\x18\x02 \x01(\r\"D\n\rWorkerExperts\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\nexpert_ids\x18\x02 \x03(\r\x12\x0c\n\x04load\x18\x03 \x01(\x01\"\xd5\x01\n\x11RebalanceResponse\x12\x13\n\x0b\x65xpert_load\x18\x01 \x03(\x04\x12)\n\x06\x62\x65\x66ore\x18\x02 \x03(\x0b\x32\x19.moemesh.v1.WorkerExperts\x12(\n\x05\x61\x66ter\x18\x03 \x03(\x0b\x32\x19.moemesh.v1.WorkerExperts\x12\x16\n\x0e\x62\x61lance_before\x18\x04 \x01(\x01\x12\x15\n\rbalance_after\x18\x05 \x01(\x01\x12\x0f\n\x07\x61pplied\x18\x06 \x01(\x08\x12\x16\n\x0e\x65xperts_loaded\x18\x07 \x01(\r*~\n\x0bTokenFormat\x12\x1c\n\x18TOKEN_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11TOKEN_FORMAT_BF16\x10\x01\x12\"\n\x1eTOKEN_FORMAT_FP8_E4M3_BLOCK128\x10\x02\x12\x16\n\x12TOKEN_FORMAT_NVFP4\x10\x03*\xbc\x01\n\x0bPayloadKind\x12\x1c\n\x18PAYLOAD_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13PAYLOAD_KIND_HIDDEN\x10\x01\x12\x1e\n\x1aPAYLOAD_KIND_HIDDEN_SCALES\x10\x02\x12\x1b\n\x17PAYLOAD_KIND_EXPERT_IDS\x10\x03\x12 \n\x1cPAYLOAD_KIND_ROUTING_WEIGHTS\x10\x04\x12\x17\n\x13PAYLOAD_KIND_OUTPUT\x10\x05*j\n\x0ePlacementPhase\x12\x1f\n\x1bPLACEMENT_PHASE_UNSPECIFIED\x10\x00\x12\x1b\n\x17PLACEMENT_PHASE_PREPARE\x10\x01\x12\x1a\n\x16PLACEMENT_PHASE_COMMIT\x10\x02\x32\xb8\x02\n\nExpertPool\x12Z\n\x0f\x44\x65scribeExperts\x12\".moemesh.v1.DescribeExpertsRequest\x1a#.moemesh.v1.DescribeExpertsResponse\x12=\n\x08\x44ispatch\x12\x17.moemesh.v1.ExpertBatch\x1a\x18.moemesh.v1.ExpertResult\x12=\n\x07GetLoad\x12\x1a.moemesh.v1.GetLoadRequest\x1a\x16.moemesh.v1.LoadReport\x12P\n\nSetExperts\x12\x1d.moemesh.v1.SetExpertsRequest\x1a#.moemesh.v1.DescribeExpertsResponse2W\n\x0b\x45xpertAdmin\x12H\n\tRebalance\x12\x1c.moemesh.v1.RebalanceRequest\x1a\x1d.moemesh.v1.RebalanceResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17moemesh/v1/expert.proto\x12\nmoemesh.v1\x1a\x17moemesh/v1/worker.proto\"G\n\x0bPayloadSpec\x12%\n\x04kind\x18\x01 \x01(\x0e\x32\x17.moemesh.v1.PayloadKind\x12\x11\n\tnum_bytes\x18\x02 \x01(\x04\"\xa3\x02\n\x11\x45xpertBatchHeader\x12\x16\n\x0emicro_batch_id\x18\x01 \x01(\x04\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\r\n\x05top_k\x18\x05 \x01(\r\x12-\n\x0ctoken_format\x18\x06 \x01(\x0e\x32\x17.moemesh.v1.TokenFormat\x12)\n\x08payloads\x18\x07 \x03(\x0b\x32\x17.moemesh.v1.PayloadSpec\x12\x13\n\x0btraceparent\x18\x08 \x01(\t\x12\x17\n\x0fplacement_epoch\x18\t \x01(\x04\x12\x12\n\nunweighted\x18\n \x01(\x08\x12\x13\n\x0blayer_slots\x18\x0b \x01(\r\"\xb1\x01\n\x12\x45xpertResultHeader\x12\x16\n\x0emicro_batch_id\x18\x01 \x01(\x04\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12)\n\x08payloads\x18\x04 \x03(\x0b\x32\x17.moemesh.v1.PayloadSpec\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x12\n\nerror_code\x18\x06 \x01(\r\x12\x12\n\nunweighted\x18\x07 \x01(\x08\"N\n\x0b\x45xpertBatch\x12-\n\x06header\x18\x01 \x01(\x0b\x32\x1d.moemesh.v1.ExpertBatchHeader\x12\x10\n\x08payloads\x18\x02 \x03(\x0c\"P\n\x0c\x45xpertResult\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1e.moemesh.v1.ExpertResultHeader\x12\x10\n\x08payloads\x18\x02 \x03(\x0c\"4\n\x0f\x45xpertPlacement\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x12\n\nexpert_ids\x18\x02 \x03(\r\"\x18\n\x16\x44\x65scribeExpertsRequest\"\x85\x02\n\x17\x44\x65scribeExpertsResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12,\n\x0b\x66ingerprint\x18\x02 \x01(\x0b\x32\x17.moemesh.v1.Fingerprint\x12/\n\nplacements\x18\x03 \x03(\x0b\x32\x1b.moemesh.v1.ExpertPlacement\x12.\n\rtoken_formats\x18\x04 \x03(\x0e\x32\x17.moemesh.v1.TokenFormat\x12\x13\n\x0bucx_address\x18\x05 \x01(\t\x12\x1a\n\x12num_routed_experts\x18\x06 \x01(\r\x12\x17\n\x0fplacement_epoch\x18\x07 \x01(\x04\"R\n\x11SetExpertsRequest\x12)\n\x05phase\x18\x01 \x01(\x0e\x32\x1a.moemesh.v1.PlacementPhase\x12\x12\n\nexpert_ids\x18\x02 \x03(\r\"=\n\x10RebalanceRequest\x12\x0f\n\x07\x64ry_run\x18\x01 \x01(\x08\x12\x18\n\x10slots_per_worker\x18\x02 \x01(\r\"D\n\rWorkerExperts\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\nexpert_ids\x18\x02 \x03(\r\x12\x0c\n\x04load\x18\x03 \x01(\x01\"\xd5\x01\n\x11RebalanceResponse\x12\x13\n\x0b\x65xpert_load\x18\x01 \x03(\x04\x12)\n\x06\x62\x65\x66ore\x18\x02 \x03(\x0b\x32\x19.moemesh.v1.WorkerExperts\x12(\n\x05\x61\x66ter\x18\x03 \x03(\x0b\x32\x19.moemesh.v1.WorkerExperts\x12\x16\n\x0e\x62\x61lance_before\x18\x04 \x01(\x01\x12\x15\n\rbalance_after\x18\x05 \x01(\x01\x12\x0f\n\x07\x61pplied\x18\x06 \x01(\x08\x12\x16\n\x0e\x65xperts_loaded\x18\x07 \x01(\r*~\n\x0bTokenFormat\x12\x1c\n\x18TOKEN_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11TOKEN_FORMAT_BF16\x10\x01\x12\"\n\x1eTOKEN_FORMAT_FP8_E4M3_BLOCK128\x10\x02\x12\x16\n\x12TOKEN_FORMAT_NVFP4\x10\x03*\xbc\x01\n\x0bPayloadKind\x12\x1c\n\x18PAYLOAD_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13PAYLOAD_KIND_HIDDEN\x10\x01\x12\x1e\n\x1aPAYLOAD_KIND_HIDDEN_SCALES\x10\x02\x12\x1b\n\x17PAYLOAD_KIND_EXPERT_IDS\x10\x03\x12 \n\x1cPAYLOAD_KIND_ROUTING_WEIGHTS\x10\x04\x12\x17\n\x13PAYLOAD_KIND_OUTPUT\x10\x05*j\n\x0ePlacementPhase\x12\x1f\n\x1bPLACEMENT_PHASE_UNSPECIFIED\x10\x00\x12\x1b\n\x17PLACEMENT_PHASE_PREPARE\x10\x01\x12\x1a\n\x16PLACEMENT_PHASE_COMMIT\x10\x02\x32\xb8\x02\n\nExpertPool\x12Z\n\x0f\x44\x65scribeExperts\x12\".moemesh.v1.DescribeExpertsRequest\x1a#.moemesh.v1.DescribeExpertsResponse\x12=\n\x08\x44ispatch\x12\x17.moemesh.v1.ExpertBatch\x1a\x18.moemesh.v1.ExpertResult\x12=\n\x07GetLoad\x12\x1a.moemesh.v1.GetLoadRequest\x1a\x16.moemesh.v1.LoadReport\x12P\n\nSetExperts\x12\x1d.moemesh.v1.SetExpertsRequest\x1a#.moemesh.v1.DescribeExpertsResponse2W\n\x0b\x45xpertAdmin\x12H\n\tRebalance\x12\x1c.moemesh.v1.RebalanceRequest\x1a\x1d.moemesh.v1.RebalanceResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'moemesh.v1.expert_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TOKENFORMAT']._serialized_start=1489
-  _globals['_TOKENFORMAT']._serialized_end=1615
-  _globals['_PAYLOADKIND']._serialized_start=1618
-  _globals['_PAYLOADKIND']._serialized_end=1806
-  _globals['_PLACEMENTPHASE']._serialized_start=1808
-  _globals['_PLACEMENTPHASE']._serialized_end=1914
+  _globals['_TOKENFORMAT']._serialized_start=1550
+  _globals['_TOKENFORMAT']._serialized_end=1676
+  _globals['_PAYLOADKIND']._serialized_start=1679
+  _globals['_PAYLOADKIND']._serialized_end=1867
+  _globals['_PLACEMENTPHASE']._serialized_start=1869
+  _globals['_PLACEMENTPHASE']._serialized_end=1975
   _globals['_PAYLOADSPEC']._serialized_start=64
   _globals['_PAYLOADSPEC']._serialized_end=135
   _globals['_EXPERTBATCHHEADER']._serialized_start=138
-  _globals['_EXPERTBATCHHEADER']._serialized_end=388
-  _globals['_EXPERTRESULTHEADER']._serialized_start=391
-  _globals['_EXPERTRESULTHEADER']._serialized_end=548
-  _globals['_EXPERTBATCH']._serialized_start=550
-  _globals['_EXPERTBATCH']._serialized_end=628
-  _globals['_EXPERTRESULT']._serialized_start=630
-  _globals['_EXPERTRESULT']._serialized_end=710
-  _globals['_EXPERTPLACEMENT']._serialized_start=712
-  _globals['_EXPERTPLACEMENT']._serialized_end=764
-  _globals['_DESCRIBEEXPERTSREQUEST']._serialized_start=766
-  _globals['_DESCRIBEEXPERTSREQUEST']._serialized_end=790
-  _globals['_DESCRIBEEXPERTSRESPONSE']._serialized_start=793
-  _globals['_DESCRIBEEXPERTSRESPONSE']._serialized_end=1054
-  _globals['_SETEXPERTSREQUEST']._serialized_start=1056
-  _globals['_SETEXPERTSREQUEST']._serialized_end=1138
-  _globals['_REBALANCEREQUEST']._serialized_start=1140
-  _globals['_REBALANCEREQUEST']._serialized_end=1201
-  _globals['_WORKEREXPERTS']._serialized_start=1203
-  _globals['_WORKEREXPERTS']._serialized_end=1271
-  _globals['_REBALANCERESPONSE']._serialized_start=1274
-  _globals['_REBALANCERESPONSE']._serialized_end=1487
-  _globals['_EXPERTPOOL']._serialized_start=1917
-  _globals['_EXPERTPOOL']._serialized_end=2229
-  _globals['_EXPERTADMIN']._serialized_start=2231
-  _globals['_EXPERTADMIN']._serialized_end=2318
+  _globals['_EXPERTBATCHHEADER']._serialized_end=429
+  _globals['_EXPERTRESULTHEADER']._serialized_start=432
+  _globals['_EXPERTRESULTHEADER']._serialized_end=609
+  _globals['_EXPERTBATCH']._serialized_start=611
+  _globals['_EXPERTBATCH']._serialized_end=689
+  _globals['_EXPERTRESULT']._serialized_start=691
+  _globals['_EXPERTRESULT']._serialized_end=771
+  _globals['_EXPERTPLACEMENT']._serialized_start=773
+  _globals['_EXPERTPLACEMENT']._serialized_end=825
+  _globals['_DESCRIBEEXPERTSREQUEST']._serialized_start=827
+  _globals['_DESCRIBEEXPERTSREQUEST']._serialized_end=851
+  _globals['_DESCRIBEEXPERTSRESPONSE']._serialized_start=854
+  _globals['_DESCRIBEEXPERTSRESPONSE']._serialized_end=1115
+  _globals['_SETEXPERTSREQUEST']._serialized_start=1117
+  _globals['_SETEXPERTSREQUEST']._serialized_end=1199
+  _globals['_REBALANCEREQUEST']._serialized_start=1201
+  _globals['_REBALANCEREQUEST']._serialized_end=1262
+  _globals['_WORKEREXPERTS']._serialized_start=1264
+  _globals['_WORKEREXPERTS']._serialized_end=1332
+  _globals['_REBALANCERESPONSE']._serialized_start=1335
+  _globals['_REBALANCERESPONSE']._serialized_end=1548
+  _globals['_EXPERTPOOL']._serialized_start=1978
+  _globals['_EXPERTPOOL']._serialized_end=2290
+  _globals['_EXPERTADMIN']._serialized_start=2292
+  _globals['_EXPERTADMIN']._serialized_end=2379
 # @@protoc_insertion_point(module_scope)

@@ -52,7 +52,7 @@ class PayloadSpec(_message.Message):
     def __init__(self, kind: _Optional[_Union[PayloadKind, str]] = ..., num_bytes: _Optional[int] = ...) -> None: ...
 
 class ExpertBatchHeader(_message.Message):
-    __slots__ = ("micro_batch_id", "layer", "num_tokens", "hidden_size", "top_k", "token_format", "payloads", "traceparent", "placement_epoch")
+    __slots__ = ("micro_batch_id", "layer", "num_tokens", "hidden_size", "top_k", "token_format", "payloads", "traceparent", "placement_epoch", "unweighted", "layer_slots")
     MICRO_BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +62,8 @@ class ExpertBatchHeader(_message.Message):
     PAYLOADS_FIELD_NUMBER: _ClassVar[int]
     TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    UNWEIGHTED_FIELD_NUMBER: _ClassVar[int]
+    LAYER_SLOTS_FIELD_NUMBER: _ClassVar[int]
     micro_batch_id: int
     layer: int
     num_tokens: int
@@ -71,23 +73,27 @@ class ExpertBatchHeader(_message.Message):
     payloads: _containers.RepeatedCompositeFieldContainer[PayloadSpec]
     traceparent: str
     placement_epoch: int
-    def __init__(self, micro_batch_id: _Optional[int] = ..., layer: _Optional[int] = ..., num_tokens: _Optional[int] = ..., hidden_size: _Optional[int] = ..., top_k: _Optional[int] = ..., token_format: _Optional[_Union[TokenFormat, str]] = ..., payloads: _Optional[_Iterable[_Union[PayloadSpec, _Mapping]]] = ..., traceparent: _Optional[str] = ..., placement_epoch: _Optional[int] = ...) -> None: ...
+    unweighted: bool
+    layer_slots: int
+    def __init__(self, micro_batch_id: _Optional[int] = ..., layer: _Optional[int] = ..., num_tokens: _Optional[int] = ..., hidden_size: _Optional[int] = ..., top_k: _Optional[int] = ..., token_format: _Optional[_Union[TokenFormat, str]] = ..., payloads: _Optional[_Iterable[_Union[PayloadSpec, _Mapping]]] = ..., traceparent: _Optional[str] = ..., placement_epoch: _Optional[int] = ..., unweighted: _Optional[bool] = ..., layer_slots: _Optional[int] = ...) -> None: ...
 
 class ExpertResultHeader(_message.Message):
-    __slots__ = ("micro_batch_id", "layer", "num_tokens", "payloads", "error", "error_code")
+    __slots__ = ("micro_batch_id", "layer", "num_tokens", "payloads", "error", "error_code", "unweighted")
     MICRO_BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PAYLOADS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    UNWEIGHTED_FIELD_NUMBER: _ClassVar[int]
     micro_batch_id: int
     layer: int
     num_tokens: int
     payloads: _containers.RepeatedCompositeFieldContainer[PayloadSpec]
     error: str
     error_code: int
-    def __init__(self, micro_batch_id: _Optional[int] = ..., layer: _Optional[int] = ..., num_tokens: _Optional[int] = ..., payloads: _Optional[_Iterable[_Union[PayloadSpec, _Mapping]]] = ..., error: _Optional[str] = ..., error_code: _Optional[int] = ...) -> None: ...
+    unweighted: bool
+    def __init__(self, micro_batch_id: _Optional[int] = ..., layer: _Optional[int] = ..., num_tokens: _Optional[int] = ..., payloads: _Optional[_Iterable[_Union[PayloadSpec, _Mapping]]] = ..., error: _Optional[str] = ..., error_code: _Optional[int] = ..., unweighted: _Optional[bool] = ...) -> None: ...
 
 class ExpertBatch(_message.Message):
     __slots__ = ("header", "payloads")
