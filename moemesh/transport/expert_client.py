@@ -230,13 +230,9 @@ class PendingExperts:
             self._mark("woke")
             for part, out in zip(self._parts, outputs, strict=True):
                 slots[part.slot_index.to(hidden.device)] = out.to(hidden.device, hidden.dtype)
-        if self._unweighted:  # the block combines them (moe_combine, as fused_moe does)
-            combined = slots
-            if self.hop_log is not None:
-                self._mark("combined")
-            return combined
-        # the combine of moe.combine_slots: every token's k weighted rows summed in slot order
-        combined = slots.view(num_tokens, k, -1).sum(dim=1).to(hidden.dtype)
+        # unweighted: every slot's row, which the block combines (moe_combine, as fused_moe does); else the
+        # combine of moe.combine_slots: every token's k weighted rows summed in slot order
+        combined = slots if self._unweighted else slots.view(num_tokens, k, -1).sum(dim=1).to(hidden.dtype)
         if self.hop_log is not None:
             if combined.is_cuda:
                 torch.cuda.current_stream(combined.device).synchronize()

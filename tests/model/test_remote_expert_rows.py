@@ -15,6 +15,7 @@ marker."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 
 import pytest
@@ -28,6 +29,7 @@ from moemesh.model.moe import MoE
 from moemesh.model.moe_fused import routed_gemms, set_fused
 from moemesh.services.expert.worker import ExpertWorker
 from moemesh.services.remote_experts import token_encoder
+from moemesh.transport.errors import InvalidArgument
 from moemesh.transport.expert_client import PoolWorker, RemoteExperts, RemoteExpertsOptions
 from moemesh.transport.expert_wire import TOKEN_FORMATS, ExpertBatch, pack_frame, unpack_frame
 
@@ -196,6 +198,9 @@ def test_small_batches_compute_on_the_event_loop_the_rest_on_the_compute_thread(
         rows = asyncio.run_coroutine_threadsafe(worker.compute(batch), loop.loop).result(timeout=30)
         assert torch.equal(rows, compute_sync(batch))
     assert threads[0] == "pool-loop" and threads[1].startswith("experts"), threads
+    fused = dataclasses.replace(batch, unweighted=True, layer_slots=1)  # fewer than its own 36 slots
+    with pytest.raises(InvalidArgument, match=r"layer_slots=1 must be >= the 36 slots of the batch"):
+        compute_sync(fused)
     with pytest.raises(ValueError, match=r"inline_max_tokens=-1 must be >= 0"):
         ExpertWorker("x", worker.shard, torch.device("cpu"), torch.bfloat16, inline_max_tokens=-1)
 

@@ -4,6 +4,8 @@ batches it cannot serve."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -68,6 +70,11 @@ def test_batch_bytes_round_trip():
     back = ExpertBatch.from_wire(header, payload)
     assert torch.equal(back.tokens, tokens) and torch.equal(back.expert_ids, ids)
     assert torch.equal(back.weights, weights) and back.num_slots == 4 and back.traceparent == "00-ab-cd-01"
+    assert (back.unweighted, back.layer_slots) == (False, 0)  # weighted rows unless asked otherwise
+    fused = dataclasses.replace(batch, unweighted=True, layer_slots=12)
+    header = unpack_frame(pack_frame(fused.header()), expert_pb2.ExpertBatchHeader)
+    back = ExpertBatch.from_wire(header, fused.payload())
+    assert (header.unweighted, header.layer_slots, back.unweighted, back.layer_slots) == (True, 12, True, 12)
 
 
 def test_batch_headers_that_do_not_add_up_are_refused():
