@@ -39,6 +39,7 @@ class Command:
     must_run: bool = False
     started: bool = False  # taken by the engine thread (under the queue's condition)
     done_s: float = 0.0  # time.monotonic() when fn returned on the engine thread
+    queued_s: float = 0.0  # time.monotonic() when it was queued
 
 
 class CommandQueue:
@@ -61,6 +62,10 @@ class CommandQueue:
     def num_pending(self) -> int:
         """Call under `cond`."""
         return len(self._pending)
+
+    def last_queued_s(self) -> float:
+        """When the newest pending command was queued (time.monotonic()); call under `cond` with one pending."""
+        return self._pending[-1].queued_s
 
     # -- the event loop's side ------------------------------------------------------------------------------
 
@@ -153,7 +158,9 @@ class CommandQueue:
 
     def _queue(self, fn: Callable[..., Any], args: tuple, kwargs: dict, must_run: bool) -> Command:
         assert self._event_loop is not None
-        command = Command(fn, args, kwargs, self._event_loop.create_future(), must_run)
+        command = Command(
+            fn, args, kwargs, self._event_loop.create_future(), must_run, queued_s=time.monotonic()
+        )
         with self.cond:
             self._pending.append(command)
             self.cond.notify()

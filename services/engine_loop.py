@@ -54,7 +54,11 @@ class EngineLoop:
     gather_s (0: off): an idle engine woken by a command waits while more keep coming, each within gather_s of
     the one before (at most GATHER_LIMIT_S in all), so a burst of requests arriving one RPC at a time starts
     in one step, as it would in process, rather than the first few in a step of their own and the others
-    queued behind it. Costs a request that arrives alone gather_s of TTFT."""
+    queued behind it. It gathers only while arrivals come in bursts: a wake whose command had no follower
+    within gather_s (whether the engine waited for one or started at once and saw the next command later)
+    makes the next wake start at once, and a wake with company (or several commands waiting already) makes it
+    gather again. The first wake gathers. So requests arriving one at a time pay no wait (it cost them gather_s
+    of TTFT), and the first burst after them starts its first command alone."""
 
     def __init__(
         self,
@@ -81,6 +85,10 @@ class EngineLoop:
         self._stopping = False
         self._event_loop: asyncio.AbstractEventLoop | None = None
         self._held: list[RequestOutput] = []  # overlap: the last step's outputs, until the next one launched
+        self._bursty = True  # gather at the next idle wake (the last one had company within gather_s)
+        self._woke_s: float | None = (
+            None  # a wake that started at once: its last command's queue time, until judged
+        )
 
     # -- commands (see services/engine_commands.py for what a cancelled caller does to each kind) -----------
 
@@ -101,6 +109,11 @@ class EngineLoop:
 
     async def must_run_at(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> tuple[T, float]:
         return await self.commands.must_run_at(fn, *args, **kwargs)
+
+    @property
+    def gathers(self) -> bool:
+        """Whether the next idle wake gathers (gather_s > 0 and arrivals have come in bursts; see gather_s)."""
+        return self.gather_s > 0 and self._bursty and self._woke_s is None
 
     # -- outputs --------------------------------------------------------------------------------------------
 
@@ -158,12 +171,14 @@ class EngineLoop:
         with cond:
             while not self._stopping and not self.commands.has_pending() and not self.engine.has_unfinished():
                 cond.wait()
-            if idle and self.gather_s > 0:
-                self._gather()
+            if idle and self.gather_s > 0 and not self._stopping:
+                self._wake()
             if self._stopping:
                 self._release_held()
                 return False
             commands = self.commands.take()
+        if self._woke_s is not None:
+            self._judge(commands)
         for command in commands:
             self.commands.run(command)
         if not self.engine.has_unfinished():
@@ -205,15 +220,38 @@ class EngineLoop:
                     cond.wait(0.01)
         return True
 
-    def _gather(self) -> None:
-        """Under the commands' condition: waits while commands keep arriving (see gather_s)."""
+    def _wake(self) -> None:
+        """Under the commands' condition, an idle engine woken by commands: gathers a burst, or starts at once
+        (see gather_s)."""
+        if self._woke_s is not None:  # the last wake that started at once: nothing came after it
+            self._woke_s = None
+            self._bursty = False
+        if self._bursty or self.commands.num_pending() > 1:
+            self._bursty = self._gather()
+        else:
+            self._woke_s = self.commands.last_queued_s()
+
+    def _judge(self, commands: list) -> None:
+        """After a wake that started at once: a command queued within gather_s of it means arrivals come in
+        bursts (the next wake gathers); the first one queued later, that they do not."""
+        assert self._woke_s is not None
+        for command in commands:
+            if command.queued_s > self._woke_s:
+                self._bursty = command.queued_s - self._woke_s <= self.gather_s
+                self._woke_s = None
+                return
+
+    def _gather(self) -> bool:
+        """Under the commands' condition: waits while commands keep arriving (see gather_s). True when more
+        than one command was waiting at its end."""
         cond, seen = self.commands.cond, self.commands.num_pending()
         limit = time.monotonic() + GATHER_LIMIT_S
         while not self._stopping and (left := min(self.gather_s, limit - time.monotonic())) > 0:
             cond.wait(left)
             if self.commands.num_pending() == seen:
-                return
+                break
             seen = self.commands.num_pending()
+        return self.commands.num_pending() > 1
 
     def _release_held(self) -> None:
         """Posts the outputs held back (overlap) to the event loop; from the engine thread."""

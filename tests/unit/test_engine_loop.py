@@ -516,6 +516,42 @@ def test_an_idle_engine_gathers_a_burst_of_requests_into_its_first_step():
     asyncio.run(asyncio.wait_for(body(), 30))
 
 
+def test_an_idle_engine_gathers_only_while_arrivals_come_in_bursts():
+    """A command arriving alone (the next one more than gather_s later) turns gathering off: the next lone one
+    starts at once instead of waiting gather_s. Two arriving together turn it back on, and the next burst
+    starts in one step."""
+    engine = FakeEngine()
+
+    async def body():
+        loop = EngineLoop(engine, drain_s=0.0, exclusive=False, gather_s=0.02)
+        runner = asyncio.ensure_future(loop.run())
+        await asyncio.sleep(0)
+        try:
+            assert loop.gathers  # the first wake gathers
+            await loop.call(engine.add, "a", 1)  # gathered for, nothing came
+            assert not loop.gathers
+            await asyncio.sleep(0.05)
+            await loop.call(engine.add, "b", 1)  # started at once
+            assert not loop.gathers
+            await asyncio.sleep(0.05)
+            await asyncio.gather(loop.call(engine.add, "c0", 1), loop.call(engine.add, "c1", 1))
+            assert loop.gathers  # "b" had no company; "c0" had
+            await asyncio.sleep(0.05)
+            calls = []
+            for i in range(4):
+                calls.append(asyncio.ensure_future(loop.call(engine.add, f"d{i}", 2)))
+                await asyncio.sleep(0.001)
+            await asyncio.gather(*calls)
+        finally:
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
+        burst = engine.log.index(("add", "d0"))
+        assert engine.log[burst : burst + 5] == [("add", "d0"), ("add", "d1"), ("add", "d2"), ("add", "d3"),
+                                                ("step", 4)]  # fmt: skip
+
+    asyncio.run(asyncio.wait_for(body(), 30))
+
+
 def test_gather_s_out_of_range_is_refused():
     with pytest.raises(ValueError, match=r"gather_s=0.5 must be in \[0, 0.02\]"):
         EngineLoop(FakeEngine(), gather_s=0.5)
