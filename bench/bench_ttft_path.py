@@ -15,7 +15,8 @@ its arrival, its first token and D's `decode.first_token` span (D's arrival -> t
     decode->gateway   D's first token out -> the gateway has it
     outside_engine    TTFT - queue - prefill: everything but the engine
 
-    python -m bench.bench_ttft_path [--requests 60] [--prompt-tokens 32] [--model DIR --device cuda] [--json]
+    python -m bench.bench_ttft_path [--requests 60] [--prompt-tokens 32] [--max-tokens 1] [--spans] [--json]
+                                    [--model DIR --device cuda]
 
 This box (or the GPU host) may be loaded: compare runs made side by side, and read the medians.
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -67,7 +69,13 @@ def hops(sent_ns: int, first_ns: int, trace: dict, ttft) -> dict[str, float]:
 
 
 async def drive(
-    address: str, http_port: int, prompts: list[list[int]], warmup: int
+    address: str,
+    http_port: int,
+    prompts: list[list[int]],
+    warmup: int,
+    max_tokens: int,
+    show: bool,
+    traced: bool = True,
 ) -> list[dict[str, float]]:
     from moemesh.sdk import AsyncClient
 
@@ -76,15 +84,30 @@ async def drive(
         for i, prompt in enumerate(prompts):
             rid = f"ttft-{i}"
             sent_ns, first_ns, usage = time.time_ns(), 0, None
-            async for chunk in client.generate(token_ids=prompt, max_tokens=1, temperature=0, ignore_eos=True,
+            async for chunk in client.generate(token_ids=prompt, max_tokens=max_tokens, temperature=0, ignore_eos=True,
                                                request_id=rid):  # fmt: skip
                 first_ns = first_ns or time.time_ns()
                 usage = chunk.usage or usage
             if i < warmup:
                 continue
             assert usage is not None and usage.ttft is not None, "no usage.ttft on the last chunk"
+            if not traced:  # TTFT and the engine's part only
+                total_ms = (first_ns - sent_ns) / 1e6
+                engine_ms = usage.ttft.queue_ms + usage.ttft.prefill_ms
+                rows.append({"queue": usage.ttft.queue_ms, "prefill": usage.ttft.prefill_ms, "ttft": total_ms,
+                             "outside_engine": total_ms - engine_ms})  # fmt: skip
+                continue
             trace = await asyncio.to_thread(fetch_trace, http_port, rid)
             rows.append(hops(sent_ns, first_ns, trace, usage.ttft))
+            if show and i == len(prompts) - 1:
+                print(
+                    f"the last request's spans (ms after the gateway's arrival; client TTFT {rows[-1]['ttft']:.3f}):"
+                )
+                for span in trace["spans"]:
+                    print(
+                        f"  {span['name']:20s} {span['worker']:12s} {span['start_ms']:8.3f} {span['end_ms']:8.3f}"
+                    )
+                print(f"  gateway first token at {trace['ttft_ms']} ms")
     return rows
 
 
@@ -95,6 +118,12 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument(
+        "--max-tokens", type=int, default=1, help="new tokens per request (TTFT is the first)"
+    )
+    parser.add_argument("--spans", action="store_true", help="print the last request's spans")
+    parser.add_argument("--no-tracing", action="store_true",
+                        help="the mesh with tracing off (MOEMESH_TRACE_BUFFER=0): TTFT, queue and prefill only")  # fmt: skip
     parser.add_argument("--model", default="", help="a checkpoint dir (default: the tiny test model, built)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", action="store_true", help="write bench/results/ttft_path-<device>.json")
@@ -104,21 +133,36 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(args.model) if args.model else build_tiny(Path(tmp) / "tiny")
-        knobs = dict(TINY_ENV) if not args.model else {}
-        knobs["MOEMESH_MAX_NUM_BATCHED_TOKENS"] = str(max(64, args.prompt_tokens))
+        knobs = (
+            {}
+            if args.model
+            else {**TINY_ENV, "MOEMESH_MAX_NUM_BATCHED_TOKENS": str(max(64, args.prompt_tokens))}
+        )
+        if args.no_tracing:
+            knobs["MOEMESH_TRACE_BUFFER"] = "0"
         mesh = start_mesh(model, "colocated", knobs=knobs, device=args.device, timeout_s=600)
         try:
             prompts = [
                 [(7 * i + j) % 250 + 1 for j in range(args.prompt_tokens)] for i in range(args.requests)
             ]
-            rows = asyncio.run(drive(mesh.address, mesh.http_port, prompts, args.warmup))
+            rows = asyncio.run(
+                drive(
+                    mesh.address,
+                    mesh.http_port,
+                    prompts,
+                    args.warmup,
+                    args.max_tokens,
+                    args.spans,
+                    not args.no_tracing,
+                )  # fmt: skip
+            )
         finally:
             mesh.stop()
-    medians = {h: statistics.median(r[h] for r in rows) for h in HOPS}
-    print_table([{"hop": h, "median_ms": medians[h]} for h in HOPS], ["hop", "median_ms"])
+    medians = {h: statistics.median(r[h] for r in rows) for h in HOPS if h in rows[0]}
+    print_table([{"hop": h, "median_ms": v} for h, v in medians.items()], ["hop", "median_ms"])
     if args.json:
-        payload = {**header(), "device": args.device, "requests": len(rows), "prompt_tokens": args.prompt_tokens,
-                   "median_ms": medians, "rows": rows}  # fmt: skip
+        payload = {**header(), "config": vars(args), "requests": len(rows), "median_ms": medians, "rows": rows,
+                   "host_load_avg_1_5_15": os.getloadavg()}  # fmt: skip
         print(write_json(f"ttft_path-{args.device}", payload))
 
 
