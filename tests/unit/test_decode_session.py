@@ -114,6 +114,39 @@ def test_one_message_per_step_carries_every_request_and_errors_stay_per_request(
     asyncio.run(asyncio.wait_for(body(), 20))
 
 
+def test_first_tokens_of_one_step_go_in_one_message():
+    """Each request hands its first chunk to the session's writer before it goes on (TTFT): the requests woken
+    by the same step still put theirs first, so they leave in one SessionUpdate."""
+    worker = SteppingWorker()
+    waiting: list[str] = []
+    generate = worker.generate
+
+    async def counted(job, time_remaining, timing=None):
+        waiting.append(job.request_id)
+        async for out in generate(job, time_remaining, timing):
+            yield out
+
+    worker.generate = counted
+
+    async def body():
+        servicer = DecodeServicer(worker, max_model_len=1024)
+
+        async def starts():
+            for i in range(8):
+                yield _start(f"r{i}", 1)
+            while len(waiting) < 8:  # every request waits for the engine's next step
+                await asyncio.sleep(0.001)
+            await asyncio.sleep(0.01)
+            worker.step.set()
+
+        return [
+            sorted(e.request_id for e in update.events) async for update in servicer.Session(starts(), None)
+        ]
+
+    updates = asyncio.run(asyncio.wait_for(body(), 20))
+    assert updates == [[f"r{i}" for i in range(8)]]
+
+
 def test_the_gateway_side_reads_chunks_back_per_request_and_a_lost_worker_fails_them_all():
     async def body():
         async with _decode_server() as (worker, server, channel):
