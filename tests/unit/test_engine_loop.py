@@ -534,7 +534,12 @@ def test_an_idle_engine_gathers_only_while_arrivals_come_in_bursts():
             await loop.call(engine.add, "b", 1)  # started at once
             assert not loop.gathers
             await asyncio.sleep(0.05)
-            await asyncio.gather(loop.call(engine.add, "c0", 1), loop.call(engine.add, "c1", 1))
+            with (
+                loop.commands.cond
+            ):  # the engine thread wakes to both waiting (a reentrant lock: ours to queue)
+                pair = [asyncio.ensure_future(loop.call(engine.add, f"c{i}", 1)) for i in range(2)]
+                await asyncio.sleep(0)
+            await asyncio.gather(*pair)
             assert loop.gathers  # "b" had no company; "c0" had
             await asyncio.sleep(0.05)
             calls = []
