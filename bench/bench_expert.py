@@ -184,8 +184,9 @@ def measure_wire(args: argparse.Namespace, wire: str, local_ms: dict[int, float]
     """One expert process for `wire`; one RemoteExperts per token format on `loop` (the bench's one event loop:
     ucxx completes every request on the loop it first served). -> rows with their hop timelines."""
     from moemesh.services.remote_experts import token_encoder
-    from moemesh.transport.expert_client import PoolWorker, RemoteExperts, RemoteExpertsOptions
+    from moemesh.transport.expert_client import RemoteExperts, RemoteExpertsOptions
     from moemesh.transport.expert_hops import HopLog, timeline_ms
+    from moemesh.transport.expert_table import PoolWorker
 
     shape = SMALL_MOE if args.small else V2_LITE_MOE
     child, address = start_expert(args, wire)

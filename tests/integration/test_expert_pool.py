@@ -32,8 +32,9 @@ from moemesh.services.remote_experts import token_encoder
 from moemesh.supervisor import free_ports
 from moemesh.transport.channels import aio_channel
 from moemesh.transport.errors import FailedPrecondition, InvalidArgument, StalePlacement, Unavailable
-from moemesh.transport.expert_client import PoolWorker, RemoteExperts, RemoteExpertsOptions
+from moemesh.transport.expert_client import RemoteExperts, RemoteExpertsOptions
 from moemesh.transport.expert_server import UcxExpertServer
+from moemesh.transport.expert_table import PoolWorker
 from moemesh.transport.expert_wire import ExpertBatch
 from moemesh.transport.peers import WorkerInfo
 from moemesh.transport.registry import Membership

@@ -30,7 +30,8 @@ from moemesh.model.moe_fused import routed_gemms, set_fused
 from moemesh.services.expert.worker import ExpertWorker
 from moemesh.services.remote_experts import token_encoder
 from moemesh.transport.errors import InvalidArgument
-from moemesh.transport.expert_client import PoolWorker, RemoteExperts, RemoteExpertsOptions
+from moemesh.transport.expert_client import RemoteExperts, RemoteExpertsOptions
+from moemesh.transport.expert_table import PoolWorker
 from moemesh.transport.expert_wire import TOKEN_FORMATS, ExpertBatch, pack_frame, unpack_frame
 
 LAYER = 1

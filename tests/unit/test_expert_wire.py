@@ -12,7 +12,8 @@ import torch
 from moemesh._proto.v1 import expert_pb2
 from moemesh.config.mesh import WorkerConfig, parse_expert_set
 from moemesh.transport.errors import Unavailable
-from moemesh.transport.expert_client import ExpertTable, PoolWorker, RemoteExpertsOptions
+from moemesh.transport.expert_client import RemoteExpertsOptions
+from moemesh.transport.expert_table import ExpertTable, PoolWorker
 from moemesh.transport.expert_wire import FRAME_BYTES, ExpertBatch, pack_frame, payload_bytes, unpack_frame
 
 
