@@ -33,6 +33,24 @@ from moemesh.kernels.fp8_quant import act_quant_reference
 
 
 @triton.jit
+def expert_row_tile(offsets_ptr, E, tile, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Row tile `tile` of a grouped GEMM whose expert e owns rows offsets[e] : offsets[e + 1] (every expert's
+    rows cut into BLOCK_M tiles, in expert order): (num_tiles, expert, offs_m, row_hi). A tile at or past
+    num_tiles has nothing to do."""
+    e = tl.arange(0, BLOCK_E)
+    lo = tl.load(offsets_ptr + e, mask=e < E, other=0)
+    hi = tl.load(offsets_ptr + e + 1, mask=e < E, other=0)
+    tiles = tl.where(e < E, tl.cdiv(hi - lo, BLOCK_M), 0)
+    ends = tl.cumsum(tiles, 0)
+    expert = tl.sum((ends <= tile).to(tl.int32), 0)  # the tiles' running sums at or below it
+    first_tile = tl.sum(tl.where(e < expert, tiles, 0), 0)
+    row_lo = tl.sum(tl.where(e == expert, lo, 0), 0)
+    row_hi = tl.sum(tl.where(e == expert, hi, 0), 0)
+    offs_m = row_lo + (tile - first_tile) * BLOCK_M + tl.arange(0, BLOCK_M)
+    return tl.max(ends, 0), expert, offs_m, row_hi
+
+
+@triton.jit
 def _grouped_contiguous_kernel(
     a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, offsets_ptr, E, N, K, max_tiles,
     stride_am, stride_as, stride_ask, stride_be, stride_bn, stride_bse, stride_bs, stride_cm,
@@ -50,19 +68,9 @@ def _grouped_contiguous_kernel(
     group_rows = tl.minimum(max_tiles - first_m, GROUP_M)
     tile = first_m + (pid % per_group) % group_rows
     pid_n = (pid % per_group) // group_rows
-    # which expert owns row tile `tile`: tiles per expert, their running sum, and a count of sums <= tile
-    e = tl.arange(0, BLOCK_E)
-    lo = tl.load(offsets_ptr + e, mask=e < E, other=0)
-    hi = tl.load(offsets_ptr + e + 1, mask=e < E, other=0)
-    tiles = tl.where(e < E, tl.cdiv(hi - lo, BLOCK_M), 0)
-    ends = tl.cumsum(tiles, 0)
-    if tile >= tl.max(ends, 0):
+    num_tiles, expert, offs_m, row_hi = expert_row_tile(offsets_ptr, E, tile, BLOCK_M, BLOCK_E)
+    if tile >= num_tiles:
         return
-    expert = tl.sum((ends <= tile).to(tl.int32), 0)
-    first_tile = tl.sum(tl.where(e < expert, tiles, 0), 0)
-    row_lo = tl.sum(tl.where(e == expert, lo, 0), 0)
-    row_hi = tl.sum(tl.where(e == expert, hi, 0), 0)
-    offs_m = row_lo + (tile - first_tile) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok, col_ok = offs_m < row_hi, offs_n < N
     ex = expert.to(tl.int64)

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from moemesh.kernels.dispatch import interpreting, use_triton
+from moemesh.kernels.fp8_grouped_gemm import expert_row_tile
 
 MAX_ROWS_PER_EXPERT = 32  # fused_moe's threshold: mean rows per expert up to which this kernel runs
 
@@ -38,18 +39,9 @@ def _grouped_kernel(
     tiles_n = tl.cdiv(N_OUT, BLOCK_N)
     tile = pid // tiles_n
     pid_n = pid % tiles_n
-    e = tl.arange(0, BLOCK_E)
-    lo = tl.load(offsets_ptr + e, mask=e < E, other=0)
-    hi = tl.load(offsets_ptr + e + 1, mask=e < E, other=0)
-    tiles = tl.where(e < E, tl.cdiv(hi - lo, BLOCK_M), 0)
-    ends = tl.cumsum(tiles, 0)
-    if tile >= tl.max(ends, 0):
+    num_tiles, expert, offs_m, row_hi = expert_row_tile(offsets_ptr, E, tile, BLOCK_M, BLOCK_E)
+    if tile >= num_tiles:
         return
-    expert = tl.sum((ends <= tile).to(tl.int32), 0)
-    first_tile = tl.sum(tl.where(e < expert, tiles, 0), 0)
-    row_lo = tl.sum(tl.where(e == expert, lo, 0), 0)
-    row_hi = tl.sum(tl.where(e == expert, hi, 0), 0)
-    offs_m = row_lo + (tile - first_tile) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok, col_ok = offs_m < row_hi, offs_n < N_OUT
     a_rows = a_ptr + offs_m[:, None].to(tl.int64) * stride_am
