@@ -139,17 +139,21 @@ def _position_kernel(
 
 
 @triton.jit
+def _copy_row(src, dst, H, BLOCK_H: tl.constexpr):
+    """H elements from src to dst, BLOCK_H at a time."""
+    for h0 in range(0, H, BLOCK_H):
+        h = h0 + tl.arange(0, BLOCK_H)
+        tl.store(dst + h, tl.load(src + h, mask=h < H), mask=h < H)
+
+
+@triton.jit
 def _copy_rows_kernel(
     x_ptr, out_ptr, rows_ptr, H, K, stride_x, stride_o, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
     a = tl.program_id(0)
     row = tl.load(rows_ptr + a)
     if row >= 0:
-        src = x_ptr + (a // K).to(tl.int64) * stride_x
-        dst = out_ptr + row.to(tl.int64) * stride_o
-        for h0 in range(0, H, BLOCK_H):
-            h = h0 + tl.arange(0, BLOCK_H)
-            tl.store(dst + h, tl.load(src + h, mask=h < H), mask=h < H)
+        _copy_row(x_ptr + (a // K).to(tl.int64) * stride_x, out_ptr + row.to(tl.int64) * stride_o, H, BLOCK_H)
 
 
 @triton.jit
@@ -186,11 +190,7 @@ def _permute_small_kernel(
         row = tl.where(valid, tl.sum(tl.where(experts == mine, starts, 0), 0) + rank, -1)
     tl.store(rows_ptr + a, row)
     if row >= 0:
-        src = x_ptr + (a // K).to(tl.int64) * stride_x
-        dst = out_ptr + row.to(tl.int64) * stride_o
-        for h0 in range(0, H, BLOCK_H):
-            h = h0 + tl.arange(0, BLOCK_H)
-            tl.store(dst + h, tl.load(src + h, mask=h < H), mask=h < H)
+        _copy_row(x_ptr + (a // K).to(tl.int64) * stride_x, out_ptr + row.to(tl.int64) * stride_o, H, BLOCK_H)
         if HAS_SCALE:
             hs = tl.arange(0, BLOCK_HS)
             v = tl.load(xs_ptr + (a // K).to(tl.int64) * stride_xs + hs, mask=hs < HS)
