@@ -244,9 +244,9 @@ def _decode_batch(engine, batch: int):
     )
 
 
-def count_launches(engine, batch: int) -> tuple[int, str, dict[str, int]]:
+def count_launches(engine, batch: int) -> tuple[int, str, dict[str, int], dict[str, float]]:
     """(kernels one decode step's forward launches, how they were counted, kernels by name — most frequent
-    first): the profiler over one graph replay; where it sees no kernel inside the graph, over one eager
+    first, device microseconds by kernel name — none on a CPU): the profiler over one graph replay; where it sees no kernel inside the graph, over one eager
     forward; on a CPU, the torch ops of one eager forward."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -256,25 +256,35 @@ def count_launches(engine, batch: int) -> tuple[int, str, dict[str, int]]:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             graph.graph.replay()
             torch.cuda.synchronize()
-        names = _kernel_names(
-            e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
-        )
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        names = _kernel_names(e.name for e in kernels)
         if names:
-            return sum(names.values()), "graph replay (profiler)", names
+            return sum(names.values()), "graph replay (profiler)", names, _kernel_us(kernels)
     fwd = _decode_batch(engine, batch)
     activities = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
     with profile(activities=activities) as prof:
         engine.model(fwd, engine.kv_caches)
         _sync("cuda" if cuda else "cpu")
     if cuda:
-        names = _kernel_names(
-            e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
-        )
-        return sum(names.values()), "eager (profiler)", names
-    names = _kernel_names(
-        e.name for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        names = _kernel_names(e.name for e in kernels)
+        return sum(names.values()), "eager (profiler)", names, _kernel_us(kernels)
+    ops = [e for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None]
+    return (
+        sum(_kernel_names(e.name for e in ops).values()),
+        "cpu torch ops",
+        _kernel_names(e.name for e in ops),
+        {},
     )
-    return sum(names.values()), "cpu torch ops", names
+
+
+def _kernel_us(kernels) -> dict[str, float]:
+    """Kernel name (cut to 80 characters) -> its device microseconds summed over the profiled forward, the
+    longest first: where a step's device time goes."""
+    total: dict[str, float] = {}
+    for e in kernels:
+        total[e.name[:80]] = total.get(e.name[:80], 0.0) + e.time_range.elapsed_us()
+    return {k: round(v, 1) for k, v in sorted(total.items(), key=lambda kv: -kv[1])}
 
 
 def _kernel_names(names) -> dict[str, int]:
@@ -318,7 +328,7 @@ def ours(engine, batch: int, steps: int) -> dict:
             _time_ms(lambda: engine.model(fwd, engine.kv_caches), device),
             "eager forward",
         )
-    launches, launch_source, kernels = count_launches(engine, batch)
+    launches, launch_source, kernels, kernel_us = count_launches(engine, batch)
     context = PROMPT_LEN + 4 + steps
     for rid in ids:
         engine.abort(rid)
@@ -330,6 +340,7 @@ def ours(engine, batch: int, steps: int) -> dict:
         launches=launches,
         launch_source=launch_source,
         kernels=kernels,
+        kernel_us=kernel_us,
         prefill_step_ms=prefill_ms,
         context=context,
         pages_leaked_after_abort=engine.stats()["pages_leased"],
