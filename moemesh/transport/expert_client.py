@@ -56,6 +56,7 @@ from moemesh.transport.expert_wire import (
     TAG_HEADER,
     TOKEN_FORMATS,
     ExpertBatch,
+    RecvBuffers,
     output_tag,
     pack_frame,
     payload_tag,
@@ -172,6 +173,7 @@ class PendingExperts:
                 self._stats.answered(time.perf_counter_ns() - waiting_ns)
             self._mark("woke")
             for part, out in zip(self._parts, outputs, strict=True):
+                RecvBuffers.consumed_on(out)  # UCX wrote it; its block is not reused before these reads
                 slots[part.slot_index.to(hidden.device)] = out.to(hidden.device, hidden.dtype)
         # unweighted: every slot's row, which the block combines (moe_combine, as fused_moe does); else the
         # combine of moe.combine_slots: every token's k weighted rows summed in slot order
@@ -212,6 +214,7 @@ class RemoteExperts:
         self.pool = UcxEndpointPool(ucx_options)
         self.channel_factory = channel_factory
         self.wire_device = torch.device(wire_device)
+        self.recv_buffers = RecvBuffers(self.wire_device)  # the answers' rows (event loop)
         self.token_format = TOKEN_FORMATS[self.options.token_format]
         self.workers: dict[str, PoolWorker] = {}
         self.table = ExpertTable([], num_experts, self.layers)
@@ -462,7 +465,8 @@ class RemoteExperts:
         an error frame), so a round trip waits for UCX completions once each way, not once per message."""
         batch = part.batch
         frame = torch.empty(FRAME_BYTES, dtype=torch.uint8)
-        out = torch.empty(batch.num_slots, batch.hidden_size, dtype=torch.bfloat16, device=self.wire_device)
+        # the slot count from the host mask (batch.num_slots would sum device ids: a sync on the event loop)
+        out = self.recv_buffers.empty((part.slot_index.numel(), batch.hidden_size), torch.bfloat16)
 
         async def done(request, event: str) -> None:
             await request

@@ -24,6 +24,7 @@ from moemesh.transport.expert_wire import (
     FRAME_BYTES,
     TAG_HEADER,
     ExpertBatch,
+    RecvBuffers,
     output_tag,
     pack_frame,
     payload_bytes,
@@ -35,7 +36,9 @@ from moemesh.transport.ucx import UcxListener, UcxOptions, as_ucx_buffer
 
 log = logging.getLogger(__name__)
 
-ExpertCompute = Callable[[ExpertBatch], Awaitable[torch.Tensor]]  # -> bf16 [num_slots, hidden]
+# -> bf16 [num_slots, hidden], fully written when it returns (a CUDA result: its stream synchronized), so the
+# server sends it without a sync of its own on the event loop (which would also wait for other batches' kernels)
+ExpertCompute = Callable[[ExpertBatch], Awaitable[torch.Tensor]]
 
 
 class UcxExpertServer:
@@ -56,6 +59,7 @@ class UcxExpertServer:
         self.compute = compute
         self.hop_log = hop_log
         self.wire_device = torch.device(wire_device)
+        self.recv_buffers = RecvBuffers(self.wire_device)  # payloads (event loop)
         self.recv_timeout_s = recv_timeout_s
         self.listener = UcxListener(self._serve, host, port, options)
         self.num_batches = 0
@@ -82,7 +86,7 @@ class UcxExpertServer:
             await ep.recv(as_ucx_buffer(frame), tag=TAG_HEADER)
             try:
                 header = unpack_frame(frame, expert_pb2.ExpertBatchHeader)
-                payload = torch.empty(payload_bytes(header), dtype=torch.uint8, device=self.wire_device)
+                payload = self.recv_buffers.empty((payload_bytes(header),), torch.uint8)
             except (
                 Exception
             ) as err:  # an unreadable header: nothing after it on this connection can be trusted
@@ -98,6 +102,7 @@ class UcxExpertServer:
                 ep.abort()
                 return
             self._mark(header.micro_batch_id, "srv_payload")
+            RecvBuffers.consumed_on(payload)  # compute reads it on the loop's (default) stream or syncs it
             task = asyncio.ensure_future(self._answer(ep, header, payload))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -110,9 +115,9 @@ class UcxExpertServer:
         )
         out = torch.empty(0, dtype=torch.uint8)
         try:
-            rows = await self.compute(ExpertBatch.from_wire(header, payload))
-            rows = rows.to(self.wire_device, torch.bfloat16).contiguous()
-            if rows.is_cuda:
+            computed = await self.compute(ExpertBatch.from_wire(header, payload))  # written: compute synced
+            rows = computed.to(self.wire_device, torch.bfloat16).contiguous()
+            if rows.is_cuda and rows is not computed:  # a copy queued here (another dtype or device)
                 torch.cuda.current_stream(rows.device).synchronize()
             reply.num_tokens = header.num_tokens
             reply.payloads.append(
