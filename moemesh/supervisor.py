@@ -462,6 +462,6 @@ def plan_children(options: UpOptions, num_gpus: int | None = None) -> list[Child
             http_port = 0
         if http_port:
             args += ("--http-port", str(http_port))
-        args += place.serve_args if role != "expert" else ()
+        args += place.serve_args  # an expert worker's share caps its allocator (its weights, its batches)
         specs.append(ChildSpec(name, args, port, o.host, http_port, place.env))
     return specs

@@ -13,6 +13,7 @@ from moemesh.engine.engine import Engine
 from moemesh.model.checkpoint import default_fp8, load_model
 from moemesh.model.config import ModelConfig
 from moemesh.model.tokenizer import Tokenizer
+from moemesh.services.remote_experts import detach_routed_experts
 from moemesh.transport.kv import Fingerprint, KvLayout
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -58,6 +59,7 @@ def load_engine(config: WorkerConfig) -> LoadedModel:
     engine_config = config.engine
     if config.remote_experts:  # a CUDA graph cannot span the expert pool's round trip
         engine_config = dataclasses.replace(engine_config, cuda_graph_batch_sizes=())
+        detach_routed_experts(model)  # before the KV plan: the pool holds them (services/remote_experts.py)
     engine = Engine(model, engine_config, None, tuple(eos))
     digest = hashlib.sha256((model_dir / "config.json").read_bytes()).hexdigest()[:12]
     return LoadedModel(engine, model_config, tokenizer, f"{model_dir.name}@{digest}")

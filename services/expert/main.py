@@ -54,6 +54,8 @@ def load_worker(config: WorkerConfig, metrics: ExpertMetrics | None = None) -> E
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     device, dtype = device_and_dtype(config)
+    if device.type == "cuda":  # its share of a card it may share (`moemesh up` plans it; docs/experts.md)
+        torch.cuda.set_per_process_memory_fraction(config.engine.gpu_memory_utilization, device)
     model_config = ModelConfig.from_file(config.model_dir / "config.json")
     hosted = parse_expert_set(config.experts, model_config.n_routed_experts)
     shard = load_expert_shard(config.model_dir, hosted, device, dtype)

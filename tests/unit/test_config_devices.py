@@ -82,3 +82,50 @@ def test_worker_takes_its_fraction_and_ucx_transports_by_device():
     assert forced.ucx_transports == "tcp,self" and not forced.ucx_moves_device_memory
     with pytest.raises(ValueError, match="gpu_memory_utilization=0.0 must be in"):
         WorkerConfig.from_args(args("cuda", "--gpu-memory-fraction", "0"), {})
+
+
+def serve_config(spec) -> WorkerConfig:
+    """What the child's `moemesh serve ...` builds from its flags and the env `up` gives it (no MOEMESH_*)."""
+    from moemesh.cli import build_parser
+
+    args, extra = build_parser().parse_known_args(["serve", *spec.serve_args])
+    args.extra = extra
+    return WorkerConfig.from_args(args, {})
+
+
+@pytest.mark.parametrize("num_gpus", [1, 2])
+def test_pd_experts_on_cuda_gives_every_process_its_share_and_the_cuda_transports(num_gpus):
+    """`up --device cuda --topology pd-experts --experts 2`: P, D and both expert workers split the card(s);
+    the expert workers' shares are passed too (they cap their allocators); every worker moves expert tokens in
+    device memory over UCX's CUDA transports."""
+    import torch
+
+    from moemesh.services.remote_experts import wire_device
+
+    specs = plan_children(UpOptions(topology="pd-experts", num_expert=2, device="cuda", port=50206),
+                          num_gpus=num_gpus)  # fmt: skip
+    assert specs[0].env == () and "--gpu-memory-fraction" not in specs[0].serve_args  # the gateway
+    share = {1: "0.225", 2: "0.45"}[num_gpus]  # 4 workers: all on one card, or two on each of two
+    gpus = {1: ["0", "0", "0", "0"], 2: ["0", "1", "0", "1"]}[num_gpus]
+    assert worker_env(specs) == {
+        name: ({"CUDA_VISIBLE_DEVICES": gpu}, share)
+        for name, gpu in zip(["prefill-0", "decode-0", "expert-0", "expert-1"], gpus, strict=True)
+    }
+    configs = {spec.name: serve_config(spec) for spec in specs[1:]}
+    for name, config in configs.items():
+        assert (config.role, config.device) == (name.rpartition("-")[0], "cuda")
+        assert config.engine.gpu_memory_utilization == float(share)
+        assert config.ucx_transports == CUDA_UCX_TRANSPORTS and config.ucx_moves_device_memory
+        assert wire_device(config, torch.device("cuda")) == torch.device("cuda")  # no host staging
+        assert config.remote_experts == (config.role != "expert"), name
+    assert [configs[f"expert-{i}"].experts for i in (0, 1)] == ["0/2", "1/2"]
+    by_role = plan_children(UpOptions(topology="pd-experts", num_expert=2, device="cuda", port=50207,
+                                      gpu_memory_fractions=(("expert", 0.1), ("decode", 0.5))), num_gpus=1)  # fmt: skip
+    assert [v[1] for v in worker_env(by_role).values()] == ["0.225", "0.5", "0.1", "0.1"]
+    with pytest.raises(ValueError, match=r"GPU 0 \(prefill, decode, expert, expert\) would take 1.10 of it"):
+        plan_children(UpOptions(topology="pd-experts", num_expert=2, device="cuda", port=50208,
+                                gpu_memory_fractions=(("prefill", 0.3), ("decode", 0.4), ("expert", 0.2))),
+                      num_gpus=1)  # fmt: skip
+    staged = serve_config(specs[-1])
+    staged = WorkerConfig(**{**staged.__dict__, "ucx_transports": "tcp,self"})
+    assert wire_device(staged, torch.device("cuda")) == torch.device("cpu")  # without CUDA transports: host
