@@ -2,11 +2,16 @@
 intermediate 1408): one MoE layer's dispatch + combine through an expert-pool worker in another process on the
 same GPU, against the local MoE compute of the same tokens, at 1, 64 and 512 tokens, in one run.
 
-* local: `LocalExperts.forward` (grouped GEMM) in this process — what a colocated worker spends on the layer;
+* local: the routed experts' part of the block in this process — what a colocated worker spends on the layer;
 * remote: `RemoteExperts` round trip — encode the tokens (BF16 or FP8 1x128), UCX to the expert process, its
-  `LocalExperts.slot_outputs` over all 64 experts, the BF16 rows back, the combine; wall time on the host,
-  median of `--iters` calls (the engine waits for exactly this in a step);
+  expert rows over all 64 experts, the BF16 rows back, the combine; wall time on the host, median of `--iters`
+  calls (the engine waits for exactly this in a step);
 * wire: remote - local, the price of the disaggregation per layer.
+Both on the block's `--path` (default: by device, as a worker picks it): `fused` (the CUDA default) — local
+`moe_fused.expert_rows` (`moe_permute`, then the decode kernel `moe_grouped_gemm` or `torch._grouped_mm`, picked by
+the layer's rows) and `moe_combine`; remote: the pool's unweighted rows of the same `expert_rows`, the same
+`moe_combine` — or `torch` (the CPU default) — local `LocalExperts.forward` (one `torch._grouped_mm` on CUDA),
+remote the pool's weighted rows summed per token.
 Wires: `device` (the buffers stay in GPU memory; UCX picks cuda_ipc between the two processes) and `host`
 (staged through host memory) — each with its own expert process, both driven from one event loop here (ucxx
 binds its notifier to the first loop it serves); a wire that fails is recorded with its error, the other still
@@ -20,6 +25,7 @@ event since submit and the median step from the event before it.
     python -m bench.bench_expert                       # the GPU run: JSON + PNG under bench/results/
     python -m bench.bench_expert --device cpu --quick  # CPU: tiny shapes, 1 and 8 tokens, both wires, BF16
     python -m bench.bench_expert --progress polling    # the same with UCX progressed on the event loops
+    python -m bench.bench_expert --path torch          # the torch path's rows (weighted, summed per token)
 """
 
 from __future__ import annotations
@@ -137,6 +143,29 @@ def timed_ms(fn, device: str, iters: int, warmup: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
+PATHS = ("fused", "torch")
+
+
+def layer_fn(path: str, experts_or_remote, shape: dict, hidden, ids, weights):
+    """One call of the layer's routed experts on `path`: local (`LocalExperts`) or remote (`RemoteExperts`)."""
+    from moemesh.kernels import moe_combine
+    from moemesh.model.moe_fused import expert_rows
+    from moemesh.transport.expert_client import RemoteExperts
+
+    if path == "torch":
+        return lambda: experts_or_remote(LAYER, hidden, ids, weights)
+    num, rows = shape["n_routed_experts"], ids.numel()
+    slot_rows = torch.arange(rows, dtype=torch.int32, device=hidden.device)
+    if isinstance(experts_or_remote, RemoteExperts):
+
+        def remote():
+            y = experts_or_remote.submit(LAYER, hidden, ids, weights, unweighted=True).result()
+            return moe_combine(y, weights, slot_rows)
+
+        return remote
+    return lambda: moe_combine(expert_rows(experts_or_remote, hidden, ids, rows, num), weights, slot_rows)
+
+
 def routing(num_tokens: int, shape: dict, device: str):
     gen = torch.Generator().manual_seed(num_tokens)
     hidden = torch.randn(num_tokens, shape["hidden_size"], generator=gen).to(device, torch.bfloat16)
@@ -180,7 +209,9 @@ def stop_expert(child: subprocess.Popen) -> None:
         child.kill()
 
 
-def measure_wire(args: argparse.Namespace, wire: str, local_ms: dict[int, float], loop) -> list[dict]:
+def measure_wire(
+    args: argparse.Namespace, wire: str, local_ms: dict[int, float], local_out: dict[int, torch.Tensor], loop
+) -> list[dict]:
     """One expert process for `wire`; one RemoteExperts per token format on `loop` (the bench's one event loop:
     ucxx completes every request on the loop it first served). -> rows with their hop timelines."""
     from moemesh.services.remote_experts import token_encoder
@@ -204,12 +235,15 @@ def measure_wire(args: argparse.Namespace, wire: str, local_ms: dict[int, float]
             timed_batches = []  # (row index, the client's marks of its timed calls)
             for tokens in args.token_counts:
                 hidden, ids, weights = routing(tokens, shape, args.device)
-                ms = timed_ms(lambda h=hidden, i=ids, w=weights, r=remote: r(LAYER, h, i, w), args.device,
-                              args.iters, args.warmup)  # fmt: skip
+                call = layer_fn(args.path, remote, shape, hidden, ids, weights)
+                ms = timed_ms(call, args.device, args.iters, args.warmup)
                 timed = sorted(remote.hop_log.batches)[-args.iters :]  # one batch per call: the timed ones
-                rows.append({"wire": wire, "format": fmt, "tokens": tokens, "local_ms": local_ms[tokens],
+                # the layer's output against the local one (BF16 tokens: 0, the pool computes the same rows)
+                diff = float((call().float() - local_out[tokens].float()).abs().max())
+                rows.append({"wire": wire, "format": fmt, "path": args.path, "tokens": tokens,
+                             "local_ms": local_ms[tokens],
                              "remote_ms": ms, "wire_ms": ms - local_ms[tokens],
-                             "ratio": ms / local_ms[tokens]})  # fmt: skip
+                             "ratio": ms / local_ms[tokens], "max_abs_diff_vs_local": diff})  # fmt: skip
                 timed_batches.append((len(rows) - 1, {b: remote.hop_log.batches[b] for b in timed}))
                 print_table(rows[-1:], list(rows[-1]))
             asyncio.run_coroutine_threadsafe(remote.close(), loop).result(timeout=30)
@@ -231,6 +265,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--progress", default="thread", choices=PROGRESS,
                    help="UCX progress on both ends (thread: the workers' setting)")  # fmt: skip
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--path", choices=PATHS, default=None,
+                   help="the block's path (default: fused on CUDA, torch on CPU, as a worker picks it)")  # fmt: skip
     p.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke run)")
     p.add_argument("--quick", action="store_true",
                    help="a CPU-sized run: --small --tokens 1,8 --formats bf16 --iters 20 --warmup 3")  # fmt: skip
@@ -243,6 +279,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("iters", "warmup"):
         if getattr(args, name) < (1 if name == "iters" else 0):
             p.error(f"--{name}={getattr(args, name)} must be >= {1 if name == 'iters' else 0}")
+    if args.path is None:
+        args.path = "fused" if args.device.startswith("cuda") else "torch"
     bad = [w for w in args.wires.split(",") if w not in ("device", "host")]
     if bad:
         p.error(f"--wires={args.wires!r}: {bad} not among device, host")
@@ -257,12 +295,13 @@ def main(argv: list[str] | None = None) -> Path | None:
     args.token_counts = [int(t) for t in args.tokens.split(",")]
     shape = SMALL_MOE if args.small else V2_LITE_MOE
     experts = build_experts(shape, args.device)
-    local_ms = {}
+    local_ms, local_out = {}, {}
     for tokens in args.token_counts:
         hidden, ids, weights = routing(tokens, shape, args.device)
+        call = layer_fn(args.path, experts, shape, hidden, ids, weights)
         with torch.no_grad():
-            local_ms[tokens] = timed_ms(lambda h=hidden, i=ids, w=weights: experts(LAYER, h, i, w), args.device,
-                                        args.iters, args.warmup)  # fmt: skip
+            local_ms[tokens] = timed_ms(call, args.device, args.iters, args.warmup)
+            local_out[tokens] = call()
     rows, failures = [], {}
     loop = asyncio.new_event_loop()  # one for every wire: ucxx serves one loop per process
     thread = threading.Thread(target=loop.run_forever, name="bench-loop", daemon=True)
@@ -270,7 +309,7 @@ def main(argv: list[str] | None = None) -> Path | None:
     try:
         for wire in args.wires.split(","):
             try:
-                rows += measure_wire(args, wire, local_ms, loop)
+                rows += measure_wire(args, wire, local_ms, local_out, loop)
             except Exception as err:  # record it; the other wire still runs
                 failures[wire] = f"{type(err).__name__}: {err}"
                 print(f"wire {wire} failed: {failures[wire]}")
@@ -283,8 +322,9 @@ def main(argv: list[str] | None = None) -> Path | None:
     meta = header()
     name = "bench_expert-" + meta["card"].replace(" ", "_") + ("-quick" if args.quick else "")
     name += "" if args.progress == "thread" else f"-{args.progress}"
+    name += "" if args.path == ("fused" if args.device.startswith("cuda") else "torch") else f"-{args.path}"
     payload = {**meta, "shape": shape, "layer": "one MoE layer, all experts in one expert process",
-               "progress": args.progress,
+               "progress": args.progress, "path": args.path,
                "local_ms": local_ms, "rows": rows, "failures": failures}  # fmt: skip
     path = write_json(name, payload, args.out)
     for row in rows:
@@ -293,12 +333,14 @@ def main(argv: list[str] | None = None) -> Path | None:
         )
         print_table(row.get("hops", []), ["event", "since_submit_ms", "step_ms"])
     print(f"wrote {path}")
-    print_table(rows, ["wire", "format", "tokens", "local_ms", "remote_ms", "wire_ms", "ratio"])
+    print_table(rows, ["wire", "format", "tokens", "local_ms", "remote_ms", "wire_ms", "ratio",
+                       "max_abs_diff_vs_local"])  # fmt: skip
     series = {f"{w}/{f}": ([r["tokens"] for r in rows if (r["wire"], r["format"]) == (w, f)],
                            [r["remote_ms"] for r in rows if (r["wire"], r["format"]) == (w, f)])
               for w, f in sorted({(r["wire"], r["format"]) for r in rows})}  # fmt: skip
     series["local MoE compute"] = (args.token_counts, [local_ms[t] for t in args.token_counts])
-    save_plot(name, [{"title": f"MoE layer dispatch+combine vs local ({meta['card']}, {meta['commit']})",
+    save_plot(name, [{"title": f"MoE layer dispatch+combine vs local, {args.path} path ({meta['card']}, "
+                               f"{meta['commit']})",
                       "xlabel": "tokens", "ylabel": "ms per layer", "series": series, "logx": True}],
               args.out)  # fmt: skip
     return path

@@ -35,8 +35,10 @@ def test_quick_cpu_run_measures_both_wires_with_a_per_hop_timeline(tmp_path):
         ("host", "bf16", 1),
         ("host", "bf16", 8),
     ]
+    assert result["path"] == "torch"  # a CPU worker's default
     for row in rows:
         assert row["remote_ms"] > 0 and row["local_ms"] > 0
+        assert row["max_abs_diff_vs_local"] == 0.0  # BF16 tokens: the pool's rows are the local ones
         assert row["wire_ms"] == pytest.approx(row["remote_ms"] - row["local_ms"])
         hops = {h["event"]: h["since_submit_ms"] for h in row["hops"]}
         # both ends' marks joined on the batch id, in causal order along the round trip
