@@ -49,6 +49,7 @@ from moemesh.transport.errors import (
     from_status,
     status_code_from_number,
 )
+from moemesh.transport.expert_buffers import RecvBuffers, device_or_host
 from moemesh.transport.expert_hops import HopLog
 from moemesh.transport.expert_table import ExpertTable, PoolWorker
 from moemesh.transport.expert_wire import (
@@ -56,7 +57,6 @@ from moemesh.transport.expert_wire import (
     TAG_HEADER,
     TOKEN_FORMATS,
     ExpertBatch,
-    RecvBuffers,
     output_tag,
     pack_frame,
     payload_tag,
@@ -228,6 +228,10 @@ class RemoteExperts:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self.wire_device = await device_or_host(
+            self.wire_device, self.pool.options, "send expert tokens from"
+        )
+        self.recv_buffers = RecvBuffers(self.wire_device)
 
     async def close(self) -> None:
         await self.pool.close()

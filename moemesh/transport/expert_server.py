@@ -19,12 +19,12 @@ import torch
 
 from moemesh._proto.v1 import expert_pb2
 from moemesh.transport.errors import StalePlacement, status_code_number, status_for
+from moemesh.transport.expert_buffers import RecvBuffers, device_or_host
 from moemesh.transport.expert_hops import HopLog
 from moemesh.transport.expert_wire import (
     FRAME_BYTES,
     TAG_HEADER,
     ExpertBatch,
-    RecvBuffers,
     output_tag,
     pack_frame,
     payload_bytes,
@@ -70,6 +70,10 @@ class UcxExpertServer:
         return self.listener.address
 
     async def start(self) -> str:
+        self.wire_device = await device_or_host(
+            self.wire_device, self.listener.options, "receive expert tokens in"
+        )
+        self.recv_buffers = RecvBuffers(self.wire_device)
         address = await self.listener.start()
         log.info("expert wire listening on %s", address)
         return address
