@@ -50,12 +50,18 @@ def device_and_dtype(config: WorkerConfig) -> tuple[torch.device, torch.dtype]:
     return device, _DTYPES[config.dtype]
 
 
+def cap_device_memory(config: WorkerConfig, device: torch.device) -> None:
+    """On a GPU, the worker's allocator may take its share of the card (`--gpu-memory-fraction`, which `moemesh
+    up` plans for every worker sharing it), so a worker that outgrows it fails itself, not its neighbours."""
+    if device.type == "cuda":  # device.index None: the current device
+        torch.cuda.set_per_process_memory_fraction(float(config.engine.gpu_memory_utilization), device.index)
+
+
 def load_worker(config: WorkerConfig, metrics: ExpertMetrics | None = None) -> ExpertWorker:
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     device, dtype = device_and_dtype(config)
-    if device.type == "cuda":  # its share of a card it may share (`moemesh up` plans it; docs/experts.md)
-        torch.cuda.set_per_process_memory_fraction(config.engine.gpu_memory_utilization, device)
+    cap_device_memory(config, device)
     model_config = ModelConfig.from_file(config.model_dir / "config.json")
     hosted = parse_expert_set(config.experts, model_config.n_routed_experts)
     shard = load_expert_shard(config.model_dir, hosted, device, dtype)

@@ -129,3 +129,24 @@ def test_pd_experts_on_cuda_gives_every_process_its_share_and_the_cuda_transport
     staged = serve_config(specs[-1])
     staged = WorkerConfig(**{**staged.__dict__, "ucx_transports": "tcp,self"})
     assert wire_device(staged, torch.device("cuda")) == torch.device("cpu")  # without CUDA transports: host
+
+
+def test_an_expert_worker_caps_its_allocator_at_its_share(monkeypatch):
+    import torch
+    from torch.cuda._utils import _get_device_index
+
+    from moemesh.config.engine import EngineConfig
+    from moemesh.services.expert.main import cap_device_memory
+
+    calls = []
+
+    def fake(fraction, device=None):  # what torch's checks its arguments against, without a GPU
+        if not isinstance(fraction, float):
+            raise TypeError("Invalid type for fraction argument, must be `float`")
+        calls.append((fraction, _get_device_index(0 if device is None else device)))
+
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", fake)
+    config = WorkerConfig(role="expert", worker_id="e", engine=EngineConfig(gpu_memory_utilization=0.225))
+    for device in ("cuda", "cuda:1", "cpu"):
+        cap_device_memory(config, torch.device(device))
+    assert calls == [(0.225, 0), (0.225, 1)]
