@@ -6,6 +6,8 @@ that GPU's memory it may take (`--gpu-memory-fraction`, the engine's `gpu_memory
   (two on one card: 0.45 each), so the second worker no longer plans 0 KV pages.
 * A per-role fraction (`moemesh up --gpu-memory-fraction prefill=0.3 --gpu-memory-fraction decode=0.6`, or
   one number for every role) replaces the even split; the fractions on one GPU must add up to at most 1.
+* Prefill, decode and colocated workers plan their KV pools from their share; an expert-pool worker's share
+  caps its allocator (`serve expert`'s `cap_device_memory`).
 
 Pure: the GPU count and the parent's `CUDA_VISIBLE_DEVICES` are arguments (the supervisor reads the machine).
 """

@@ -177,22 +177,23 @@ def check_mesh(model_dir: Path, expected: list[tuple[list[int], int, list[int]]]
                 counted[c.layer] = counted.get(c.layer, 0) + c.num_tokens
         assert all(counted[layer] >= slots for layer in moe_layers), (counted, slots)
 
-        if (
-            device == "cuda"
-        ):  # P and D planned their KV pools inside their quarter of the card (0.9 / 4 workers)
+        if device == "cuda":  # P and D planned their KV pools inside their quarter of the card (0.9 / 4)
             share = 0.9 / (2 + NUM_EXPERT_WORKERS) * total_bytes
             page = bytes_per_page(config.num_hidden_layers, 64, config.kv_cache_dim, 2)
             for name in ("prefill-0", "decode-0"):
-                kv_bytes = mesh.load(name).num_total_pages * page
+                pages = mesh.load(name).num_total_pages
+                kv_bytes = pages * page
+                print(
+                    f"{name}: {pages} KV pages, {kv_bytes / 2**30:.1f} GiB of a {share / 2**30:.1f} GiB share"
+                )
                 assert 0.6 * share < kv_bytes < share, (name, kv_bytes / 2**30, share / 2**30)
         assert mesh.wait_settled() == {name: 0 for name in mesh.workers}
         bad = [line for line in mesh.lines if re.search(r"UCX cannot|local-prefill fallback|dropping it from the "
                                                          r"pool|Traceback", line)]  # fmt: skip
         assert bad == []
-        print(
-            "\n".join(line for line in mesh.lines if re.search(r"KV pages|hosts \d+ of|expert pool:", line))
-        )
-    finally:
+    finally:  # with -s: what each worker planned and hosted, and any warning or error, pass or fail
+        wanted = r"hosts \d+ of|expert pool:|WARNING|ERROR|Traceback"
+        print("\n".join(line for line in mesh.lines if re.search(wanted, line)))
         code = mesh.stop()
         for pid in mesh.pids.values():  # every child reaped
             with pytest.raises(ProcessLookupError):
