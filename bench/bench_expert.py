@@ -77,13 +77,16 @@ PROGRESS = ("thread", "thread-poll", "polling", "blocking")
 
 
 def ucx_options(device: str, progress: str = "thread"):
-    """One set per process (UCX runs once): on a GPU machine UCX picks its transports (cuda_ipc for device
-    buffers, shared memory for host ones); on a CPU box TCP over loopback. progress: "thread" = ucxx's progress
-    thread + its notifier thread completing each request's future (what the workers run); "thread-poll" = the
-    progress thread, futures polled from the event loop; "polling" / "blocking" = progress on the event loop."""
+    """One set per process (UCX runs once): the transports a worker on `device` runs by default — on a GPU
+    `tcp,self,sm,cuda_copy,cuda_ipc` (cuda_ipc for device buffers, shared memory for host ones), on a CPU TCP —
+    over loopback. (Before, a GPU run let UCX pick among all transports and devices, which a worker does not.)
+    progress: "thread" = ucxx's progress thread + its notifier thread completing each request's future (what
+    the workers run); "thread-poll" = the progress thread, futures polled from the event loop; "polling" /
+    "blocking" = progress on the event loop."""
+    from moemesh.config.mesh import CPU_UCX_TRANSPORTS, CUDA_UCX_TRANSPORTS
     from moemesh.transport.ucx import UcxOptions
 
-    transports, devices = ("", "") if device.startswith("cuda") else ("tcp,self", "lo")
+    transports, devices = (CUDA_UCX_TRANSPORTS if device.startswith("cuda") else CPU_UCX_TRANSPORTS), "lo"
     mode = "thread" if progress.startswith("thread") else progress
     return UcxOptions(transports, devices, progress_mode=mode, notifier_thread=progress == "thread")
 
@@ -109,7 +112,8 @@ async def serve(args: argparse.Namespace) -> None:
     wire_device = device if args.wire == "device" else torch.device("cpu")
     server = UcxExpertServer(worker.compute, options=ucx_options(args.device, args.progress), wire_device=wire_device,
                              hop_log=hops)  # fmt: skip
-    print("address", await server.start(), flush=True)
+    address = await server.start()  # its wire device: the host when UCX cannot move device memory
+    print("address", address, server.wire_device.type, flush=True)
     loop = asyncio.get_running_loop()
     while (
         await loop.run_in_executor(None, sys.stdin.readline)
@@ -185,7 +189,13 @@ def start_expert(args: argparse.Namespace, wire: str) -> tuple[subprocess.Popen,
     assert child.stdout is not None
     for line in child.stdout:
         if line.startswith("address "):
-            return child, line.split()[1]
+            _, address, device = line.split()
+            if wire == "device" and device != torch.device(args.device).type:
+                stop_expert(child)
+                raise RuntimeError(
+                    f"the expert process cannot receive {args.device} memory over UCX (its log says why)"
+                )
+            return child, address
     raise RuntimeError(f"the expert process ({wire}) exited with {child.wait()} before listening")
 
 
@@ -228,6 +238,8 @@ def measure_wire(
                                    RemoteExpertsOptions(fmt, timeout_s=60.0), ucx_options(args.device, args.progress),
                                    wire_device=args.device if wire == "device" else "cpu")  # fmt: skip
             asyncio.run_coroutine_threadsafe(remote.start(), loop).result()
+            if wire == "device" and remote.wire_device.type != torch.device(args.device).type:
+                raise RuntimeError(f"UCX cannot send {args.device} memory here (the log above says why)")
             remote.add_worker(
                 PoolWorker("bench-expert", address, {LAYER: tuple(range(shape["n_routed_experts"]))})
             )
@@ -325,6 +337,7 @@ def main(argv: list[str] | None = None) -> Path | None:
     name += "" if args.path == ("fused" if args.device.startswith("cuda") else "torch") else f"-{args.path}"
     payload = {**meta, "shape": shape, "layer": "one MoE layer, all experts in one expert process",
                "progress": args.progress, "path": args.path,
+               "ucx_transports": ucx_options(args.device, args.progress).transports,
                "local_ms": local_ms, "rows": rows, "failures": failures}  # fmt: skip
     path = write_json(name, payload, args.out)
     for row in rows:
