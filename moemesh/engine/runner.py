@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from moemesh.config.engine import EngineConfig
+from moemesh.engine.kv_export import ExportRow, ExportStep, KvExporter
 from moemesh.engine.request import SchedulerOutput
 from moemesh.engine.sampler import SampledToken, Sampler, SampleRow
 from moemesh.engine.sampling_params import SamplingParams
@@ -74,6 +75,7 @@ class ModelRunner:
         self._static = self.decode_staging.dev  # the graphs' inputs
         self.host_prepare_s = 0.0  # the last step's host time before its forwards run (batch building)
         self.num_pingpong_steps = 0
+        self.kv_export: KvExporter | None = None  # a prefill worker's: pages packed as forwards write them
 
     # -- one step -------------------------------------------------------------------------------------------
 
@@ -92,6 +94,8 @@ class ModelRunner:
             (decode if n == 1 else prefill).append((request_id, n))
         sample_ids: list[str] = []
         logits_parts = []
+        if self.kv_export is not None:
+            self.kv_export.order_before_forward()
         self.host_prepare_s += time.perf_counter() - t0
         for group, run in ((decode, self._run_decode), (prefill, self._run_eager)):
             if not group:
@@ -100,7 +104,19 @@ class ModelRunner:
             if run is self._run_eager and on_launched is not None:
                 on_launched, fire = None, on_launched
                 fire()
-            logits_parts.append(run(group, wants))
+            export = self._export_step(group)
+            if export is None:
+                logits_parts.append(run(group, wants))
+            else:
+                try:
+                    if group is prefill:
+                        logits_parts.append(self._run_eager(group, wants, export.layer_written))
+                    else:
+                        logits_parts.append(run(group, wants))
+                except BaseException:
+                    export.abandon()
+                    raise
+                export.finish()
             sample_ids += [rid for (rid, _), w in zip(group, wants, strict=True) if w]
             if on_launched is not None:
                 on_launched, fire = None, on_launched
@@ -128,6 +144,16 @@ class ModelRunner:
             )
         for cached in out.cached_requests:
             self.requests[cached.request_id].page_ids += cached.new_page_ids
+
+    def _export_step(self, group: list[tuple[str, int]]) -> ExportStep | None:
+        if self.kv_export is None:
+            return None
+        rows = []
+        for rid, n in group:
+            r = self.requests[rid]
+            rows.append(ExportRow(rid, r.page_ids, r.num_computed_tokens, r.num_computed_tokens + n,
+                                  r.num_prompt_tokens))  # fmt: skip
+        return self.kv_export.begin(rows)
 
     def _completes(self, request_id: str, n: int) -> bool:
         r = self.requests[request_id]
@@ -177,8 +203,13 @@ class ModelRunner:
         self.host_prepare_s += time.perf_counter() - t0
         return staged, starts
 
-    def _run_eager(self, group: list[tuple[str, int]], wants: list[bool]) -> torch.Tensor:
-        return self.model(self._eager_batch(self.eager_staging, group, wants), self.kv_caches)
+    def _run_eager(
+        self, group: list[tuple[str, int]], wants: list[bool], kv_written: Callable[[int], None] | None = None
+    ) -> torch.Tensor:
+        batch = self._eager_batch(self.eager_staging, group, wants)
+        if kv_written is None:
+            return self.model(batch, self.kv_caches)
+        return self.model(batch, self.kv_caches, kv_written=kv_written)
 
     def _run_pingpong(self, group: list[tuple[str, int]], wants: list[bool]) -> torch.Tensor:
         """An eager decode batch as two micro-batches interleaved at the remote MoE layers

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -27,10 +30,13 @@ class DecoderLayer(nn.Module):
             else MLP(config.hidden_size, config.intermediate_size)
         )
 
-    def forward(self, x, residual, batch, kv_cache, rotary, rope_tables):
+    def forward(self, x, residual, batch, kv_cache, rotary, rope_tables, kv_written=None):
         """The residual stream rides beside the layer output: (x, residual) -> (mlp output, residual), with
-        each `residual + x` fused into the next norm."""
+        each `residual + x` fused into the next norm. kv_written(): called once the attention wrote this
+        layer's KV (its launches issued), before the MLP."""
         normed = self._attend(x, residual, batch, kv_cache, rotary, rope_tables)
+        if kv_written is not None:
+            kv_written()
         return self.mlp(normed.y, normed), normed.residual
 
     def attend(self, x, residual, batch, kv_cache, rotary, rope_tables):
@@ -68,14 +74,22 @@ class DeepseekForCausalLM(nn.Module):
         self.rotary = RotaryEmbedding(config)
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, kv_caches: list[torch.Tensor]) -> torch.Tensor:
-        """kv_caches: one tensor per layer, [num_pages, page_size, kv_lora_rank + qk_rope_head_dim]."""
+    def forward(
+        self,
+        batch: ForwardBatch,
+        kv_caches: list[torch.Tensor],
+        kv_written: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
+        """kv_caches: one tensor per layer, [num_pages, page_size, kv_lora_rank + qk_rope_head_dim].
+        kv_written(i): called once layer i's attention wrote its KV (launched, on CUDA), before its MLP — the
+        prefill worker's KV export (`engine/kv_export.py`) packs a layer group's pages from there."""
         if len(kv_caches) != len(self.model.layers):
             raise ValueError(f"got {len(kv_caches)} KV caches for {len(self.model.layers)} layers")
         x, residual = self.model.embed_tokens(batch.input_ids), None
         rope_tables = self.rotary.tables(batch.positions)
-        for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
-            x, residual = layer(x, residual, batch, kv_cache, self.rotary, rope_tables)
+        for i, (layer, kv_cache) in enumerate(zip(self.model.layers, kv_caches, strict=True)):
+            written = None if kv_written is None else functools.partial(kv_written, i)
+            x, residual = layer(x, residual, batch, kv_cache, self.rotary, rope_tables, written)
         if batch.logits_rows is not None:
             x, residual = x[batch.logits_rows], residual[batch.logits_rows]
         return self.lm_head(self.model.norm.add_forward(x, residual)[0]).float()

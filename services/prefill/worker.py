@@ -1,28 +1,33 @@
-"""The prefill worker's loop: batched, chunked prefill on the engine, KV pushed into D's leased pages as each
-engine step completes pages.
+"""The prefill worker's loop: batched, chunked prefill on the engine, KV pushed into D's leased pages while the
+forward that computes it runs.
 
 One `prefill()` per request (the Prefill RPC):
-1. `add_request(prompt, params, prefill_only=True)`; the EngineLoop batches it with the other prompts and
-   chunks it (max_num_batched_tokens).
-2. After each step (`_after_step`, an `on_step` hook: in the event loop, while the engine thread waits, so
-   nothing else touches the engine), every request's pages that step completed — full pages, and the last page
-   once the prompt is done — are packed for all layers at once (`pack_kv`, one launch per group of layers,
-   page ids uploaded from pinned memory without blocking) into chunks of up to MAX_CHUNK_BYTES, and queued.
-   A finished request's first token is taken and its own pages go back to the pool (`release_handoff`): the
-   packed copies are what is sent. The forward itself has no hook and no sync.
+1. On the engine thread: the request is tracked by the runner's KV exporter (`engine/kv_export.py`, from D's
+   first uncached page) and added (`add_request(prompt, params, prefill_only=True)`); the EngineLoop batches
+   it with the other prompts and chunks it (max_num_batched_tokens).
+2. In each forward that completes pages of it (full pages, and every page once the prompt ends), the exporter
+   packs each layer group's pages as soon as that group's attention wrote them — on CUDA on a side stream
+   behind an event, nothing waited for on the host — and posts the chunks (a copy + a `ready` event) to the
+   event loop (`_on_chunks`), which queues them. The groups are few and the last layer is a group of its
+   own, so by the forward's end only that small chunk is left to send. Nothing the event loop owns is
+   touched on the engine thread: the exporter, its stream and events are the runner's; the loop only reads.
 3. `prefill()` sends each chunk as soon as its copy is done on the device (waited for off the event loop),
-   many in flight (a TaskGroup); hands the first token on (`on_forward_done`: the Prefill stream's early
-   result, which D streams to the client) as soon as the prompt's forward ended, while the chunks are still
-   moving; and returns the whole outcome once every chunk was acknowledged. A chunk of several layers goes as one message
+   many in flight (a TaskGroup). After the step that ends the prompt (`_after_step`, an `on_step` hook) the
+   first token is taken, the job's queue closed and the request's own pages go back to the pool
+   (`release_handoff`; the next forward waits for the packs that read them, in stream order). It hands the
+   first token on (`on_forward_done`: the Prefill stream's early result, which D streams to the client) and
+   returns the whole outcome once every chunk was acknowledged. A chunk of several layers goes as one message
    per layer and run of D's consecutive pages (`plan_segments`): a few large messages, one round trip.
-On `Abort`, a gRPC cancel, a `LeaseRefused` or any failure the request leaves the engine (its pages return)
-and nothing more is sent; `abort()` returns only once `prefill()` stopped sending.
+On `Abort`, a gRPC cancel, a `LeaseRefused` or any failure the request leaves the engine and the exporter
+(its pages return) and nothing more is sent; `abort()` returns only once `prefill()` stopped sending. A step
+that fails before a request's pages were packed for every layer fails its transfer (`_export_lost`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -31,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moemesh.engine.engine import RequestOutput
+from moemesh.engine.kv_export import DEFAULT_MAX_GROUPS, KvExportChunk, KvExporter
 from moemesh.engine.sampler import SampledToken
 from moemesh.engine.sampling_params import SamplingParams
 from moemesh.kernels import pack_kv
@@ -43,13 +49,8 @@ from moemesh.transport.registry import LoadReport
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class _Chunk:
-    layer: int  # the first layer
-    num_layers: int
-    first_page: int  # index into the target's page ids
-    pages: torch.Tensor  # [num_layers, n, page_size, kv_dim], a copy
-    ready: torch.cuda.Event | None = None  # CUDA: recorded after the copy
+class _ExportLost(RuntimeError):
+    """A failed step left some of the request's pages unpacked for some layers: its KV cannot complete."""
 
 
 @dataclass
@@ -57,7 +58,7 @@ class _Job:
     target: KvTarget
     num_prompt_tokens: int
     next_page: int  # first page not yet packed (index into the prompt's pages), for every layer
-    chunks: asyncio.Queue[_Chunk | None] = field(default_factory=asyncio.Queue)  # None: all packed
+    chunks: asyncio.Queue[KvExportChunk | None] = field(default_factory=asyncio.Queue)  # None: all packed
     first_token_id: int | None = None
     forward_done_s: float = 0.0  # monotonic time the prompt's forward ended (its first token was sampled)
     num_cached_tokens: int = 0  # prompt tokens this worker's prefix cache supplied (not recomputed)
@@ -66,6 +67,7 @@ class _Job:
     aborted: bool = False
     failed: Exception | None = None  # the engine step running it raised (the engine aborted it)
     first_send_unix_ns: int = 0  # when the first KV chunk went out (the kv.send span's start)
+    forward_done_unix_ns: int = 0  # time.time_ns() when the prompt's forward ended
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -80,11 +82,17 @@ class PrefillOutcome:
     kv_transfer_ms: float = 0.0  # the forward's end -> the last chunk acknowledged
     num_kv_chunks: int = 0
     kv_first_send_unix_ns: int = 0  # time.time_ns() of the first chunk sent (0: none sent)
+    forward_done_unix_ns: int = 0  # time.time_ns() of the forward's end (chunks may go out before it)
 
 
 class PrefillWorker:
     def __init__(
-        self, worker_id: str, loop: EngineLoop, sender: KvSender, max_chunk_bytes: int = MAX_CHUNK_BYTES
+        self,
+        worker_id: str,
+        loop: EngineLoop,
+        sender: KvSender,
+        max_chunk_bytes: int = MAX_CHUNK_BYTES,
+        max_layer_groups: int = DEFAULT_MAX_GROUPS,
     ) -> None:
         self.worker_id = worker_id
         self.loop = loop
@@ -95,6 +103,9 @@ class PrefillWorker:
         self.caches = self.engine.kv_caches
         self.num_layers = len(self.caches)
         self.jobs: dict[str, _Job] = {}
+        self.exporter = KvExporter(self.caches, self.page_size, self._publish, max_chunk_bytes,
+                                   max_layer_groups, lost=self._lost)  # fmt: skip
+        self.engine.runner.kv_export = self.exporter  # the engine thread's; one prefill worker per engine
         loop.on_step.append(self._after_step)
         loop.on_failed.append(self._step_failed)
 
@@ -119,7 +130,7 @@ class PrefillWorker:
         arrived_s = time.monotonic()
         sends: list[asyncio.Task[int]] = []
         try:
-            await self.loop.call(self.engine.add_request, prompt, params, rid, prefill_only=True)
+            await self.loop.call(self._start, prompt, params, rid, target.first_page)
             try:
                 async with asyncio.TaskGroup() as group:
                     while (chunk := await job.chunks.get()) is not None:
@@ -142,10 +153,10 @@ class PrefillWorker:
                 job.first_token_id, len(prompt), sum(t.result() for t in sends), job.num_cached_tokens,
                 job.first_logprob, prefill_ms=1000 * (job.forward_done_s - arrived_s),
                 kv_transfer_ms=1000 * max(0.0, acked_s - job.forward_done_s), num_kv_chunks=job.num_chunks,
-                kv_first_send_unix_ns=job.first_send_unix_ns,
+                kv_first_send_unix_ns=job.first_send_unix_ns, forward_done_unix_ns=job.forward_done_unix_ns,
             )  # fmt: skip
             log.info("%s: prefilled %d tokens, %d bytes of KV sent in %d chunks of up to %d layers", rid,
-                     len(prompt), outcome.kv_bytes_sent, job.num_chunks, self._layers_per_chunk(1))  # fmt: skip
+                     len(prompt), outcome.kv_bytes_sent, job.num_chunks, max(map(len, self.exporter.groups)))  # fmt: skip
             return outcome
         finally:
             del self.jobs[rid]
@@ -153,7 +164,7 @@ class PrefillWorker:
             job.aborted = True
             if not finished:
                 with contextlib.suppress(Exception):
-                    await self.loop.must_run(self.engine.abort, rid)
+                    await self.loop.must_run(self._stop, rid)
             job.stopped.set()
 
     async def abort(self, request_id: str, lease: LeaseKey, timeout_s: float = 10.0) -> bool:
@@ -169,8 +180,8 @@ class PrefillWorker:
     def _step_failed(self, request_id: str, err: Exception) -> None:
         """The step running the request raised: it left the engine; prefill() raises `err`."""
         job = self.jobs.get(request_id)
-        if job is not None and job.failed is None:
-            job.failed = err
+        if job is not None and (job.failed is None or isinstance(job.failed, _ExportLost)):
+            job.failed = err  # the step's own error, when it follows the exporter's notice
             job.chunks.put_nowait(None)
 
     def warm_up(self) -> torch.Tensor:
@@ -208,63 +219,55 @@ class PrefillWorker:
             job.target, chunk.layer, chunk.first_page, chunk.pages, chunk.num_layers
         )
 
-    # -- packing: after each step (event loop, the engine thread waiting) ---------------------------------------
+    # -- the engine thread's side (runs there; only posts to the event loop) ----------------------------------
+
+    def _start(self, prompt: list[int], params: SamplingParams, rid: str, first_page: int) -> None:
+        self.exporter.track(rid, first_page)
+        try:
+            self.engine.add_request(prompt, params, rid, prefill_only=True)
+        except BaseException:
+            self.exporter.forget(rid)
+            raise
+
+    def _stop(self, rid: str) -> None:
+        self.exporter.forget(rid)
+        self.engine.abort(rid)
+
+    def _publish(self, chunks: list[KvExportChunk]) -> None:
+        self.loop.commands.post(functools.partial(self._on_chunks, chunks))
+
+    def _lost(self, rid: str) -> None:
+        self.loop.commands.post(functools.partial(self._export_lost, rid))
+
+    # -- the event loop's side ----------------------------------------------------------------------------------
+
+    def _on_chunks(self, chunks: list[KvExportChunk]) -> None:
+        """A layer group's packs, queued on the device (or done, on CPU): each to its job's send queue."""
+        for chunk in chunks:
+            job = self.jobs.get(chunk.request_id)
+            if job is None or job.aborted or job.failed is not None:
+                continue
+            job.chunks.put_nowait(chunk)
+            job.num_chunks += 1
+            if chunk.layer + chunk.num_layers == self.num_layers:
+                job.next_page = max(job.next_page, chunk.end_page)
+
+    def _export_lost(self, rid: str) -> None:
+        self._step_failed(rid, _ExportLost(f"a failed engine step left request {rid}'s KV incomplete"))
 
     def _after_step(self, outputs: list[RequestOutput]) -> None:
-        """Right after a step, before anything else touches the engine: pack every job's newly completed pages
-        (all layers), finish the jobs whose prompt is done and free their own pages."""
-        step_done_s = time.monotonic()  # the forward's end: packing and sending are the KV transfer's part
-        finished = {out.request_id: out for out in outputs if out.kv is not None}
-        for rid, out in finished.items():
+        """Right after a step, before anything else touches the engine: finish the jobs whose prompt is done
+        (their chunks were all posted before this hook) and free their own pages."""
+        step_done_s, step_done_ns = time.monotonic(), time.time_ns()  # the forward's end
+        for out in outputs:
+            if out.kv is None:
+                continue
+            rid = out.request_id
             job = self.jobs.get(rid)
-            if job is not None and not job.aborted:
-                for chunk in self._pack(job, out.kv.page_ids, len(out.kv.page_ids)):
-                    job.chunks.put_nowait(chunk)
+            if job is not None and not job.aborted and job.failed is None:
                 job.first_token_id = out.kv.first_token_id
-                job.forward_done_s = step_done_s
+                job.forward_done_s, job.forward_done_unix_ns = step_done_s, step_done_ns
                 job.num_cached_tokens = out.num_cached_tokens
                 job.first_logprob = out.logprobs[0] if out.logprobs else None
                 job.chunks.put_nowait(None)
-            self.engine.release_handoff(rid)  # the packed copies are what is sent (stream order)
-        for rid, job in self.jobs.items():
-            if rid in finished or job.aborted:
-                continue
-            progress = self.engine.kv_progress(rid)
-            if progress is None or not progress.page_ids:
-                continue
-            full = min(progress.num_computed_tokens // self.page_size, len(progress.page_ids))
-            for chunk in self._pack(job, progress.page_ids, full):
-                job.chunks.put_nowait(chunk)
-
-    def _layers_per_chunk(self, num_pages: int) -> int:
-        page_bytes = self.caches[0][0].numel() * self.caches[0].element_size()
-        return max(1, min(self.num_layers, self.max_chunk_bytes // max(1, num_pages * page_bytes)))
-
-    def _pack(self, job: _Job, page_ids: tuple[int, ...], end: int) -> list[_Chunk]:
-        """Pages [job.next_page, end) of every layer, copied into chunks of whole layers (and, when one layer
-        of them is over max_chunk_bytes, of fewer pages)."""
-        start = job.next_page
-        if end <= start:
-            return []
-        job.next_page = end
-        cache = self.caches[0]
-        page_bytes = cache[0].numel() * cache.element_size()
-        max_pages = max(1, self.max_chunk_bytes // page_bytes)
-        chunks = []
-        for first in range(start, end, max_pages):
-            last = min(end, first + max_pages)
-            ids = torch.tensor(page_ids[first:last], dtype=torch.long)
-            index = ids.pin_memory().to(cache.device, non_blocking=True) if cache.is_cuda else ids
-            step = self._layers_per_chunk(last - first)
-            for layer in range(0, self.num_layers, step):
-                layers = self.caches[layer : layer + step]
-                out = torch.empty(len(layers), last - first, *cache.shape[1:], dtype=cache.dtype,
-                                  device=cache.device)  # fmt: skip
-                pack_kv(layers, index, out=out)  # [num_layers, n, page_size, kv_dim]
-                ready = None
-                if out.is_cuda:
-                    ready = torch.cuda.Event()
-                    ready.record()
-                chunks.append(_Chunk(layer, len(layers), first, out, ready))
-        job.num_chunks += len(chunks)
-        return chunks
+            self.engine.release_handoff(rid)  # the next forward waits for the packs reading them

@@ -1,6 +1,8 @@
-"""The prefill worker on the demo engine with a recording sender (no D, no UCX): its prefill span ends at the
-forward's end — packing and sending are the KV transfer's part — and `warm_up` packs every layer's page 0 as
-a request's pages are packed (the pack kernel compiled before the first request, issue 10's first GPU run)."""
+"""The prefill worker on the demo engine (4 layers) with a recording sender (no D, no UCX): KV leaves while the
+forward runs — each layer group's pages are packed right after that group's attention wrote them, before the
+next layer runs, and sent at once — the chunks' bytes are the cache's, the prefill span ends at the forward's
+end and the transfer's tail is what is left after it; a step failing mid-forward fails the transfer and
+leaks no page. `warm_up` packs every layer's page 0 (the pack kernel compiled before the first request)."""
 
 from __future__ import annotations
 
@@ -12,31 +14,98 @@ import torch
 
 from moemesh import LLM
 from moemesh.config.engine import EngineConfig
+from moemesh.engine.kv_export import layer_groups
 from moemesh.engine.sampling_params import SamplingParams
 from moemesh.kernels.paged_kv import pack_kv_reference
 from moemesh.services.engine_loop import EngineLoop
 from moemesh.services.prefill.worker import PrefillWorker
 from moemesh.transport.kv import KvLayout, KvTarget, LeaseKey
 
-PACK_DELAY_S = 0.3
+PAGE = 8
+SEND_DELAY_S = 0.2
 
 
 class RecordingSender:
-    def __init__(self) -> None:
+    def __init__(self, log: list | None = None, delay_s: float = 0.0) -> None:
         self.chunks: list[tuple[int, int, int, torch.Tensor]] = []
+        self.log = log
+        self.delay_s = delay_s
+        self.acked_ns: list[int] = []
 
     async def connect(self, address: str) -> None:
         pass
 
     async def send(self, target, layer, first_page, pages, num_layers=1) -> int:
         self.chunks.append((layer, first_page, num_layers, pages.clone()))
+        if self.log is not None:
+            self.log.append(("sent", layer, first_page, pages.shape[1]))
+        await asyncio.sleep(self.delay_s)
+        self.acked_ns.append(time.time_ns())
         return pages.numel() * pages.element_size()
 
 
 @pytest.fixture(scope="module")
 def engine():
-    config = EngineConfig(page_size=8, num_kv_pages=64, max_num_batched_tokens=64, max_model_len=256)
+    config = EngineConfig(page_size=PAGE, num_kv_pages=64, max_num_batched_tokens=64, max_model_len=256)
     return LLM("demo", device="cpu", engine_config=config).engine
+
+
+def _target(engine, rid: str, num_tokens: int, skip_tokens: int = 0) -> KvTarget:
+    layout = KvLayout("fp32", PAGE, engine.kv_caches[0].shape[2] * 4, len(engine.kv_caches))
+    num_pages = -(-num_tokens // PAGE)
+    return KvTarget(rid, LeaseKey(1, 1), "loopback", tuple(range(100, 100 + num_pages)), skip_tokens, layout)
+
+
+class Recorder:
+    """The order of layer ends (a forward hook on each decoder layer), chunk publications and sends, and the
+    cache's content of each finished request's pages when they are released."""
+
+    def __init__(self, engine, worker: PrefillWorker) -> None:
+        self.log: list[tuple] = []
+        self.released: dict[str, torch.Tensor] = {}
+        self.handles = [
+            layer.register_forward_hook(lambda *_, i=i: self.log.append(("layer", i)))
+            for i, layer in enumerate(engine.model.model.layers)
+        ]
+        publish = worker.exporter.publish
+
+        def published(chunks):
+            for c in chunks:
+                self.log.append(("packed", c.layer, c.num_layers, c.first_page, c.pages.shape[1]))
+            publish(chunks)
+
+        worker.exporter.publish = published
+        release = engine.release_handoff
+
+        def release_handoff(rid):
+            ids = torch.tensor(engine._handoffs[rid])
+            self.released[rid] = pack_kv_reference(engine.kv_caches, ids)
+            release(rid)
+
+        self.engine, self.release = engine, release
+        engine.release_handoff = release_handoff
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.engine.release_handoff = self.release
+
+
+def _prefill(engine, worker, loop, prompt, target):
+    async def body():
+        async with asyncio.TaskGroup() as group:
+            runner = group.create_task(loop.run())
+            try:
+                return await worker.prefill(prompt, SamplingParams(max_tokens=1), target)
+            except Exception as err:  # raised outside the group (not as an ExceptionGroup)
+                return err
+            finally:
+                runner.cancel()
+
+    result = asyncio.run(body())
+    if isinstance(result, Exception):
+        raise result
+    return result
 
 
 def test_warm_up_packs_page_zero_of_every_layer(engine):
@@ -49,36 +118,92 @@ def test_warm_up_packs_page_zero_of_every_layer(engine):
     assert packed[0].unique().tolist() == [0.5] and packed[-1].unique().tolist() == [-2.0]
 
 
-def test_prefill_span_ends_at_the_forward_and_packing_counts_as_transfer(engine, monkeypatch):
-    """A pack that takes PACK_DELAY_S lands in kv_transfer_ms, not in prefill_ms."""
+def test_layer_groups_end_with_the_last_layer_alone():
+    assert layer_groups(4) == (range(0, 1), range(1, 2), range(2, 3), range(3, 4))
+    assert layer_groups(4, 3) == (range(0, 2), range(2, 3), range(3, 4))
+    assert layer_groups(27, 8) == (range(0, 4), range(4, 7), range(7, 11), range(11, 15), range(15, 19),
+                                   range(19, 22), range(22, 26), range(26, 27))  # fmt: skip
+    assert layer_groups(5, 1) == (range(0, 5),) and layer_groups(1) == (range(0, 1),)
+    with pytest.raises(ValueError, match="max_groups=0"):
+        layer_groups(4, 0)
+
+
+@pytest.mark.parametrize(
+    ("num_tokens", "skip_tokens", "max_groups", "steps"),
+    [
+        (150, 0, 8, [(0, 8), (8, 16), (16, 19)]),  # three steps of 64, 64 and 22 tokens: full pages, then all
+        (40, 16, 3, [(2, 5)]),  # one step; D has the first two pages, they are not sent
+    ],
+)
+def test_each_layer_groups_pages_are_packed_before_the_next_layer_runs(
+    engine, num_tokens, skip_tokens, max_groups, steps
+):
+    sender = RecordingSender()
+    loop = EngineLoop(engine)
+    worker = PrefillWorker("p0", loop, sender, max_layer_groups=max_groups)
+    groups = worker.exporter.groups
+    rec = Recorder(engine, worker)
+    prompt = [(7 * i + num_tokens) % 250 + 3 for i in range(num_tokens)]
+    try:
+        outcome = _prefill(engine, worker, loop, prompt, _target(engine, f"sched-{num_tokens}", num_tokens,
+                                                                 skip_tokens))  # fmt: skip
+    finally:
+        rec.close()
+    # per step: group g's pages packed after the layer before it ended and before its own last layer ended
+    # (right after its attention), i.e. while the forward runs
+    expected = []
+    for first, end in steps:
+        for g in groups:
+            expected += [("layer", i) for i in g[:-1]]
+            expected += [("packed", g.start, len(g), first, end - first), ("layer", g[-1])]
+    assert [e for e in rec.log if e[0] in ("layer", "packed")] == expected
+    # every (layer, page) sent once, the bytes the cache's at the forward's end
+    cache = rec.released[f"sched-{num_tokens}"]
+    cells = [(layer + j, first + k) for layer, first, n, pages in sender.chunks
+             for j in range(n) for k in range(pages.shape[1])]  # fmt: skip
+    num_pages = -(-num_tokens // PAGE)
+    assert sorted(cells) == [(layer, p) for layer in range(4) for p in range(skip_tokens // PAGE, num_pages)]
+    for layer, first, n, pages in sender.chunks:
+        assert torch.equal(pages, cache[layer : layer + n, first : first + pages.shape[1]])
+    assert outcome.num_kv_chunks == len(steps) * len(groups) == len(sender.chunks)
+    assert outcome.kv_bytes_sent == sum(c.numel() * c.element_size() for *_, c in sender.chunks)
+    assert not worker.exporter.is_tracked(f"sched-{num_tokens}")
+    assert engine.stats()["pages_leased"] == 0
+
+
+def test_chunks_leave_before_the_forward_ends_and_the_tail_is_what_follows_it(engine):
+    sender = RecordingSender(delay_s=SEND_DELAY_S)
+    loop = EngineLoop(engine)
+    worker = PrefillWorker("p0", loop, sender)
+    prompt = list(range(5, 5 + 150))  # three steps of 64, 64 and 22 tokens
+    outcome = _prefill(engine, worker, loop, prompt, _target(engine, "tail", len(prompt)))
+    assert outcome.num_prompt_tokens == 150 and outcome.prefill_ms > 0
+    assert 0 < outcome.kv_first_send_unix_ns < outcome.forward_done_unix_ns
+    # the tail: from the forward's end to the last acknowledgement (the last chunk's SEND_DELAY_S at most)
+    tail_ms = (max(sender.acked_ns) - outcome.forward_done_unix_ns) / 1e6
+    assert outcome.kv_transfer_ms == pytest.approx(tail_ms, abs=50)
+    assert 0 < outcome.kv_transfer_ms <= 1000 * SEND_DELAY_S + 50
+
+
+def test_a_step_failing_mid_forward_stops_the_transfer_and_leaks_no_page(engine):
     sender = RecordingSender()
     loop = EngineLoop(engine)
     worker = PrefillWorker("p0", loop, sender)
-    pack = worker._pack
+    mlp = engine.model.model.layers[2].mlp
+    forward = mlp.forward
 
-    def slow_pack(job, page_ids, end):
-        time.sleep(PACK_DELAY_S)
-        return pack(job, page_ids, end)
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected failure in layer 2")
 
-    monkeypatch.setattr(worker, "_pack", slow_pack)
-    prompt = list(range(5, 5 + 150))  # 19 pages of 8, three steps of 64 tokens
-    num_pages = -(-len(prompt) // 8)
-    layout = KvLayout("fp32", 8, engine.kv_caches[0].shape[2] * 4, len(engine.kv_caches))
-    target = KvTarget("r1", LeaseKey(1, 1), "loopback", tuple(range(100, 100 + num_pages)), 0, layout)
-
-    async def body():
-        async with asyncio.TaskGroup() as group:
-            runner = group.create_task(loop.run())
-            outcome = await worker.prefill(prompt, SamplingParams(max_tokens=1), target)
-            runner.cancel()
-        return outcome
-
-    outcome = asyncio.run(body())
-    assert outcome.num_prompt_tokens == 150
-    # three steps of 64, 64 and 22 tokens, a pack after each: the last one came after the forward's end (the
-    # transfer's part); the two before held the engine between steps (the prefill's part)
-    assert outcome.kv_transfer_ms >= 1000 * PACK_DELAY_S
-    assert outcome.prefill_ms >= 2000 * PACK_DELAY_S
-    sent_pages = sorted({(first, chunk.shape[1]) for _, first, _, chunk in sender.chunks})
-    assert sum(n for _, n in sent_pages) == num_pages
-    assert outcome.kv_bytes_sent == sum(c.numel() * c.element_size() for *_, c in sender.chunks)
+    mlp.forward = broken
+    prompt = [(3 * i) % 200 + 11 for i in range(40)]
+    try:
+        with pytest.raises(RuntimeError, match="injected failure in layer 2"):
+            _prefill(engine, worker, loop, prompt, _target(engine, "broken", len(prompt)))
+    finally:
+        mlp.forward = forward
+    # layers 0..2 were packed (layer 2's attention ran) and may have gone; layer 3 never was
+    assert {layer for layer, *_ in sender.chunks} <= {0, 1, 2}
+    assert not worker.exporter.is_tracked("broken")
+    stats = engine.stats()
+    assert stats["pages_leased"] == 0 and stats["num_running"] == stats["num_waiting"] == 0
