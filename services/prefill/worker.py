@@ -207,7 +207,7 @@ class PrefillWorker:
             unix_ms=int(time.time() * 1000),
         )  # fmt: skip
 
-    async def _send(self, job: _Job, chunk: _Chunk) -> int:
+    async def _send(self, job: _Job, chunk: KvExportChunk) -> int:
         if job.aborted:
             return 0
         if chunk.ready is not None and not chunk.ready.query():
