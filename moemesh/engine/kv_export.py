@@ -23,6 +23,7 @@ before the packs that read it ran.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -58,7 +59,6 @@ class KvExportChunk:
     first_page: int  # index into the request's pages (in token order)
     pages: torch.Tensor  # [num_layers, n, page_size, kv_dim], a copy
     ready: torch.cuda.Event | None  # CUDA: the copy is complete once this event passed
-    last: bool  # the request's last chunk (its prompt is complete and this is the last layer group)
 
     @property
     def end_page(self) -> int:
@@ -79,14 +79,19 @@ class ExportRow:
 @dataclass
 class _Work:
     request_id: str
-    first_page: int
-    index: torch.Tensor  # its pages' ids, on the cache's device
+    starts: list[int]  # per layer group: its first page to pack (index into the request's pages)
+    end: int  # pages [start, end) of each group are complete after this forward
+    index: torch.Tensor  # the ids of pages [min(starts), end), on the cache's device
     complete: bool  # the prompt ends in this forward
 
 
 class KvExporter:
     """Packs tracked requests' pages as forwards complete them; `publish(chunks)` gets each layer group's
-    chunks (on the engine thread: it must only hand them on, e.g. `call_soon_threadsafe`)."""
+    chunks (on the engine thread: it must only hand them on, e.g. `call_soon_threadsafe`).
+
+    Progress is kept per layer group and advances only when a group is packed: a forward that raises midway
+    leaves its unpacked groups where they were, and the request's next forward (a failed batch is re-run one
+    request at a time) packs them from there — every (layer, page) is published exactly once."""
 
     def __init__(
         self,
@@ -95,22 +100,18 @@ class KvExporter:
         publish: Callable[[list[KvExportChunk]], None],
         max_chunk_bytes: int,
         max_groups: int = DEFAULT_MAX_GROUPS,
-        lost: Callable[[str], None] | None = None,
     ) -> None:
-        """lost(request_id), on the engine thread: a forward failed before some of the request's pages were
-        packed for every layer; they never will be (its transfer cannot complete)."""
         if max_chunk_bytes < 1:
             raise ValueError(f"max_chunk_bytes={max_chunk_bytes} must be >= 1")
         self.caches = caches
         self.page_size = page_size
         self.publish = publish
-        self.lost = lost
         self.max_chunk_bytes = max_chunk_bytes
         self.groups = layer_groups(len(caches), max_groups)
         self.page_bytes = caches[0][0].numel() * caches[0].element_size()
         device = caches[0].device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self._next: dict[str, int] = {}  # tracked request -> its first page not yet exported
+        self._next: dict[str, list[int]] = {}  # tracked request -> per group, its first page not yet packed
 
     # -- which requests (engine thread, between steps) --------------------------------------------------------
 
@@ -118,7 +119,7 @@ class KvExporter:
         """Export the request's pages from `first_page` on (pages before it are not sent)."""
         if first_page < 0:
             raise ValueError(f"first_page={first_page} must be >= 0")
-        self._next[request_id] = first_page
+        self._next[request_id] = [first_page] * len(self.groups)
 
     def forget(self, request_id: str) -> None:
         self._next.pop(request_id, None)
@@ -137,20 +138,19 @@ class KvExporter:
         """The pages this forward completes of the tracked requests among `rows`; None when there are none."""
         work = []
         for row in rows:
-            start = self._next.get(row.request_id)
-            if start is None:
+            starts = self._next.get(row.request_id)
+            if starts is None:
                 continue
             complete = row.end >= row.num_prompt_tokens
             end = -(-row.num_prompt_tokens // self.page_size) if complete else row.end // self.page_size
             end = min(end, len(row.page_ids))
-            if complete:
-                del self._next[row.request_id]
-            if end <= start:
+            first = min(starts)
+            if end <= first:
+                if complete:  # nothing left to send (D had every page)
+                    del self._next[row.request_id]
                 continue
-            if not complete:
-                self._next[row.request_id] = end
-            ids = torch.tensor(list(row.page_ids[start:end]), dtype=torch.long)
-            work.append(_Work(row.request_id, start, ids, complete))
+            ids = torch.tensor(list(row.page_ids[first:end]), dtype=torch.long)
+            work.append(_Work(row.request_id, list(starts), end, ids, complete))
         if not work:
             return None
         if self.stream is not None:
@@ -159,63 +159,64 @@ class KvExporter:
                     w.index = w.index.pin_memory().to(self.stream.device, non_blocking=True)
         return ExportStep(self, work)
 
+    def _packed(self, w: _Work, group: int) -> None:
+        starts = self._next.get(w.request_id)
+        if starts is None:
+            return
+        starts[group] = max(starts[group], w.end)
+        if w.complete and min(starts) >= w.end:
+            del self._next[w.request_id]
+
 
 class ExportStep:
     """One forward's exports: `layer_written(i)` after layer i's KV is in the cache, `finish()` after the
-    forward was launched."""
+    forward was launched (packs the groups no layer signal packed: all of them for a decode-path forward).
+    A forward that raises calls neither: its unpacked groups stay for the request's next forward."""
 
     def __init__(self, exporter: KvExporter, work: list[_Work]) -> None:
         self.exporter = exporter
         self.work = work
         self._last_layer = {g[-1]: gi for gi, g in enumerate(exporter.groups)}
-        self._packed = [False] * len(exporter.groups)
+        self._done = [False] * len(exporter.groups)
 
     def layer_written(self, layer: int) -> None:
         group = self._last_layer.get(layer)
-        if group is not None and not self._packed[group]:
+        if group is not None and not self._done[group]:
             self._pack(group)
 
-    def abandon(self) -> None:
-        """The forward raised: requests with groups not packed are forgotten and reported lost."""
-        if all(self._packed):
-            return
-        for w in self.work:
-            self.exporter.forget(w.request_id)
-            if self.exporter.lost is not None:
-                self.exporter.lost(w.request_id)
-
     def finish(self) -> None:
-        for group in range(len(self._packed)):
-            if not self._packed[group]:
+        for group in range(len(self._done)):
+            if not self._done[group]:
                 self._pack(group)
 
     def _pack(self, group: int) -> None:
-        self._packed[group] = True
+        self._done[group] = True
         ex = self.exporter
         layers = ex.groups[group]
         caches = ex.caches[layers.start : layers.stop]
-        last_group = group == len(ex.groups) - 1
         max_pages = max(1, ex.max_chunk_bytes // (len(layers) * ex.page_bytes))
         stream = ex.stream
         if stream is not None:
             written = torch.cuda.Event()
-            written.record()  # on the forward's stream, right after the layer's KV write
+            written.record()  # on the forward's stream, right after the layer group's KV write
             stream.wait_event(written)
         chunks = []
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             for w in self.work:
-                n = w.index.shape[0]
-                for a in range(0, n, max_pages):
-                    b = min(n, a + max_pages)
+                start = w.starts[group]
+                if start >= w.end or not ex.is_tracked(w.request_id):
+                    continue
+                offset = start - min(w.starts)
+                for a in range(start, w.end, max_pages):
+                    b = min(w.end, a + max_pages)
                     out = torch.empty(len(caches), b - a, *caches[0].shape[1:], dtype=caches[0].dtype,
                                       device=caches[0].device)  # fmt: skip
-                    pack_kv(caches, w.index[a:b], out=out)
-                    chunks.append((w, a, out, last_group and w.complete and b == n))
+                    pack_kv(caches, w.index[offset + a - start : offset + b - start], out=out)
+                    chunks.append(KvExportChunk(w.request_id, layers.start, len(layers), a, out, None))
+                ex._packed(w, group)
             ready = None
-            if stream is not None:
+            if stream is not None and chunks:
                 ready = torch.cuda.Event()
                 ready.record(stream)
-        ex.publish([
-            KvExportChunk(w.request_id, layers.start, len(layers), w.first_page + a, out, ready, last)
-            for w, a, out, last in chunks
-        ])  # fmt: skip
+        if chunks:
+            ex.publish([dataclasses.replace(c, ready=ready) for c in chunks])

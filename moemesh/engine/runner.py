@@ -108,14 +108,10 @@ class ModelRunner:
             if export is None:
                 logits_parts.append(run(group, wants))
             else:
-                try:
-                    if group is prefill:
-                        logits_parts.append(self._run_eager(group, wants, export.layer_written))
-                    else:
-                        logits_parts.append(run(group, wants))
-                except BaseException:
-                    export.abandon()
-                    raise
+                if group is prefill:
+                    logits_parts.append(self._run_eager(group, wants, export.layer_written))
+                else:
+                    logits_parts.append(run(group, wants))
                 export.finish()
             sample_ids += [rid for (rid, _), w in zip(group, wants, strict=True) if w]
             if on_launched is not None:

@@ -19,8 +19,9 @@ One `prefill()` per request (the Prefill RPC):
    returns the whole outcome once every chunk was acknowledged. A chunk of several layers goes as one message
    per layer and run of D's consecutive pages (`plan_segments`): a few large messages, one round trip.
 On `Abort`, a gRPC cancel, a `LeaseRefused` or any failure the request leaves the engine and the exporter
-(its pages return) and nothing more is sent; `abort()` returns only once `prefill()` stopped sending. A step
-that fails before a request's pages were packed for every layer fails its transfer (`_export_lost`).
+(its pages return) and nothing more is sent; `abort()` returns only once `prefill()` stopped sending. A
+failed batch is re-run a request at a time (the engine's isolation): the exporter packs the layer groups the
+failed forward did not reach then, so every (layer, page) is still sent once.
 """
 
 from __future__ import annotations
@@ -47,10 +48,6 @@ from moemesh.transport.kv_wire import MAX_CHUNK_BYTES
 from moemesh.transport.registry import LoadReport
 
 log = logging.getLogger(__name__)
-
-
-class _ExportLost(RuntimeError):
-    """A failed step left some of the request's pages unpacked for some layers: its KV cannot complete."""
 
 
 @dataclass
@@ -103,8 +100,9 @@ class PrefillWorker:
         self.caches = self.engine.kv_caches
         self.num_layers = len(self.caches)
         self.jobs: dict[str, _Job] = {}
-        self.exporter = KvExporter(self.caches, self.page_size, self._publish, max_chunk_bytes,
-                                   max_layer_groups, lost=self._lost)  # fmt: skip
+        self.exporter = KvExporter(
+            self.caches, self.page_size, self._publish, max_chunk_bytes, max_layer_groups
+        )
         self.engine.runner.kv_export = self.exporter  # the engine thread's; one prefill worker per engine
         loop.on_step.append(self._after_step)
         loop.on_failed.append(self._step_failed)
@@ -180,8 +178,8 @@ class PrefillWorker:
     def _step_failed(self, request_id: str, err: Exception) -> None:
         """The step running the request raised: it left the engine; prefill() raises `err`."""
         job = self.jobs.get(request_id)
-        if job is not None and (job.failed is None or isinstance(job.failed, _ExportLost)):
-            job.failed = err  # the step's own error, when it follows the exporter's notice
+        if job is not None and job.failed is None:
+            job.failed = err
             job.chunks.put_nowait(None)
 
     def warm_up(self) -> torch.Tensor:
@@ -236,9 +234,6 @@ class PrefillWorker:
     def _publish(self, chunks: list[KvExportChunk]) -> None:
         self.loop.commands.post(functools.partial(self._on_chunks, chunks))
 
-    def _lost(self, rid: str) -> None:
-        self.loop.commands.post(functools.partial(self._export_lost, rid))
-
     # -- the event loop's side ----------------------------------------------------------------------------------
 
     def _on_chunks(self, chunks: list[KvExportChunk]) -> None:
@@ -251,9 +246,6 @@ class PrefillWorker:
             job.num_chunks += 1
             if chunk.layer + chunk.num_layers == self.num_layers:
                 job.next_page = max(job.next_page, chunk.end_page)
-
-    def _export_lost(self, rid: str) -> None:
-        self._step_failed(rid, _ExportLost(f"a failed engine step left request {rid}'s KV incomplete"))
 
     def _after_step(self, outputs: list[RequestOutput]) -> None:
         """Right after a step, before anything else touches the engine: finish the jobs whose prompt is done

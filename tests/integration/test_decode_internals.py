@@ -171,10 +171,10 @@ POISON = 95  # (vocabulary 96) a prompt holding this token id makes the prefill 
 def _poison(engine) -> None:
     forward = engine.model.forward
 
-    def poisoned(batch, caches):
+    def poisoned(batch, caches, **kwargs):  # kwargs: the prefill worker's kv_written
         if bool((batch.input_ids == POISON).any()):
             raise RuntimeError("injected fault in the forward")
-        return forward(batch, caches)
+        return forward(batch, caches, **kwargs)
 
     engine.model.forward = poisoned
 

@@ -26,9 +26,9 @@ SEND_DELAY_S = 0.2
 
 
 class RecordingSender:
-    def __init__(self, log: list | None = None, delay_s: float = 0.0) -> None:
+    def __init__(self, delay_s: float = 0.0) -> None:
         self.chunks: list[tuple[int, int, int, torch.Tensor]] = []
-        self.log = log
+        self.by_request: dict[str, list[tuple[int, int, int, torch.Tensor]]] = {}
         self.delay_s = delay_s
         self.acked_ns: list[int] = []
 
@@ -37,8 +37,7 @@ class RecordingSender:
 
     async def send(self, target, layer, first_page, pages, num_layers=1) -> int:
         self.chunks.append((layer, first_page, num_layers, pages.clone()))
-        if self.log is not None:
-            self.log.append(("sent", layer, first_page, pages.shape[1]))
+        self.by_request.setdefault(target.request_id, []).append(self.chunks[-1])
         await asyncio.sleep(self.delay_s)
         self.acked_ns.append(time.time_ns())
         return pages.numel() * pages.element_size()
@@ -91,21 +90,46 @@ class Recorder:
         self.engine.release_handoff = self.release
 
 
-def _prefill(engine, worker, loop, prompt, target):
+def _prefill_all(worker, loop, work: list[tuple[list[int], KvTarget]]) -> list:
+    """Prefills every (prompt, target) at once (one engine turn); their outcomes or exceptions."""
+
     async def body():
         async with asyncio.TaskGroup() as group:
             runner = group.create_task(loop.run())
+            await loop.must_run(lambda: None)  # the engine thread is up: the requests land in one turn
             try:
-                return await worker.prefill(prompt, SamplingParams(max_tokens=1), target)
-            except Exception as err:  # raised outside the group (not as an ExceptionGroup)
-                return err
+                return await asyncio.gather(
+                    *(
+                        worker.prefill(prompt, SamplingParams(max_tokens=1), target)
+                        for prompt, target in work
+                    ),
+                    return_exceptions=True,
+                )
             finally:
                 runner.cancel()
 
-    result = asyncio.run(body())
+    return asyncio.run(body())
+
+
+def _prefill(engine, worker, loop, prompt, target):
+    [result] = _prefill_all(worker, loop, [(prompt, target)])
     if isinstance(result, Exception):
         raise result
     return result
+
+
+def _assert_sent_once_as_in_cache(
+    chunks, cache: torch.Tensor, num_pages: int, first_page: int = 0, atol: float = 0.0
+) -> None:
+    """Every (layer, page) from first_page on sent exactly once, with the cache's bytes (within atol)."""
+    cells = [(layer + j, first + k) for layer, first, n, pages in chunks
+             for j in range(n) for k in range(pages.shape[1])]  # fmt: skip
+    assert sorted(cells) == [
+        (layer, p) for layer in range(cache.shape[0]) for p in range(first_page, num_pages)
+    ]
+    for layer, first, n, pages in chunks:
+        want = cache[layer : layer + n, first : first + pages.shape[1]]
+        assert torch.equal(pages, want) if atol == 0 else torch.allclose(pages, want, rtol=0, atol=atol)
 
 
 def test_warm_up_packs_page_zero_of_every_layer(engine):
@@ -159,12 +183,7 @@ def test_each_layer_groups_pages_are_packed_before_the_next_layer_runs(
     assert [e for e in rec.log if e[0] in ("layer", "packed")] == expected
     # every (layer, page) sent once, the bytes the cache's at the forward's end
     cache = rec.released[f"sched-{num_tokens}"]
-    cells = [(layer + j, first + k) for layer, first, n, pages in sender.chunks
-             for j in range(n) for k in range(pages.shape[1])]  # fmt: skip
-    num_pages = -(-num_tokens // PAGE)
-    assert sorted(cells) == [(layer, p) for layer in range(4) for p in range(skip_tokens // PAGE, num_pages)]
-    for layer, first, n, pages in sender.chunks:
-        assert torch.equal(pages, cache[layer : layer + n, first : first + pages.shape[1]])
+    _assert_sent_once_as_in_cache(sender.chunks, cache, -(-num_tokens // PAGE), skip_tokens // PAGE)
     assert outcome.num_kv_chunks == len(steps) * len(groups) == len(sender.chunks)
     assert outcome.kv_bytes_sent == sum(c.numel() * c.element_size() for *_, c in sender.chunks)
     assert not worker.exporter.is_tracked(f"sched-{num_tokens}")
@@ -207,3 +226,47 @@ def test_a_step_failing_mid_forward_stops_the_transfer_and_leaks_no_page(engine)
     assert not worker.exporter.is_tracked("broken")
     stats = engine.stats()
     assert stats["pages_leased"] == 0 and stats["num_running"] == stats["num_waiting"] == 0
+
+
+def test_a_batch_failing_mid_forward_is_rerun_alone_and_each_page_still_goes_once(engine):
+    """The forward of a batch of two raises in layer 2's MLP (after groups 0-2 were packed); the engine re-runs
+    each request alone and the exporter packs what the failed forward did not reach: both transfers complete,
+    each (layer, page) sent once with the bytes of the cache."""
+    sender = RecordingSender()
+    loop = EngineLoop(engine)
+    worker = PrefillWorker("p0", loop, sender)
+    rec = Recorder(engine, worker)
+    mlp = engine.model.model.layers[2].mlp
+    forward, calls = mlp.forward, []
+
+    def fails_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected failure in layer 2, once")
+        return forward(*args, **kwargs)
+
+    mlp.forward = fails_once
+    prompts = {
+        "iso-a": [(5 * i) % 190 + 9 for i in range(30)],
+        "iso-b": [(11 * i) % 170 + 4 for i in range(21)],
+    }
+    try:
+        outcomes = _prefill_all(
+            worker, loop, [(p, _target(engine, rid, len(p))) for rid, p in prompts.items()]
+        )
+    finally:
+        mlp.forward = forward
+        rec.close()
+    assert len(calls) >= 3  # the batch, then each request alone
+    for (rid, prompt), outcome in zip(prompts.items(), outcomes, strict=True):
+        assert not isinstance(outcome, Exception), outcome
+        num_pages = -(-len(prompt) // PAGE)
+        # layers 0-2 came from the batched forward, the cache holds the re-run's: equal up to fp32 rounding
+        _assert_sent_once_as_in_cache(sender.by_request[rid], rec.released[rid], num_pages, atol=1e-5)
+        assert not worker.exporter.is_tracked(rid)
+    # groups 0-2 of both went in the failed forward, layer 3 in each re-run: four chunks per request
+    assert (
+        sorted((layer, n) for layer, _, n, _ in sender.chunks)
+        == [(0, 1)] * 2 + [(1, 1)] * 2 + [(2, 1)] * 2 + [(3, 1)] * 2
+    )
+    assert engine.stats()["pages_leased"] == 0
