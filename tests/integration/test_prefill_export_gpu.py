@@ -1,0 +1,109 @@
+"""KV leaves P while its forward runs, on CUDA: a prefill worker and a decode engine in one process on the GPU
+(the in-process KV fabric), 8 layers. Single-step 512-token prompts have their first chunk out before their
+forward ended (today's after-the-step packing never could), every chunk a layer of its own, and D decodes
+exactly the tokens of in-process `LLM.generate` — alone and for ragged prompts prefilled together."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+import torch
+
+from moemesh import LLM, SamplingParams
+from moemesh.config.engine import EngineConfig
+from moemesh.config.mesh import WorkerConfig
+from moemesh.make_checkpoint import shape_config, write_random_checkpoint
+from moemesh.services.decode.leases import LeaseTable
+from moemesh.services.engine_loop import EngineLoop
+from moemesh.services.model_loading import load_engine
+from moemesh.services.prefill.worker import PrefillWorker
+from moemesh.transport.kv_loopback import LoopbackFabric
+
+pytestmark = pytest.mark.gpu
+NUM_LAYERS = 8
+ENGINE = EngineConfig(page_size=16, num_kv_pages=1024, max_num_batched_tokens=4096, max_model_len=2048)
+GREEDY = SamplingParams(max_tokens=8, ignore_eos=True)
+DTYPE = "float32"  # exact greedy equality (see test_mesh_gpu.py)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    return write_random_checkpoint(shape_config("tiny", NUM_LAYERS), tmp_path_factory.mktemp("gpu-export"),
+                                   seed=7, device="cuda", log=lambda *_: None)  # fmt: skip
+
+
+def prompts(seed: int, lengths: list[int]) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(1, 4096) for _ in range(n)] for n in lengths]
+
+
+def test_kv_leaves_during_the_forward_and_d_decodes_what_llm_generate_does(model_dir):
+    alone = prompts(1, [512] * 4)
+    together = prompts(2, [40, 300, 512, 97, 700])
+    llm = LLM(model_dir, device="cuda", dtype=DTYPE, engine_config=ENGINE)
+    want = [
+        list(o.token_ids) for o in llm.generate(alone + together, [GREEDY] * (len(alone) + len(together)))
+    ]
+    del llm
+    torch.cuda.empty_cache()
+
+    def load(role):
+        return load_engine(WorkerConfig(role=role, worker_id=f"{role}-g", model=str(model_dir), dtype=DTYPE,
+                                        device="cuda", engine=ENGINE))  # fmt: skip
+
+    p_loaded, d_loaded = load("prefill"), load("decode")
+
+    async def body():
+        fabric = LoopbackFabric()
+        receiver = fabric.receiver()
+        await receiver.start()
+        d_loop, p_loop = (
+            EngineLoop(d_loaded.engine),
+            EngineLoop(p_loaded.engine, exclusive=False),
+        )  # as main.py
+        leases = LeaseTable(d_loop, receiver, d_loaded.kv_layout, ttl_s=60.0)
+        p_worker = PrefillWorker("prefill-g", p_loop, fabric.sender())
+        p_worker.warm_up()
+        async with asyncio.TaskGroup() as group:
+            runners = [group.create_task(d_loop.run()), group.create_task(p_loop.run())]
+
+            async def one(i: int, prompt: list[int]):
+                rid = f"r{i}"
+                reservation = await d_loop.call(d_loaded.engine.reserve_kv, rid, prompt)
+                lease = leases.open(reservation)
+                outcome = await p_worker.prefill(prompt, GREEDY, lease.target)
+                await receiver.inbox.wait_complete(lease.key, timeout_s=30)
+                queue = d_loop.subscribe(rid)
+                await lease.adopt(lambda: d_loaded.engine.add_prefilled(reservation, prompt,
+                                                                        outcome.first_token_id, GREEDY))  # fmt: skip
+                while not (out := await queue.get()).finished:
+                    pass
+                d_loop.unsubscribe(rid)
+                return outcome, list(out.output_ids)
+
+            try:
+                first = [await one(i, p) for i, p in enumerate(alone)]  # one at a time: one step each
+                rest = await asyncio.gather(*(one(len(alone) + i, p) for i, p in enumerate(together)))
+            finally:
+                for runner in runners:
+                    runner.cancel()
+        await receiver.close()
+        return first, list(rest)
+
+    first, rest = asyncio.run(asyncio.wait_for(body(), 240))
+    got = [tokens for _, tokens in first + rest]
+    assert got == want
+    outcomes = [outcome for outcome, _ in first]
+    assert all(o.num_kv_chunks == NUM_LAYERS for o in outcomes), [o.num_kv_chunks for o in outcomes]
+    # the first chunk (layer 0) left before the forward's end for at least one single-step prompt: with the
+    # packs after the step (before this change) it never could
+    early = [(o.forward_done_unix_ns - o.kv_first_send_unix_ns) / 1e6 for o in outcomes]
+    print("first chunk sent before the forward's end by (ms):", early,
+          "tails (ms):", [o.kv_transfer_ms for o in outcomes])  # fmt: skip
+    assert max(early) > 0, early
+    stats = p_loaded.engine.stats()
+    assert stats["pages_leased"] == 0 and not p_loaded.engine.runner.kv_export._next
