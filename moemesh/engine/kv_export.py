@@ -206,12 +206,12 @@ class ExportStep:
                 start = w.starts[group]
                 if start >= w.end or not ex.is_tracked(w.request_id):
                     continue
-                offset = start - min(w.starts)
+                first = min(w.starts)  # w.index holds pages [first, end)
                 for a in range(start, w.end, max_pages):
                     b = min(w.end, a + max_pages)
                     out = torch.empty(len(caches), b - a, *caches[0].shape[1:], dtype=caches[0].dtype,
                                       device=caches[0].device)  # fmt: skip
-                    pack_kv(caches, w.index[offset + a - start : offset + b - start], out=out)
+                    pack_kv(caches, w.index[a - first : b - first], out=out)
                     chunks.append(KvExportChunk(w.request_id, layers.start, len(layers), a, out, None))
                 ex._packed(w, group)
             ready = None
