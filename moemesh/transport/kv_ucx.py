@@ -147,7 +147,8 @@ class UcxKvReceiver:
         try:
             recvs = [ep.recv(as_ucx_buffer(b), tag=_data_tag(header.transfer_id, first_segment + i))
                      for i, b in enumerate(buffers)]  # fmt: skip
-            await asyncio.wait_for(asyncio.gather(*recvs), self.recv_timeout_s)
+            async with asyncio.timeout(self.recv_timeout_s):  # in this task: no task of its own per chunk
+                await (recvs[0] if len(recvs) == 1 else asyncio.gather(*recvs))
             return True
         except Exception as err:
             # Abort: UCX cancels the endpoint's requests, so the buffer is never written after this.
@@ -217,7 +218,8 @@ class UcxKvSender:
             )  # fmt: skip
 
         try:
-            await asyncio.wait_for(wire(), self.timeout_s)
+            async with asyncio.timeout(self.timeout_s):  # in this task: no task of its own per chunk
+                await wire()
         except TimeoutError:
             self.pool.drop(address, ep)  # aborting the endpoint cancels its requests: nothing lands later
             raise DeadlineExceeded(

@@ -1,6 +1,6 @@
 """KV leaves P while its forward runs, on CUDA: a prefill worker and a decode engine in one process on the GPU
 (the in-process KV fabric), 8 layers. Single-step 512-token prompts have their first chunk out before their
-forward ended (today's after-the-step packing never could), every chunk a layer of its own, and D decodes
+forward ended (today's after-the-step packing never could), a chunk per layer group, and D decodes
 exactly the tokens of in-process `LLM.generate` — alone and for ragged prompts prefilled together."""
 
 from __future__ import annotations
@@ -98,7 +98,9 @@ def test_kv_leaves_during_the_forward_and_d_decodes_what_llm_generate_does(model
     got = [tokens for _, tokens in first + rest]
     assert got == want
     outcomes = [outcome for outcome, _ in first]
-    assert all(o.num_kv_chunks == NUM_LAYERS for o in outcomes), [o.num_kv_chunks for o in outcomes]
+    groups = p_loaded.engine.runner.kv_export.groups
+    assert groups[-1] == range(NUM_LAYERS - 1, NUM_LAYERS)  # the last layer alone: the tail's chunk is small
+    assert all(o.num_kv_chunks == len(groups) for o in outcomes), [o.num_kv_chunks for o in outcomes]
     # the first chunk (layer 0) left before the forward's end for at least one single-step prompt: with the
     # packs after the step (before this change) it never could
     early = [(o.forward_done_unix_ns - o.kv_first_send_unix_ns) / 1e6 for o in outcomes]
