@@ -219,7 +219,9 @@ class ExportStep:
                 ex._packed(w, group)
             ready = None
             if stream is not None and chunks:
-                ready = torch.cuda.Event()
+                # blocking: whoever waits for it (a thread of the worker's) sleeps rather than spins for the
+                # rest of the forward — the chunk is out early, its wait may be long
+                ready = torch.cuda.Event(blocking=True)
                 ready.record(stream)
         if chunks:
             ex.publish([dataclasses.replace(c, ready=ready) for c in chunks])
