@@ -270,3 +270,24 @@ def test_a_batch_failing_mid_forward_is_rerun_alone_and_each_page_still_goes_onc
         == [(0, 1)] * 2 + [(1, 1)] * 2 + [(2, 1)] * 2 + [(3, 1)] * 2
     )
     assert engine.stats()["pages_leased"] == 0
+
+
+def test_a_prompt_tail_on_the_decode_path_is_packed_after_that_forward(engine):
+    """The same prompt again: P's prefix cache holds its 5 full pages, so its forward computes one token — on
+    the decode path, which has no per-layer signal: every group is packed after that forward, all 6 pages
+    (D has none of them), with the cache's bytes."""
+    prompt = [(13 * i) % 230 + 7 for i in range(41)]  # 5 full pages of 8 and one token
+    sender = RecordingSender()
+    loop = EngineLoop(engine)
+    worker = PrefillWorker("p0", loop, sender)
+    _prefill(engine, worker, loop, prompt, _target(engine, "tail-1", len(prompt)))
+    sender.chunks.clear()
+    rec = Recorder(engine, worker)
+    try:
+        outcome = _prefill(engine, worker, loop, prompt, _target(engine, "tail-2", len(prompt)))
+    finally:
+        rec.close()
+    assert outcome.num_cached_tokens == 40
+    expected = [("layer", i) for i in range(4)] + [("packed", g, 1, 0, 6) for g in range(4)]
+    assert [e for e in rec.log if e[0] in ("layer", "packed")] == expected
+    _assert_sent_once_as_in_cache(sender.chunks, rec.released["tail-2"], 6)
