@@ -19,7 +19,9 @@ from moemesh.engine.sampling_params import SamplingParams
 from moemesh.kernels.paged_kv import pack_kv_reference
 from moemesh.services.engine_loop import EngineLoop
 from moemesh.services.prefill.worker import PrefillWorker
+from moemesh.transport.errors import LeaseRefused
 from moemesh.transport.kv import KvLayout, KvTarget, LeaseKey
+from moemesh.transport.kv_wire import RefusalReason
 
 PAGE = 8
 SEND_DELAY_S = 0.2
@@ -291,3 +293,54 @@ def test_a_prompt_tail_on_the_decode_path_is_packed_after_that_forward(engine):
     expected = [("layer", i) for i in range(4)] + [("packed", g, 1, 0, 6) for g in range(4)]
     assert [e for e in rec.log if e[0] in ("layer", "packed")] == expected
     _assert_sent_once_as_in_cache(sender.chunks, rec.released["tail-2"], 6)
+
+
+class RefusingSender(RecordingSender):
+    """Refuses the `refuse_at`-th chunk (as D refuses a write to a closed lease)."""
+
+    def __init__(self, refuse_at: int) -> None:
+        super().__init__()
+        self.refuse_at = refuse_at
+
+    async def send(self, target, layer, first_page, pages, num_layers=1) -> int:
+        if len(self.chunks) + 1 == self.refuse_at:
+            self.chunks.append((layer, first_page, num_layers, pages.clone()))
+            raise LeaseRefused("lease 1/g1 was released", RefusalReason.RELEASED)
+        return await super().send(target, layer, first_page, pages, num_layers)
+
+
+def test_an_abort_or_a_refusal_mid_prompt_stops_the_sends_and_returns_every_page(engine):
+    """A prompt over three steps: D aborts once the first chunk went out, or refuses the second chunk. prefill()
+    raises LeaseRefused, nothing is sent after abort() returned, the exporter forgot the request, no page leaks."""
+    prompt = [(17 * i) % 210 + 5 for i in range(150)]
+    target = _target(engine, "abort-mid", len(prompt))
+    sender = RecordingSender(delay_s=0.05)
+    loop = EngineLoop(engine)
+    worker = PrefillWorker("p0", loop, sender)
+
+    async def body():
+        async with asyncio.TaskGroup() as group:
+            runner = group.create_task(loop.run())
+            prefill = asyncio.ensure_future(worker.prefill(prompt, SamplingParams(max_tokens=1), target))
+            while not sender.chunks:
+                await asyncio.sleep(0.001)
+            assert await worker.abort("abort-mid", target.lease)
+            sent_at_abort = len(sender.chunks)
+            with pytest.raises(LeaseRefused, match="aborted by the decode worker"):
+                await prefill
+            await asyncio.sleep(0.2)
+            runner.cancel()
+        return sent_at_abort
+
+    sent_at_abort = asyncio.run(body())
+    assert len(sender.chunks) == sent_at_abort < 3 * 4
+    assert not worker.exporter.is_tracked("abort-mid")
+    assert engine.stats()["pages_leased"] == 0 and not engine.has_unfinished()
+
+    refusing = RefusingSender(refuse_at=2)
+    worker = PrefillWorker("p0", loop, refusing)
+    with pytest.raises(LeaseRefused, match="was released"):
+        _prefill(engine, worker, loop, prompt, _target(engine, "refused-mid", len(prompt)))
+    assert len(refusing.chunks) < 3 * 4  # the refusal stopped the sends: not every chunk of the 3 steps went
+    assert not worker.exporter.is_tracked("refused-mid")
+    assert engine.stats()["pages_leased"] == 0 and not engine.has_unfinished()
