@@ -15,6 +15,8 @@ import torch
 from moemesh import LLM, SamplingParams
 from moemesh.config.engine import EngineConfig
 from moemesh.config.mesh import WorkerConfig
+from moemesh.engine.kv_export import ExportRow, KvExporter
+from moemesh.kernels import pack_kv
 from moemesh.make_checkpoint import shape_config, write_random_checkpoint
 from moemesh.services.decode.leases import LeaseTable
 from moemesh.services.engine_loop import EngineLoop
@@ -128,3 +130,43 @@ def test_kv_leaves_during_the_forward_and_d_decodes_what_llm_generate_does(model
     assert max(tails) < 5.0, tails  # the last chunk is packed during the last layer's ~2 ms MLP
     stats = p_loaded.engine.stats()
     assert stats["pages_leased"] == 0 and not p_loaded.engine.runner.kv_export._next
+
+
+def test_the_exporter_packs_behind_each_write_and_before_the_next_forward_without_a_host_sync():
+    """The stream ordering itself, on CUDA: a slow "forward" (a device sleep, then a layer's pages written) —
+    each group's pack waits for its write (without `wait_event` it would copy zeros), nothing in the export
+    path syncs the host (sync debug mode "error"), and a forward after `order_before_forward` that rewrites
+    the pages cannot overtake the packs that read them."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    page_ids = (5, 9, 2)
+    caches = [torch.zeros(16, 16, 8, device="cuda") for _ in range(4)]
+    published = []
+    exporter = KvExporter(caches, 16, published.extend, max_chunk_bytes=1 << 20, max_groups=3)
+    exporter.track("r", 0)
+    pack_kv(caches, torch.zeros(1, dtype=torch.long, device="cuda"))  # compiled before the sync check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step = exporter.begin([ExportRow("r", page_ids, 0, 40, 40)])
+        assert step is not None
+        for i, cache in enumerate(caches):
+            torch.cuda._sleep(SLEEP_CYCLES)  # a pack that did not wait would read the zeros
+            for page in page_ids:
+                cache[page].fill_(float(i + 1))
+            step.layer_written(i)
+        step.finish()
+        exporter.order_before_forward()
+        torch.cuda._sleep(SLEEP_CYCLES)
+        for cache in caches:  # the next forward reuses the pages
+            cache.fill_(-1.0)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert [(c.layer, c.num_layers, c.first_page) for c in published] == [(0, 2, 0), (2, 1, 0), (3, 1, 0)]
+    for chunk in published:
+        chunk.ready.synchronize()
+        want = torch.arange(chunk.layer + 1, chunk.layer + chunk.num_layers + 1, dtype=torch.float32)
+        assert chunk.pages.shape == (chunk.num_layers, 3, 16, 8)
+        assert torch.equal(chunk.pages.amin(dim=(1, 2, 3)).cpu(), want)
+        assert torch.equal(chunk.pages.amax(dim=(1, 2, 3)).cpu(), want)
+    assert not exporter.is_tracked("r")
