@@ -7,6 +7,13 @@
 Any M (1 included), N and K (no multiple of 128 needed). Each 128-wide K step runs one FP8 tensor-core product
 into a fresh fp32 tile, which is scaled by `a_scale[m] * b_scale_inv[n//128]` and added to the fp32 accumulator
 (DeepSeek's "promotion"); the result is rounded to BF16 once. `_scaled_tile` is shared with the grouped GEMMs.
+
+Decode-sized M leaves most multiprocessors idle with one program per output tile, so K is split over
+programs (`_split_k`, from the GPU's multiprocessor count). Split-K stays one launch and deterministic (a
+"serial" reduction, as CUTLASS's split-K with a semaphore, but by the last program to arrive): each program
+writes its fp32 slab, counts itself in at its tile's counter (an atomic), and the last of the tile's programs
+sums the slabs in split order, writes the BF16 tile and zeroes the counter. Slabs and counters persist in a
+`SplitKWorkspace` its owner hands in, so CUDA graphs replay the GEMM with no memset.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ class TileConfig:
     num_stages: int
     group_m: int = 8
     mode: int = 0  # _scaled_tile's MODE (1 needs block_n == 128)
-    split_k: int = 0  # fp8_gemm only: K slices summed by a second launch; 0 = by occupancy
+    split_k: int = 0  # fp8_gemm only: K slices, summed by their last program; 0 = by occupancy
 
 
 def pick_config(m: int, n: int) -> TileConfig:
@@ -106,12 +113,16 @@ def _scaled_tile(
 
 @triton.jit
 def _fp8_gemm_kernel(
-    a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K,
+    a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, ws_ptr, count_ptr, M, N, K,
     stride_am, stride_as, stride_ask, stride_bn, stride_bs, stride_cm,
     EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
-    MODE: tl.constexpr, SPLIT_K: tl.constexpr,
+    MODE: tl.constexpr, SPLIT_K: tl.constexpr, REDUCE: tl.constexpr = True,
 ):  # fmt: skip
-    """SPLIT_K > 1: program (tile, s) sums its slice of the K steps into fp32 slab s of c ([SPLIT_K, M, N])."""
+    """SPLIT_K > 1: program (tile, s) sums its slice of the K steps into fp32 slab s of the workspace
+    ([SPLIT_K, M, N] at ws_ptr), then counts itself in at the tile's counter; the last of the tile's SPLIT_K
+    programs to arrive sums the slabs in split order (the order whatever arrival order: deterministic), writes
+    the BF16 tile and zeroes the counter for the next GEMM. REDUCE=False stops after the slabs (the tests'
+    two-step oracle)."""
     pid = tl.program_id(0)
     tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     # grouped ordering: GROUP_M row tiles walk the N tiles together, so B tiles are reused from L2
@@ -132,22 +143,23 @@ def _fp8_gemm_kernel(
         a_ptr, as_ptr, b_ptr, bs_ptr, offs_m, offs_n, row_ok, col_ok, K,
         stride_am, stride_as, stride_ask, stride_bn, stride_bs, EVEN_K, BLOCK_M, BLOCK_N, MODE, kb_lo, kb_hi,
     )  # fmt: skip
-    c = (
-        c_ptr
-        + split.to(tl.int64) * M * stride_cm
-        + offs_m[:, None].to(tl.int64) * stride_cm
-        + offs_n[None, :]
-    )
-    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
-
-
-@triton.jit
-def _sum_slabs_kernel(ws_ptr, out_ptr, numel, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for s in tl.static_range(SPLIT_K):
-        acc += tl.load(ws_ptr + s * numel + offs, mask=offs < numel, other=0.0)
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=offs < numel)
+    mask = row_ok[:, None] & col_ok[None, :]
+    c = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask)
+    else:
+        tile = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]  # this tile in one [M, N] slab
+        tl.store(ws_ptr + split.to(tl.int64) * M * N + tile, acc, mask=mask)
+        if REDUCE:
+            # every thread's slab stores precede the arrival (one thread's gpu-scope release)
+            tl.debug_barrier()
+            arrived = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel", scope="gpu")
+            if arrived == SPLIT_K - 1:
+                total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                for s in tl.static_range(SPLIT_K):  # L2 reads (.cg): the other programs' slabs
+                    total += tl.load(ws_ptr + s * M * N + tile, mask=mask, other=0.0, cache_modifier=".cg")
+                tl.store(c, total.to(c_ptr.dtype.element_ty), mask=mask)
+                tl.atomic_xchg(count_ptr + pid, 0, sem="relaxed", scope="gpu")  # ready for the next GEMM
 
 
 def check_operands(a_fp8, a_scale, b_fp8, b_scale_inv, grouped: bool = False) -> tuple[int, int]:
@@ -199,6 +211,38 @@ def reference(a_fp8, a_scale, b_fp8, b_scale_inv) -> torch.Tensor:
     return (dequant_rows(a_fp8, a_scale) @ dequant_blocks(b_fp8, b_scale_inv).T).to(torch.bfloat16)
 
 
+class SplitKWorkspace:
+    """The split-K GEMMs' fp32 slabs and per-tile arrival counters, one pair per device, reused by every GEMM
+    that is handed this workspace. The owner (a model: `moemesh.model.fp8.to_fp8` gives one to all its FP8
+    projections) runs those GEMMs one at a time (one stream at a time, as the runner's warm-up, capture and
+    replays do): two GEMMs that may run concurrently must not share one. The counters are zeroed once, here,
+    and each GEMM's last program leaves its tiles' counters at zero again, so a CUDA graph replays the GEMMs
+    without a memset. Buffers outgrown by a larger GEMM stay allocated (a graph captured earlier still reads
+    them); the first allocation covers the decode sizes at once."""
+
+    MIN_SLAB = 1 << 20  # fp32 elements: every decode-sized split of a 132-SM GPU (<= 132 * 64 * 128)
+    MIN_TILES = 1024
+
+    def __init__(self, min_slab: int = MIN_SLAB, min_tiles: int = MIN_TILES) -> None:
+        self.min_slab, self.min_tiles = min_slab, min_tiles
+        self._slabs: dict[torch.device, torch.Tensor] = {}
+        self._counts: dict[torch.device, torch.Tensor] = {}
+        self._outgrown: list[torch.Tensor] = []
+
+    def buffers(self, device: torch.device, slab: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(fp32 [>= slab], int32 [>= tiles] zeros) on `device`."""
+        ws, counts = self._slabs.get(device), self._counts.get(device)
+        if ws is None or ws.numel() < slab:
+            self._outgrown += [] if ws is None else [ws]
+            ws = torch.empty(max(slab, self.min_slab), dtype=torch.float32, device=device)
+            self._slabs[device] = ws
+        if counts is None or counts.numel() < tiles:
+            self._outgrown += [] if counts is None else [counts]
+            counts = torch.zeros(max(tiles, self.min_tiles), dtype=torch.int32, device=device)
+            self._counts[device] = counts
+        return ws, counts
+
+
 def fp8_gemm(
     a_fp8: torch.Tensor,
     a_scale: torch.Tensor,
@@ -206,22 +250,30 @@ def fp8_gemm(
     b_scale_inv: torch.Tensor,
     *,
     config: TileConfig | None = None,
+    workspace: SplitKWorkspace | None = None,
 ) -> torch.Tensor:
     """BF16 [M, N] = block-scaled `a @ b.T` (layouts in the module docstring). Any M, including 1 and 0.
-    `config` overrides the tile shape (benchmarks sweep it)."""
+    `config` overrides the tile shape (benchmarks sweep it). `workspace`: where a split-K GEMM keeps its slabs
+    and counters (`SplitKWorkspace`); without one a split-K call allocates its own (one memset more)."""
     if a_fp8.dim() != 2:
         raise ValueError(f"a_fp8 must be [M, K], got {tuple(a_fp8.shape)}")
     n, k = check_operands(a_fp8, a_scale, b_fp8, b_scale_inv)
     if not use_triton(a_fp8):
         return reference(a_fp8, a_scale, b_fp8, b_scale_inv)
     m = a_fp8.shape[0]
-    a_fp8, b_fp8 = a_fp8.contiguous(), b_fp8.contiguous()
-    b_scale_inv = b_scale_inv.contiguous()  # a_scale may be K-major or M-major (coalesced per K step)
     out = torch.empty(m, n, dtype=torch.bfloat16, device=a_fp8.device)
     if m == 0 or n == 0:
         return out
     if k == 0:
         return out.zero_()
+    return _launch(a_fp8, a_scale, b_fp8, b_scale_inv, out, config, workspace)
+
+
+def _launch(a_fp8, a_scale, b_fp8, b_scale_inv, out, config, workspace, reduce=True):
+    """One launch into `out`; reduce=False (split-K only) returns the unsummed fp32 slabs [split, M, N]."""
+    (m, k), n = a_fp8.shape, out.shape[1]
+    a_fp8, b_fp8 = a_fp8.contiguous(), b_fp8.contiguous()
+    b_scale_inv = b_scale_inv.contiguous()  # a_scale may be K-major or M-major (coalesced per K step)
     cfg = _checked(config or pick_config(m, n))
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     split_k = (
@@ -229,17 +281,19 @@ def fp8_gemm(
         if config is None or config.split_k == 0
         else config.split_k
     )
-    # split-K: the slabs go to an fp32 workspace and a second launch sums them (no atomics: deterministic)
-    dest = out if split_k == 1 else torch.empty(split_k, m, n, dtype=torch.float32, device=out.device)
+    # split-K: fp32 slabs in the workspace, summed by the last program of each tile (module docstring)
+    if split_k == 1:
+        ws = counts = out  # not read
+    else:  # without a workspace, one for this call alone, no larger than it needs
+        workspace = workspace or SplitKWorkspace(min_slab=0, min_tiles=0)
+        ws, counts = workspace.buffers(out.device, split_k * m * n, tiles)
     _fp8_gemm_kernel[(tiles, split_k)](
-        a_fp8, a_scale, b_fp8, b_scale_inv, dest, m, n, k,
+        a_fp8, a_scale, b_fp8, b_scale_inv, out, ws, counts, m, n, k,
         a_fp8.stride(0), a_scale.stride(0), a_scale.stride(1), b_fp8.stride(0), b_scale_inv.stride(0), n,
         EVEN_K=k % 128 == 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m, MODE=cfg.mode,
-        SPLIT_K=split_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        SPLIT_K=split_k, REDUCE=reduce, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
-    if split_k > 1:
-        _sum_slabs_kernel[(triton.cdiv(m * n, 1024),)](dest, out, m * n, SPLIT_K=split_k, BLOCK=1024)
-    return out
+    return out if reduce else ws[: split_k * m * n].view(split_k, m, n)
 
 
 def _split_k(tiles: int, k_steps: int, device: torch.device) -> int:

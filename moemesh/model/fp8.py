@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from moemesh.kernels import act_quant, fp8_gemm, fp8_grouped_gemm, moe_combine, moe_permute, silu_mul_quant
+from moemesh.kernels.fp8_gemm import SplitKWorkspace
 from moemesh.model.moe import LocalExperts, MoE
 
 BLOCK = 128
@@ -30,8 +31,17 @@ def _blocks(n: int) -> int:
 
 
 class Fp8Linear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+    """`workspace`: the split-K GEMM's slabs and counters, shared by the model's projections (`to_fp8`)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        workspace: SplitKWorkspace | None = None,
+    ):
         super().__init__()
+        self.workspace = workspace or SplitKWorkspace()
         if bias:
             raise ValueError("Fp8Linear has no bias (DeepSeek's quantized projections have none)")
         self.in_features, self.out_features = in_features, out_features
@@ -44,7 +54,7 @@ class Fp8Linear(nn.Module):
         """x [..., K] -> [..., N] in x's dtype (computed with FP8 operands, fp32 accumulation, BF16 result)."""
         lead = x.shape[:-1]
         x_fp8, x_scale = act_quant(x.reshape(-1, self.in_features))
-        y = fp8_gemm(x_fp8, x_scale, self.weight, self.weight_scale_inv)
+        y = fp8_gemm(x_fp8, x_scale, self.weight, self.weight_scale_inv, workspace=self.workspace)
         return y.to(x.dtype).view(*lead, self.out_features)
 
 
@@ -79,16 +89,18 @@ FP8_MLP = ("gate_proj", "up_proj", "down_proj")
 
 def to_fp8(model: nn.Module) -> nn.Module:
     """Replaces, in place, the projections and routed experts that DeepSeek stores in FP8 (call on a model built
-    on the meta device, before its weights are loaded). Returns the model."""
+    on the meta device, before its weights are loaded). Returns the model. The projections share one split-K
+    workspace: the model's forwards run one at a time."""
+    workspace = SplitKWorkspace()
     for layer in model.model.layers:
         attn = layer.self_attn
         for name in FP8_PROJECTIONS:
-            _swap_linear(attn, name)
+            _swap_linear(attn, name, workspace)
         mlp = layer.mlp
         if isinstance(mlp, MoE):
             if mlp.shared_experts is not None:
                 for name in FP8_MLP:
-                    _swap_linear(mlp.shared_experts, name)
+                    _swap_linear(mlp.shared_experts, name, workspace)
             ex: LocalExperts = mlp.experts
             if ex.intermediate_size % BLOCK == 0:
                 num_experts, _, hidden = ex.w13.shape
@@ -96,11 +108,12 @@ def to_fp8(model: nn.Module) -> nn.Module:
                 mlp.set_expert_backend(mlp.experts)
         else:
             for name in FP8_MLP:
-                _swap_linear(mlp, name)
+                _swap_linear(mlp, name, workspace)
     return model
 
 
-def _swap_linear(parent: nn.Module, name: str) -> None:
+def _swap_linear(parent: nn.Module, name: str, workspace: SplitKWorkspace) -> None:
     linear = getattr(parent, name, None)
     if isinstance(linear, nn.Linear) and linear.bias is None:
-        setattr(parent, name, Fp8Linear(linear.in_features, linear.out_features).to(linear.weight.device))
+        fp8 = Fp8Linear(linear.in_features, linear.out_features, workspace=workspace)
+        setattr(parent, name, fp8.to(linear.weight.device))

@@ -80,7 +80,9 @@ def fused_mlp(mlp: nn.Module, x: torch.Tensor, x_fp8=None) -> torch.Tensor:
     down = mlp.down_proj
     if down.weight.dtype == FP8:
         a_fp8, a_scale = silu_mul_quant(h)
-        return fp8_gemm(a_fp8, a_scale, down.weight, down.weight_scale_inv).to(x.dtype)
+        return fp8_gemm(a_fp8, a_scale, down.weight, down.weight_scale_inv, workspace=down.workspace).to(
+            x.dtype
+        )
     return F.linear(_silu_mul(h), down.weight)
 
 
@@ -88,7 +90,9 @@ def _project(linear: nn.Module, x: torch.Tensor, x_fp8) -> torch.Tensor:
     """linear(x), through `x_fp8 = (values, scales)` when the projection is FP8 and x is already quantized."""
     if x_fp8 is None or linear.weight.dtype != FP8:
         return linear(x)
-    return fp8_gemm(x_fp8[0], x_fp8[1], linear.weight, linear.weight_scale_inv).to(x.dtype)
+    return fp8_gemm(
+        x_fp8[0], x_fp8[1], linear.weight, linear.weight_scale_inv, workspace=linear.workspace
+    ).to(x.dtype)
 
 
 def _silu_mul(h: torch.Tensor) -> torch.Tensor:

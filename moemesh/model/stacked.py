@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from moemesh.kernels import act_quant, fp8_gemm
+from moemesh.kernels.fp8_gemm import SplitKWorkspace
 
 FP8 = torch.float8_e4m3fn
 BLOCK = 128
@@ -25,18 +26,20 @@ BLOCK = 128
 @dataclass(frozen=True)
 class Stacked:
     """Weights stacked by rows, part after part: `weight [sum N_i, K]` in the compute dtype or e4m3,
-    `scale_inv fp32 [sum ceil(N_i / 128), ceil(K / 128)]` for FP8, `sizes` the N_i."""
+    `scale_inv fp32 [sum ceil(N_i / 128), ceil(K / 128)]` for FP8, `sizes` the N_i; `workspace` the FP8 parts'
+    split-K workspace (`Fp8Linear.workspace`)."""
 
     weight: torch.Tensor
     scale_inv: torch.Tensor | None
     sizes: tuple[int, ...]
+    workspace: SplitKWorkspace | None = None
 
     def __call__(self, x: torch.Tensor, x_fp8=None) -> torch.Tensor:
         """x [T, K] -> [T, sum N_i] in x's dtype; `x_fp8 = (values, scales)` reuses a 1x128 quantization of x."""
         if self.scale_inv is None:
             return torch.nn.functional.linear(x, self.weight)
         xq, xs = x_fp8 if x_fp8 is not None else act_quant(x)
-        return fp8_gemm(xq, xs, self.weight, self.scale_inv).to(x.dtype)
+        return fp8_gemm(xq, xs, self.weight, self.scale_inv, workspace=self.workspace).to(x.dtype)
 
 
 def stack_linears(owner: nn.Module, names: tuple[str, ...]) -> Stacked | None:
@@ -68,7 +71,7 @@ def stack_linears(owner: nn.Module, names: tuple[str, ...]) -> Stacked | None:
                 m.weight_scale_inv = nn.Parameter(scale[block : block + blocks], requires_grad=False)
                 block += blocks
             row += n
-    stacked = Stacked(weight, scale, sizes)
+    stacked = Stacked(weight, scale, sizes, getattr(mods[0], "workspace", None))
     owner.__dict__[key] = stacked
     return stacked
 
