@@ -167,8 +167,11 @@ def fp8_grouped_gemm(
     expert_offsets: torch.Tensor,
     *,
     config: TileConfig | None = None,
+    rows_per_expert: int | None = None,
 ) -> torch.Tensor:
-    """Contiguous grouped GEMM (module docstring): `a_fp8 [M, K]` sorted by expert -> BF16 `[M, N]`."""
+    """Contiguous grouped GEMM (module docstring): `a_fp8 [M, K]` sorted by expert -> BF16 `[M, N]`.
+    rows_per_expert picks the tile (None: M // E; the fused MoE passes its routed experts' mean, so rows of the
+    shared experts riding along, or computed apart, take the tile they take together)."""
     if a_fp8.dim() != 2:
         raise ValueError(f"a_fp8 must be [M, K] (contiguous layout), got {tuple(a_fp8.shape)}")
     n, k = check_operands(a_fp8, a_scale, b_fp8, b_scale_inv, grouped=True)
@@ -189,7 +192,7 @@ def fp8_grouped_gemm(
         return out.zero_()
     a_fp8 = a_fp8.contiguous()  # a_scale may be K-major or M-major
     b_fp8, b_scale_inv = b_fp8.contiguous(), b_scale_inv.contiguous()
-    cfg = _checked(config or pick_config(max(1, m // e), n))
+    cfg = _checked(config or pick_config(max(1, m // e if rows_per_expert is None else rows_per_expert), n))
     max_tiles = triton.cdiv(m, cfg.block_m) + e
     grid = (max_tiles * triton.cdiv(n, cfg.block_n),)
     _grouped_contiguous_kernel[grid](
@@ -209,11 +212,14 @@ def fp8_grouped_gemm_silu_quant(
     b_fp8: torch.Tensor,
     b_scale_inv: torch.Tensor,
     expert_offsets: torch.Tensor,
+    *,
+    rows_per_expert: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The routed experts' first GEMM with SiLU-and-mul and the 1x128 requantization fused (contiguous layout):
     `b_fp8` is w13 `[E, 2I, K]` (gate rows, then up rows; I a multiple of 128) -> (`y_fp8 [M, I]` e4m3, `scale
     fp32 [M, I / 128]`) = act_quant(silu(a @ gate.T) * (a @ up.T)) from the fp32 products, one launch instead
-    of the GEMM and `silu_mul_quant`. Rows outside the experts' ranges are not written."""
+    of the GEMM and `silu_mul_quant`. Rows outside the experts' ranges are not written. rows_per_expert: as
+    `fp8_grouped_gemm`'s."""
     if a_fp8.dim() != 2:
         raise ValueError(f"a_fp8 must be [M, K] (contiguous layout), got {tuple(a_fp8.shape)}")
     n, k = check_operands(a_fp8, a_scale, b_fp8, b_scale_inv, grouped=True)
@@ -233,7 +239,7 @@ def fp8_grouped_gemm_silu_quant(
         return out, scale
     a_fp8 = a_fp8.contiguous()
     b_fp8, b_scale_inv = b_fp8.contiguous(), b_scale_inv.contiguous()
-    cfg = _checked(pick_config(max(1, m // e), half))
+    cfg = _checked(pick_config(max(1, m // e if rows_per_expert is None else rows_per_expert), half))
     max_tiles = triton.cdiv(m, cfg.block_m) + e
     grid = (max_tiles * triton.cdiv(half, cfg.block_n),)
     _grouped_contiguous_kernel[grid](

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moemesh.kernels import NormOutputs, moe_combine
+from moemesh.kernels import NormOutputs
 from moemesh.model.config import ModelConfig
 from moemesh.model.layers import MLP, InputFormats
-from moemesh.model.moe_fused import fused_moe, fused_shared
+from moemesh.model.moe_fused import combine_deferred, deferred_shared, fused_moe
 from moemesh.model.moe_fused import route as fused_route
 
 
@@ -234,11 +234,9 @@ class MoE(nn.Module):
         if self.on_fused_path(x):  # fused_moe's routing, rows and combine
             routed = fused_route(self, x, normed)
             pending = backend.submit(self.layer_idx, x, routed.ids, routed.weights, unweighted=True)
-            shared = fused_shared(self, x, normed)
+            shared = deferred_shared(self, x, normed)  # the shared experts' rows as fused_moe computes them
             rows = yield pending  # [T * k, D] unweighted, in (token, slot) order
-            slot_rows = torch.arange(rows.shape[0], dtype=torch.int32, device=rows.device)
-            shared = None if shared is None else shared.to(rows.dtype)
-            return moe_combine(rows, routed.weights, slot_rows, shared=shared).to(x.dtype)
+            return combine_deferred(shared, routed, rows).to(x.dtype)
         weights, ids = self.gate(x)
         pending = backend.submit(self.layer_idx, x, ids, weights)
         shared = self.shared_experts(x) if self.shared_experts is not None else None

@@ -7,8 +7,14 @@
                                                              fused (else torch._grouped_mm) · FP8: fp8_grouped_gemm
     a       = silu_mul(h)                                    FP8: fused into the GEMM with the 1x128 requant
     y       = grouped GEMM(a, w2)
-    s       = down(silu_mul(x @ [gate | up].T))              shared experts, gate and up stacked: one GEMM
-    out     = moe_combine(y, w, rows, shared=s)              weights and shared output in one fp32 sum
+    out     = moe_combine(y, w, rows, num_shared=S)          weights, and the shared rows, in one fp32 sum
+
+The shared experts ride in the routed GEMMs (`shared_fusion.fused_experts`: the shared MLP as S experts of the
+routed shape stacked after the routed ones, chosen for every token with weight 1 by `moe_permute(...,
+num_shared=S)`). Where they cannot (shapes, dtypes), `s = down(silu_mul(x @ [gate | up].T))` runs apart (gate
+and up stacked: one GEMM) and `moe_combine(..., shared=s)` adds it. With the routed experts away (`MoE.deferred`)
+`deferred_shared` computes the shared experts' rows with the same kernels and tile, so the block's output is the
+colocated one bit for bit.
 
 The FP8 path quantizes x once and feeds both the routed experts' and the shared experts' first GEMM with it.
 BF16 at decode sizes, `moe_grouped_gemm` loads each program's gate and up rows (two accumulators) and writes
@@ -45,6 +51,7 @@ from moemesh.kernels.dispatch import use_triton
 from moemesh.kernels.moe_grouped_gemm import MAX_ROWS_PER_EXPERT, moe_grouped_gemm
 from moemesh.kernels.moe_route import RouteResult
 from moemesh.model.config import ModelConfig
+from moemesh.model.shared_fusion import fused_experts, shared_experts
 from moemesh.model.stacked import Stacked, stack_linears
 
 FP8 = torch.float8_e4m3fn
@@ -191,28 +198,68 @@ def fused_moe(moe: nn.Module, x: torch.Tensor, normed: NormOutputs | None = None
     D]` and `w2 [E, D, I]` in the compute dtype, or e4m3 with `w13_scale_inv` / `w2_scale_inv` (Fp8Experts).
     `normed`: the norm's outputs x came from; its fp32 copy feeds the router and its FP8 form the experts
     when it wrote them (the same values as x.float() and act_quant(x))."""
-    config: ModelConfig = moe.config
-    experts = moe.experts
     routed = route(moe, x, normed)
-    num_experts = config.n_routed_experts
-    shared = moe.shared_experts
-    if experts.w13.dtype == FP8:
+    stack = fused_experts(moe)  # routed + shared experts; None: the shared MLP runs apart
+    weights = stack or moe.experts
+    num_shared = 0 if stack is None else stack.num_shared
+    rows, y = _expert_rows(moe, weights, x, normed, routed.ids, num_shared)
+    s = None
+    if stack is None and moe.shared_experts is not None:
+        s = fused_shared(moe, x, normed).to(y.dtype)
+    return moe_combine(y, routed.weights, rows.slot_rows, shared=s, num_shared=num_shared).to(x.dtype)
+
+
+def _expert_rows(moe, weights, x, normed, ids, num_shared: int):
+    """(Permuted, its unweighted expert rows) of x's assignments `ids` [T, k] (k may be 0) and, with
+    num_shared, every token's shared-expert assignments, over `weights` (w13 / w2 [+ scales] of the routed
+    experts then the shared ones). Kernels and tiles are the whole layer's (its T * k routed rows over its
+    routed experts) whatever rows this call computes."""
+    num_routed = moe.config.n_routed_experts
+    layer_rows = x.shape[0] * moe.config.num_experts_per_tok
+    num_experts = weights.w13.shape[0] - num_shared  # the routed experts these weights hold
+    if weights.w13.dtype == FP8:
         have = normed is not None and normed.y_fp8 is not None
         x_fp8, x_scale = (normed.y_fp8, normed.y_scale) if have else act_quant(x)
-        rows = moe_permute(x_fp8, routed.ids, num_experts, x_scale=x_scale)
+        rows = moe_permute(x_fp8, ids, num_experts, x_scale=x_scale, num_shared=num_shared)
+        per_expert = max(1, layer_rows // num_routed)
         # [T*k, I] e4m3 + 1x128 scales: SiLU-and-mul and the requant in the first GEMM's epilogue
         a_fp8, a_scale = fp8_grouped_gemm_silu_quant(
-            rows.x, rows.x_scale, experts.w13, experts.w13_scale_inv, rows.offsets
+            rows.x, rows.x_scale, weights.w13, weights.w13_scale_inv, rows.offsets, rows_per_expert=per_expert
         )
-        y = fp8_grouped_gemm(a_fp8, a_scale, experts.w2, experts.w2_scale_inv, rows.offsets)
-        s = None if shared is None else fused_mlp(shared, x, (x_fp8, x_scale))
-    else:
-        rows = moe_permute(x, routed.ids, num_experts)
-        y = routed_gemms(rows.x, experts.w13, experts.w2, rows.offsets, rows.x.shape[0], num_experts)
-        s = None if shared is None else fused_mlp(shared, x)
-    if s is not None:
-        s = s.to(y.dtype)
-    return moe_combine(y, routed.weights, rows.slot_rows, shared=s).to(x.dtype)
+        y = fp8_grouped_gemm(
+            a_fp8, a_scale, weights.w2, weights.w2_scale_inv, rows.offsets, rows_per_expert=per_expert
+        )
+        return rows, y
+    rows = moe_permute(x, ids, num_experts, num_shared=num_shared)
+    return rows, routed_gemms(rows.x, weights.w13, weights.w2, rows.offsets, layer_rows, num_routed)
+
+
+def deferred_shared(moe: nn.Module, x: torch.Tensor, normed: NormOutputs | None = None):
+    """The shared experts' part of the fused block while its routed experts are away: (ExpertStack, rows [T*S,
+    D] expert-major as `fused_moe` computes them, slot_rows [T*S]) when they ride as experts, else (None, the
+    shared MLP's output [T, D] or None, None). `combine_deferred` finishes the block."""
+    stack = shared_experts(moe)
+    if stack is None:
+        return None, fused_shared(moe, x, normed), None
+    ids = torch.empty(x.shape[0], 0, dtype=torch.int64, device=x.device)
+    rows, y = _expert_rows(moe, stack, x, normed, ids, stack.num_shared)
+    return stack, y, rows.slot_rows
+
+
+def combine_deferred(shared, routed: RouteResult, rows: torch.Tensor) -> torch.Tensor:
+    """The fused block's combine on the deferred path: `rows` [T*k, D], the pool's unweighted rows in (token,
+    slot) order, and `shared` (`deferred_shared`'s answer) -> [T, D] in rows' dtype, summed as `fused_moe` sums
+    them (the shared rows first, unweighted, then the weighted routed rows, in fp32)."""
+    stack, y_shared, shared_slots = shared
+    t, k = routed.ids.shape
+    slot_rows = torch.arange(rows.shape[0], dtype=torch.int32, device=rows.device)
+    if stack is None:
+        y_shared = None if y_shared is None else y_shared.to(rows.dtype)
+        return moe_combine(rows, routed.weights, slot_rows, shared=y_shared)
+    s = stack.num_shared
+    slots = torch.cat([slot_rows.view(t, k), (shared_slots + rows.shape[0]).view(t, s)], dim=1)
+    y = torch.cat([rows, y_shared.to(rows.dtype)])
+    return moe_combine(y, routed.weights, slots.reshape(-1), num_shared=s)
 
 
 def set_fused(model: nn.Module, on: bool | None = True) -> int:
