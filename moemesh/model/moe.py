@@ -172,7 +172,7 @@ class MoE(nn.Module):
     With the routed experts away (`RemoteExperts`, a `DeferredExpertBackend`) the block computes what it
     computes with them here on the same path (`deferred`): on the fused path it routes with `moe_route`, the
     pool returns unweighted rows of the fused path's GEMMs and `moe_combine` sums them with the shared
-    experts' `fused_mlp` output in fp32, as `fused_moe` does; on the torch path it routes with the router, the
+    experts' rows (computed here meanwhile, as `fused_moe`'s grouped GEMMs compute them) in fp32; on the torch path it routes with the router, the
     pool returns weighted rows summed as `LocalExperts` sums them, then the shared output is added."""
 
     def __init__(self, config: ModelConfig, layer_idx: int):

@@ -179,8 +179,8 @@ def route(moe: nn.Module, x: torch.Tensor, normed: NormOutputs | None = None) ->
 
 
 def fused_shared(moe: nn.Module, x: torch.Tensor, normed: NormOutputs | None = None) -> torch.Tensor | None:
-    """The shared experts' output as `fused_moe` computes it (None without shared experts): `fused_mlp`, fed
-    the 1x128 quantization of x when the routed experts are FP8 (the one fused_moe's experts read too)."""
+    """The shared experts' output where they cannot ride in the routed GEMMs (None without shared experts):
+    `fused_mlp`, fed the 1x128 quantization of x when the routed experts are FP8 (the one they read too)."""
     shared = moe.shared_experts
     if shared is None:
         return None
