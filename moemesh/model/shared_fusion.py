@@ -16,7 +16,7 @@ three launches go.
 
 Both return None when the shapes do not allow it (no shared MLP, intermediate not a multiple of I, FP8 experts
 with a shared MLP that is not FP8 or the reverse); the block then runs the shared MLP apart. A block whose
-weights were replaced since (a reload) is stacked again on its next call.
+shared weights were replaced or written since (a reload) is stacked again on its next call.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class ExpertStack:
     w13_scale_inv: torch.Tensor | None
     w2_scale_inv: torch.Tensor | None
     num_shared: int
-    sources: tuple[int, ...]  # data pointers of the weights it was stacked from (a reload changes them)
+    sources: tuple[int, ...]  # where the weights it copies live, and their versions (`_ptrs`)
 
 
 def _shared_sources(moe: nn.Module) -> tuple[torch.Tensor, ...] | None:
@@ -85,7 +85,10 @@ def _split(sources: tuple[torch.Tensor, ...], inter: int) -> tuple[torch.Tensor,
 
 
 def _ptrs(tensors) -> tuple[int, ...]:
-    return tuple(t.data_ptr() for t in tensors)
+    """Where each tensor lives and how often it was written in place (a `load_state_dict` copying into the
+    shared MLP's weights changes the second; inference tensors keep no version, and no in-place write can
+    reach them outside inference mode): a stack of copies is current while these are unchanged."""
+    return tuple(v for t in tensors for v in (t.data_ptr(), 0 if t.is_inference() else t._version))
 
 
 def shared_experts(moe: nn.Module) -> ExpertStack | None:

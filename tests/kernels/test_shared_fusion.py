@@ -60,6 +60,11 @@ def test_permute_with_only_shared_slots():
     assert got.slot_rows.cpu().tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
 
 
+def _act(stack, x):
+    gate, up = torch.einsum("td,end->etn", x, stack.w13).chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
 @pytest.mark.parametrize("kind", ["v2", "v3"])
 def test_shared_experts_stack_as_routed_sized_experts(kind):
     """The shared MLP (intermediate 2 x 32) as two experts of the routed shape: their outputs sum to the MLP's;
@@ -68,8 +73,7 @@ def test_shared_experts_stack_as_routed_sized_experts(kind):
     stack = shared_experts(moe)
     assert stack.num_shared == 2 and stack.w13.shape == (2, 64, 64) and stack.w2.shape == (2, 64, 32)
     x = torch.randn(3, 64, generator=torch.Generator().manual_seed(8))
-    gate, up = torch.einsum("td,end->etn", x, stack.w13).chunk(2, dim=-1)
-    out = torch.einsum("eti,edi->td", torch.nn.functional.silu(gate) * up, stack.w2)
+    out = torch.einsum("eti,edi->td", _act(stack, x), stack.w2)
     assert_close(out, moe.shared_experts(x))
     routed = moe.experts.w13.detach().clone()
     fused = fused_experts(moe)
@@ -79,6 +83,12 @@ def test_shared_experts_stack_as_routed_sized_experts(kind):
     assert fused_experts(moe) is fused  # once
     moe.shared_experts.down_proj.weight = torch.nn.Parameter(moe.shared_experts.down_proj.weight * 2)
     assert fused_experts(moe) is not fused  # a reload stacks again
+    fused = fused_experts(moe)
+    with torch.no_grad():
+        moe.shared_experts.up_proj.weight.mul_(3)  # load_state_dict copies in place
+    assert not torch.equal(fused_experts(moe).w13[8:], fused.w13[8:])
+    stack = shared_experts(moe)
+    assert_close(torch.einsum("edi,eti->td", stack.w2, _act(stack, x)), moe.shared_experts(x))
     moe.shared_experts = None
     assert fused_experts(moe) is None and shared_experts(moe) is None
 
