@@ -362,9 +362,17 @@ def _mla_decode_merge_kernel(
     kv_lora_rank,
     stride_ob,
     stride_oh,
+    w_uv_ptr,
+    V,
+    stride_wh,
+    stride_wv,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    UV: tl.constexpr = False,
+    BLOCK_V: tl.constexpr = 16,
 ):
+    """UV: out[b, h] is the merged latent (rounded to out's dtype, as a separate GEMM would read it) times
+    W_UV[h]^T [kv_lora_rank -> V], fp32 sums, instead of the latent itself."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     part_row = (b.to(tl.int64) * num_heads + h) * num_splits
@@ -381,8 +389,22 @@ def _mla_decode_merge_kernel(
         ws = tl.exp2(ls - m_safe)
         acc += ws * tl.load(part_out_ptr + (part_row + s) * BLOCK_D + offs_d)
     out = acc / tl.where(total > 0, total, 1.0)
-    o_ptr = out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d
-    tl.store(o_ptr, out.to(out_ptr.dtype.element_ty), mask=offs_d < kv_lora_rank)
+    if UV:
+        latent = out.to(out_ptr.dtype.element_ty).to(tl.float32)
+        w_head = w_uv_ptr + h.to(tl.int64) * stride_wh
+        for v0 in range(0, V, BLOCK_V):
+            offs_v = v0 + tl.arange(0, BLOCK_V)
+            w = tl.load(
+                w_head + offs_v[:, None] * stride_wv + offs_d[None, :],
+                mask=(offs_v[:, None] < V) & (offs_d[None, :] < kv_lora_rank),
+                other=0.0,
+            )
+            o = tl.sum(w.to(tl.float32) * latent[None, :], axis=1)
+            o_ptr = out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_v
+            tl.store(o_ptr, o.to(out_ptr.dtype.element_ty), mask=offs_v < V)
+    else:
+        o_ptr = out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d
+        tl.store(o_ptr, out.to(out_ptr.dtype.element_ty), mask=offs_d < kv_lora_rank)
     total_safe = tl.where(total > 0, total, 1.0)
     lse = tl.where(total > 0, (m_safe + tl.log2(total_safe)) * 0.6931471805599453, float("-inf"))
     tl.store(lse_ptr + b * num_heads + h, lse)
@@ -501,13 +523,14 @@ def _tma_block_n(q, kv_cache, kv_lora_rank: int, rope_dim: int, cfg: DecodeConfi
     return min(cfg.block_n, page_size) if ok else 0
 
 
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
 def _num_splits(batch: int, num_head_blocks: int, max_ctx: int, block_n: int, device: torch.device) -> int:
     """Enough splits that about one wave of programs covers the GPU (rounded, not ceiled: 128 programs on 132
     SMs stay one split, measured faster than a second partial wave plus the merge), each split a few blocks."""
-    num_sms = 4
-    if device.type == "cuda":
-        num_sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = max(1, round(num_sms / (batch * num_head_blocks)))
+    want = max(1, round(_num_sms(device) / (batch * num_head_blocks)))
     max_useful = max(1, -(-max_ctx // (SPLIT_MIN_TILES * block_n)))
     return min(want, max_useful, 64)
 
@@ -521,11 +544,23 @@ def mla_decode(
     kv_lora_rank: int = 512,
     num_splits: int | None = None,
     config: DecodeConfig | None = None,
+    w_uv: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Absorbed MLA decode attention; see the module docstring for shapes. `num_splits` and `config`
-    override the launch heuristics (tests and benchmarks)."""
+    override the launch heuristics (tests and benchmarks). `w_uv [H, V, kv_lora_rank]`: the output is
+    `out[b, h] @ W_UV[h]^T` [B, H, V] instead (the up-projection to the values); when the context is split
+    and batch x heads fits two waves of the GPU, the merge applies it (no launch of its own), else one batched
+    GEMM after the kernels."""
+    if w_uv is not None and (
+        w_uv.dim() != 3 or w_uv.shape[0] != q.shape[1] or w_uv.shape[2] != kv_lora_rank or w_uv.stride(2) != 1
+    ):
+        raise ValueError(
+            f"w_uv must be [H={q.shape[1]}, V, kv_lora_rank={kv_lora_rank}] with unit last stride, got "
+            f"{tuple(w_uv.shape)} strides {w_uv.stride()}"
+        )
     if not use_triton(q):
-        return reference(q, kv_cache, page_table, seq_lens, softmax_scale, kv_lora_rank)
+        out, lse = reference(q, kv_cache, page_table, seq_lens, softmax_scale, kv_lora_rank)
+        return (out, lse) if w_uv is None else (_up(out, w_uv), lse)
     rope_dim, fp8 = _validate(q, kv_cache, page_table, seq_lens, kv_lora_rank)
     batch, num_heads, _ = q.shape
     page_size = kv_cache.shape[1]
@@ -591,9 +626,22 @@ def mla_decode(
         _launch_split(q, kv_cache, page_table, seq_lens, part_out, part_lse, softmax_scale, kv_lora_rank,
                       rope_dim, num_splits, cfg, single)  # fmt: skip
     if single:
-        return out, lse
-    _merge(part_out, part_lse, out, lse, num_splits, kv_lora_rank)
+        return (out, lse) if w_uv is None else (_up(out, w_uv), lse)
+    # W_UV in the merge while its programs (one a head and sequence, each reading the head's W_UV) fit in
+    # two waves; above, the per-head re-reads of W_UV cost more than the batched GEMM's launch
+    if w_uv is None or batch * num_heads > 2 * _num_sms(q.device):
+        _merge(part_out, part_lse, out, lse, num_splits, kv_lora_rank)
+        return (out, lse) if w_uv is None else (_up(out, w_uv), lse)
+    out = torch.empty(batch, num_heads, w_uv.shape[1], dtype=q.dtype, device=q.device)
+    _merge(part_out, part_lse, out, lse, num_splits, kv_lora_rank, w_uv)
     return out, lse
+
+
+def _up(latent: torch.Tensor, w_uv: torch.Tensor) -> torch.Tensor:
+    """[B, H, kv_lora_rank] -> [B, H, V]: each head's latent times its W_UV^T (one batched GEMM)."""
+    out = torch.empty(*latent.shape[:2], w_uv.shape[1], dtype=latent.dtype, device=latent.device)
+    torch.bmm(latent.transpose(0, 1), w_uv.transpose(1, 2).to(latent.dtype), out=out.transpose(0, 1))
+    return out
 
 
 def _launch_split(
@@ -635,8 +683,9 @@ def _launch_split(
     )
 
 
-def _merge(part_out, part_lse, out, lse, num_splits, kv_lora_rank):
+def _merge(part_out, part_lse, out, lse, num_splits, kv_lora_rank, w_uv=None):
     batch, num_heads, _ = out.shape
+    uv = w_uv if w_uv is not None else out
     _mla_decode_merge_kernel[(batch, num_heads)](
         part_out,
         part_lse,
@@ -647,8 +696,14 @@ def _merge(part_out, part_lse, out, lse, num_splits, kv_lora_rank):
         kv_lora_rank,
         out.stride(0),
         out.stride(1),
+        uv,
+        uv.shape[1] if w_uv is not None else 0,
+        uv.stride(0),
+        uv.stride(1),
         BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
         BLOCK_D=part_out.shape[-1],
+        UV=w_uv is not None,
+        BLOCK_V=16,
         num_warps=4,
     )
 

@@ -163,16 +163,12 @@ class MLAttention(nn.Module):
         """q_nope [T, H, nope]; q_full [T, H, kv_lora_rank + rope] (head-major storage) with q_pe already in its
         last columns -> [T, H * v]. Both absorbed GEMMs write their results where the next op reads them."""
         w_uk, w_uv = self._kv_b_weights()
-        num_tokens = q_full.shape[0]
         # q_latent[h] = q_nope[h] @ W_UK[h], straight into q_full's first kv_lora_rank columns
         torch.bmm(q_nope.transpose(0, 1), w_uk, out=q_full.transpose(0, 1)[..., : self.kv_lora_rank])
-        out_latent, _ = mla_decode(
-            q_full, kv_cache, batch.page_table, batch.seq_lens, self.scale, self.kv_lora_rank
-        )  # [T, H, kv_lora_rank]
-        out = torch.empty(
-            num_tokens, self.num_heads, self.v_head_dim, dtype=q_full.dtype, device=q_full.device
+        # out[h] = attention(latent) @ W_UV[h]^T [T, H, v]: in the merge of a split context, else one bmm
+        out, _ = mla_decode(
+            q_full, kv_cache, batch.page_table, batch.seq_lens, self.scale, self.kv_lora_rank, w_uv=w_uv
         )
-        torch.bmm(out_latent.transpose(0, 1), w_uv.transpose(1, 2), out=out.transpose(0, 1))  # [H, T, v] view
         return out
 
     def _prefill(self, q: torch.Tensor, batch: ForwardBatch, kv_cache: torch.Tensor) -> torch.Tensor:
