@@ -23,7 +23,7 @@ import torch
 
 from bench.harness import header, median_ms, print_table, save_plot, write_json
 from moemesh.kernels import act_quant, fp8_gemm, fp8_grouped_gemm, fp8_grouped_gemm_masked
-from moemesh.kernels.fp8_gemm import TileConfig, pick_config
+from moemesh.kernels.fp8_gemm import SplitKWorkspace, TileConfig, pick_config
 
 EXPERT_SHAPES = [(4096, 7168), (7168, 2048)]  # (N, K): gate+up of 2 x 2048, down
 ATTN_SHAPES = {  # (N, K) of DeepSeek-V3's attention projections
@@ -124,13 +124,16 @@ def bench_masked(experts_list, max_m_list):
 
 def bench_dense(m_list):
     out = []
+    workspace = SplitKWorkspace()  # as a model's projections share one: split-K without a memset a call
     for name, (n, k) in ATTN_SHAPES.items():
         b, b_s = weights(1, n, k)
         b_peer_s = torch.rand(1, n, device="cuda") * 1e-2 + 1e-3
         for m in m_list:
             a_bf16 = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             a, a_s = act_quant(a_bf16)
-            ours = median_ms(lambda a=a, a_s=a_s, w=b[0], w_s=b_s[0]: fp8_gemm(a, a_s, w, w_s))
+            ours = median_ms(
+                lambda a=a, a_s=a_s, w=b[0], w_s=b_s[0]: fp8_gemm(a, a_s, w, w_s, workspace=workspace)
+            )
             a_q, a_rs = rowwise(a_bf16)
             peer_ms = None
             if k % 16 == 0 and n % 16 == 0:
