@@ -55,7 +55,8 @@ def _shared_sources(moe: nn.Module) -> tuple[torch.Tensor, ...] | None:
         return None
     if not fp8 and any(m.weight.dtype != experts.w13.dtype for m in mods):
         return None
-    inter, hidden = experts.w2.shape[2], experts.w2.shape[1]
+    # from the config: an attention worker whose routed experts are away holds them as empty tensors
+    inter, hidden = moe.config.moe_intermediate_size, moe.config.hidden_size
     if shared.gate_proj.weight.shape[0] % inter or shared.gate_proj.weight.shape[1] != hidden:
         return None
     if fp8 and inter % BLOCK:
@@ -100,7 +101,7 @@ def shared_experts(moe: nn.Module) -> ExpertStack | None:
     if cached is not None and cached.sources == _ptrs(sources):
         return cached
     with torch.inference_mode(False), torch.no_grad():
-        parts = _split(sources, moe.experts.w2.shape[2])
+        parts = _split(sources, moe.config.moe_intermediate_size)
     w13, w2 = parts[:2]
     scales = parts[2:] if len(parts) > 2 else (None, None)
     stack = ExpertStack(w13, w2, scales[0], scales[1], w13.shape[0], _ptrs(sources))
@@ -126,7 +127,7 @@ def fused_experts(moe: nn.Module) -> ExpertStack | None:
         return cached
     num_routed = experts.w13.shape[0]
     with torch.inference_mode(False), torch.no_grad():  # real parameters, even when first called in a forward
-        parts = _split(sources, experts.w2.shape[2])
+        parts = _split(sources, moe.config.moe_intermediate_size)
         stacked = {
             n: torch.cat([getattr(experts, n), p.to(getattr(experts, n).device)])
             for n, p in zip(names, parts, strict=True)

@@ -111,8 +111,14 @@ def test_deferred_shared_rows_give_the_fused_block_bit_for_bit(fp8):
     from moemesh.model.moe_fused import _expert_rows
 
     rows, y = _expert_rows(moe, moe.experts, x, None, routed.ids, 0)
-    there = combine_deferred(deferred_shared(moe, x), routed, y[rows.slot_rows.long()]).to(x.dtype)
+    pool_rows = y[rows.slot_rows.long()]
+    there = combine_deferred(deferred_shared(moe, x), routed, pool_rows).to(x.dtype)
     assert torch.equal(there, here)
+    # an attention worker frees its routed experts (services/remote_experts.detach_routed_experts)
+    for param in moe.experts.parameters():
+        param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+    moe.__dict__.pop("_shared_as_experts", None)
+    assert torch.equal(combine_deferred(deferred_shared(moe, x), routed, pool_rows).to(x.dtype), here)
 
 
 @pytest.mark.gpu
