@@ -10,8 +10,11 @@ inside graphs; `kernels` in the JSON lists them by name), `floor_ms` and `step_o
 * peer: transformers, eager, DynamicCache; one decode step = one forward of B new tokens after a 32-token
   prompt per sequence (median of timed steps).
 * ours: `Engine.step()` end to end (schedule, batch building, CUDA-graph replay of the decode forward,
-  sampling, postprocess) with B requests decoding after the same prompts; plus the bare graph replay and the
-  eager decode forward, to show where the time goes.
+  sampling, postprocess) with B requests decoding after the same prompts, the engine built as workers build
+  it (no tokenizer: the gateway detokenizes); plus the bare graph replay and the eager decode forward, to
+  show where the time goes. Host time per step in three parts: `host_schedule_ms` (the scheduler's plan),
+  `host_prepare_ms` (batch building), `host_after_ms` (from the sampled tokens on the host to `step()`
+  returning: scheduler update, postprocess, outputs); `launch_device_sample_ms` is the rest.
 * floor: bytes of weights one decode step touches (every non-expert weight, the lm_head, and the routed experts
   the step's tokens pick — 6 per MoE layer at batch 1, in expectation nearly all 64 at batch 64) plus the KV
   read, over the device-to-device copy bandwidth measured in this run (bytes read + written).
@@ -197,7 +200,7 @@ def build_engine(model, batches: tuple[int, ...]):
         kv_cache_memory_bytes=None if model.lm_head.weight.is_cuda else 64 << 20,
     )
     t0 = time.perf_counter()
-    engine = Engine(model, config)
+    engine = Engine(model, config)  # no tokenizer, as workers build it (the gateway detokenizes)
     return engine, time.perf_counter() - t0
 
 
@@ -313,12 +316,14 @@ def ours(engine, batch: int, steps: int) -> dict:
     prefill_ms = (time.perf_counter() - t0) * 1e3
     for _ in range(3):
         engine.step()
-    times, host = [], []
+    times, host, sched, after = [], [], [], []
     for _ in range(steps):
         t0 = time.perf_counter()
         engine.step()  # ends in the sampled tokens' copy to the host: synchronous
         times.append((time.perf_counter() - t0) * 1e3)
         host.append(engine.runner.host_prepare_s * 1e3)
+        sched.append(engine.host_schedule_s * 1e3)
+        after.append(engine.host_after_s * 1e3)
     graph = engine.runner.graphs.get(batch)
     if graph is not None:
         device_ms, device_source = median_ms(graph.graph.replay), "graph replay"
@@ -337,6 +342,13 @@ def ours(engine, batch: int, steps: int) -> dict:
         device_ms=device_ms,
         device_source=device_source,
         host_prepare_ms=_median(host),
+        host_schedule_ms=_median(sched),
+        host_after_ms=_median(after),
+        # the rest of a step: the forward's launch (a graph replay), the device, and the sampler up to its
+        # tokens on the host (the step's one sync)
+        launch_device_sample_ms=_median(
+            [t - h - s - a for t, h, s, a in zip(times, host, sched, after, strict=True)]
+        ),
         launches=launches,
         launch_source=launch_source,
         kernels=kernels,
@@ -390,6 +402,8 @@ def run(args) -> dict:
         "model": f"DeepSeek-V2-Lite {'shapes' if cuda else 'structure at toy sizes (CPU)'}, random weights "
         "(bf16; fp8 rows: DeepSeek FP8 blocks)",
         "config": shapes,
+        "engine": "as workers build it (services/model_loading.py): no tokenizer, no detokenizing per step; "
+        "each step = host_schedule + host_prepare + launch_device_sample + host_after; the columns are medians",
         "copy_bandwidth_gbs": bw_gbs,
         "engine_startup_s": startup_s,
         "peer_ms": peer,
@@ -406,6 +420,7 @@ COLUMNS = [
     "step_ms",
     "device_ms",
     "host_prepare_ms",
+    "host_after_ms",
     "launches",
     "floor_ms",
     "step_over_floor",

@@ -90,8 +90,9 @@ class NewRequestData:
 
 @dataclass(frozen=True)
 class CachedRequestData:
-    """A request the runner holds from an earlier step: only what changed. The runner appended the token it
-    sampled last step itself, so no token ids travel."""
+    """A request the runner holds from an earlier step: only what changed, and only when its pages did (a
+    decode step of a request that needs no new page sends nothing). The runner appended the token it sampled
+    last step itself, so no token ids travel."""
 
     request_id: str
     new_page_ids: tuple[int, ...]

@@ -20,7 +20,7 @@ import torch
 from moemesh.config.engine import EngineConfig
 from moemesh.engine.kv_export import ExportRow, ExportStep, KvExporter
 from moemesh.engine.request import SchedulerOutput
-from moemesh.engine.sampler import SampledToken, Sampler, SampleRow
+from moemesh.engine.sampler import SampledToken, Sampler, plain_greedy
 from moemesh.engine.sampling_params import SamplingParams
 from moemesh.engine.staging import BatchStaging
 from moemesh.model.batch import ForwardBatch
@@ -31,16 +31,29 @@ log = logging.getLogger("moemesh.engine")
 
 @dataclass
 class RunnerRequest:
+    """Also the sampler's row (`sampler.SampleInput`): prompt and output ids are sliced only when asked for
+    (penalties), not per step."""
+
     token_ids: list[int]  # prompt + output; the runner appends what it samples
     num_prompt_tokens: int
     page_ids: list[int]
     num_computed_tokens: int
     params: SamplingParams
 
-    def sample_row(self) -> SampleRow:
-        return SampleRow(
-            self.params, self.token_ids[: self.num_prompt_tokens], self.token_ids[self.num_prompt_tokens :]
-        )
+    def __post_init__(self):
+        self.plain_greedy = plain_greedy(self.params)
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
 
 
 @dataclass
@@ -74,6 +87,7 @@ class ModelRunner:
         self.eager_staging = BatchStaging(max_tokens, max_seqs, self.max_pages_per_seq, self.device)
         self._static = self.decode_staging.dev  # the graphs' inputs
         self.host_prepare_s = 0.0  # the last step's host time before its forwards run (batch building)
+        self.tokens_at = 0.0  # perf_counter() when the last step's sampled tokens reached the host
         self.num_pingpong_steps = 0
         self.kv_export: KvExporter | None = None  # a prefill worker's: pages packed as forwards write them
 
@@ -97,10 +111,11 @@ class ModelRunner:
         if self.kv_export is not None:
             self.kv_export.order_before_forward()
         self.host_prepare_s += time.perf_counter() - t0
+        requests = self.requests
         for group, run in ((decode, self._run_decode), (prefill, self._run_eager)):
             if not group:
                 continue
-            wants = [self._completes(rid, n) for rid, n in group]
+            wants = [(r := requests[rid]).num_computed_tokens + n == len(r.token_ids) for rid, n in group]
             if run is self._run_eager and on_launched is not None:
                 on_launched, fire = None, on_launched
                 fire()
@@ -118,13 +133,16 @@ class ModelRunner:
                 on_launched, fire = None, on_launched
                 fire()
         for request_id, n in out.num_scheduled_tokens:
-            self.requests[request_id].num_computed_tokens += n
+            requests[request_id].num_computed_tokens += n
         if not sample_ids:
+            self.tokens_at = time.perf_counter()
             return {}
         logits = torch.cat(logits_parts) if len(logits_parts) > 1 else logits_parts[0]
-        sampled = self.sampler(logits, [self.requests[rid].sample_row() for rid in sample_ids])
-        for rid, tok in zip(sample_ids, sampled, strict=True):
-            self.requests[rid].token_ids.append(tok.token_id)
+        rows = [requests[rid] for rid in sample_ids]
+        sampled = self.sampler(logits, rows)
+        self.tokens_at = time.perf_counter()  # the step's tokens are on the host (the sampler synced)
+        for r, tok in zip(rows, sampled, strict=True):
+            r.token_ids.append(tok.token_id)
         return dict(zip(sample_ids, sampled, strict=True))
 
     def _update_states(self, out: SchedulerOutput) -> None:
@@ -150,10 +168,6 @@ class ModelRunner:
             rows.append(ExportRow(rid, r.page_ids, r.num_computed_tokens, r.num_computed_tokens + n,
                                   r.num_prompt_tokens))  # fmt: skip
         return self.kv_export.begin(rows)
-
-    def _completes(self, request_id: str, n: int) -> bool:
-        r = self.requests[request_id]
-        return r.num_computed_tokens + n == len(r.token_ids)
 
     # -- batches --------------------------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ Penalty inputs (output token counts, prompt mask) are built only when some row a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -22,33 +23,68 @@ class SampledToken:
     top_logprobs: tuple[tuple[int, float], ...] = ()  # the top-n (token, raw logprob), best first
 
 
+class SampleInput(Protocol):
+    """What the sampler needs of one request: its params (seed filled in), `plain_greedy(params)`, and its
+    prompt and output tokens (read only for penalties; the runner's requests slice them on demand)."""
+
+    params: SamplingParams
+    plain_greedy: bool
+
+    @property
+    def prompt_ids(self) -> list[int]: ...
+
+    @property
+    def output_ids(self) -> list[int]: ...
+
+    @property
+    def num_output_tokens(self) -> int: ...
+
+
 @dataclass(frozen=True)
 class SampleRow:
-    """What the sampler needs of one request: its params (seed filled in), prompt and output tokens."""
+    """A `SampleInput` from lists (tests, callers without a runner request)."""
 
     params: SamplingParams
     prompt_ids: list[int]
     output_ids: list[int]
+
+    @property
+    def plain_greedy(self) -> bool:
+        return plain_greedy(self.params)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_ids)
 
 
 def _has_penalty(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1 or p.frequency_penalty != 0 or p.presence_penalty != 0
 
 
+def plain_greedy(p: SamplingParams) -> bool:
+    """Greedy without penalties or logprobs: the argmax alone decides (the sampler's shortcut)."""
+    return p.greedy and not _has_penalty(p) and p.logprobs is None
+
+
 class Sampler:
     def __init__(self, vocab_size: int):
         self.vocab_size = vocab_size
+        self._plain: dict[int, SampledToken] = {}  # token id -> SampledToken(id, None): immutable, reused
 
-    def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> list[SampledToken]:
+    def __call__(self, logits: torch.Tensor, rows: list[SampleInput]) -> list[SampledToken]:
         """logits fp32 [R, V] (one row per entry of `rows`) -> one token per row."""
         if not rows:
             return []
         device = logits.device
-        params = [r.params for r in rows]
-        if all(p.greedy and not _has_penalty(p) and p.logprobs is None for p in params):
+        if all(r.plain_greedy for r in rows):
             # The common all-greedy step: the lowest index of each row's max, as `sample` picks it, without
             # building sampling tensors (on CPU the sampler's filtering pass is half of a small model's step).
-            return [SampledToken(t, None) for t in logits.argmax(dim=-1).tolist()]
+            # The tokens' records are reused (at most one per vocabulary entry): no object per row and step.
+            cache = self._plain
+            return [
+                cache.get(t) or cache.setdefault(t, SampledToken(t, None)) for t in logits.argmax(-1).tolist()
+            ]
+        params = [r.params for r in rows]
         floats = torch.tensor(
             [
                 [p.temperature for p in params],
@@ -61,7 +97,7 @@ class Sampler:
             dtype=torch.float32,
         )  # [6, R]: one host-to-device copy per dtype
         ints = torch.tensor(
-            [[p.seed or 0 for p in params], [len(r.output_ids) for r in rows]], dtype=torch.int64
+            [[p.seed or 0 for p in params], [r.num_output_tokens for r in rows]], dtype=torch.int64
         )
         top_k = torch.tensor([p.top_k for p in params], dtype=torch.int32)
         floats, ints, top_k = (self._to(t, device) for t in (floats, ints, top_k))
@@ -96,9 +132,9 @@ class Sampler:
             return t.pin_memory().to(device, non_blocking=True)
         return t
 
-    def _penalty_inputs(self, rows: list[SampleRow], device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _penalty_inputs(self, rows: list[SampleInput], device) -> tuple[torch.Tensor, torch.Tensor]:
         """output_counts int32 [R, V] and prompt_mask bool [R, V] (rows without penalties stay zero)."""
-        width = max(1, max(len(r.output_ids) for r in rows))
+        width = max(1, max(r.num_output_tokens for r in rows))
         outs = torch.full((len(rows), width), -1, dtype=torch.int64)
         prompt_mask = torch.zeros(len(rows), self.vocab_size, dtype=torch.bool)
         for i, r in enumerate(rows):

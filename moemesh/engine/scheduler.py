@@ -107,20 +107,25 @@ class Scheduler:
         if alone is not None:
             return alone
         budget = self.config.max_num_batched_tokens
+        page_size = self.page_size
         scheduled: list[tuple[Request, int]] = []
         preempted: list[str] = []
         new_pages: dict[str, list[int]] = {}
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            while not self._can_grow(req, n) and req in self.running:
-                victim = self.running[-1]
-                self._preempt(victim)
-                preempted.append(victim.request_id)
-            if req not in self.running:
-                break
-            new_pages[req.request_id] = self._grow(req, n)
+            n = min(len(req.token_ids) - req.num_computed_tokens, budget)
+            need = -(-(req.num_computed_tokens + n) // page_size) - len(req.page_ids)
+            if need > 0:  # a decode needs a page once per page_size steps
+                while need > self.pool.num_available and req in self.running:
+                    victim = self.running[-1]
+                    self._preempt(victim)
+                    preempted.append(victim.request_id)
+                if req not in self.running:
+                    break
+                pages = self.pool.allocate(need)
+                req.page_ids += pages
+                new_pages[req.request_id] = pages
             scheduled.append((req, n))
             budget -= n
             i += 1
@@ -171,16 +176,18 @@ class Scheduler:
         token. Returns the requests that finished (their pages released, or kept for a prefill handoff)."""
         self.counters.num_steps += 1
         finished = []
+        requests, suspects, page_size = self.requests, self.suspects, self.page_size
         for request_id, n in scheduled.num_scheduled_tokens:
-            if request_id in self.suspects:  # a step of its own succeeded
-                self.suspects.remove(request_id)
-            req = self.requests.get(request_id)
+            if suspects and request_id in suspects:  # a step of its own succeeded
+                suspects.remove(request_id)
+            req = requests.get(request_id)
             if req is None:
                 continue
             if req.num_computed_tokens < req.prefill_target:
                 self.counters.prefill_tokens_computed += n
             req.num_computed_tokens += n
-            self._register_full_pages(req)
+            if req.num_computed_tokens // page_size > req.num_hashed_pages:
+                self._register_full_pages(req)
             token = sampled.get(request_id)
             if token is None:
                 continue
@@ -211,14 +218,6 @@ class Scheduler:
 
     def _pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.page_size)
-
-    def _can_grow(self, req: Request, n: int) -> bool:
-        return self._pages_for(req.num_computed_tokens + n) - len(req.page_ids) <= self.pool.num_available
-
-    def _grow(self, req: Request, n: int) -> list[int]:
-        pages = self.pool.allocate(max(0, self._pages_for(req.num_computed_tokens + n) - len(req.page_ids)))
-        req.page_ids += pages
-        return pages
 
     def _admit(self, req: Request, budget: int) -> int:
         """Takes prefix hits and pages for the first chunk of a waiting request; returns the chunk's length
@@ -280,9 +279,12 @@ class Scheduler:
 
     def _message(self, scheduled, new_pages, preempted) -> SchedulerOutput:
         new, cached = [], []
+        known = self._known_to_runner
         for req, _ in scheduled:
-            if req.request_id in self._known_to_runner:
-                cached.append(CachedRequestData(req.request_id, tuple(new_pages.get(req.request_id, ()))))
+            if req.request_id in known:
+                added = new_pages.get(req.request_id)
+                if added:  # the runner holds the rest: only a request that grew is listed
+                    cached.append(CachedRequestData(req.request_id, tuple(added)))
                 continue
             self._known_to_runner.add(req.request_id)
             new.append(
