@@ -15,6 +15,7 @@ from moemesh.kernels.mla_decode import mla_decode
 from moemesh.kernels.mla_prefill import merge_attn_states, mla_prefill
 from moemesh.kernels.moe_permute import Permuted, moe_combine, moe_permute
 from moemesh.kernels.moe_route import RouteConfig, RouteResult, moe_route
+from moemesh.kernels.moe_route_gemm import moe_route_gemm, route_counters
 from moemesh.kernels.paged_kv import StoreExtras, pack_kv, store_kv, unpack_kv
 from moemesh.kernels.rms_norm import NormOutputs, add_rms_norm, rms_norm, rms_norm_outputs
 from moemesh.kernels.rope import RopeTables, rope
@@ -55,6 +56,8 @@ __all__ = [
     "RouteConfig",
     "RouteResult",
     "moe_route",
+    "moe_route_gemm",
+    "route_counters",
     "TokenFormat",
     "TokenLayout",
     "decode_tokens",

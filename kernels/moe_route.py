@@ -122,22 +122,13 @@ def _argmax_low(x, idx):
 
 
 @triton.jit
-def _route_kernel(
-    logits_ptr, bias_ptr, ids_ptr, w_ptr, T, stride_l, scaling,
+def _route_tile(
+    x, rows, row_ok, cols, real, bias_ptr, ids_ptr, w_ptr, scaling,
     E: tl.constexpr, G: tl.constexpr, TOPK_GROUP: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
-    V3: tl.constexpr, GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
-    BLOCK_T: tl.constexpr, E_REAL: tl.constexpr,
+    V3: tl.constexpr, GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
-    """E: the expert count padded to a power of two (E_REAL the real one; padding only when not GROUPED)."""
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    row_ok = rows < T
-    cols = tl.arange(0, E)
-    real = cols < E_REAL
-    x = tl.load(
-        logits_ptr + rows[:, None].to(tl.int64) * stride_l + cols[None, :],
-        mask=row_ok[:, None] & real[None, :], other=float("-inf"),
-    )  # fmt: skip
-    x = tl.where(row_ok[:, None], x.to(tl.float32), 0.0)
+    """Routes one tile of logits `x [BLOCK_T, E]` fp32 (rows past T zero, padded expert columns -inf) and stores
+    the ids and weights of rows `rows` (`row_ok` the real ones): scores, group limit, top-k, weights."""
     if V3:
         scores = 1.0 / (1.0 + tl.exp(-x))
         choice = scores
@@ -186,6 +177,27 @@ def _route_kernel(
     offs = rows[:, None].to(tl.int64) * K + kidx
     tl.store(ids_ptr + offs, out_ids.to(ids_ptr.dtype.element_ty), mask=out_mask)
     tl.store(w_ptr + offs, out_w, mask=out_mask)
+
+
+@triton.jit
+def _route_kernel(
+    logits_ptr, bias_ptr, ids_ptr, w_ptr, T, stride_l, scaling,
+    E: tl.constexpr, G: tl.constexpr, TOPK_GROUP: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
+    V3: tl.constexpr, GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
+    BLOCK_T: tl.constexpr, E_REAL: tl.constexpr,
+):  # fmt: skip
+    """E: the expert count padded to a power of two (E_REAL the real one; padding only when not GROUPED)."""
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < T
+    cols = tl.arange(0, E)
+    real = cols < E_REAL
+    x = tl.load(
+        logits_ptr + rows[:, None].to(tl.int64) * stride_l + cols[None, :],
+        mask=row_ok[:, None] & real[None, :], other=float("-inf"),
+    )  # fmt: skip
+    x = tl.where(row_ok[:, None], x.to(tl.float32), 0.0)
+    _route_tile(x, rows, row_ok, cols, real, bias_ptr, ids_ptr, w_ptr, scaling, E, G, TOPK_GROUP, K, K_PAD, V3,
+                GROUPED, HAS_BIAS, NORM, BLOCK_T)  # fmt: skip
 
 
 def _validate(logits, config, bias):

@@ -1,7 +1,7 @@
 """One MoE layer with local experts built from our kernels: a handful of launches per layer, no host sync.
 
-    logits  = x @ router.T                                   fp32 GEMM
-    ids, w  = moe_route(logits)                              scores, group limit, top-k, weights: one kernel
+    ids, w  = moe_route(x @ router.T)                        fp32 GEMM, scores, group limit, top-k, weights:
+                                                             one kernel up to 64 rows (moe_route_gemm), else two
     rows    = moe_permute(x, ids)                            expert-sorted rows (decode: 1 launch; FP8: + scales)
     h       = grouped GEMM(rows, w13)                        BF16 decode: moe_grouped_gemm with SiLU-and-mul
                                                              fused (else torch._grouped_mm) · FP8: fp8_grouped_gemm
@@ -50,6 +50,7 @@ from moemesh.kernels import (
 from moemesh.kernels.dispatch import use_triton
 from moemesh.kernels.moe_grouped_gemm import MAX_ROWS_PER_EXPERT, moe_grouped_gemm
 from moemesh.kernels.moe_route import RouteResult
+from moemesh.kernels.moe_route_gemm import fusable, moe_route_gemm, route_counters
 from moemesh.model.config import ModelConfig
 from moemesh.model.shared_fusion import fused_experts, shared_experts
 from moemesh.model.stacked import Stacked, stack_linears
@@ -170,12 +171,20 @@ def expert_rows(
 
 
 def route(moe: nn.Module, x: torch.Tensor, normed: NormOutputs | None = None) -> RouteResult:
-    """The fused path's routing of x: fp32 router GEMM, then `moe_route` (ids, fp32 weights [T, k])."""
+    """The fused path's routing of x (ids, fp32 weights [T, k]): the fp32 router GEMM and `moe_route` in one
+    launch for decode-sized batches (`moe_route_gemm`), the GEMM then `moe_route` above."""
     gate = moe.gate
     bias = gate.e_score_correction_bias
     x_f32 = normed.y_fp32 if normed is not None and normed.y_fp32 is not None else x.float()
+    config = route_config(moe.config)
+    bias = None if bias is None else bias.float()
+    if use_triton(x_f32) and fusable(x_f32.shape[0], config):
+        counters = getattr(gate, "route_counters", None)  # made once (warm-up, before any graph capture)
+        if counters is None or counters.device != x_f32.device:
+            counters = gate.route_counters = route_counters(x_f32.device)
+        return moe_route_gemm(x_f32, gate.weight.float(), config, bias, counters=counters)
     logits = F.linear(x_f32, gate.weight.float())  # [T, E] fp32
-    return moe_route(logits, route_config(moe.config), None if bias is None else bias.float())
+    return moe_route(logits, config, bias)
 
 
 def fused_shared(moe: nn.Module, x: torch.Tensor, normed: NormOutputs | None = None) -> torch.Tensor | None:
