@@ -54,7 +54,7 @@ def plan_splits(num_rows: int, num_experts: int, hidden: int) -> tuple[int, int,
     """(block_e, k_chunk, split_k): experts per program, columns of H per program (a multiple of BLOCK_K) and
     the number of slices, from the partial-logits budget of the last program of a row block."""
     e_pad = triton.next_power_of_2(num_experts)
-    block_e = min(e_pad, 64)
+    block_e = max(16, min(e_pad, 64))  # tl.dot needs N >= 16: tiny expert counts leave columns masked
     live_rows = min(num_rows, BLOCK_T)
     k_tiles = triton.cdiv(hidden, BLOCK_K)
     want = max(1, min(k_tiles, PARTIAL_BYTES // (live_rows * e_pad * 4)))
@@ -68,7 +68,7 @@ def _route_gemm_kernel(
     E: tl.constexpr, E_REAL: tl.constexpr, G: tl.constexpr, TOPK_GROUP: tl.constexpr, K: tl.constexpr,
     K_PAD: tl.constexpr, V3: tl.constexpr, GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, K_CHUNK: tl.constexpr,
-    SPLIT_K: tl.constexpr, N_EBLK: tl.constexpr, ROUTE_T: tl.constexpr,
+    SPLIT_K: tl.constexpr, N_EBLK: tl.constexpr, ROUTE_T: tl.constexpr, S_BLK: tl.constexpr,
 ):  # fmt: skip
     """part: fp32 [SPLIT_K, T, E] partial logits; count: int32 per row block. E: experts padded to a power
     of two (E_REAL the real count)."""
@@ -99,16 +99,23 @@ def _route_gemm_kernel(
     if arrived == N_EBLK * SPLIT_K - 1:  # the row block's last program: sum the slices in order and route
         cols = tl.arange(0, E)
         real = cols < E_REAL
-        for r in tl.static_range(BLOCK_T // ROUTE_T):
-            sub = pid_t * BLOCK_T + r * ROUTE_T + tl.arange(0, ROUTE_T)
+        sblk = tl.arange(0, S_BLK)
+        live = tl.minimum(T - pid_t * BLOCK_T, BLOCK_T)
+        for r0 in tl.range(0, live, ROUTE_T):  # sub-tiles of live rows only
+            sub = pid_t * BLOCK_T + r0 + tl.arange(0, ROUTE_T)
             sub_ok = sub < T
-            offs = sub[:, None].to(tl.int64) * E + cols[None, :]
+            offs = sub[:, None].to(tl.int64) * E + cols[None, :]  # [ROUTE_T, E]
+            ok = sub_ok[:, None] & real[None, :]
             logits = tl.zeros((ROUTE_T, E), dtype=tl.float32)
-            for s in tl.range(0, SPLIT_K):
-                logits += tl.load(
-                    part_ptr + s * T * E + offs, mask=sub_ok[:, None] & real[None, :], other=0.0,
+            for s0 in tl.static_range(0, SPLIT_K, S_BLK):  # S_BLK slices per load: one round trip each
+                s = s0 + sblk
+                slab = tl.load(
+                    part_ptr + (s[:, None, None] * T).to(tl.int64) * E + offs[None, :, :],
+                    mask=(s < SPLIT_K)[:, None, None] & ok[None, :, :],
+                    other=0.0,
                     cache_modifier=".cg",
-                )  # fmt: skip
+                )  # fmt: skip  [S_BLK, ROUTE_T, E]
+                logits += tl.sum(slab, axis=0)
             logits = tl.where(real[None, :], logits, float("-inf"))
             logits = tl.where(sub_ok[:, None], logits, 0.0)
             _route_tile(logits, sub, sub_ok, cols, real, bias_ptr, ids_ptr, w_ptr, scaling, E, G, TOPK_GROUP, K,
@@ -160,6 +167,8 @@ def moe_route_gemm(
     ids = torch.empty(t, k, dtype=ids_dtype, device=x.device)
     weights = torch.empty(t, k, dtype=torch.float32, device=x.device)
     grouped = config.grouped and config.topk_group < config.n_group
+    # rows routed at once by the last program (a power of two up to the live rows: batch 1 routes one row)
+    route_t = max(1, min(BLOCK_T, triton.next_power_of_2(t), 4096 // e_pad))
     norm = config.norm_topk_prob and (config.v3 or k > 1)
     scaling = config.routed_scaling_factor if (config.v3 or not norm) else 1.0
     _route_gemm_kernel[(n_tblk, n_eblk, split_k)](
@@ -168,6 +177,7 @@ def moe_route_gemm(
         E=e_pad, E_REAL=e, G=config.n_group, TOPK_GROUP=config.topk_group, K=k,
         K_PAD=triton.next_power_of_2(k), V3=config.v3, GROUPED=grouped, HAS_BIAS=bias is not None, NORM=norm,
         BLOCK_T=BLOCK_T, BLOCK_E=block_e, BLOCK_K=BLOCK_K, K_CHUNK=k_chunk, SPLIT_K=split_k, N_EBLK=n_eblk,
-        ROUTE_T=max(1, min(BLOCK_T, 4096 // e_pad)), num_warps=4,
+        ROUTE_T=route_t, S_BLK=max(1, min(triton.next_power_of_2(split_k), 4096 // (route_t * e_pad))),
+        num_warps=4,
     )  # fmt: skip
     return RouteResult(ids, weights)
