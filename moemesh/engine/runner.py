@@ -178,31 +178,40 @@ class ModelRunner:
         t0 = time.perf_counter()
         staging.wait()
         h = staging.np
-        ids, pos, slots, rows, seq_lens, table = (
-            h["input_ids"], h["positions"], h["slot_mapping"], h["logits_rows"], h["seq_lens"], h["page_table"]
+        ids, pos, slots, rows, seq_lens = (
+            h["input_ids"], h["positions"], h["slot_mapping"], h["logits_rows"], h["seq_lens"]
         )  # fmt: skip
         ps = self.page_size
-        starts, width, num_rows = [0], 1, 0
-        for i, (rid, n) in enumerate(group):
-            r = self.requests[rid]
-            c, t = r.num_computed_tokens, starts[-1]
-            pages = r.page_ids
-            if n == 1:  # a decode: scalar writes
-                ids[t] = r.token_ids[c]
-                pos[t] = c
-                slots[t] = pages[c // ps] * ps + c % ps
+        reqs = [self.requests[rid] for rid, _ in group]
+        if all(n == 1 for _, n in group):  # decodes (the graphs' batches): one bulk write per input
+            b = len(group)
+            cs = [r.num_computed_tokens for r in reqs]
+            ids[:b] = [r.token_ids[c] for r, c in zip(reqs, cs, strict=True)]
+            pos[:b] = cs
+            slots[:b] = [r.page_ids[c // ps] * ps + c % ps for r, c in zip(reqs, cs, strict=True)]
+            seq_lens[:b] = pos[:b] + 1
+            starts = list(range(b + 1))
+            if all(wants):
+                rows[:b] = starts[:b]
+                num_rows = b
             else:
+                picked = [i for i, w in enumerate(wants) if w]
+                rows[: len(picked)] = picked
+                num_rows = len(picked)
+        else:
+            starts, num_rows = [0], 0
+            for i, (r, (_, n)) in enumerate(zip(reqs, group, strict=True)):
+                c, t = r.num_computed_tokens, starts[-1]
                 ids[t : t + n] = r.token_ids[c : c + n]
                 p = np.arange(c, c + n)
                 pos[t : t + n] = p
-                slots[t : t + n] = np.asarray(pages, dtype=np.int64)[p // ps] * ps + p % ps
-            seq_lens[i] = c + n
-            table[i, : len(pages)] = pages
-            width = max(width, len(pages))
-            starts.append(t + n)
-            if wants[i]:
-                rows[num_rows] = t + n - 1
-                num_rows += 1
+                slots[t : t + n] = np.asarray(r.page_ids, dtype=np.int64)[p // ps] * ps + p % ps
+                seq_lens[i] = c + n
+                starts.append(t + n)
+                if wants[i]:
+                    rows[num_rows] = t + n - 1
+                    num_rows += 1
+        width = staging.write_page_table(reqs)
         b, t = len(group), starts[-1]
         if pad_to > b:
             ids[t : t + pad_to - b] = 0
