@@ -1,6 +1,8 @@
 """MoE routing and permutation for 4096 tokens x 256 experts (DeepSeek-V3: top-8 of 8 groups, 4 kept), our
 kernels vs the plain-torch versions (the references, on the GPU), timed as launched (CUDA events, launch gaps
-included) and as CUDA-graph replays (device time alone).
+included) and as CUDA-graph replays (device time alone). Decode sizes (1-64 tokens): the router's fp32 GEMM
+inside the routing kernel (`moe_route_gemm`, one launch) against the GEMM then `moe_route` (the path before,
+cuBLAS's two kernels + ours), at V2-Lite's router (64 x 2048) and V3's (256 x 7168); rows `router+route ...`.
 
     python -m bench.bench_moe_route [--out DIR]
 """
@@ -15,8 +17,11 @@ import triton
 from bench.harness import header, median_ms, print_table, save_plot, write_json
 from moemesh.kernels.moe_permute import moe_combine, moe_permute, reference_combine, reference_permute
 from moemesh.kernels.moe_route import RouteConfig, moe_route, reference
+from moemesh.kernels.moe_route_gemm import fusable, moe_route_gemm, route_counters
 
 V3 = RouteConfig(8, 256, n_group=8, topk_group=4, routed_scaling_factor=2.5)
+V2_LITE = RouteConfig(6, 64, norm_topk_prob=False, scoring_func="softmax", topk_method="greedy")
+ROUTERS = {"V2-Lite 64x2048": (V2_LITE, 2048, (1, 8, 64)), "V3 256x7168": (V3, 7168, (1, 8, 16))}
 
 
 def graph_ms(fn) -> float:
@@ -63,12 +68,41 @@ def bench_tokens(tokens: int) -> list[dict]:
     return rows
 
 
+def bench_router() -> list[dict]:
+    """The router GEMM fused into routing vs GEMM + moe_route, per decode size (peer: the path before)."""
+    rows = []
+    for name, (cfg, hidden, sizes) in ROUTERS.items():
+        w = torch.randn(cfg.n_routed_experts, hidden, device="cuda") * hidden**-0.5
+        bias = torch.randn(cfg.n_routed_experts, device="cuda") * 0.1 if cfg.v3 else None
+        counters = route_counters("cuda")
+        for tokens in sizes:
+            assert fusable(tokens, cfg), (name, tokens)
+            rows.append(_router_row(name, cfg, torch.randn(tokens, hidden, device="cuda"), w, bias, counters))
+    return rows
+
+
+def _router_row(name: str, cfg: RouteConfig, x, w, bias, counters) -> dict:
+    def ours():
+        return moe_route_gemm(x, w, cfg, bias, counters=counters)
+
+    def peer():
+        return moe_route(torch.nn.functional.linear(x, w), cfg, bias)
+
+    same = torch.equal(ours().ids.sort(-1).values, peer().ids.sort(-1).values)
+    r = dict(tokens=x.shape[0], op=f"router+route {name}", peer="F.linear + moe_route", same_ids=same,
+             ours_us=median_ms(ours) * 1e3, torch_us=median_ms(peer) * 1e3,
+             ours_graph_us=graph_ms(ours) * 1e3, torch_graph_us=graph_ms(peer) * 1e3)  # fmt: skip
+    r["speedup"] = r["torch_graph_us"] / r["ours_graph_us"]  # in a graph, as the decode step runs
+    return r
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     result = header()
     rows = []
+    rows += bench_router()
     for tokens in (128, 1024, 4096, 16384):
         rows += bench_tokens(tokens)
     result["rows"] = rows

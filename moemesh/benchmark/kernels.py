@@ -58,7 +58,7 @@ def _fp8_gemm(d: dict) -> list[KernelRow]:
 
 def _moe_route(d: dict) -> list[KernelRow]:
     return [KernelRow("moe_route", f"{r['op']} t{r['tokens']}", f"{r['ours_us']:.1f} us", r["speedup"],
-                      "plain torch", None, "-") for r in d.get("rows", [])]  # fmt: skip
+                      r.get("peer", "plain torch"), None, "-") for r in d.get("rows", [])]  # fmt: skip
 
 
 def _sample(d: dict) -> list[KernelRow]:
