@@ -170,6 +170,13 @@ def expert_rows(
     return y[mine]
 
 
+# Rows up to which `route` takes the one-launch router (`moe_route_gemm` can do up to FUSED_MAX_ROWS). On the H200
+# (V2-Lite, one decode step's 26 MoE layers, graph replay) it took 168 us at batch 1 against 177 for cuBLAS's
+# GEMV + `moe_route` (a launch fewer a layer, the same time), and 625 us at batch 64 against 296: its split-K
+# reduction by the last program does not scale with rows. Batch 8 is not measured.
+ROUTE_GEMM_MAX_ROWS = 8
+
+
 def route(moe: nn.Module, x: torch.Tensor, normed: NormOutputs | None = None) -> RouteResult:
     """The fused path's routing of x (ids, fp32 weights [T, k]): the fp32 router GEMM and `moe_route` in one
     launch for decode-sized batches (`moe_route_gemm`), the GEMM then `moe_route` above."""
@@ -178,7 +185,7 @@ def route(moe: nn.Module, x: torch.Tensor, normed: NormOutputs | None = None) ->
     x_f32 = normed.y_fp32 if normed is not None and normed.y_fp32 is not None else x.float()
     config = route_config(moe.config)
     bias = None if bias is None else bias.float()
-    if use_triton(x_f32) and fusable(x_f32.shape[0], config):
+    if use_triton(x_f32) and x_f32.shape[0] <= ROUTE_GEMM_MAX_ROWS and fusable(x_f32.shape[0], config):
         counters = getattr(gate, "route_counters", None)  # made once (warm-up, before any graph capture)
         if counters is None or counters.device != x_f32.device:
             counters = gate.route_counters = route_counters(x_f32.device)
