@@ -9,7 +9,13 @@ import torch
 
 from moemesh.kernels import moe_permute
 from moemesh.kernels.moe_permute import moe_combine, reference_combine, reference_permute
-from moemesh.model.moe_fused import combine_deferred, deferred_shared, fused_moe, route
+from moemesh.model.moe_fused import (
+    SHARED_FUSION_MAX_TOKENS,
+    combine_deferred,
+    deferred_shared,
+    fused_moe,
+    route,
+)
 from moemesh.model.shared_fusion import fused_experts, shared_experts
 from tests.kernels.checks import assert_close
 from tests.kernels.test_fp8_gemm import DEV
@@ -94,15 +100,17 @@ def test_shared_experts_stack_as_routed_sized_experts(kind):
 
 
 @pytest.mark.parametrize("fp8", [False, True])
-def test_deferred_shared_rows_give_the_fused_block_bit_for_bit(fp8):
+@pytest.mark.parametrize("tokens", [5, SHARED_FUSION_MAX_TOKENS + 3])
+def test_deferred_shared_rows_give_the_fused_block_bit_for_bit(fp8, tokens):
     """The block with its routed experts away computes the shared experts' rows apart (`deferred_shared`) and
-    combines them with the pool's rows: the colocated fused block's output, bit for bit."""
+    combines them with the pool's rows: the colocated fused block's output, bit for bit — with the shared experts
+    riding in the grouped GEMMs (few tokens) and apart (more than SHARED_FUSION_MAX_TOKENS)."""
     if fp8:
         moe = make_moe("v3", moe_intermediate_size=128, hidden_size=128, n_shared_experts=2)
         moe = _fp8_copy(moe)[0]
     else:
         moe = make_moe("v2")
-    x = torch.randn(5, moe.config.hidden_size, generator=torch.Generator().manual_seed(9)).bfloat16()
+    x = torch.randn(tokens, moe.config.hidden_size, generator=torch.Generator().manual_seed(9)).bfloat16()
     moe, x = moe.to(DEV), x.to(DEV)
     here = fused_moe(moe, x)
     assert fused_experts(moe).num_shared == 2
