@@ -98,8 +98,10 @@ class ModelRunner:
     ) -> dict[str, SampledToken]:
         """Runs the step; returns a token for each request whose tokens are all computed after it.
         on_launched: called once the device has this step's work and before the host waits for it: right after
-        the decode forward (a CUDA graph replay) and before an eager forward (its launches are host work as
-        long as the device's), whichever comes first. The caller does other host work then."""
+        the first forward's launches (a decode step's CUDA graph replay, or an eager forward's launches). Firing
+        before an eager forward's launches was once intended but never live (`run is self._run_eager` compared
+        two bound-method objects, always False); the mesh's measurements were made with this order.
+        The caller does other host work then."""
         self.host_prepare_s = 0.0
         t0 = time.perf_counter()
         self._update_states(out)
@@ -116,9 +118,6 @@ class ModelRunner:
             if not group:
                 continue
             wants = [(r := requests[rid]).num_computed_tokens + n == len(r.token_ids) for rid, n in group]
-            if run is self._run_eager and on_launched is not None:
-                on_launched, fire = None, on_launched
-                fire()
             export = self._export_step(group)
             if export is None:
                 logits_parts.append(run(group, wants))
