@@ -146,7 +146,14 @@ def start_mesh(model_dir: Path | str, topology: str, *, num_decode: int = 1, num
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env,
                                cwd=ROOT, bufsize=1)  # fmt: skip
     mesh = Mesh(process, f"127.0.0.1:{port}", {}, {}, tls_dir=tls_dir, http_port=http_port)
-    ready = threading.Event()
+    return wait_ready(mesh, timeout_s)
+
+
+def wait_ready(mesh: Mesh, timeout_s: float) -> Mesh:
+    """Follows `moemesh up`'s output into `mesh` (its lines; each worker's pid and address as it starts or
+    restarts) and returns it once `ready on` is printed; stops it and raises with its last lines when it exits
+    or takes longer than timeout_s."""
+    process, ready = mesh.process, threading.Event()
 
     def pump() -> None:
         assert process.stdout is not None
@@ -166,5 +173,5 @@ def start_mesh(model_dir: Path | str, topology: str, *, num_decode: int = 1, num
     while not ready.wait(0.2):
         if process.poll() is not None or time.monotonic() > deadline:
             mesh.stop()
-            raise RuntimeError("mesh did not start:\n" + "\n".join(mesh.lines[-40:]))
+            raise RuntimeError("mesh did not start:\n" + "\n".join(mesh.lines[-60:]))
     return mesh

@@ -31,8 +31,6 @@ import random
 import re
 import subprocess
 import sys
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -44,7 +42,7 @@ from moemesh.config.engine import EngineConfig
 from moemesh.engine.memory import bytes_per_page
 from moemesh.make_checkpoint import shape_config, write_random_checkpoint
 from moemesh.model.config import ModelConfig
-from tests.integration.mesh_tiny import Mesh
+from tests.integration.mesh_tiny import Mesh, wait_ready
 
 pytestmark = pytest.mark.gpu
 ROOT = Path(__file__).resolve().parents[2]
@@ -107,29 +105,7 @@ def start_up(model_dir: Path, device: str) -> Mesh:
             "--http-port", str(http_port), "--fail-fast", "--startup-timeout", "240"]  # fmt: skip
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**env, **KNOBS}, cwd=ROOT, bufsize=1)  # fmt: skip
-    mesh = Mesh(process, f"127.0.0.1:{port}", {}, {}, http_port=http_port)
-    ready = threading.Event()
-
-    def pump() -> None:
-        assert process.stdout is not None
-        for line in process.stdout:
-            mesh.lines.append(line.rstrip())
-            started = re.match(r"started (\S+) pid=(\d+) on (\S+)", line)
-            if started:
-                name, pid, address = started.groups()
-                mesh.pids[name] = int(pid)
-                if name != "gateway":
-                    mesh.workers[name] = address
-            if line.startswith("ready on"):
-                ready.set()
-
-    threading.Thread(target=pump, daemon=True).start()
-    deadline = time.monotonic() + 300
-    while not ready.wait(0.5):
-        if process.poll() is not None or time.monotonic() > deadline:
-            mesh.stop()
-            raise RuntimeError("mesh did not start:\n" + "\n".join(mesh.lines[-60:]))
-    return mesh
+    return wait_ready(Mesh(process, f"127.0.0.1:{port}", {}, {}, http_port=http_port), 300)
 
 
 def test_pd_experts_on_one_gpu_equals_llm_generate_and_the_pool_serves_every_slot(model_dir, expected):
