@@ -394,10 +394,12 @@ def _mla_decode_merge_kernel(
         w_head = w_uv_ptr + h.to(tl.int64) * stride_wh
         for v0 in range(0, V, BLOCK_V):
             offs_v = v0 + tl.arange(0, BLOCK_V)
-            w_tile = tl.load(  # not `w`: that name holds the splits' weights above (Triton types loop variables)
-                w_head + offs_v[:, None] * stride_wv + offs_d[None, :],
-                mask=(offs_v[:, None] < V) & (offs_d[None, :] < kv_lora_rank),
-                other=0.0,
+            w_tile = (
+                tl.load(  # not `w`: that name holds the splits' weights above (Triton types loop variables)
+                    w_head + offs_v[:, None] * stride_wv + offs_d[None, :],
+                    mask=(offs_v[:, None] < V) & (offs_d[None, :] < kv_lora_rank),
+                    other=0.0,
+                )
             )
             o = tl.sum(w_tile.to(tl.float32) * latent[None, :], axis=1)
             o_ptr = out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_v
