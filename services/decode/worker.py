@@ -30,6 +30,7 @@ import grpc
 from moemesh._proto.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from moemesh.config.mesh import WorkerConfig
 from moemesh.engine.engine import KvReservation, RequestOutput
+from moemesh.engine.sampler import SampledToken
 from moemesh.engine.sampling_params import SamplingParams
 from moemesh.services.decode.leases import LeaseTable, OpenLease
 from moemesh.services.engine_commands import finish
@@ -59,8 +60,14 @@ def _first_output(job: DecodeJob, prefilled: worker_pb2.PrefillResult) -> Reques
     """The request's first token as P sampled it (its outputs so far: what migrated here, then this one)."""
     first = prefilled.first_token_id
     logprobs = (logprob_from_proto(prefilled.first_logprob),) if prefilled.HasField("first_logprob") else ()
-    return RequestOutput(job.request_id, (first,), (*job.generated_ids, first), "", False, logprobs=logprobs,
+    return RequestOutput(job.request_id, (first,), len(job.generated_ids) + 1, "", False, logprobs=logprobs,
                          num_cached_tokens=prefilled.num_cached_tokens)  # fmt: skip
+
+
+def _unseen(out: RequestOutput, emitted: int) -> tuple[int, ...]:
+    """out's new tokens past the first `emitted` of the request's output (those were streamed already)."""
+    start = out.num_output_tokens - len(out.new_token_ids)  # where out's new tokens sit in the output
+    return out.new_token_ids[max(0, emitted - start) :]
 
 
 class DecodeWorker:
@@ -112,7 +119,7 @@ class DecodeWorker:
         admission = asyncio.ensure_future(self._admit_traced(job, time_remaining, timing, early))
         try:
             await asyncio.wait({admission, early}, return_when=asyncio.FIRST_COMPLETED)
-            emitted = len(job.generated_ids)  # output_ids[:emitted] were streamed already (or elsewhere)
+            emitted = len(job.generated_ids)  # the output's first `emitted` were streamed (or elsewhere)
             if early.done():  # P's first token, before its KV landed
                 emitted += 1
                 yield _first_output(job, early.result())
@@ -129,19 +136,24 @@ class DecodeWorker:
                     else:
                         timing.prefill_ms = elapsed_ms
                     admitted_s = 0.0
-                logprobs = list(out.logprobs) if not isinstance(out, BaseException) else []
-                while not isinstance(out, BaseException) and not out.finished and not queue.empty():
+                new: list[int] = []
+                logprobs: list[SampledToken] = []
+                while not isinstance(out, BaseException):
+                    new += _unseen(out, emitted)
+                    emitted = max(emitted, out.num_output_tokens)
+                    logprobs += out.logprobs
+                    if out.finished or queue.empty():
+                        break
                     out = queue.get_nowait()  # behind the engine: one chunk for every output already here
-                    logprobs += out.logprobs if not isinstance(out, BaseException) else ()
                 if isinstance(out, BaseException):
                     raise out
                 finished = out.finished
-                new = tuple(out.output_ids[emitted:])
-                emitted = len(out.output_ids)
                 if new or finished:  # the prompt's cached tokens: where it was computed (P's cache, or ours)
                     cached = out.num_cached_tokens if prefilled is None else prefilled.num_cached_tokens
                     logprobs = logprobs[-len(new) :] if new else []
-                    yield replace(out, new_token_ids=new, logprobs=tuple(logprobs), num_cached_tokens=cached)
+                    yield replace(
+                        out, new_token_ids=tuple(new), logprobs=tuple(logprobs), num_cached_tokens=cached
+                    )
         finally:
             early.cancel()
             if not admission.done():

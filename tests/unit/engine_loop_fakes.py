@@ -71,8 +71,10 @@ class FakeEngine:
                 done = self.left[rid] == 0
                 if done:
                     del self.left[rid]
-                ids = tuple(range(self.emitted[rid]))
-                outputs.append(RequestOutput(rid, (ids[-1],), ids, "", done))
+                n = self.emitted[rid]
+                outputs.append(
+                    RequestOutput(rid, (n - 1,), n, "", done, output_ids=tuple(range(n)) if done else None)
+                )
             self.log.append(("step", len(outputs)))
             return outputs
         finally:

@@ -39,8 +39,9 @@ class SteppingWorker:
                 await self.step.wait()
                 tokens.append(len(tokens) + 7)
                 done = len(tokens) == job.params.max_tokens
-                yield RequestOutput(job.request_id, (tokens[-1],), tuple(tokens), "", done,
-                                    FinishReason.LENGTH if done else None)  # fmt: skip
+                yield RequestOutput(job.request_id, (tokens[-1],), len(tokens), "", done,
+                                    FinishReason.LENGTH if done else None,
+                                    output_ids=tuple(tokens) if done else None)  # fmt: skip
         finally:
             if len(tokens) < job.params.max_tokens:
                 self.aborted.append(job.request_id)
