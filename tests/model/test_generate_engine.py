@@ -57,16 +57,16 @@ def test_a_steps_output_carries_its_new_tokens_not_the_output_so_far(hf_and_dir)
     _, path = hf_and_dir
     llm = make_llm(path)
     prompt = prompts(1, seed=5)[0]
-    params = SamplingParams(max_tokens=40, ignore_eos=True, logprobs=1)
+    params = SamplingParams(max_tokens=24, ignore_eos=True, logprobs=1)
     reference = llm.generate([prompt], params)[0]
     rid = llm.engine.add_request(prompt, params)
     outs = []
     while not (outs and outs[-1].finished):
         outs += [out for out in llm.engine.step() if out.request_id == rid]
     *running, last = outs
-    assert [len(out.new_token_ids) + len(out.output_ids or ()) for out in running] == [1] * 39
-    assert [out.num_output_tokens for out in outs] == list(range(1, 41))
-    assert [len(out.logprobs) for out in outs] == [1] * 40
+    assert [len(out.new_token_ids) + len(out.output_ids or ()) for out in running] == [1] * 23
+    assert [out.num_output_tokens for out in outs] == list(range(1, 25))
+    assert [len(out.logprobs) for out in outs] == [1] * 24
     assert [out.logprobs[0].token_id for out in outs] == [out.new_token_ids[0] for out in outs]
     streamed = [t for out in outs for t in out.new_token_ids]
     assert list(last.output_ids) == streamed == reference.token_ids
