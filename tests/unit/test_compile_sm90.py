@@ -53,11 +53,11 @@ BF16, FP32, FP8 = torch.bfloat16, torch.float32, torch.float8_e4m3fn
 # fp8 inputs driven here, and the recorder runs with the interpreter flag on so that the ops take their Triton
 # paths on CPU tensors
 INTERPRETER_SWITCHES = {
-    "_mla_decode_tma_kernel": "F32",
-    "_mla_decode_split_kernel": "COMPUTE_FP32",
-    "_mla_prefill_tma_kernel": "F32",
-    "_mla_prefill_kernel": "COMPUTE_FP32",
-    "_grouped_kernel": "F32",
+    "mla_decode._mla_decode_tma_kernel": "F32",
+    "mla_decode._mla_decode_split_kernel": "COMPUTE_FP32",
+    "mla_prefill._mla_prefill_tma_kernel": "F32",
+    "mla_prefill._mla_prefill_kernel": "COMPUTE_FP32",  # compute_fp32 = interpreting() or q fp32
+    "moe_grouped_gemm._grouped_kernel": "F32",
 }
 
 
@@ -66,6 +66,11 @@ class Launch:
     fn: JITFunction
     args: tuple
     kwargs: dict
+
+    @property
+    def kernel(self) -> str:
+        """`file.name` of the kernel's definition in kernels/."""
+        return f"{self.fn.module.rsplit('.', 1)[-1]}.{self.fn.__name__}"
 
 
 @contextlib.contextmanager
@@ -91,7 +96,7 @@ def specialize(launch: Launch) -> tuple[dict, dict, dict, dict]:
     """(signature, constexprs, attrs, options) that `JITFunction.run` compiles on an sm_90 device for these
     arguments."""
     fn, kwargs = launch.fn, dict(launch.kwargs)
-    switch = INTERPRETER_SWITCHES.get(fn.__name__)
+    switch = INTERPRETER_SWITCHES.get(launch.kernel)
     if switch is not None:
         kwargs[switch] = False
     backend = make_backend(H200)
@@ -322,67 +327,67 @@ class Case:
 
 F = K.TokenFormat
 CASES = [
-    Case("_mla_decode_tma_kernel", "bf16-split", lambda: _decode(False, 4), dict(FP8=False, SINGLE=False)),
-    Case("_mla_decode_tma_kernel", "bf16-single", lambda: _decode(False, 1), dict(FP8=False, SINGLE=True)),
-    Case("_mla_decode_tma_kernel", "fp8-split", lambda: _decode(True, 4), dict(FP8=True, SINGLE=False)),
-    Case("_mla_decode_tma_kernel", "fp8-single", lambda: _decode(True, 1), dict(FP8=True, SINGLE=True)),
-    Case("_mla_decode_tma_kernel", "bf16-lazy", lambda: _decode(False, 4, lazy=True), dict(LAZY=True)),
-    Case("_mla_decode_split_kernel", "bf16-split", lambda: _decode(False, 4, tma=False), dict(FP8=False, SINGLE=False)),
-    Case("_mla_decode_split_kernel", "fp8-single", lambda: _decode(True, 1, tma=False), dict(FP8=True, SINGLE=True)),
-    Case("_mla_decode_merge_kernel", "latent", lambda: _decode(False, 4), dict(UV=False, BLOCK_D=RANK)),
-    Case("_mla_decode_merge_kernel", "uv", lambda: _decode(False, 4, uv=True), dict(UV=True, BLOCK_D=RANK)),
-    Case("_mla_prefill_tma_kernel", "chunk", lambda: _prefill(True, False), dict(HAS_PREFIX=False)),
-    Case("_mla_prefill_tma_kernel", "prefix", lambda: _prefill(True, True), dict(HAS_PREFIX=True)),
-    Case("_mla_prefill_kernel", "chunk", lambda: _prefill(False, False), dict(HAS_PREFIX=False)),
-    Case("_mla_prefill_kernel", "prefix", lambda: _prefill(False, True), dict(HAS_PREFIX=True)),
-    Case("_merge_kernel", "v128", _merge_states, dict(BLOCK_DV=VDIM)),
-    Case("_fp8_gemm_kernel", "prefill", lambda: _gemm(512, 2048, 2048), dict(EVEN_K=True, SPLIT_K=1, BLOCK_M=128)),
-    Case("_fp8_gemm_kernel", "decode", lambda: _gemm(4, 2048, 10944), dict(EVEN_K=False, SPLIT_K=1)),
-    Case("_fp8_gemm_kernel", "split-k", lambda: _gemm(4, 2048, 10944, split_k=8), dict(SPLIT_K=8)),
-    Case("_grouped_contiguous_kernel", "gemm", lambda: _grouped("down"), dict(SILU_QUANT=False)),
-    Case("_grouped_contiguous_kernel", "silu-quant", lambda: _grouped("silu_quant"), dict(SILU_QUANT=True)),
-    Case("_grouped_masked_kernel", "gemm", lambda: _grouped("masked")),
-    Case("_weight_quant_kernel", "bf16", lambda: K.weight_quant(torch.zeros(2 * INTER, HIDDEN, dtype=BF16))),
-    Case("_act_quant_kernel", "bf16", lambda: K.act_quant(torch.zeros(8, HIDDEN, dtype=BF16)), dict(POW2=False)),
-    Case("_act_quant_kernel", "pow2", lambda: K.act_quant(torch.zeros(8, HIDDEN, dtype=BF16), scale_pow2=True),
+    Case("mla_decode._mla_decode_tma_kernel", "bf16-split", lambda: _decode(False, 4), dict(FP8=False, SINGLE=False)),
+    Case("mla_decode._mla_decode_tma_kernel", "bf16-single", lambda: _decode(False, 1), dict(FP8=False, SINGLE=True)),
+    Case("mla_decode._mla_decode_tma_kernel", "fp8-split", lambda: _decode(True, 4), dict(FP8=True, SINGLE=False)),
+    Case("mla_decode._mla_decode_tma_kernel", "fp8-single", lambda: _decode(True, 1), dict(FP8=True, SINGLE=True)),
+    Case("mla_decode._mla_decode_tma_kernel", "bf16-lazy", lambda: _decode(False, 4, lazy=True), dict(LAZY=True)),
+    Case("mla_decode._mla_decode_split_kernel", "bf16-split", lambda: _decode(False, 4, tma=False), dict(FP8=False, SINGLE=False)),
+    Case("mla_decode._mla_decode_split_kernel", "fp8-single", lambda: _decode(True, 1, tma=False), dict(FP8=True, SINGLE=True)),
+    Case("mla_decode._mla_decode_merge_kernel", "latent", lambda: _decode(False, 4), dict(UV=False, BLOCK_D=RANK)),
+    Case("mla_decode._mla_decode_merge_kernel", "uv", lambda: _decode(False, 4, uv=True), dict(UV=True, BLOCK_D=RANK)),
+    Case("mla_prefill._mla_prefill_tma_kernel", "chunk", lambda: _prefill(True, False), dict(HAS_PREFIX=False)),
+    Case("mla_prefill._mla_prefill_tma_kernel", "prefix", lambda: _prefill(True, True), dict(HAS_PREFIX=True)),
+    Case("mla_prefill._mla_prefill_kernel", "chunk", lambda: _prefill(False, False), dict(HAS_PREFIX=False)),
+    Case("mla_prefill._mla_prefill_kernel", "prefix", lambda: _prefill(False, True), dict(HAS_PREFIX=True)),
+    Case("mla_prefill._merge_kernel", "v128", _merge_states, dict(BLOCK_DV=VDIM)),
+    Case("fp8_gemm._fp8_gemm_kernel", "prefill", lambda: _gemm(512, 2048, 2048), dict(EVEN_K=True, SPLIT_K=1, BLOCK_M=128)),
+    Case("fp8_gemm._fp8_gemm_kernel", "decode", lambda: _gemm(4, 2048, 10944), dict(EVEN_K=False, SPLIT_K=1)),
+    Case("fp8_gemm._fp8_gemm_kernel", "split-k", lambda: _gemm(4, 2048, 10944, split_k=8), dict(SPLIT_K=8)),
+    Case("fp8_grouped_gemm._grouped_contiguous_kernel", "gemm", lambda: _grouped("down"), dict(SILU_QUANT=False)),
+    Case("fp8_grouped_gemm._grouped_contiguous_kernel", "silu-quant", lambda: _grouped("silu_quant"), dict(SILU_QUANT=True)),
+    Case("fp8_grouped_gemm._grouped_masked_kernel", "gemm", lambda: _grouped("masked")),
+    Case("fp8_quant._weight_quant_kernel", "bf16", lambda: K.weight_quant(torch.zeros(2 * INTER, HIDDEN, dtype=BF16))),
+    Case("fp8_quant._act_quant_kernel", "bf16", lambda: K.act_quant(torch.zeros(8, HIDDEN, dtype=BF16)), dict(POW2=False)),
+    Case("fp8_quant._act_quant_kernel", "pow2", lambda: K.act_quant(torch.zeros(8, HIDDEN, dtype=BF16), scale_pow2=True),
          dict(POW2=True)),
-    Case("_grouped_kernel", "silu", lambda: _moe_gemm(True), dict(SILU=True)),
-    Case("_grouped_kernel", "down", lambda: _moe_gemm(False), dict(SILU=False)),
-    Case("_histogram_kernel", "v2", lambda: _permute(False, False, 0, 512)),
-    Case("_position_kernel", "contiguous", lambda: _permute(False, False, 0, 512), dict(MASKED=False)),
-    Case("_position_kernel", "masked", lambda: _permute(True, True, 0, 512), dict(MASKED=True)),
-    Case("_copy_rows_kernel", "bf16", lambda: _permute(False, False, 0, 512)),
-    Case("_copy_rows_kernel", "fp8", lambda: _permute(True, False, 0, 512)),
-    Case("_permute_small_kernel", "bf16-shared", lambda: _permute(False, False, SHARED, 4),
+    Case("moe_grouped_gemm._grouped_kernel", "silu", lambda: _moe_gemm(True), dict(SILU=True)),
+    Case("moe_grouped_gemm._grouped_kernel", "down", lambda: _moe_gemm(False), dict(SILU=False)),
+    Case("moe_permute._histogram_kernel", "v2", lambda: _permute(False, False, 0, 512)),
+    Case("moe_permute._position_kernel", "contiguous", lambda: _permute(False, False, 0, 512), dict(MASKED=False)),
+    Case("moe_permute._position_kernel", "masked", lambda: _permute(True, True, 0, 512), dict(MASKED=True)),
+    Case("moe_permute._copy_rows_kernel", "bf16", lambda: _permute(False, False, 0, 512)),
+    Case("moe_permute._copy_rows_kernel", "fp8", lambda: _permute(True, False, 0, 512)),
+    Case("moe_permute._permute_small_kernel", "bf16-shared", lambda: _permute(False, False, SHARED, 4),
          dict(HAS_SCALE=False, MASKED=False)),
-    Case("_permute_small_kernel", "fp8-masked", lambda: _permute(True, True, 0, 4), dict(HAS_SCALE=True, MASKED=True)),
-    Case("_combine_kernel", "routed", lambda: _combine(False, 0), dict(HAS_SHARED=False, S=0)),
-    Case("_combine_kernel", "shared-out", lambda: _combine(True, 0), dict(HAS_SHARED=True)),
-    Case("_combine_kernel", "shared-slots", lambda: _combine(False, SHARED), dict(S=SHARED)),
-    Case("_route_kernel", "v2-softmax", lambda: _route(False), dict(V3=False, GROUPED=False)),
-    Case("_route_kernel", "v3-grouped", lambda: _route(True), dict(V3=True, GROUPED=True, HAS_BIAS=True)),
-    Case("_route_gemm_kernel", "v2-softmax", lambda: _route_gemm(False), dict(V3=False, GROUPED=False)),
-    Case("_route_gemm_kernel", "v3-grouped", lambda: _route_gemm(True), dict(V3=True, GROUPED=True)),
-    Case("_store_kv_kernel", "bf16", lambda: _store(False, False), dict(FP8=False, ROPE=False, NORM=False)),
-    Case("_store_kv_kernel", "fp8-fused", lambda: _store(True, True), dict(FP8=True, ROPE=True, NORM=True, Q_ROPE=True)),
-    Case("_copy_pages_kernel", "pack", lambda: _pages(True), dict(HAS_SRC_IDS=True, HAS_DST_IDS=False)),
-    Case("_copy_pages_kernel", "unpack", lambda: _pages(False), dict(HAS_SRC_IDS=False, HAS_DST_IDS=True)),
-    Case("_rms_norm_kernel", "plain", lambda: _norm(False), dict(HAS_RESIDUAL=False, QUANT=False, F32=False)),
-    Case("_rms_norm_kernel", "residual-fp8", lambda: _norm(True, fp8=True), dict(HAS_RESIDUAL=True, QUANT=True)),
-    Case("_rms_norm_kernel", "residual-fp32", lambda: _norm(True, fp32=True), dict(HAS_RESIDUAL=True, F32=True)),
-    Case("_rope_kernel", "bf16", _rope),
-    Case("_segment_kernel", "plain", lambda: _sample(False), dict(HAS_COUNTS=False, HAS_PROMPT=False)),
-    Case("_segment_kernel", "penalties", lambda: _sample(True), dict(HAS_COUNTS=True, HAS_PROMPT=True)),
-    Case("_finish_kernel", "plain", lambda: _sample(False), dict(HAS_COUNTS=False, HAS_PROMPT=False)),
-    Case("_finish_kernel", "penalties", lambda: _sample(True), dict(HAS_COUNTS=True, HAS_PROMPT=True)),
-    Case("_silu_mul_kernel", "bf16", lambda: K.silu_mul(torch.zeros(8, 2 * INTER, dtype=BF16)), dict(QUANT=False)),
-    Case("_silu_mul_kernel", "quant", lambda: K.silu_mul_quant(torch.zeros(8, 2 * INTER, dtype=BF16)),
+    Case("moe_permute._permute_small_kernel", "fp8-masked", lambda: _permute(True, True, 0, 4), dict(HAS_SCALE=True, MASKED=True)),
+    Case("moe_permute._combine_kernel", "routed", lambda: _combine(False, 0), dict(HAS_SHARED=False, S=0)),
+    Case("moe_permute._combine_kernel", "shared-out", lambda: _combine(True, 0), dict(HAS_SHARED=True)),
+    Case("moe_permute._combine_kernel", "shared-slots", lambda: _combine(False, SHARED), dict(S=SHARED)),
+    Case("moe_route._route_kernel", "v2-softmax", lambda: _route(False), dict(V3=False, GROUPED=False)),
+    Case("moe_route._route_kernel", "v3-grouped", lambda: _route(True), dict(V3=True, GROUPED=True, HAS_BIAS=True)),
+    Case("moe_route_gemm._route_gemm_kernel", "v2-softmax", lambda: _route_gemm(False), dict(V3=False, GROUPED=False)),
+    Case("moe_route_gemm._route_gemm_kernel", "v3-grouped", lambda: _route_gemm(True), dict(V3=True, GROUPED=True)),
+    Case("paged_kv._store_kv_kernel", "bf16", lambda: _store(False, False), dict(FP8=False, ROPE=False, NORM=False)),
+    Case("paged_kv._store_kv_kernel", "fp8-fused", lambda: _store(True, True), dict(FP8=True, ROPE=True, NORM=True, Q_ROPE=True)),
+    Case("paged_kv._copy_pages_kernel", "pack", lambda: _pages(True), dict(HAS_SRC_IDS=True, HAS_DST_IDS=False)),
+    Case("paged_kv._copy_pages_kernel", "unpack", lambda: _pages(False), dict(HAS_SRC_IDS=False, HAS_DST_IDS=True)),
+    Case("rms_norm._rms_norm_kernel", "plain", lambda: _norm(False), dict(HAS_RESIDUAL=False, QUANT=False, F32=False)),
+    Case("rms_norm._rms_norm_kernel", "residual-fp8", lambda: _norm(True, fp8=True), dict(HAS_RESIDUAL=True, QUANT=True)),
+    Case("rms_norm._rms_norm_kernel", "residual-fp32", lambda: _norm(True, fp32=True), dict(HAS_RESIDUAL=True, F32=True)),
+    Case("rope._rope_kernel", "bf16", _rope),
+    Case("sample._segment_kernel", "plain", lambda: _sample(False), dict(HAS_COUNTS=False, HAS_PROMPT=False)),
+    Case("sample._segment_kernel", "penalties", lambda: _sample(True), dict(HAS_COUNTS=True, HAS_PROMPT=True)),
+    Case("sample._finish_kernel", "plain", lambda: _sample(False), dict(HAS_COUNTS=False, HAS_PROMPT=False)),
+    Case("sample._finish_kernel", "penalties", lambda: _sample(True), dict(HAS_COUNTS=True, HAS_PROMPT=True)),
+    Case("silu_mul._silu_mul_kernel", "bf16", lambda: K.silu_mul(torch.zeros(8, 2 * INTER, dtype=BF16)), dict(QUANT=False)),
+    Case("silu_mul._silu_mul_kernel", "quant", lambda: K.silu_mul_quant(torch.zeros(8, 2 * INTER, dtype=BF16)),
          dict(QUANT=True)),
-    Case("_header_kernel", "fp8", lambda: _encode(F.FP8)),
-    Case("_bf16_copy_kernel", "bf16", lambda: _encode(F.BF16)),
-    Case("_act_quant_kernel", "tokens-fp8", lambda: _encode(F.FP8)),
-    Case("_nvfp4_encode_kernel", "nvfp4", lambda: _encode(F.NVFP4)),
-    Case("_nvfp4_decode_kernel", "nvfp4", _nvfp4_decode),
+    Case("token_format._header_kernel", "fp8", lambda: _encode(F.FP8)),
+    Case("token_format._bf16_copy_kernel", "bf16", lambda: _encode(F.BF16)),
+    Case("fp8_quant._act_quant_kernel", "tokens-fp8", lambda: _encode(F.FP8)),
+    Case("token_format._nvfp4_encode_kernel", "nvfp4", lambda: _encode(F.NVFP4)),
+    Case("token_format._nvfp4_decode_kernel", "nvfp4", _nvfp4_decode),
 ]  # fmt: skip
 
 
@@ -390,33 +395,41 @@ CASES = [
 def test_kernel_compiles_for_sm90(case):
     with recording() as launches:
         case.drive()
-    mine = [x for x in launches if x.fn.__name__ == case.kernel]
-    assert mine, f"{case.id}: the op launched {[x.fn.__name__ for x in launches]}, not {case.kernel}"
+    mine = [x for x in launches if x.kernel == case.kernel]
+    assert mine, f"{case.id}: the op launched {[x.kernel for x in launches]}, not {case.kernel}"
     chosen = [x for x in mine if all(x.kwargs.get(k) == v for k, v in case.expect.items())]
     assert chosen, f"{case.id}: no launch with {case.expect}, got {[x.kwargs for x in mine]}"
-    variants = {}
-    for launch in chosen:  # one compile per distinct specialization (per-layer launches repeat)
-        signature, constexprs, attrs, options = specialize(launch)
-        variants.setdefault(repr((signature, constexprs, attrs, options)), (launch.fn, signature, constexprs,
-                                                                            attrs, options))  # fmt: skip
+    variants = {}  # one compile per distinct specialization (per-layer launches repeat)
+    for launch in chosen:
+        spec = specialize(launch)
+        variants.setdefault(repr(spec), (launch.fn, *spec))
     for fn, signature, constexprs, attrs, options in variants.values():
         compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=H200, options=options)
         assert compiled.metadata.target.arch == 90
         assert len(compiled.asm["cubin"]) > 1000, f"{case.id}: no cubin for {constexprs}"
 
 
-def _launched_kernels() -> set[str]:
-    """Names launched as `name[grid](...)` anywhere in kernels/."""
-    names = set()
+def _launch_calls() -> Iterator[tuple[str, ast.Call]]:
+    """(`file.name` where the kernel is defined, call) of every `name[grid](...)` in kernels/."""
     for path in KERNELS_DIR.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             call = isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript)
             if call and isinstance(node.func.value, ast.Name):
-                names.add(node.func.value.id)
-    return names
+                fn = getattr(sys.modules[f"moemesh.kernels.{path.stem}"], node.func.value.id)
+                yield f"{fn.module.rsplit('.', 1)[-1]}.{fn.__name__}", node
 
 
 def test_every_launched_kernel_has_a_case():
     """A new kernel in kernels/ needs a case above, or this lane would silently not compile it."""
-    missing = _launched_kernels() - {c.kernel for c in CASES}
+    missing = {name for name, _ in _launch_calls()} - {c.kernel for c in CASES}
     assert not missing, f"no sm_90 compile case for {sorted(missing)}"
+
+
+def test_interpreter_switches_are_known():
+    """A constexpr set from `interpreting()` at a launch is True while recording; the H200 compiles it False."""
+    for name, call in _launch_calls():
+        for kw in call.keywords:
+            if "interpreting()" in ast.unparse(kw.value):
+                assert INTERPRETER_SWITCHES.get(name) == kw.arg, (
+                    f"{name}: add {kw.arg} to INTERPRETER_SWITCHES"
+                )
